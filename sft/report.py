@@ -1,0 +1,415 @@
+"""Postprocessing of run folders: the plain functions behind ``sft/runs_report.ipynb`` and ``sft/samples.ipynb``.
+
+A run folder (written by ``sft/runs.py``) holds ``config.json`` and ``metrics.jsonl``: one JSON
+object per line. A *train* line is one logged optimizer step (``step``, ``epoch``, ``loss``, ``lr``,
+``grad_norm``, token counts, ``tokens_per_s``, ``mfu``, ``peak_mem_gib``, ``step_time_s``); an
+*eval* line carries ``eval_loss`` (and ``step``). Nothing here writes to a run except PNG plots and
+the fixed-prompt answers the notebooks ask for.
+
+Contracts:
+
+- ``load_runs(paths) -> DataFrame``: one row per metrics line of every run, in file order, with
+  added columns ``run`` (folder name), ``run_dir`` (str), ``kind`` (``"train"`` | ``"eval"``) and
+  ``tokens`` (cumulative tokens processed by the end of that step, float; NaN where the run logs
+  no token count). Eval lines take the ``tokens`` of the latest train line at or before their step.
+- ``plot_loss(df, out_png, x="step"|"tokens") -> Figure``: train loss (solid) and eval loss
+  (dashed, markers) of every run on one axes, one colour per run; writes a PNG.
+- ``throughput_table(runs) -> DataFrame``: one row per run (index ``run``); medians over train
+  steps after the first (the first holds compilation / warm-up), peak memory as the max.
+- ``FIXED_PROMPTS``: project-written conversations answered before and after fine-tuning.
+- ``answer_prompts(model_dir, prompts, ...)``: greedy answers, one dict per prompt.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+# Cumulative token counters the trainer may log, most preferred first. "processed" counts padding
+# too, which is what a tokens axis should show: it is what the hardware did.
+CUMULATIVE_TOKEN_KEYS = ("tokens_processed", "tokens_seen", "tokens_total", "tokens")
+# Per-step token counters: summed into a cumulative count when no cumulative key is logged.
+STEP_TOKEN_KEYS = ("step_tokens_processed", "tokens_step", "step_tokens", "tokens_this_step")
+
+# Columns of ``throughput_table``: (output column, metrics key, reduction over train steps).
+_TABLE_SPEC = (
+    ("tokens_per_s", "tokens_per_s", "median"),
+    ("mfu", "mfu", "median"),
+    ("step_time_s", "step_time_s", "median"),
+    ("peak_mem_gib", "peak_mem_gib", "max"),
+)
+
+
+def _expand(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Run folders from a glob pattern, a folder, or a list of either; sorted, folders only."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    out: list[Path] = []
+    for p in paths:
+        s = str(p)
+        matches = sorted(glob.glob(s)) if glob.has_magic(s) else [s]
+        out.extend(Path(m) for m in matches if Path(m).is_dir())
+    if not out:
+        raise FileNotFoundError(f"no run folder matches {paths!r}")
+    return out
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON lines of one ``metrics.jsonl``.
+
+    A malformed line raises ``ValueError`` naming the file and line number, except a last line
+    without its newline: a run killed mid-write leaves one, and it is skipped with a warning.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not text.endswith("\n"):
+                log.warning("%s:%d: skipping a truncated last line", path, i)
+                continue
+            raise ValueError(f"{path}:{i}: not a JSON object ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _cumulative_tokens(df: pd.DataFrame) -> pd.Series:
+    """Cumulative tokens processed at each line of one run (train lines first, eval lines filled)."""
+    train = df["kind"] == "train"
+    tokens = pd.Series(math.nan, index=df.index, dtype=float)
+    for key in CUMULATIVE_TOKEN_KEYS:
+        if key in df and df.loc[train, key].notna().any():
+            tokens[train] = df.loc[train, key].astype(float)
+            break
+    else:
+        for key in STEP_TOKEN_KEYS:
+            if key in df and df.loc[train, key].notna().any():
+                tokens[train] = df.loc[train, key].astype(float).fillna(0).cumsum()
+                break
+    if tokens[train].isna().all():
+        return tokens
+    # An eval line at step s reports the model after step s: it gets that step's token count.
+    by_step = tokens[train].groupby(df.loc[train, "step"]).last()
+    steps = by_step.index.to_numpy()
+    for i in df.index[~train]:
+        s = df.at[i, "step"] if "step" in df else math.nan
+        earlier = steps[steps <= s] if pd.notna(s) else steps[:0]
+        tokens[i] = by_step[earlier[-1]] if len(earlier) else 0.0
+    return tokens
+
+
+def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """All metric lines of the run folders ``paths`` (a glob like ``"runs/*"``, a folder, or a list).
+
+    Returns a DataFrame with one row per metrics line (file order within a run, runs sorted by
+    path) plus the columns ``run``, ``run_dir``, ``kind`` and ``tokens`` (see the module doc).
+    A folder without ``metrics.jsonl`` raises ``FileNotFoundError``; a run with no line yet gives
+    no rows (it is logged, not an error: a run may just have started).
+    """
+    frames = []
+    for run_dir in _expand(paths):
+        metrics = run_dir / "metrics.jsonl"
+        if not metrics.is_file():
+            raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a run folder?)")
+        rows = read_metrics(metrics)
+        if not rows:
+            log.warning("%s: metrics.jsonl is empty", run_dir)
+            continue
+        df = pd.DataFrame(rows)
+        df.insert(0, "run", run_dir.name)
+        df.insert(1, "run_dir", str(run_dir))
+        is_eval = df["eval_loss"].notna() if "eval_loss" in df else pd.Series(False, index=df.index)
+        df.insert(2, "kind", is_eval.map({True: "eval", False: "train"}))
+        df["tokens"] = _cumulative_tokens(df)
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=["run", "run_dir", "kind", "step", "loss", "eval_loss", "tokens"])
+    out = pd.concat(frames, ignore_index=True)
+    for col in ("loss", "eval_loss"):
+        if col not in out:
+            out[col] = math.nan
+    return out
+
+
+def plot_loss(df: pd.DataFrame, out_png: str | Path | None = None, x: str = "step", title: str | None = None):
+    """Train and eval loss of every run in ``df`` (from ``load_runs``) against ``x``.
+
+    ``x`` is ``"step"`` (optimizer steps) or ``"tokens"`` (cumulative tokens processed). One colour
+    per run; train loss is a solid line, eval loss dashed with markers. Writes ``out_png`` (parent
+    folders created) when given, and returns the matplotlib Figure (closed for pyplot, so a loop
+    over many runs does not pile figures up; a notebook shows it by ending a cell with it).
+    """
+    import matplotlib.pyplot as plt
+
+    if x not in ("step", "tokens"):
+        raise ValueError(f"x must be 'step' or 'tokens', got {x!r}")
+    if x == "tokens" and df["tokens"].isna().all():
+        raise ValueError("no run in df logs a token count: plot against x='step'")
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (run, g) in enumerate(df.groupby("run", sort=False)):
+        c = colours[i % len(colours)]
+        train = g[(g["kind"] == "train") & g["loss"].notna()]
+        ev = g[(g["kind"] == "eval") & g["eval_loss"].notna()]
+        if len(train):
+            ax.plot(train[x], train["loss"], color=c, lw=1.2, label=f"{run} train")
+        if len(ev):
+            ax.plot(ev[x], ev["eval_loss"], color=c, ls="--", marker="o", ms=4, label=f"{run} eval")
+    ax.set_xlabel("optimizer step" if x == "step" else "tokens processed")
+    ax.set_ylabel("loss (mean CE per supervised token)")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    if out_png is not None:
+        out_png = Path(out_png)
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return fig
+
+
+def save_run_plots(df: pd.DataFrame, prefix: str = "report_loss") -> list[Path]:
+    """For each run in ``df``: ``<run_dir>/<prefix>_step.png`` and, if it logs tokens, ``<prefix>_tokens.png``.
+
+    The prefix keeps these apart from the trainer's own ``loss.png``. Returns the paths written.
+    """
+    written = []
+    for run, g in df.groupby("run", sort=False):
+        run_dir = Path(g["run_dir"].iloc[0])
+        for x in ("step", "tokens"):
+            if x == "tokens" and g["tokens"].isna().all():
+                continue
+            out = run_dir / f"{prefix}_{x}.png"
+            plot_loss(g, out, x=x, title=run)
+            written.append(out)
+    return written
+
+
+def throughput_table(runs: pd.DataFrame | str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """One row per run: how fast, how big, how far the loss went.
+
+    ``runs`` is a ``load_runs`` DataFrame or anything ``load_runs`` accepts. Columns: ``steps``
+    (train lines), ``tokens`` (cumulative tokens processed at the last train line), medians of
+    ``tokens_per_s``, ``mfu`` (fraction of peak, NaN on CPU), ``step_time_s`` over train steps
+    after the first (the first includes warm-up and compilation; with one step it is used), the
+    max ``peak_mem_gib``, ``first_loss`` / ``last_loss`` (train), ``first_eval_loss`` /
+    ``last_eval_loss``, and ``wall_s`` (sum of ``step_time_s``). Missing metrics are NaN.
+    """
+    df = runs if isinstance(runs, pd.DataFrame) else load_runs(runs)
+    rows = []
+    for run, g in df.groupby("run", sort=False):
+        train = g[g["kind"] == "train"]
+        ev = g[(g["kind"] == "eval") & g["eval_loss"].notna()]
+        steady = train.iloc[1:] if len(train) > 1 else train
+        row: dict[str, Any] = {"run": run, "steps": len(train)}
+        row["tokens"] = train["tokens"].iloc[-1] if len(train) else math.nan
+        for col, key, how in _TABLE_SPEC:
+            vals = steady[key].dropna() if key in steady else pd.Series(dtype=float)
+            row[col] = getattr(vals, how)() if len(vals) else math.nan
+        losses = train["loss"].dropna()
+        row["first_loss"] = losses.iloc[0] if len(losses) else math.nan
+        row["last_loss"] = losses.iloc[-1] if len(losses) else math.nan
+        row["first_eval_loss"] = ev["eval_loss"].iloc[0] if len(ev) else math.nan
+        row["last_eval_loss"] = ev["eval_loss"].iloc[-1] if len(ev) else math.nan
+        row["wall_s"] = train["step_time_s"].sum() if "step_time_s" in train else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run")
+
+
+# Written for this project. Each is a Conversation (sft.schema): the last message is the user's turn
+# to answer. The last one is a follow-up: the model must use the earlier exchange.
+FIXED_PROMPTS: list[dict[str, Any]] = [
+    {
+        "name": "list",
+        "messages": [
+            {
+                "role": "user",
+                "content": "List five things to check before going on a day hike in the mountains.",
+            },
+        ],
+    },
+    {
+        "name": "logic",
+        "messages": [
+            {
+                "role": "user",
+                "content": "Anna is taller than Ben. Ben is taller than Carla. Is Carla taller than Anna? "
+                "Explain your reasoning in two sentences.",
+            },
+        ],
+    },
+    {
+        "name": "email",
+        "messages": [
+            {
+                "role": "user",
+                "content": "Write a short, polite email to my landlord asking when the broken kitchen "
+                "tap will be repaired.",
+            },
+        ],
+    },
+    {
+        "name": "recipe",
+        "messages": [
+            {
+                "role": "user",
+                "content": "Give me a simple recipe for tomato soup, with ingredients and steps.",
+            },
+        ],
+    },
+    {
+        "name": "follow-up",
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France is Paris."},
+            {"role": "user", "content": "And roughly how many people live there?"},
+        ],
+    },
+]
+
+
+def load_model_and_tokenizer(model: str | Path):
+    """A causal LM (eval mode, CPU or the first GPU) and its tokenizer from ``model``.
+
+    ``model`` is a Hugging Face folder (a run's ``final/``), a ``.gguf`` file, or anything
+    ``sft.models`` loads (hub id, tiny preset) when that module is present. Weights are loaded
+    from safetensors/GGUF only; no remote code.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = str(model)
+    p = Path(spec)
+    if p.is_dir() and (p / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(p)
+        lm = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True)
+    elif p.suffix == ".gguf" and p.is_file():
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        lm = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name)
+    else:
+        lm, tok = _load_with_sft_models(spec)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return lm.to(device).eval(), tok
+
+
+def _load_with_sft_models(spec: str):
+    """Defer to the trainer's model loader for hub ids and presets (it knows the tiny presets)."""
+    try:
+        from sft import models
+    except ImportError as e:
+        raise FileNotFoundError(
+            f"{spec}: not a Hugging Face folder or .gguf file, and sft.models is absent"
+        ) from e
+    for name in ("load_model_and_tokenizer", "load_model"):
+        fn = getattr(models, name, None)
+        if fn is not None:
+            out = fn(spec)
+            if isinstance(out, tuple) and len(out) == 2:
+                return out
+    raise FileNotFoundError(f"{spec}: sft.models has no loader returning (model, tokenizer)")
+
+
+def answer_prompts(
+    model_dir: str | Path | None,
+    prompts: Sequence[dict[str, Any]] = FIXED_PROMPTS,
+    *,
+    max_new_tokens: int = 128,
+    model=None,
+    tokenizer=None,
+) -> list[dict[str, Any]]:
+    """Greedy answers of one model to ``prompts`` (items like ``FIXED_PROMPTS``).
+
+    The model is ``model_dir`` (see ``load_model_and_tokenizer``) or, when given, ``model`` and
+    ``tokenizer`` as they are. Each conversation is rendered with the tokenizer's chat template
+    and a generation prompt (the template ``final/`` was trained with); a tokenizer without one
+    gets plain ``role: content`` lines, so a random-init smoke model can still be asked. Decoding is
+    greedy, one prompt at a time (no padding to get wrong), stopping at EOS or ``max_new_tokens``.
+
+    Returns one dict per prompt: ``name``, ``prompt`` (the last user message), ``prompt_text``
+    (what the model saw), ``answer`` (decoded new tokens, special tokens dropped, stripped) and
+    ``new_tokens`` (how many were generated).
+    """
+    import torch
+
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model_and_tokenizer(model_dir)
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    out = []
+    for item in prompts:
+        messages = item["messages"]
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        # The template writes any BOS itself; add_special_tokens would add a second one.
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        with torch.no_grad():
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+        new = gen[0, ids.shape[1] :]
+        out.append(
+            {
+                "name": item.get("name", ""),
+                "prompt": messages[-1]["content"],
+                "prompt_text": text,
+                "answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
+                "new_tokens": int(new.shape[0]),
+            }
+        )
+    return out
+
+
+def compare_answers(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> pd.DataFrame:
+    """A table of the same prompts answered by two models: columns ``name, prompt, before, after``."""
+    if [b["name"] for b in before] != [a["name"] for a in after]:
+        raise ValueError("before and after answer different prompts")
+    return pd.DataFrame(
+        {
+            "name": [b["name"] for b in before],
+            "prompt": [b["prompt"] for b in before],
+            "before": [b["answer"] for b in before],
+            "after": [a["answer"] for a in after],
+        }
+    )
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config a run saved (``config.json``); the base model is under ``model`` or ``config.model``."""
+    cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    return cfg
+
+
+def base_model_of(run_dir: str | Path) -> str:
+    """The model a run started from, as its config names it (hub id, path, ``.gguf`` or preset)."""
+    cfg = read_config(run_dir)
+    for holder in (cfg, cfg.get("config", {}), cfg.get("train_config", {})):
+        if isinstance(holder, dict):
+            for key in ("model", "model_name", "model_name_or_path", "base_model"):
+                if isinstance(holder.get(key), str):
+                    return holder[key]
+    raise KeyError(f"{run_dir}/config.json names no base model (looked for 'model')")

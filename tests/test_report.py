@@ -1,0 +1,227 @@
+"""sft/report.py against small synthetic run folders (metrics keys as sft/runs.py writes them)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sft import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(root: Path, name: str, lines: list[dict], config: dict | None = None, tail: str = "") -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config or {"model": "tiny-llama", "data": "bundled"}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + tail)
+    return run
+
+
+def train_line(step, loss, tok, tps, mem, dt, mfu=None):
+    return {
+        "step": step,
+        "epoch": step / 4,
+        "loss": loss,
+        "lr": 1e-4,
+        "grad_norm": 1.0,
+        "tokens_processed": tok,
+        "tokens_per_s": tps,
+        "mfu": mfu,
+        "peak_mem_gib": mem,
+        "step_time_s": dt,
+    }
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    a = [
+        {"step": 0, "eval_loss": 3.0},
+        train_line(1, 2.9, 100, 10.0, 1.0, 9.0, 0.1),  # warm-up step: slow, excluded from medians
+        train_line(2, 2.5, 200, 50.0, 1.5, 2.0, 0.3),
+        {"step": 2, "eval_loss": 2.6},
+        train_line(3, 2.2, 300, 40.0, 1.2, 2.5, 0.2),
+        train_line(4, 2.0, 400, 60.0, 1.1, 1.5, 0.4),
+        {"step": 4, "eval_loss": 2.1},
+    ]
+    b = [train_line(1, 5.0, 64, 5.0, 0.5, 4.0), train_line(2, 4.0, 128, 8.0, 0.25, 3.0)]
+    write_run(tmp_path, "20250101T000000Z_a", a)
+    write_run(tmp_path, "20250102T000000Z_b", b)
+    return tmp_path
+
+
+def test_load_runs_rows_kinds_and_tokens(two_runs):
+    df = report.load_runs(str(two_runs / "*"))
+    assert list(df["run"]) == ["20250101T000000Z_a"] * 7 + ["20250102T000000Z_b"] * 2
+    assert list(df["kind"]) == ["eval", "train", "train", "eval", "train", "train", "eval", "train", "train"]
+    # eval lines take the cumulative count of the train step they follow (0 before any step)
+    assert list(df["tokens"]) == [0, 100, 200, 200, 300, 400, 400, 64, 128]
+    assert df["run_dir"].iloc[0] == str(two_runs / "20250101T000000Z_a")
+    # the same from a list of folders, and from one folder
+    assert len(report.load_runs([two_runs / "20250102T000000Z_b"])) == 2
+    assert len(report.load_runs(two_runs / "20250101T000000Z_a")) == 7
+
+
+def test_tokens_from_per_step_counts(tmp_path):
+    lines = [{"step": s, "loss": 1.0, "step_tokens_processed": 10 * s} for s in (1, 2, 3)]
+    write_run(tmp_path, "r", lines + [{"step": 3, "eval_loss": 0.5}])
+    df = report.load_runs(tmp_path / "r")
+    assert list(df["tokens"]) == [10, 30, 60, 60]
+
+
+def test_no_token_count_gives_nan_and_step_plot_only(tmp_path):
+    write_run(tmp_path, "r", [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}])
+    df = report.load_runs(tmp_path / "r")
+    assert df["tokens"].isna().all()
+    assert df["eval_loss"].isna().all()  # column exists even when no eval ran
+    with pytest.raises(ValueError, match="token count"):
+        report.plot_loss(df, tmp_path / "x.png", x="tokens")
+    assert [p.name for p in report.save_run_plots(df)] == ["report_loss_step.png"]
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    run = write_run(tmp_path, "r", [{"step": 1, "loss": 1.0}])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("{oops\n" + json.dumps({"step": 2, "loss": 0.5}) + "\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON object"):
+        report.load_runs(run)
+
+
+def test_truncated_last_line_is_skipped(tmp_path, caplog):
+    run = write_run(tmp_path, "r", [{"step": 1, "loss": 1.0}], tail='{"step": 2, "lo')
+    df = report.load_runs(run)
+    assert list(df["step"]) == [1]
+    assert "truncated last line" in caplog.text
+
+
+def test_missing_and_unmatched(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run folder matches"):
+        report.load_runs(str(tmp_path / "nothing*"))
+    (tmp_path / "notarun").mkdir()
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        report.load_runs(tmp_path / "notarun")
+
+
+def test_plot_loss_writes_png_with_one_line_per_run_and_kind(two_runs, tmp_path):
+    df = report.load_runs(str(two_runs / "*"))
+    out = tmp_path / "plots" / "loss_tokens.png"
+    fig = report.plot_loss(df, out, x="tokens")
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == [
+        "20250101T000000Z_a train",
+        "20250101T000000Z_a eval",
+        "20250102T000000Z_b train",
+    ]
+    assert list(lines[0].get_xdata()) == [100, 200, 300, 400]
+    assert list(lines[1].get_xdata()) == [0, 200, 400]
+    assert list(lines[1].get_ydata()) == [3.0, 2.6, 2.1]
+    assert lines[0].get_color() == lines[1].get_color() != lines[2].get_color()
+    fig = report.plot_loss(df, None, x="step")
+    assert list(fig.axes[0].get_lines()[2].get_xdata()) == [1, 2]
+    with pytest.raises(ValueError, match="x must be"):
+        report.plot_loss(df, None, x="epoch")
+
+
+def test_save_run_plots_beside_each_run(two_runs):
+    df = report.load_runs(str(two_runs / "*"))
+    written = report.save_run_plots(df)
+    assert sorted(str(p.relative_to(two_runs)) for p in written) == [
+        "20250101T000000Z_a/report_loss_step.png",
+        "20250101T000000Z_a/report_loss_tokens.png",
+        "20250102T000000Z_b/report_loss_step.png",
+        "20250102T000000Z_b/report_loss_tokens.png",
+    ]
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in written)
+
+
+def test_throughput_table_pinned(two_runs):
+    t = report.throughput_table(str(two_runs / "*"))
+    assert list(t.index) == ["20250101T000000Z_a", "20250102T000000Z_b"]
+    a = t.loc["20250101T000000Z_a"]
+    assert a["steps"] == 4 and a["tokens"] == 400
+    # medians skip the first (warm-up) step; memory is the max over all steps after it
+    assert a["tokens_per_s"] == 50.0 and a["mfu"] == 0.3 and a["step_time_s"] == 2.0
+    assert a["peak_mem_gib"] == 1.5
+    assert (a["first_loss"], a["last_loss"]) == (2.9, 2.0)
+    assert (a["first_eval_loss"], a["last_eval_loss"]) == (3.0, 2.1)
+    assert a["wall_s"] == 15.0
+    b = t.loc["20250102T000000Z_b"]
+    assert b["tokens_per_s"] == 8.0 and b["peak_mem_gib"] == 0.25
+    assert math.isnan(b["mfu"]) and math.isnan(b["last_eval_loss"])
+
+
+def test_fixed_prompts_cover_the_five_kinds():
+    assert [p["name"] for p in report.FIXED_PROMPTS] == ["list", "logic", "email", "recipe", "follow-up"]
+    for p in report.FIXED_PROMPTS:
+        roles = [m["role"] for m in p["messages"]]
+        assert roles[-1] == "user" and set(roles) <= {"user", "assistant", "system"}
+    assert [m["role"] for m in report.FIXED_PROMPTS[-1]["messages"]] == ["user", "assistant", "user"]
+
+
+def test_base_model_of(tmp_path):
+    run = write_run(tmp_path, "r", [], config={"config": {"model": "some/model"}})
+    assert report.base_model_of(run) == "some/model"
+    run = write_run(tmp_path, "s", [], config={"lr": 1})
+    with pytest.raises(KeyError, match="names no base model"):
+        report.base_model_of(run)
+
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_answer_prompts_is_greedy_over_the_chat_template(tmp_path, neox_tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(neox_tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        eos_token_id=0,
+        bos_token_id=0,
+        pad_token_id=1,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    tok = copy.deepcopy(neox_tokenizer)  # the fixture is shared by the session: leave it untouched
+    tok.chat_template = TEMPLATE
+    model.save_pretrained(tmp_path / "final")
+    tok.save_pretrained(tmp_path / "final")
+
+    prompts = report.FIXED_PROMPTS[-1:]
+    got = report.answer_prompts(tmp_path / "final", prompts, max_new_tokens=6)
+    assert len(got) == 1 and got[0]["name"] == "follow-up"
+    assert got[0]["prompt"] == "And roughly how many people live there?"
+    assert got[0]["prompt_text"] == (
+        "<|user|>What is the capital of France?<|endoftext|><|assistant|>The capital of France is Paris."
+        "<|endoftext|><|user|>And roughly how many people live there?<|endoftext|><|assistant|>"
+    )
+    # the reference: argmax of a full forward pass, token by token
+    ids = tok(got[0]["prompt_text"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    new = []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = int(model(ids).logits[0, -1].argmax())
+            new.append(nxt)
+            if nxt == 0:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    assert got[0]["new_tokens"] == len(new)
+    assert got[0]["answer"] == tok.decode(new, skip_special_tokens=True).strip()
+
+    table = report.compare_answers(got, got)
+    assert list(table.columns) == ["name", "prompt", "before", "after"]
+    with pytest.raises(ValueError, match="different prompts"):
+        report.compare_answers(got, [])
