@@ -17,7 +17,9 @@ Conversation = list[Message]
 class DataError(ValueError):
     """Bad input data: the message names the file, the row and the field, on one line."""
 
-    def __init__(self, message: str, *, source: str | None = None, row: int | None = None, field: str | None = None):
+    def __init__(
+        self, message: str, *, source: str | None = None, row: int | None = None, field: str | None = None
+    ):
         parts = []
         if source is not None:
             parts.append(str(source))
@@ -28,3 +30,5 @@ class DataError(ValueError):
         prefix = ", ".join(parts)
         super().__init__(f"{prefix}: {message}" if prefix else message)
         self.source, self.row, self.field = source, row, field
+        # the bare message, so that a caller can re-raise it with the source and row filled in
+        self.reason = message
