@@ -285,45 +285,23 @@ FIXED_PROMPTS: list[dict[str, Any]] = [
 ]
 
 
-def load_model_and_tokenizer(model: str | Path):
-    """A causal LM (eval mode, CPU or the first GPU) and its tokenizer from ``model``.
+def load_model_and_tokenizer(model: str | Path | dict[str, Any]):
+    """A causal LM (eval mode, on the first GPU if there is one, else CPU) and its tokenizer.
 
-    ``model`` is a Hugging Face folder (a run's ``final/``), a ``.gguf`` file, or anything
-    ``sft.models`` loads (hub id, tiny preset) when that module is present. Weights are loaded
-    from safetensors/GGUF only; no remote code.
+    ``model`` is what ``sft.models.load_model_and_tokenizer`` loads: a Hugging Face folder (a run's
+    ``final/``), a ``.gguf`` file, ``"smollm2-135m-instruct"``, a cached hub id or a tiny preset; or
+    a run's resolved config as a dict (see ``run_config``), so a run's base model comes back exactly
+    as the run started from it (a tiny preset is re-made from the run's seed). Safetensors/GGUF only.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = str(model)
-    p = Path(spec)
-    if p.is_dir() and (p / "config.json").is_file():
-        tok = AutoTokenizer.from_pretrained(p)
-        lm = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True)
-    elif p.suffix == ".gguf" and p.is_file():
-        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-        lm = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name)
-    else:
-        lm, tok = _load_with_sft_models(spec)
+    from sft.config import TrainConfig
+    from sft.models import load_model_and_tokenizer as load
+
+    cfg = TrainConfig.from_dict(model) if isinstance(model, dict) else TrainConfig(model=str(model))
+    lm, tok = load(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return lm.to(device).eval(), tok
-
-
-def _load_with_sft_models(spec: str):
-    """Defer to the trainer's model loader for hub ids and presets (it knows the tiny presets)."""
-    try:
-        from sft import models
-    except ImportError as e:
-        raise FileNotFoundError(
-            f"{spec}: not a Hugging Face folder or .gguf file, and sft.models is absent"
-        ) from e
-    for name in ("load_model_and_tokenizer", "load_model"):
-        fn = getattr(models, name, None)
-        if fn is not None:
-            out = fn(spec)
-            if isinstance(out, tuple) and len(out) == 2:
-                return out
-    raise FileNotFoundError(f"{spec}: sft.models has no loader returning (model, tokenizer)")
 
 
 def answer_prompts(
@@ -333,13 +311,16 @@ def answer_prompts(
     max_new_tokens: int = 128,
     model=None,
     tokenizer=None,
+    chat_template: str | None = None,
 ) -> list[dict[str, Any]]:
     """Greedy answers of one model to ``prompts`` (items like ``FIXED_PROMPTS``).
 
     The model is ``model_dir`` (see ``load_model_and_tokenizer``) or, when given, ``model`` and
     ``tokenizer`` as they are. Each conversation is rendered with the tokenizer's chat template
     and a generation prompt (the template ``final/`` was trained with); a tokenizer without one
-    gets plain ``role: content`` lines, so a random-init smoke model can still be asked. Decoding is
+    gets plain ``role: content`` lines. ``chat_template`` overrides the tokenizer's: pass the
+    fine-tuned tokenizer's template when asking the base model, so before and after see the same
+    text. Decoding is
     greedy, one prompt at a time (no padding to get wrong), stopping at EOS or ``max_new_tokens``.
 
     Returns one dict per prompt: ``name``, ``prompt`` (the last user message), ``prompt_text``
@@ -356,8 +337,11 @@ def answer_prompts(
     out = []
     for item in prompts:
         messages = item["messages"]
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        template = chat_template or getattr(tokenizer, "chat_template", None)
+        if template:
+            text = tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
         else:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         # The template writes any BOS itself; add_special_tokens would add a second one.
@@ -398,18 +382,19 @@ def compare_answers(before: list[dict[str, Any]], after: list[dict[str, Any]]) -
     )
 
 
-def read_config(run_dir: str | Path) -> dict[str, Any]:
-    """The resolved config a run saved (``config.json``); the base model is under ``model`` or ``config.model``."""
-    cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
-    return cfg
+def run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved training config a run saved in ``config.json`` (the dict holding ``model``).
+
+    ``sft/runs.py`` may store it at the top level or under ``config`` / ``train_config`` beside the
+    git commit and package versions; either way the training fields come back as a flat dict.
+    """
+    saved = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    for holder in (saved, saved.get("config"), saved.get("train_config")):
+        if isinstance(holder, dict) and isinstance(holder.get("model"), str):
+            return holder
+    raise KeyError(f"{run_dir}/config.json names no base model (looked for 'model')")
 
 
 def base_model_of(run_dir: str | Path) -> str:
     """The model a run started from, as its config names it (hub id, path, ``.gguf`` or preset)."""
-    cfg = read_config(run_dir)
-    for holder in (cfg, cfg.get("config", {}), cfg.get("train_config", {})):
-        if isinstance(holder, dict):
-            for key in ("model", "model_name", "model_name_or_path", "base_model"):
-                if isinstance(holder.get(key), str):
-                    return holder[key]
-    raise KeyError(f"{run_dir}/config.json names no base model (looked for 'model')")
+    return run_config(run_dir)["model"]

@@ -163,9 +163,12 @@ def test_fixed_prompts_cover_the_five_kinds():
     assert [m["role"] for m in report.FIXED_PROMPTS[-1]["messages"]] == ["user", "assistant", "user"]
 
 
-def test_base_model_of(tmp_path):
-    run = write_run(tmp_path, "r", [], config={"config": {"model": "some/model"}})
+def test_run_config_and_base_model(tmp_path):
+    run = write_run(tmp_path, "r", [], config={"git": "abc", "config": {"model": "some/model", "seed": 3}})
+    assert report.run_config(run) == {"model": "some/model", "seed": 3}
     assert report.base_model_of(run) == "some/model"
+    run = write_run(tmp_path, "f", [], config={"model": "tiny-llama", "seed": 1})
+    assert report.base_model_of(run) == "tiny-llama"
     run = write_run(tmp_path, "s", [], config={"lr": 1})
     with pytest.raises(KeyError, match="names no base model"):
         report.base_model_of(run)
@@ -220,6 +223,17 @@ def test_answer_prompts_is_greedy_over_the_chat_template(tmp_path, neox_tokenize
             ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
     assert got[0]["new_tokens"] == len(new)
     assert got[0]["answer"] == tok.decode(new, skip_special_tokens=True).strip()
+
+    # a template passed in wins over the tokenizer's own (before and after see the same text)
+    other = report.answer_prompts(
+        None,
+        prompts,
+        max_new_tokens=2,
+        model=model,
+        tokenizer=tok,
+        chat_template="{{ messages[-1]['content'] }}|",
+    )
+    assert other[0]["prompt_text"] == "And roughly how many people live there?|"
 
     table = report.compare_answers(got, got)
     assert list(table.columns) == ["name", "prompt", "before", "after"]
