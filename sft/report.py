@@ -206,7 +206,8 @@ def throughput_table(runs: pd.DataFrame | str | Path | Iterable[str | Path]) -> 
     """One row per run: how fast, how big, how far the loss went.
 
     ``runs`` is a ``load_runs`` DataFrame or anything ``load_runs`` accepts. Columns: ``steps``
-    (train lines), ``tokens`` (cumulative tokens processed at the last train line), medians of
+    (train lines), ``tokens`` (cumulative tokens processed at the last train line, padding included),
+    ``tokens_nonpad`` and ``tokens_supervised`` (the same counters, when logged), medians of
     ``tokens_per_s``, ``mfu`` (fraction of peak, NaN on CPU), ``step_time_s`` over train steps
     after the first (the first includes warm-up and compilation; with one step it is used), the
     max ``peak_mem_gib``, ``first_loss`` / ``last_loss`` (train), ``first_eval_loss`` /
@@ -220,6 +221,9 @@ def throughput_table(runs: pd.DataFrame | str | Path | Iterable[str | Path]) -> 
         steady = train.iloc[1:] if len(train) > 1 else train
         row: dict[str, Any] = {"run": run, "steps": len(train)}
         row["tokens"] = train["tokens"].iloc[-1] if len(train) else math.nan
+        for key in ("tokens_nonpad", "tokens_supervised"):
+            vals = train[key].dropna() if key in train else pd.Series(dtype=float)
+            row[key] = vals.iloc[-1] if len(vals) else math.nan
         for col, key, how in _TABLE_SPEC:
             vals = steady[key].dropna() if key in steady else pd.Series(dtype=float)
             row[col] = getattr(vals, how)() if len(vals) else math.nan

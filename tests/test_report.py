@@ -23,18 +23,31 @@ def write_run(root: Path, name: str, lines: list[dict], config: dict | None = No
 
 
 def train_line(step, loss, tok, tps, mem, dt, mfu=None):
+    """A train line with exactly the keys sft/runs.py writes (step_* are per step, tokens_* cumulative)."""
     return {
         "step": step,
         "epoch": step / 4,
         "loss": loss,
         "lr": 1e-4,
         "grad_norm": 1.0,
+        "step_tokens_processed": 100,
+        "step_tokens_nonpad": 90,
+        "step_tokens_supervised": 50,
         "tokens_processed": tok,
+        "tokens_nonpad": tok * 9 // 10,
+        "tokens_supervised": tok // 2,
         "tokens_per_s": tps,
         "mfu": mfu,
         "peak_mem_gib": mem,
         "step_time_s": dt,
     }
+
+
+def test_synthetic_lines_match_the_writer():
+    from sft import runs
+
+    assert tuple(train_line(1, 1.0, 1, 1.0, 1.0, 1.0)) == runs.TRAIN_KEYS
+    assert set(runs.EVAL_KEYS) >= {"step", "eval_loss"}
 
 
 @pytest.fixture
@@ -144,6 +157,7 @@ def test_throughput_table_pinned(two_runs):
     assert list(t.index) == ["20250101T000000Z_a", "20250102T000000Z_b"]
     a = t.loc["20250101T000000Z_a"]
     assert a["steps"] == 4 and a["tokens"] == 400
+    assert (a["tokens_nonpad"], a["tokens_supervised"]) == (360, 200)
     # medians skip the first (warm-up) step; memory is the max over all steps after it
     assert a["tokens_per_s"] == 50.0 and a["mfu"] == 0.3 and a["step_time_s"] == 2.0
     assert a["peak_mem_gib"] == 1.5
