@@ -23,8 +23,9 @@ norm_2,ffn.up_proj,ffn.down_proj}.weight``, ``transformer.norm_f.weight``); ``sa
 ``transformers.MptForCausalLM.from_pretrained`` loads.
 
 Configuration options this module does not implement are refused with a ``ValueError`` naming the key,
-never silently ignored (transformers' own MPT ignores several of them, e.g. ``expansion_ratio``,
-``logit_scale``, ``no_bias=False``).
+never silently ignored (transformers' own MPT ignores several of them: ``expansion_ratio`` (always 4),
+``logit_scale``, ``attn_config.alibi_bias_max`` (always 8), ``no_bias=False``); ``save_hf`` and
+``from_hf_model`` refuse configs that transformers would evaluate differently.
 """
 
 from __future__ import annotations
@@ -568,6 +569,11 @@ def _check_hf_expressible(cfg: MPTConfig) -> None:
         raise ValueError(f"transformers' MptForCausalLM only has a 4*d_model MLP; got {cfg.ffn_hidden_size}")
     if cfg.logit_scale is not None:
         raise ValueError("transformers' MptForCausalLM ignores logit_scale; cannot express logit_scale set")
+    if cfg.alibi_bias_max != 8:
+        # MptModel.forward calls build_mpt_alibi_tensor without it, so the default 8 is always used.
+        raise ValueError(
+            f"transformers' MptForCausalLM ignores alibi_bias_max (uses 8); got {cfg.alibi_bias_max}"
+        )
 
 
 def hf_config(cfg: MPTConfig):
