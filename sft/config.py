@@ -69,8 +69,9 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping", minimum=0)
     optimizer: str = _f(
         "adamw",
-        "'adamw' (torch AdamW, fused where available) or 'adamw_bf16_kahan' (sft/optim.py)",
-        choices=("adamw", "adamw_bf16_kahan"),
+        "'adamw' (torch AdamW, fused on CUDA), 'adamw_bf16' (the same on bf16 weights), 'adamw_kahan' "
+        "(bf16 weights with Kahan-compensated updates) or 'adamw_sr' (stochastic rounding); see sft/optim.py",
+        choices=("adamw", "adamw_bf16", "adamw_kahan", "adamw_sr"),
     )
     loss_chunk: int = _f(1024, "tokens per chunk of the chunked cross-entropy", minimum=1)
     seed: int = _f(0, "seed for model init, data order and dropout")

@@ -1,0 +1,609 @@
+"""The training loop: ``train(cfg) -> run_dir``, read top to bottom.
+
+What one call does, in order:
+1. checks every input (out_dir writable, data file present, model found, data valid) before making
+   the run folder; any failure raises a one-line error (ConfigError, ModelError, DataError, RunError)
+   and leaves no run folder behind;
+2. loads model + tokenizer, prepares the data (render, split, pack), creates the run folder;
+3. evaluates the held-out loss and answers a few held-out prompts (before);
+4. trains: each optimizer step takes ``grad_accum`` micro-batches of ``micro_batch`` rows, each
+   backpropagating ``sum CE / N_step`` (N_step = supervised targets of the whole step, see sft/loss.py),
+   clips the gradient norm, sets the learning rate (linear warm-up, then cosine/linear decay to
+   ``lr * min_lr_ratio``), and steps AdamW; logs one line per ``log_every`` steps;
+5. checkpoints every ``save_every`` steps, on SIGTERM/Ctrl-C (then exits) and at the end;
+6. evaluates and answers the prompts again (after), writes ``final/``, ``loss.png``.
+
+Data order is a pure function of the seed: epoch ``e`` visits the training rows in the order
+``torch.randperm(R, generator=seed + e)``; step ``s`` takes micro-batches ``s*A .. s*A + A - 1`` of that
+endless stream. So the data position of a checkpoint is just its step, and ``--resume`` reproduces the
+losses of an uninterrupted run exactly (on CPU, bit for bit).
+
+MFU (GPU only): FLOPs per processed token = ``6 N + 12 L d T_attn`` (PaLM, appendix B) with N all
+parameters and ``T_attn`` the token-weighted mean length of the document each token sits in
+(``sum n_doc^2 / sum n_doc`` over the step's documents, padding counted as its own document); peak bf16
+dense FLOP/s from :data:`PEAK_FLOPS` by device name; ``null`` on CPU or an unknown GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sft import runs
+from sft.config import ConfigError, TrainConfig, parse_args
+from sft.loss import chunked_cross_entropy_sum, count_supervised
+from sft.models import ModelError, forward_hidden, load_model_and_tokenizer
+from sft.runs import RunError
+from sft.schema import IGNORE_INDEX, DataError
+
+log = logging.getLogger("sft")
+
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped early (signal or non-finite loss) after saving a checkpoint."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up to ``lr``, then decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.decay == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps - 1)
+    progress = min(max(progress, 0.0), 1.0)
+    lo = cfg.min_lr_ratio
+    if cfg.decay == "cosine":
+        return cfg.lr * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (1 - (1 - lo) * progress)
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but no CUDA device is available")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _layers_and_width(model) -> tuple[int, int]:
+    c = model.config
+    L = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layers", 0)
+    d = getattr(c, "hidden_size", None) or getattr(c, "d_model", 0)
+    return int(L), int(d)
+
+
+def attention_flops_tokens(document_ids: torch.Tensor) -> int:
+    """``sum over documents of n_doc^2`` for a ``[B, T]`` document-id tensor (padding is a document)."""
+    total = 0
+    for row in document_ids:
+        counts = torch.unique_consecutive(row, return_counts=True)[1]
+        total += int((counts.long() ** 2).sum())
+    return total
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _install_stop_handlers(flag: dict) -> dict:
+    """SIGTERM and SIGINT set ``flag["signal"]``; the loop checkpoints and stops after the current step."""
+    previous = {}
+
+    def handler(signum, frame):
+        if flag.get("signal"):  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        flag["signal"] = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, saving a checkpoint, then stopping", flag["signal"])
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[s] = signal.signal(s, handler)
+        except ValueError:  # not in the main thread
+            pass
+    return previous
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def prepare(cfg: TrainConfig, tokenizer):
+    """Render, split and return ``(Prepared, train_rows, eval_batches)``.
+
+    ``train_rows``: a Batch dict of ``[R, T]`` tensors (packed) or the list of training Samples (padded
+    per micro-batch). ``eval_batches``: a list of Batch dicts of at most ``micro_batch`` rows, fixed order.
+    """
+    from sft.packing import pack, pad_collate
+    from sft.prepare import prepare_data
+
+    eval_size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
+    prepared = prepare_data(
+        cfg.data,
+        tokenizer,
+        template=cfg.template,
+        fmt=cfg.fmt,
+        max_len=cfg.max_len,
+        overlong=cfg.overlong,
+        limit=cfg.limit,
+        eval_size=eval_size,
+        seed=cfg.seed,
+        cache_dir=str(runs.REPO / ".cache" / "data"),
+    )
+    if not prepared.train:
+        raise DataError("no training sample left after the held-out split", source=cfg.data)
+
+    def packed(samples):
+        return _as_batch(pack(samples, cfg.max_len))
+
+    train_rows = packed(prepared.train) if cfg.packing else list(prepared.train)
+    eval_batches = []
+    if prepared.eval:
+        if cfg.packing:
+            ev = packed(prepared.eval)
+            n = ev["input_ids"].size(0)
+            eval_batches = [
+                {k: v[i : i + cfg.micro_batch] for k, v in ev.items()} for i in range(0, n, cfg.micro_batch)
+            ]
+        else:
+            eval_batches = [
+                _as_batch(pad_collate(prepared.eval[i : i + cfg.micro_batch]))
+                for i in range(0, len(prepared.eval), cfg.micro_batch)
+            ]
+        if cfg.eval_batches:
+            eval_batches = eval_batches[: cfg.eval_batches]
+    return prepared, train_rows, eval_batches
+
+
+def _as_batch(x) -> dict[str, torch.Tensor]:
+    """A Batch dict from ``pack``'s output (a Batch already, or a list of rows for ``collate_rows``)."""
+    if isinstance(x, dict):
+        return x
+    from sft.packing import collate_rows
+
+    return collate_rows(list(x))
+
+
+class MicroBatches:
+    """Micro-batch ``i`` of the endless, seeded, epoch-shuffled stream over the training rows."""
+
+    def __init__(self, rows, cfg: TrainConfig):
+        self.rows, self.cfg = rows, cfg
+        self.n_rows = rows["input_ids"].size(0) if isinstance(rows, dict) else len(rows)
+        self.per_epoch = math.ceil(self.n_rows / cfg.micro_batch)
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed + epoch)
+            self._order = (epoch, torch.randperm(self.n_rows, generator=g))
+        return self._order[1]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        epoch, j = divmod(i, self.per_epoch)
+        idx = self.order(epoch)[j * self.cfg.micro_batch : (j + 1) * self.cfg.micro_batch]
+        if isinstance(self.rows, dict):
+            return {k: v[idx] for k, v in self.rows.items()}
+        from sft.packing import pad_collate
+
+        return _as_batch(pad_collate([self.rows[int(k)] for k in idx]))
+
+
+# ----------------------------------------------------------------------------- eval and samples
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, autocast, chunk: int) -> tuple[float, int]:
+    """Held-out loss: sum of CE over all supervised targets / their number; returns ``(loss, N)``."""
+    if not batches:
+        return float("nan"), 0
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        with autocast():
+            h, w = forward_hidden(model, b)
+            total += float(chunked_cross_entropy_sum(h, w, b["targets"], chunk))
+        n += int((b["targets"] != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / max(n, 1), n
+
+
+@torch.no_grad()
+def answer_samples(model, tokenizer, conversations, cfg: TrainConfig, device, autocast) -> list[dict]:
+    """Greedy answers to the held-out conversations' last user turn (reference = the data's answer)."""
+    from sft.render import render_prompt, stop_token_ids
+
+    out = []
+    stops = list(stop_token_ids(tokenizer, cfg.template))
+    was_training = model.training
+    model.eval()
+    for conv in conversations[: cfg.num_samples]:
+        # answer the last user turn; the reference is the assistant reply that follows it in the data
+        last_user = max(i for i, m in enumerate(conv) if m["role"] == "user")
+        prompt_conv = conv[: last_user + 1]
+        reference = conv[last_user + 1]["content"] if last_user + 1 < len(conv) else None
+        ids = list(render_prompt(prompt_conv, tokenizer, cfg.template))
+        new = _greedy(model, ids, cfg.samples_max_new_tokens, stops, device, autocast, tokenizer)
+        if new and new[-1] in stops:
+            new = new[:-1]
+        out.append(
+            {
+                "prompt": prompt_conv[-1]["content"],
+                "reference": reference,
+                "answer": tokenizer.decode(new, skip_special_tokens=False).strip(),
+                "new_tokens": len(new),
+            }
+        )
+    model.train(was_training)
+    return out
+
+
+def _greedy(model, ids, max_new, stops, device, autocast, tokenizer) -> list[int]:
+    if hasattr(model, "generate") and hasattr(model, "generation_config"):
+        x = torch.tensor([ids], device=device)
+        with autocast():
+            y = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=stops or None,
+                pad_token_id=tokenizer.pad_token_id
+                if tokenizer.pad_token_id is not None
+                else (stops or [0])[0],
+            )
+        return y[0, len(ids) :].tolist()
+    from sft.generate import generate  # our fast MPT
+
+    return list(generate(model, [ids], max_new, stop_ids=stops).tokens[0])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) one training run; return its run folder. See the module docstring."""
+    t_start = time.time()
+    resume_from = None
+    if cfg.resume:
+        run_dir, resume_from = runs.find_resume(cfg.out_dir, cfg.resume)
+        saved = TrainConfig.from_dict(runs._read_json(resume_from / "config.json"))
+        # the run continues with its own config; only these knobs may change on resume
+        cfg = dataclasses.replace(saved, resume=cfg.resume, stop_after=cfg.stop_after, progress=cfg.progress)
+        log.info("resuming %s from %s", run_dir, resume_from.name)
+    device = resolve_device(cfg)
+    if cfg.optimizer != "adamw" and cfg.precision != "bf16":
+        raise ConfigError(f"--optimizer={cfg.optimizer} works on bf16 weights: add --precision=bf16")
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # ---- inputs, cheapest checks first; the run folder comes only after all of them pass
+    runs.check_writable(cfg.out_dir)
+    from sft.sources import is_local
+
+    if is_local(cfg.data) and not Path(cfg.data).exists():
+        raise DataError("data file does not exist", source=cfg.data)
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    prepared, train_rows, eval_batches = prepare(cfg, tokenizer)
+    stream = MicroBatches(train_rows, cfg)
+    A = cfg.grad_accum
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / A))
+
+    model.to(device)
+    if cfg.grad_checkpointing:
+        if hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing = True
+    fwd = torch.compile(forward_hidden) if cfg.compile else forward_hidden
+    use_autocast = device.type == "cuda" and cfg.precision in ("auto", "bf16-autocast")
+
+    def autocast():
+        if use_autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    from sft.optim import build_optimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    optimizer = build_optimizer(groups, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    L, d = _layers_and_width(model)
+    peak = peak_flops(device)
+    cfg_dict = cfg.to_dict()
+
+    # ---- the run folder
+    created = False
+    if resume_from is None:
+        run_dir = runs.create_run_dir(cfg.out_dir, cfg.run_name or runs.run_name(cfg.model, cfg.data))
+        created = True
+    try:
+        if resume_from is None:
+            runs.write_config(
+                run_dir,
+                cfg_dict,
+                data={"fingerprint": prepared.fingerprint, "stats": prepared.stats},
+                model={
+                    "class": type(model).__name__,
+                    "n_params": n_params,
+                    "dtype": str(next(model.parameters()).dtype),
+                },
+                device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            )
+        writer = runs.MetricsWriter(run_dir)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+    state = {"step": 0, "tokens_processed": 0, "tokens_nonpad": 0, "tokens_supervised": 0, "skipped_steps": 0}
+    if resume_from is not None:
+        state = runs.load_checkpoint(resume_from, model=model, optimizer=optimizer)
+        runs.truncate_metrics(run_dir, state["step"])
+        eval_before = state.get("eval_before")
+    else:
+        log.info(
+            "run %s: %d train rows, %d held-out batches, %d steps of %d x %d rows, %.1fM parameters, %s",
+            run_dir,
+            stream.n_rows,
+            len(eval_batches),
+            total_steps,
+            A,
+            cfg.micro_batch,
+            n_params / 1e6,
+            device,
+        )
+        eval_before, n_eval = evaluate(model, eval_batches, device, autocast, cfg.loss_chunk)
+        state["eval_before"] = eval_before
+        writer.eval({"step": 0, "epoch": 0.0, "eval_loss": eval_before, "eval_tokens_supervised": n_eval})
+        log.info("held-out loss before training: %.4f (%d supervised tokens)", eval_before, n_eval)
+        if cfg.num_samples:
+            before = answer_samples(model, tokenizer, prepared.eval_conversations, cfg, device, autocast)
+            runs.write_samples(run_dir, [{"stage": "before", "step": 0, **s} for s in before])
+            _print_samples("before", before)
+
+    stop = {}
+    previous_handlers = _install_stop_handlers(stop)
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    stopped_reason = None
+    try:
+        while state["step"] < total_steps:
+            step = state["step"]
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            micro = [stream[step * A + j] for j in range(A)]
+            n_sup = count_supervised(micro)  # N_step: the loss is the mean over these (sft/loss.py)
+            lr = lr_at(step, cfg, total_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            ce_total = 0.0
+            for mb in micro:
+                mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+                with autocast():
+                    h, w = fwd(model, mb)
+                    ce = chunked_cross_entropy_sum(h, w, mb["targets"], cfg.loss_chunk)
+                (ce / max(n_sup, 1)).backward()
+                ce_total += float(ce.detach())
+            loss = ce_total / max(n_sup, 1)
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                state["skipped_steps"] += 1
+                log.warning(
+                    "step %d: non-finite loss %s / grad norm %s: update skipped", step + 1, loss, grad_norm
+                )
+                if cfg.on_nan == "stop":
+                    optimizer.zero_grad(set_to_none=True)
+                    stopped_reason = f"non-finite loss at step {step + 1} (--on_nan=stop)"
+                    break
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+
+            processed = sum(b["input_ids"].numel() for b in micro)
+            nonpad = sum(int(b["attention_mask"].sum()) for b in micro)
+            state["step"] = step + 1
+            state["tokens_processed"] += processed
+            state["tokens_nonpad"] += nonpad
+            state["tokens_supervised"] += n_sup
+            mfu = None
+            if peak is not None:
+                attn = sum(attention_flops_tokens(b["document_ids"]) for b in micro)
+                mfu = (6 * n_params * processed + 12 * L * d * attn) / dt / peak
+            peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            epoch = (step + 1) * A / stream.per_epoch
+            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+                writer.train(
+                    {
+                        "step": state["step"],
+                        "epoch": round(epoch, 4),
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "step_tokens_processed": processed,
+                        "step_tokens_nonpad": nonpad,
+                        "step_tokens_supervised": n_sup,
+                        "tokens_processed": state["tokens_processed"],
+                        "tokens_nonpad": state["tokens_nonpad"],
+                        "tokens_supervised": state["tokens_supervised"],
+                        "tokens_per_s": processed / dt,
+                        "mfu": mfu,
+                        "peak_mem_gib": peak_mem,
+                        "step_time_s": dt,
+                    }
+                )
+                line = step_line(state["step"], total_steps, loss, lr, dt, processed / dt, mfu, peak_mem)
+                (bar.write(line) if bar is not None else log.info(line))
+            if bar is not None:
+                bar.update(1)
+            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total_steps:
+                ev, n_eval = evaluate(model, eval_batches, device, autocast, cfg.loss_chunk)
+                writer.eval(
+                    {
+                        "step": state["step"],
+                        "epoch": round(epoch, 4),
+                        "eval_loss": ev,
+                        "eval_tokens_supervised": n_eval,
+                    }
+                )
+                log.info("step %d: held-out loss %.4f", state["step"], ev)
+            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
+                runs.save_checkpoint(
+                    run_dir,
+                    state["step"],
+                    model=model,
+                    optimizer=optimizer,
+                    state=state,
+                    cfg_dict=cfg_dict,
+                    keep_last=cfg.keep_last,
+                )
+            if stop.get("signal"):
+                stopped_reason = f"stopped by {stop['signal']}"
+                break
+            if cfg.stop_after and state["step"] >= cfg.stop_after and state["step"] < total_steps:
+                stopped_reason = f"stopped after step {state['step']} (--stop_after)"
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        for s, h in previous_handlers.items():
+            signal.signal(s, h)
+
+    # ---- end (or early stop): checkpoint, evaluate, answer again, export
+    ckpt = runs.save_checkpoint(
+        run_dir,
+        state["step"],
+        model=model,
+        optimizer=optimizer,
+        state=state,
+        cfg_dict=cfg_dict,
+        keep_last=cfg.keep_last,
+    )
+    if stopped_reason is not None:
+        writer.close()
+        runs.plot_loss(run_dir)
+        msg = f"{stopped_reason}: checkpoint {ckpt}; continue with --resume={run_dir}"
+        if stop.get("signal") or cfg.on_nan == "stop" and "non-finite" in stopped_reason:
+            raise TrainingStopped(msg)
+        log.info(msg)
+        return run_dir
+    eval_after, n_eval = evaluate(model, eval_batches, device, autocast, cfg.loss_chunk)
+    writer.eval(
+        {
+            "step": state["step"],
+            "epoch": round(state["step"] * A / stream.per_epoch, 4),
+            "eval_loss": eval_after,
+            "eval_tokens_supervised": n_eval,
+        }
+    )
+    writer.close()
+    if cfg.num_samples:
+        after = answer_samples(model, tokenizer, prepared.eval_conversations, cfg, device, autocast)
+        runs.write_samples(run_dir, [{"stage": "after", "step": state["step"], **s} for s in after])
+        _print_samples("after", after)
+    if cfg.save_final:
+        from sft.render import attach_template
+
+        tok_out = attach_template(tokenizer, cfg.template) or tokenizer
+        runs.save_final(run_dir, model, tok_out)
+    runs.plot_loss(run_dir)
+    log.info(
+        "held-out loss %.4f -> %.4f (%+.4f) after %d steps in %.0f s; run folder %s",
+        eval_before,
+        eval_after,
+        eval_after - eval_before,
+        state["step"],
+        time.time() - t_start,
+        run_dir,
+    )
+    return run_dir
+
+
+def step_line(step, total, loss, lr, dt, tok_s, mfu, mem) -> str:
+    """The fixed-format console line: ``step | loss | lr | dt | tok/s | MFU | mem``."""
+    mfu_s = f"{100 * mfu:5.1f}%" if mfu is not None else "    -"
+    mem_s = f"{mem:6.2f} GiB" if mem is not None else "     - GiB"
+    return (
+        f"step {step:>6}/{total} | loss {loss:8.4f} | lr {lr:.3e} | dt {dt * 1000:8.1f} ms | "
+        f"tok/s {tok_s:9.0f} | MFU {mfu_s} | mem {mem_s}"
+    )
+
+
+def _print_samples(stage: str, samples: list[dict]) -> None:
+    for i, s in enumerate(samples):
+        log.info(
+            "[%s] sample %d\n  prompt: %s\n  answer: %s",
+            stage,
+            i + 1,
+            _short(s["prompt"]),
+            _short(s["answer"]),
+        )
+
+
+def _short(text: str, n: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def setup_logging() -> None:
+    """Console logging for scripts: INFO lines to stderr, without the library's own noise."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "huggingface_hub", "transformers", "datasets", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(defaults: TrainConfig, argv: list[str] | None = None, smoke: dict | None = None) -> int:
+    """Entry point of the recipes: parse ``--field=value`` over ``defaults``, apply the recipe's ``smoke``
+    overrides when ``--smoke`` (explicit arguments still win), train. Returns the exit status: 0 on
+    success, 2 on bad input (one line on stderr, no run folder), 130 when stopped by a signal."""
+    setup_logging()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        cfg = parse_args(argv, defaults)
+        if cfg.smoke and smoke:
+            cfg = parse_args(argv, dataclasses.replace(defaults, **smoke))
+        train(cfg)
+    except (ConfigError, ModelError, DataError, RunError) as e:
+        sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
+        return 2
+    except TrainingStopped as e:
+        sys.stderr.write(f"{e}\n")
+        return 130
+    return 0
