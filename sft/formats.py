@@ -173,8 +173,8 @@ def detect_format(row: Mapping, fields: Mapping[str, str] | None = None) -> str:
 def validate_conversation(conv: Conversation) -> Conversation:
     """Check the canonical shape; raise ``DataError`` naming the offending message field.
 
-    Rules: at least one turn; roles in ``ROLES``; ``system`` only as the first message; every content a
-    non-empty string; the last message is an ``assistant`` turn.
+    Rules: at least one turn; roles in ``ROLES``; ``system`` only as the first message; then a ``user``
+    turn first; every content a non-empty string; the last message is an ``assistant`` turn.
     """
     if not conv:
         raise DataError("empty conversation")
@@ -190,6 +190,11 @@ def validate_conversation(conv: Conversation) -> Conversation:
             )
         if not content:
             raise DataError(f"empty {role} content", field=f"messages[{i}].content")
+    first = 1 if conv[0]["role"] == "system" else 0
+    if first < len(conv) and conv[first]["role"] != "user":
+        raise DataError(
+            "the first turn after the system prompt must be a user turn", field=f"messages[{first}].role"
+        )
     if conv[-1]["role"] != "assistant":
         raise DataError(
             f"conversation ends with a {conv[-1]['role']} turn, not an assistant reply",

@@ -67,6 +67,12 @@ def test_detect_unknown_and_ambiguous():
 
 
 BAD = [
+    (
+        {"messages": [{"role": "assistant", "content": "x"}]},
+        "messages",
+        "messages[0].role",
+        "must be a user turn",
+    ),
     ({"text": "### Human: hi"}, "guanaco", "messages[0].role", "ends with a user turn"),
     (
         {"messages": [{"role": "robot", "content": "x"}]},
