@@ -1,0 +1,265 @@
+"""sft/optim.py: Kahan-compensated bf16 AdamW keeps fp32 quality; pure bf16 AdamW does not.
+
+The small model is a 3-layer tanh MLP whose forward runs in fp32 on upcast weights, so the only
+difference between the runs is how the weights are stored and updated. The learning rate (3e-5)
+makes most Adam updates smaller than half a bf16 ulp of the weight: exactly what pure bf16 loses.
+"""
+
+import copy
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sft.optim import KahanAdamW, _round_stochastic_bf16, build_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = [(128, 32), (128,), (128, 128), (128,), (1, 128), (1,)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only contend on a shared machine (measured 30x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _init_params(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Same starting point for every dtype: a uniform init rounded to bf16."""
+    g = torch.Generator().manual_seed(0)
+    params = []
+    for shape in SIZES:
+        fan_in = shape[-1] if len(shape) == 2 else 128
+        w = ((torch.rand(shape, generator=g) * 2 - 1) / fan_in**0.5).bfloat16()
+        params.append(w.to(dtype).requires_grad_())
+    return params
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1024, 32, generator=g)
+    w = torch.randn(32, 1, generator=g) / 32**0.5
+    y = torch.sin(x @ w * 3) + 0.5 * (x[:, :1] * x[:, 1:2])
+    return x, y
+
+
+def _forward(params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    w1, b1, w2, b2, w3, b3 = (p.float() for p in params)
+    h = torch.tanh(x @ w1.T + b1)
+    h = torch.tanh(h @ w2.T + b2)
+    return h @ w3.T + b3
+
+
+def _train(params, opt, steps: int, start: int = 0, log_every: int = 25) -> list[float]:
+    """Minibatches of 128 in a fixed order; returns the full-data MSE every `log_every` steps."""
+    x, y = _data()
+    losses = []
+    for s in range(start, start + steps):
+        i = (s * 128) % 1024
+        loss = ((_forward(params, x[i : i + 128]) - y[i : i + 128]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (s + 1) % log_every == 0:
+            with torch.no_grad():
+                losses.append(((_forward(params, x) - y) ** 2).mean().item())
+    return losses
+
+
+def _curve(name: str, dtype: torch.dtype, steps: int = 300, **kw) -> torch.Tensor:
+    torch.manual_seed(0)
+    params = _init_params(dtype)
+    opt = build_optimizer(params, name, lr=3e-5, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, **kw)
+    return torch.tensor(_train(params, opt, steps))
+
+
+def test_kahan_tracks_fp32_adamw_while_pure_bf16_drifts():
+    ref = _curve("adamw", torch.float32)
+    kahan = _curve("adamw_kahan", torch.bfloat16)
+    pure = _curve("adamw_bf16", torch.bfloat16)
+    assert len(ref) == 12
+    # The reference really trains: loss falls by more than 4% over the 300 steps.
+    assert ref[-1] < 0.96 * ref[0]
+    rel_kahan = ((kahan - ref).abs() / ref).max().item()
+    rel_pure = ((pure - ref).abs() / ref).max().item()
+    assert rel_kahan < 0.01, rel_kahan  # measured ~1e-4
+    assert rel_pure > 0.03, rel_pure  # measured ~5.5e-2: most updates rounded away
+    assert rel_pure > 20 * rel_kahan
+    # Pure bf16 barely moves: its last loss is above fp32's by more than 4%.
+    assert pure[-1] > 1.04 * ref[-1]
+
+
+def test_stochastic_rounding_mode_also_tracks_fp32():
+    ref = _curve("adamw", torch.float32, steps=100)
+    sr = _curve("adamw_sr", torch.bfloat16, steps=100)
+    assert ((sr - ref).abs() / ref).max().item() < 0.01
+
+
+@pytest.mark.parametrize("moment_dtype", [torch.bfloat16, torch.float32])
+def test_state_dict_round_trip_resumes_bit_exactly(moment_dtype):
+    torch.manual_seed(0)
+    params = _init_params(torch.bfloat16)
+    opt = build_optimizer(params, "adamw_kahan", lr=1e-4, weight_decay=0.1, moment_dtype=moment_dtype)
+    _train(params, opt, 20)
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buf)
+    rng = torch.get_rng_state()
+    losses_a = _train(params, opt, 20, start=20, log_every=5)
+
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    params_b = [p.clone().requires_grad_() for p in ckpt["params"]]
+    opt_b = build_optimizer(params_b, "adamw_kahan", lr=1e-4, weight_decay=0.1, moment_dtype=moment_dtype)
+    opt_b.load_state_dict(ckpt["opt"])
+    state0 = opt_b.state[params_b[0]]
+    # torch's loader would cast fp32 moments of a bf16 parameter to bf16; ours keeps them.
+    assert state0["exp_avg_sq"].dtype == moment_dtype
+    assert state0["compensation"].dtype == torch.bfloat16
+    assert state0["step"] == 20
+    torch.set_rng_state(rng)  # moments in bf16 are rounded stochastically
+    losses_b = _train(params_b, opt_b, 20, start=20, log_every=5)
+    assert losses_a == losses_b
+    for pa, pb in zip(params, params_b):
+        assert torch.equal(pa, pb)
+        for key in ("exp_avg", "exp_avg_sq", "compensation"):
+            assert torch.equal(opt.state[pa][key], opt_b.state[pb][key])
+
+
+def test_fp32_params_match_torch_adamw_with_weight_decay_groups():
+    """On fp32 weights KahanAdamW is plain AdamW: same numbers as torch's, per param group."""
+    torch.manual_seed(0)
+    p_ref = _init_params(torch.float32)
+    p_ours = [p.detach().clone().requires_grad_() for p in p_ref]
+
+    def groups(ps):
+        return [
+            {"params": [ps[0], ps[2], ps[4]], "weight_decay": 0.1},
+            {"params": [ps[1], ps[3], ps[5]], "weight_decay": 0.0, "lr": 5e-4},
+        ]
+
+    ref = torch.optim.AdamW(groups(p_ref), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    ours = KahanAdamW(groups(p_ours), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    _train(p_ref, ref, 50)
+    _train(p_ours, ours, 50)
+    for a, b in zip(p_ref, p_ours):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert "compensation" not in ours.state[p_ours[0]]
+    assert ours.state[p_ours[0]]["exp_avg"].dtype == torch.float32
+
+
+def test_decoupled_weight_decay_below_bf16_resolution_is_kept_by_kahan():
+    """Zero gradients: only decay acts, p <- p * (1 - lr*wd) per step, 1e-4 relative each.
+
+    That is below half a bf16 ulp (2^-9 relative), so pure bf16 never moves; Kahan follows fp32.
+    """
+    w0 = torch.linspace(0.5, 1.0, 64).bfloat16()
+    results = {}
+    for name, dtype in [
+        ("adamw", torch.float32),
+        ("adamw_bf16", torch.bfloat16),
+        ("adamw_kahan", torch.bfloat16),
+    ]:
+        p = w0.to(dtype).clone().requires_grad_()
+        opt = build_optimizer([p], name, lr=1e-3, weight_decay=0.1)
+        p.grad = torch.zeros_like(p)
+        for _ in range(1000):
+            opt.step()
+        results[name] = p.detach().float()
+    expected = w0.float() * (1 - 1e-4) ** 1000  # ~0.905 * w0
+    torch.testing.assert_close(results["adamw"], expected, rtol=1e-4, atol=0)
+    assert torch.equal(results["adamw_bf16"], w0.float())
+    # Within one bf16 ulp (2^-8 relative) of the exact decay.
+    assert ((results["adamw_kahan"] - expected).abs() / expected).max() < 2**-8
+
+
+def test_state_bytes_per_parameter():
+    def state_bytes(name, dtype, **kw):
+        p = torch.zeros(1000, dtype=dtype, requires_grad=True)
+        opt = build_optimizer([p], name, lr=1e-3, **kw)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        return (
+            sum(t.numel() * t.element_size() for t in opt.state[p].values() if torch.is_tensor(t) and t.ndim)
+            / 1000
+        )
+
+    assert state_bytes("adamw", torch.float32) == 8
+    assert state_bytes("adamw_bf16", torch.bfloat16) == 4
+    assert state_bytes("adamw_kahan", torch.bfloat16) == 6
+    assert state_bytes("adamw_kahan", torch.bfloat16, moment_dtype=torch.float32) == 10
+    assert state_bytes("adamw_sr", torch.bfloat16) == 4
+
+
+def test_build_optimizer_choices():
+    p = torch.zeros(4, requires_grad=True)
+    opt = build_optimizer([p], "adamw", lr=1e-3)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]  # CPU: foreach
+    assert isinstance(build_optimizer([p], "adamw_kahan"), KahanAdamW)
+    assert build_optimizer([p], "adamw_sr").rounding == "stochastic"
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        build_optimizer([p], "sgd")
+    with pytest.raises(ValueError, match="unexpected options"):
+        build_optimizer([p], "adamw", moment_dtype=torch.float32)
+
+
+def test_stochastic_rounding_is_unbiased():
+    torch.manual_seed(0)
+    x = torch.full((200_000,), 1 + 2**-10)  # 1/8 of the way from 1 to the next bf16 value, 1 + 2^-7
+    r = _round_stochastic_bf16(x).float()
+    assert set(r.unique().tolist()) == {1.0, 1 + 2**-7}
+    assert abs((r == 1 + 2**-7).float().mean().item() - 0.125) < 0.005
+    neg = _round_stochastic_bf16(-x).float()
+    assert set(neg.unique().tolist()) == {-1.0, -(1 + 2**-7)}
+
+
+@pytest.mark.gpu
+def test_compiled_kahan_step_matches_eager_on_cuda():
+    torch.manual_seed(0)
+    eager = [p.detach().cuda().requires_grad_() for p in _init_params(torch.bfloat16)]
+    compiled = [p.detach().clone().requires_grad_() for p in eager]
+    opt_e = KahanAdamW(eager, lr=1e-4, weight_decay=0.1, moment_dtype=torch.float32, compile=False)
+    opt_c = KahanAdamW(compiled, lr=1e-4, weight_decay=0.1, moment_dtype=torch.float32, compile=True)
+    for _ in range(10):
+        for pe, pc in zip(eager, compiled):
+            g = torch.randn_like(pe)
+            pe.grad, pc.grad = g, g.clone()
+        opt_e.step()
+        opt_c.step()
+    for pe, pc in zip(eager, compiled):
+        # Fused kernels may contract to FMA: allow one bf16 ulp.
+        torch.testing.assert_close(pc, pe, rtol=2**-7, atol=1e-6)
+
+
+def test_benchmark_script_quick_runs_on_cpu(tmp_path, shared_data):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--quick"]
+        + ["--data-dir", str(shared_data), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    result = json.loads(out.read_text())
+    names = [r["name"] for r in result["configs"]]
+    assert names[0] == "2023_recipe"
+    for r in result["configs"]:
+        if r.get("error"):
+            continue
+        assert (
+            r["tokens_per_s"]["processed"]
+            >= r["tokens_per_s"]["non_pad"]
+            >= r["tokens_per_s"]["supervised"]
+            > 0
+        )
+    assert "epoch" in result
+    assert copy.deepcopy(result) == result
