@@ -1,0 +1,198 @@
+"""Fast decode (static KV cache) against transformers' generate, batching, stopping, sampling."""
+
+import pytest
+import torch
+
+from sft.generate import (
+    Generator,
+    LlamaCached,
+    SamplingConfig,
+    cached_decoder,
+    filter_logits,
+    generate,
+    hf_generate_baseline,
+    sample_next,
+)
+
+VOCAB = 320
+NEW = 64
+
+
+def _ref_generate(hf, prompt, n=NEW):
+    ids = torch.tensor([prompt])
+    out = hf.generate(
+        ids,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        attention_mask=torch.ones_like(ids),
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def _prompt(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (n,), generator=g).tolist()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls gain nothing from threads; on a shared 2-core box they only contend.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as in SmolLM2 / Llama-3
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        initializer_range=0.2,  # the default 0.02 decodes one token forever: equality would be weak
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_mpt():
+    mpt = pytest.importorskip("sft.mpt")
+    if not hasattr(mpt, "from_hf_model"):
+        pytest.skip("sft.mpt.from_hf_model not there yet")
+    from transformers import MptConfig, MptForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MptConfig(
+        d_model=64,
+        n_heads=4,
+        n_layers=2,
+        expansion_ratio=4,
+        max_seq_len=512,
+        vocab_size=VOCAB,
+        initializer_range=0.2,
+    )
+    hf = MptForCausalLM(cfg).eval()
+    return hf, mpt.from_hf_model(hf).eval()
+
+
+# Prompt of 7 tokens, and of 150 (> one 128-token attention block).
+@pytest.mark.parametrize("plen", [7, 150])
+def test_llama_greedy_equals_transformers_generate(tiny_llama, plen):
+    prompt = _prompt(plen, seed=plen)
+    ref = _ref_generate(tiny_llama, prompt)
+    assert len(set(ref)) > 8  # the reference is not degenerate, so equality means something
+    out = generate(tiny_llama, [prompt], NEW)
+    assert out.tokens[0] == ref
+    assert out.finish == ["length"]
+
+
+@pytest.mark.parametrize("plen", [7, 150])
+def test_mpt_greedy_equals_transformers_generate(tiny_mpt, plen):
+    hf, ours = tiny_mpt
+    prompt = _prompt(plen, seed=100 + plen)
+    ref = _ref_generate(hf, prompt)
+    assert len(set(ref)) > 4
+    out = Generator(ours, max_seq_len=plen + NEW).generate([prompt], NEW)
+    assert out.tokens[0] == ref
+
+
+def test_llama_cached_logits_match_full_forward(tiny_llama):
+    prompt = _prompt(40, seed=3)
+    ids = torch.tensor([prompt])
+    dec = LlamaCached(tiny_llama)
+    dec.setup_cache(1, 64)
+    with torch.no_grad():
+        full = tiny_llama(ids).logits
+        a = dec.forward_cached(ids[:, :30], torch.arange(30))
+        b = dec.forward_cached(ids[:, 30:], torch.arange(30, 40))
+    torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_batch_of_different_lengths_equals_each_alone(tiny_llama):
+    prompts = [_prompt(5, 1), _prompt(40, 2), _prompt(17, 3)]
+    gen = Generator(cached_decoder(tiny_llama), max_seq_len=40 + 12)
+    batched = gen.generate(prompts, 12)
+    alone = [gen.generate([p], 12).tokens[0] for p in prompts]
+    assert batched.tokens == alone
+    assert [len(t) for t in batched.tokens] == [12, 12, 12]
+
+
+def test_stop_ids_end_each_sequence_separately(tiny_llama):
+    prompts = [_prompt(9, 11), _prompt(12, 12)]
+    dec = cached_decoder(tiny_llama)
+    free = Generator(dec, max_seq_len=64).generate(prompts, 30).tokens
+    stop = free[0][10]
+    first0 = free[0].index(stop)
+    out = Generator(dec, max_seq_len=64).generate(prompts, 30, stop_ids=[stop])
+    assert out.tokens[0] == free[0][: first0 + 1]
+    assert out.finish[0] == "stop"
+    if stop in free[1]:
+        assert out.tokens[1] == free[1][: free[1].index(stop) + 1]
+    else:
+        assert out.tokens[1] == free[1] and out.finish[1] == "length"
+
+
+def test_sampling_reproducible_under_seed_and_differs_across_seeds(tiny_llama):
+    prompts = [_prompt(8, 21), _prompt(8, 22)]
+    dec = cached_decoder(tiny_llama)
+    gen = Generator(dec, max_seq_len=24)
+
+    def run(seed, **kw):
+        return gen.generate(prompts, 16, SamplingConfig(temperature=1.0, seed=seed, **kw)).tokens
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    assert run(5, top_k=20, top_p=0.9) == run(5, top_k=20, top_p=0.9)
+    # top_k=1 is greedy whatever the temperature and seed.
+    greedy = gen.generate(prompts, 16).tokens
+    assert run(7, top_k=1) == greedy
+
+
+def test_filter_logits_top_k_and_top_p_exact():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    inf = float("-inf")
+    k2 = filter_logits(logits, top_k=2)
+    assert torch.isinf(k2[0, 2:]).all() and torch.equal(k2[0, :2], logits[0, :2])
+    # Mass before each token: 0, .5, .7, .85, .95 -> top_p=0.7 keeps the first two...
+    p = filter_logits(logits, top_p=0.7)
+    assert torch.isfinite(p[0]).tolist() == [True, True, False, False, False]
+    # ...top_p=0.71 keeps three; a tiny top_p keeps the argmax only.
+    assert torch.isfinite(filter_logits(logits, top_p=0.71)[0]).tolist() == [True, True, True, False, False]
+    assert torch.isfinite(filter_logits(logits, top_p=1e-6)[0]).tolist() == [True, False, False, False, False]
+    # Unsorted input: the mask follows the values, not the positions.
+    shuffled = logits[:, [3, 0, 4, 1, 2]]
+    assert torch.isfinite(filter_logits(shuffled, top_p=0.7)[0]).tolist() == [False, True, False, True, False]
+    assert filter_logits(logits, top_k=0).eq(logits).all() and inf not in filter_logits(logits, top_p=1.0)
+
+
+def test_sample_next_greedy_and_top_p_concentrated():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
+    assert sample_next(logits, SamplingConfig()).tolist() == [1, 0]
+    g = torch.Generator().manual_seed(0)
+    cfg = SamplingConfig(temperature=1.0, top_p=0.5)
+    draws = {tuple(sample_next(logits, cfg, g).tolist()) for _ in range(50)}
+    assert draws == {(1, 0)}
+
+
+def test_too_long_request_is_refused(tiny_llama):
+    gen = Generator(cached_decoder(tiny_llama), max_seq_len=16)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        gen.generate([_prompt(10, 0)], 7)
+
+
+def test_hf_generate_baseline_times_and_tokens(tiny_llama):
+    prompt = _prompt(6, 31)
+    res = hf_generate_baseline(tiny_llama, torch.tensor([prompt]), 8, repeats=1, warmup=0)
+    assert res["tokens"][0].tolist() == generate(tiny_llama, [prompt], 8).tokens[0]
+    assert 0 < res["ttft_s"] < res["total_s"]
