@@ -301,9 +301,10 @@ def _to_fast_mpt(hf_model):
         raise ModelError(
             "--mpt_impl=fast needs sft/mpt.py, which is not in this tree; use --mpt_impl=hf"
         ) from None
-    if not hasattr(mpt, "from_hf"):
-        raise ModelError("sft/mpt.py has no from_hf(hf_model) converter; use --mpt_impl=hf")
-    return mpt.from_hf(hf_model)
+    try:
+        return mpt.from_hf_model(hf_model)
+    except ValueError as e:  # a config our MPT refuses (named key)
+        raise ModelError(f"--mpt_impl=fast: {e}") from None
 
 
 def model_short_name(name: str) -> str:
@@ -327,7 +328,7 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     """Final hidden states ``[B, T, d]`` and LM head weight ``[V, d]`` with document-masked attention.
 
     Uses ``batch["input_ids"]``, ``batch["document_ids"]`` and ``batch["position_ids"]`` (all ``[B, T]``).
-    - Our MPT (has ``forward_hidden``): called with ``(input_ids, document_ids)``.
+    - Our MPT (has ``forward_hidden``): called with ``(input_ids, document_ids)``; head = ``lm_head_weight``.
     - transformers MPT (eager only): MPT's attention does ``masked_fill(mask, -inf)``, so True must mean
       *blocked*; a 4-D mask is passed through ``create_causal_mask`` unchanged. ALiBi is a function of
       ``s - t`` up to a per-row constant, so it needs no position reset.
@@ -337,7 +338,7 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     """
     ids, docs = batch["input_ids"], batch["document_ids"]
     if hasattr(model, "forward_hidden"):
-        return model.forward_hidden(ids, docs)
+        return model.forward_hidden(ids, docs), model.lm_head_weight
     base = model.base_model
     impl = getattr(model.config, "_attn_implementation", "eager")
     allowed = document_mask(docs)

@@ -43,6 +43,7 @@ from sft import runs
 from sft.config import ConfigError, TrainConfig, parse_args
 from sft.loss import chunked_cross_entropy_sum, count_supervised
 from sft.models import ModelError, forward_hidden, load_model_and_tokenizer
+from sft.render import TemplateError
 from sft.runs import RunError
 from sft.schema import IGNORE_INDEX, DataError
 
@@ -144,13 +145,14 @@ def prepare(cfg: TrainConfig, tokenizer):
         limit=cfg.limit,
         eval_size=eval_size,
         seed=cfg.seed,
-        cache_dir=str(runs.REPO / ".cache" / "data"),
     )
     if not prepared.train:
         raise DataError("no training sample left after the held-out split", source=cfg.data)
 
+    pad_id = pad_token_id(tokenizer)
+
     def packed(samples):
-        return _as_batch(pack(samples, cfg.max_len))
+        return _as_batch(pack(samples, cfg.max_len, pad_id))
 
     train_rows = packed(prepared.train) if cfg.packing else list(prepared.train)
     eval_batches = []
@@ -163,12 +165,17 @@ def prepare(cfg: TrainConfig, tokenizer):
             ]
         else:
             eval_batches = [
-                _as_batch(pad_collate(prepared.eval[i : i + cfg.micro_batch]))
+                _as_batch(pad_collate(prepared.eval[i : i + cfg.micro_batch], pad_id))
                 for i in range(0, len(prepared.eval), cfg.micro_batch)
             ]
         if cfg.eval_batches:
             eval_batches = eval_batches[: cfg.eval_batches]
     return prepared, train_rows, eval_batches
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id padding uses: the tokenizer's pad id, else 0 (never a target: targets are IGNORE_INDEX there)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def _as_batch(x) -> dict[str, torch.Tensor]:
@@ -183,8 +190,8 @@ def _as_batch(x) -> dict[str, torch.Tensor]:
 class MicroBatches:
     """Micro-batch ``i`` of the endless, seeded, epoch-shuffled stream over the training rows."""
 
-    def __init__(self, rows, cfg: TrainConfig):
-        self.rows, self.cfg = rows, cfg
+    def __init__(self, rows, cfg: TrainConfig, pad_id: int = 0):
+        self.rows, self.cfg, self.pad_id = rows, cfg, pad_id
         self.n_rows = rows["input_ids"].size(0) if isinstance(rows, dict) else len(rows)
         self.per_epoch = math.ceil(self.n_rows / cfg.micro_batch)
         self._order: tuple[int, torch.Tensor] | None = None
@@ -202,7 +209,7 @@ class MicroBatches:
             return {k: v[idx] for k, v in self.rows.items()}
         from sft.packing import pad_collate
 
-        return _as_batch(pad_collate([self.rows[int(k)] for k in idx]))
+        return _as_batch(pad_collate([self.rows[int(k)] for k in idx], self.pad_id))
 
 
 # ----------------------------------------------------------------------------- eval and samples
@@ -303,7 +310,7 @@ def train(cfg: TrainConfig) -> Path:
         raise DataError("data file does not exist", source=cfg.data)
     model, tokenizer = load_model_and_tokenizer(cfg)
     prepared, train_rows, eval_batches = prepare(cfg, tokenizer)
-    stream = MicroBatches(train_rows, cfg)
+    stream = MicroBatches(train_rows, cfg, pad_token_id(tokenizer))
     A = cfg.grad_accum
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / A))
 
@@ -537,8 +544,8 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.save_final:
         from sft.render import attach_template
 
-        tok_out = attach_template(tokenizer, cfg.template) or tokenizer
-        runs.save_final(run_dir, model, tok_out)
+        attach_template(tokenizer, cfg.template)  # inference renders exactly as training did
+        runs.save_final(run_dir, model, tokenizer)
     runs.plot_loss(run_dir)
     log.info(
         "held-out loss %.4f -> %.4f (%+.4f) after %d steps in %.0f s; run folder %s",
@@ -600,7 +607,7 @@ def main(defaults: TrainConfig, argv: list[str] | None = None, smoke: dict | Non
         if cfg.smoke and smoke:
             cfg = parse_args(argv, dataclasses.replace(defaults, **smoke))
         train(cfg)
-    except (ConfigError, ModelError, DataError, RunError) as e:
+    except (ConfigError, ModelError, DataError, RunError, TemplateError) as e:
         sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
         return 2
     except TrainingStopped as e:
