@@ -1,0 +1,187 @@
+"""Talk to a model from the shell, through the same chat template as training.
+
+    python -m sft.chat runs/<run>/final [--template=NAME] [--max_new_tokens=256] [--temperature=0.7]
+                       [--top_k=50] [--top_p=0.9] [--seed=0] [--system="..."] [--once "prompt"]
+
+MODEL is anything ``sft.models.load_model_and_tokenizer`` takes: a run's ``final/`` folder, a local
+Hugging Face folder, a ``.gguf`` file, ``smollm2-135m-instruct``, a cached hub id, a tiny preset.
+
+Template: by default the tokenizer's own chat template, which for a run's ``final/`` is the
+training template (the trainer attaches it to the tokenizer before saving); ``--template`` names one
+of ``sft.render.TEMPLATES`` or gives jinja. Every turn is rendered with ``sft.render.render_prompt``
+over the whole conversation so far, so the model sees exactly the token layout it was trained on.
+Decoding stops at EOS and at the template's end-of-turn token (``sft.render.stop_token_ids``); when
+that marker is several tokens of this tokenizer, the reply is cut at its text instead.
+
+REPL: one line per user turn; ``/reset`` starts a new conversation, ``/quit`` (or EOF) ends.
+``--once "prompt"`` answers one prompt and exits (scripting, tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+
+import torch
+
+from sft.generate import Generator, SamplingConfig, cached_decoder
+from sft.render import end_of_turn_text, render_prompt, stop_token_ids
+from sft.schema import Conversation
+
+log = logging.getLogger(__name__)
+
+
+def _max_positions(config, default: int = 2048) -> int:
+    for key in ("max_position_embeddings", "max_seq_len", "n_positions"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return default
+
+
+class ChatSession:
+    """A multi-turn conversation with one model.
+
+    ``reply(text)`` appends the user turn, renders the whole conversation with ``render_prompt``
+    (kept as ``last_prompt_ids``), decodes with :class:`sft.generate.Generator` (static KV cache,
+    batch 1, ``max_seq_len`` positions), appends the assistant turn and returns its text (special
+    tokens and the end-of-turn marker removed, surrounding whitespace stripped).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template: str | None = None,
+        *,
+        max_new_tokens: int = 256,
+        sampling: SamplingConfig | None = None,
+        system: str | None = None,
+        max_seq_len: int | None = None,
+        compile: bool | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling or SamplingConfig()
+        self.system = system
+        self.stop_ids = stop_token_ids(tokenizer, template)
+        self.end_text = end_of_turn_text(tokenizer, template)
+        config = getattr(model, "config", None)
+        self.max_seq_len = max_seq_len or min(_max_positions(config), 4096)
+        self.generator = Generator(cached_decoder(model), max_seq_len=self.max_seq_len, compile=compile)
+        self.messages: Conversation = []
+        self.last_prompt_ids: list[int] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message, if any, stays)."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def reply(self, text: str) -> str:
+        conv = [*self.messages, {"role": "user", "content": text}]
+        ids = render_prompt(conv, self.tokenizer, self.template)
+        room = self.max_seq_len - len(ids)
+        if room <= 0:
+            raise ValueError(
+                f"the conversation is {len(ids)} tokens, the cache holds {self.max_seq_len}: /reset to start over"
+            )
+        self.last_prompt_ids = ids
+        out = self.generator.generate([ids], min(self.max_new_tokens, room), self.sampling, self.stop_ids)
+        new = out.tokens[0]
+        if out.finish[0] == "stop":
+            new = new[:-1]
+        answer = self.tokenizer.decode(new, skip_special_tokens=True)
+        if self.end_text and self.end_text in answer:  # a multi-token end-of-turn marker
+            answer = answer[: answer.index(self.end_text)]
+        answer = answer.strip()
+        self.messages = [*conv, {"role": "assistant", "content": answer}]
+        return answer
+
+
+def load(model: str, device: str = "auto", dtype: str = "auto"):
+    """``(model in eval mode on the device, tokenizer)`` through ``sft.models.load_model_and_tokenizer``."""
+    from sft.config import TrainConfig
+    from sft.models import load_model_and_tokenizer
+
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else (device if device != "auto" else "cpu")
+    )
+    if dtype == "auto":
+        dtype = "bf16" if dev.type == "cuda" else "fp32"
+    cfg = replace(TrainConfig(), model=model, precision="bf16" if dtype == "bf16" else "fp32")
+    m, tok = load_model_and_tokenizer(cfg)
+    return m.to(dev).eval(), tok
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m sft.chat", description="Chat with a model (e.g. runs/<run>/final)."
+    )
+    p.add_argument(
+        "model", help="run final/ folder, HF folder, .gguf, smollm2-135m-instruct, hub id, tiny preset"
+    )
+    p.add_argument(
+        "--template", default=None, help="chat template name or jinja (default: the tokenizer's own)"
+    )
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument(
+        "--max_seq_len", type=int, default=None, help="KV cache positions (default: model max, <= 4096)"
+    )
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--once", default=None, metavar="PROMPT", help="answer one prompt and exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None, stdin=None, stdout=None) -> ChatSession:
+    """Run the chat; returns the session (its ``messages`` and ``last_prompt_ids``) for scripting."""
+    args = parse_args(argv)
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    model, tok = load(args.model, args.device, args.dtype)
+    session = ChatSession(
+        model,
+        tok,
+        args.template,
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed),
+        system=args.system,
+        max_seq_len=args.max_seq_len,
+    )
+    if args.once is not None:
+        stdout.write(session.reply(args.once) + "\n")
+        return session
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            stdout.write("> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/quit":
+            break
+        if line == "/reset":
+            session.reset()
+            continue
+        try:
+            stdout.write(session.reply(line) + "\n")
+        except ValueError as e:
+            stdout.write(f"[{e}]\n")
+        stdout.flush()
+    return session
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    main()
