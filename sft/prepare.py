@@ -1,0 +1,326 @@
+"""Data preparation: source -> conversations -> held-out split -> samples, with limits, checks and a cache.
+
+``prepare_data`` runs, in order:
+
+1. load rows (``sft.sources.load_rows``) and adapt them (``sft.formats.to_conversation``); the format
+   is detected on the first row and then required of every row. A bad row raises ``DataError``
+   (``bad_rows="error"``, the default) or is dropped and counted (``bad_rows="drop"``);
+2. split a held-out set off the conversations (seeded, deterministic, before any rendering);
+3. render (``sft.render.render_batch``) with the template;
+4. limits: a sample over ``max_len`` tokens is cut after the last assistant reply that fits
+   (``overlong="cut"``) or dropped (``overlong="drop"``); a sample with no supervised token is dropped.
+   Every drop is counted by reason in ``stats["drops"]``; cuts in ``stats["cut"]``;
+5. validate: refuses (``DataError``) a template that puts no end-of-turn marker after a reply, and, naming
+   the row, a sample with an empty mask, an end-of-turn token left unsupervised, a reply not closed by
+   its end-of-turn token (when that marker is one token), or a doubled BOS;
+6. statistics (lengths, supervised fraction, packing efficiency at ``max_len``, preparation time).
+
+The result is cached on disk (``cache_dir``, else ``$SFT_CACHE``, else ``~/.cache/sft``) under a
+fingerprint of the data (file bytes, bundled sample, or hub id + split), the tokenizer (its full JSON
+and special tokens), the resolved template and every setting, so a re-run skips all of the above.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sft.formats import detect_format, to_conversation
+from sft.packing import best_fit_decreasing
+from sft.render import (
+    Sample,
+    bos_to_add,
+    end_of_turn_text,
+    render_batch,
+    resolve_template,
+    stop_token_ids,
+)
+from sft.schema import IGNORE_INDEX, Conversation, DataError
+from sft.sources import is_local, load_rows
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when preparation changes what it produces
+
+
+@dataclass
+class Prepared:
+    """Prepared data: rendered train/eval samples, the raw held-out conversations, stats, fingerprint."""
+
+    train: list[Sample]
+    eval: list[Sample]
+    eval_conversations: list[Conversation]
+    stats: dict = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+def load_tokenizer(spec: str | os.PathLike):
+    """A tokenizer from a ``tokenizer.json`` file, a ``.gguf`` file or a folder / hub id.
+
+    A bare ``tokenizer.json`` carries no special-token roles: ``<|endoftext|>`` (if in the vocabulary)
+    becomes eos/bos/unk and ``<|padding|>`` the pad, which is right for GPT-NeoX / MPT.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    spec = str(spec)
+    if spec.endswith(".json"):
+        tok = PreTrainedTokenizerFast(tokenizer_file=spec)
+        vocab = tok.get_vocab()
+        if "<|endoftext|>" in vocab:
+            tok.eos_token = tok.bos_token = tok.unk_token = "<|endoftext|>"
+        if "<|padding|>" in vocab:
+            tok.pad_token = "<|padding|>"
+        return tok
+    if spec.endswith(".gguf"):
+        p = Path(spec)
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def _data_key(source: str, split: str) -> str:
+    if source == "bundled":
+        from sft.sample_data import BUNDLED
+
+        return "bundled:" + hashlib.sha256(json.dumps(BUNDLED, sort_keys=True).encode()).hexdigest()
+    if is_local(source) and Path(source).is_file():
+        h = hashlib.sha256()
+        with open(source, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return "file:" + h.hexdigest()
+    return f"hub:{source}:{split}"
+
+
+def _tokenizer_key(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, bos_to_add(tokenizer)]
+    return hashlib.sha256((body + json.dumps(special)).encode()).hexdigest()
+
+
+def _fingerprint(source, split, tokenizer, template_src, settings) -> str:
+    payload = json.dumps(
+        {
+            "v": CACHE_VERSION,
+            "data": _data_key(source, split),
+            "tok": _tokenizer_key(tokenizer),
+            "template": template_src,
+            "settings": settings,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft"))
+
+
+def _runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) of each maximal run of supervised labels."""
+    sup = (labels != IGNORE_INDEX).astype(np.int8)
+    d = np.diff(np.concatenate([[0], sup, [0]]))
+    return np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+
+
+def validate_sample(
+    sample: Sample, *, bos_id: int | None, stop_ids: list[int], marker_id: int | None
+) -> str | None:
+    """Why ``sample`` must not be trained on, or ``None``. See the module docstring, step 5."""
+    ids = np.asarray(sample.input_ids)
+    labels = np.asarray(sample.labels)
+    if len(ids) != len(labels):
+        return "input_ids and labels differ in length"
+    starts, ends = _runs(labels)
+    if len(starts) == 0:
+        return "empty mask: no supervised token"
+    if bos_id is not None and len(ids) >= 2 and ids[0] == bos_id and ids[1] == bos_id:
+        return f"doubled BOS (id {bos_id}) at the start"
+    nxt = ends[ends < len(ids)]
+    if len(nxt) and np.isin(ids[nxt], stop_ids).any():
+        return (
+            "an end-of-turn token right after a reply is unsupervised (the model would never learn to stop)"
+        )
+    if marker_id is not None and (ids[ends - 1] != marker_id).any():
+        return f"a supervised reply does not end with the end-of-turn token (id {marker_id})"
+    return None
+
+
+def _n_eval(eval_size: int | float, n: int) -> int:
+    if isinstance(eval_size, float) and not eval_size.is_integer() or 0 < eval_size < 1:
+        if not 0 <= eval_size < 1:
+            raise ValueError(f"eval_size fraction must be in [0, 1), got {eval_size}")
+        return int(round(eval_size * n))
+    k = int(eval_size)
+    if k < 0 or k >= n:
+        raise DataError(f"eval_size={k} leaves no training conversation out of {n}")
+    return k
+
+
+def prepare_data(
+    source: str,
+    tokenizer,
+    *,
+    template: str | None = None,
+    fmt: str | None = None,
+    fields: dict | None = None,
+    max_len: int = 2048,
+    overlong: str = "cut",
+    limit: int | None = None,
+    eval_size: int | float = 0,
+    seed: int = 0,
+    cache_dir: Path | str | None = None,
+    bad_rows: str = "error",
+    split: str = "train",
+    use_cache: bool = True,
+) -> Prepared:
+    """Prepare ``source`` for training with ``tokenizer`` and ``template`` (see the module docstring).
+
+    ``eval_size``: a count, or a fraction in (0, 1) of the conversations, held out before rendering.
+    Returns ``Prepared``; ``stats`` has ``drops`` (reason -> count), ``cut``, lengths, ``prep_seconds``.
+    """
+    if overlong not in ("cut", "drop"):
+        raise ValueError(f"overlong must be 'cut' or 'drop', got {overlong!r}")
+    if bad_rows not in ("error", "drop"):
+        raise ValueError(f"bad_rows must be 'error' or 'drop', got {bad_rows!r}")
+    t0 = time.perf_counter()
+    source = str(source)
+    tmpl = resolve_template(tokenizer, template)
+    settings = dict(
+        fmt=fmt, fields=fields, max_len=max_len, overlong=overlong, limit=limit, eval_size=eval_size, seed=seed,
+        bad_rows=bad_rows,
+    )  # fmt: skip
+    fingerprint = _fingerprint(source, split, tokenizer, tmpl, settings)
+    cache_file = Path(cache_dir or default_cache_dir()) / f"prepared-{fingerprint}.pkl"
+    if use_cache and cache_file.is_file():
+        with cache_file.open("rb") as f:
+            prepared = pickle.load(f)
+        prepared.stats["cached"] = True
+        prepared.stats["load_seconds"] = round(time.perf_counter() - t0, 3)
+        log.info("prepared data from cache %s", cache_file)
+        return prepared
+
+    drops: dict[str, int] = {}
+    bad_examples: list[str] = []
+    convs: list[Conversation] = []
+    row_ids: list[int] = []
+    n_rows = 0
+    for i, row in load_rows(source, limit=limit, split=split):
+        n_rows += 1
+        try:
+            if fmt is None:
+                fmt = detect_format(row, fields) if isinstance(row, dict) else None
+            conv = to_conversation(row, fmt, source=source, row_index=i, fields=fields)
+        except DataError as e:
+            if e.source is None:
+                e = DataError(e.reason, source=source, row=i, field=e.field)
+            if bad_rows == "error":
+                raise e from None
+            drops["bad_row"] = drops.get("bad_row", 0) + 1
+            if len(bad_examples) < 5:
+                bad_examples.append(str(e))
+            log.warning("dropped: %s", e)
+            continue
+        convs.append(conv)
+        row_ids.append(i)
+    if not convs:
+        raise DataError(f"no usable conversation in {n_rows} rows (drops: {drops})", source=source)
+
+    # held-out split on conversations, before rendering: deterministic in seed
+    n_eval = _n_eval(eval_size, len(convs))
+    order = list(range(len(convs)))
+    random.Random(seed).shuffle(order)
+    eval_idx = sorted(order[:n_eval])
+    eval_set = set(eval_idx)
+    train_idx = [k for k in range(len(convs)) if k not in eval_set]
+
+    samples, cuts = render_batch(convs, tokenizer, tmpl)
+
+    bos_id = tokenizer.bos_token_id
+    stops = stop_token_ids(tokenizer, tmpl)
+    marker = end_of_turn_text(tokenizer, tmpl)
+    if not marker:
+        raise DataError(
+            "refusing to train: the template closes an assistant reply with no end-of-turn marker "
+            "(the model would never learn to stop)",
+            source=source,
+        )
+    marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+    marker_id = marker_ids[0] if len(marker_ids) == 1 else None
+
+    n_cut = 0
+    kept: dict[int, Sample] = {}
+    for k, s in enumerate(samples):
+        if len(s.input_ids) > max_len:
+            fitting = [j for j, c in enumerate(cuts[k]) if c <= max_len]
+            if overlong == "drop" or not fitting:
+                reason = "overlong" if overlong == "drop" else "overlong_first_reply"
+                drops[reason] = drops.get(reason, 0) + 1
+                continue
+            # cut after the last reply that fits; re-render that prefix so its tokens are exact
+            asst = [i for i, m in enumerate(convs[k]) if m["role"] == "assistant"]
+            for j in reversed(fitting):
+                (s,), _ = render_batch([convs[k][: asst[j] + 1]], tokenizer, tmpl)
+                if len(s.input_ids) <= max_len:
+                    break
+            else:
+                drops["overlong_first_reply"] = drops.get("overlong_first_reply", 0) + 1
+                continue
+            n_cut += 1
+        if all(x == IGNORE_INDEX for x in s.labels):
+            drops["no_supervised_tokens"] = drops.get("no_supervised_tokens", 0) + 1
+            continue
+        why = validate_sample(s, bos_id=bos_id, stop_ids=stops, marker_id=marker_id)
+        if why is not None:
+            raise DataError(f"refusing to train: {why}", source=source, row=row_ids[k])
+        kept[k] = s
+
+    train = [kept[k] for k in train_idx if k in kept]
+    evals = [kept[k] for k in eval_idx if k in kept]
+    if not train:
+        raise DataError(f"no training sample left after filtering (drops: {drops})", source=source)
+
+    lengths = np.array([len(s.input_ids) for s in train])
+    n_sup = int(sum(s.n_supervised for s in train))
+    bins = best_fit_decreasing(lengths.tolist(), max_len)
+    stats = {
+        "source": source,
+        "format": fmt,
+        "rows": n_rows,
+        "conversations": len(convs),
+        "train": len(train),
+        "eval": len(evals),
+        "drops": drops,
+        "bad_row_examples": bad_examples,
+        "cut": n_cut,
+        "tokens": int(lengths.sum()),
+        "supervised_tokens": n_sup,
+        "supervised_fraction": n_sup / int(lengths.sum()),
+        "length_percentiles": {f"p{q}": int(np.percentile(lengths, q, method="lower")) for q in (50, 90, 99)}
+        | {"max": int(lengths.max())},
+        "max_len": max_len,
+        "packed_rows": len(bins),
+        "packing_efficiency": float(lengths.sum() / (len(bins) * max_len)),
+        "cached": False,
+    }
+    stats["prep_seconds"] = round(time.perf_counter() - t0, 3)
+    prepared = Prepared(train, evals, [convs[k] for k in eval_idx], stats, fingerprint)
+    if use_cache:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            with tmp.open("wb") as f:
+                pickle.dump(prepared, f, protocol=pickle.HIGHEST_PROTOCOL)
+            tmp.replace(cache_file)  # atomic: a concurrent reader never sees half a file
+        except OSError as e:  # a read-only home must not stop training
+            log.warning("could not write the data cache %s: %s", cache_file, e)
+    return prepared
