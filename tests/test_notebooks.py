@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import runpy
+import statistics
+import sys
 from pathlib import Path
 
 import nbformat
@@ -19,49 +22,31 @@ RUN_NAME = "20250101-000000_tiny-llama_bundled"
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """A run folder laid out by sft/runs.py: config.json, metrics.jsonl, final/ of a tiny-llama.
+    """A real smoke run through the recipe's entry point (tiny random Llama, bundled sample, 3 steps).
 
-    Written with the run-folder writer's own functions; the weights of final/ are the seeded
-    initial weights nudged, so "before" and "after" are different models.
+    Runs ``sft/train_smollm2_guanaco.py --smoke`` in this process (``runpy`` without ``__main__``,
+    then the same ``main(DEFAULTS, argv, smoke=SMOKE)`` call its ``__main__`` block makes) to spare
+    a second interpreter start; the recipe's own sys.path edit is undone afterwards.
     """
-    import torch
-
-    from sft import models, runs
-    from sft.config import TrainConfig
+    from sft import trainer
 
     root = tmp_path_factory.mktemp("runs")
-    run_dir = runs.create_run_dir(root, RUN_NAME)
-    cfg = TrainConfig(model="tiny-llama", data="bundled", max_len=128, seed=0)
-    (run_dir / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "model": {"name": cfg.model}}))
-    w = runs.MetricsWriter(run_dir, tensorboard=False)
-    w.eval({"step": 0, "epoch": 0.0, "eval_loss": 5.6, "eval_tokens_supervised": 300})
-    for step in (1, 2, 3):
-        w.train(
-            {
-                "step": step,
-                "epoch": step / 3,
-                "loss": 5.5 - 0.5 * step,
-                "lr": 1e-3,
-                "grad_norm": 2.0,
-                "step_tokens_processed": 256,
-                "step_tokens_nonpad": 200,
-                "step_tokens_supervised": 100,
-                "tokens_processed": 256 * step,
-                "tokens_nonpad": 200 * step,
-                "tokens_supervised": 100 * step,
-                "tokens_per_s": 1000.0 + step,
-                "mfu": None,
-                "peak_mem_gib": 0.5,
-                "step_time_s": 0.25,
-            }
-        )
-    w.eval({"step": 3, "epoch": 1.0, "eval_loss": 4.1, "eval_tokens_supervised": 300})
-    model, tok = models.load_model_and_tokenizer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(1)))
-    runs.save_final(run_dir, model, tok)
+    saved = list(sys.path)
+    try:
+        recipe = runpy.run_path(str(REPO / "sft" / "train_smollm2_guanaco.py"), run_name="recipe")
+    finally:
+        sys.path[:] = saved
+    argv = ["--smoke", f"--out_dir={root}", f"--run_name={RUN_NAME}", "--no-progress"]
+    assert trainer.main(recipe["DEFAULTS"], argv, smoke=recipe["SMOKE"]) == 0
+    run_dir = root / RUN_NAME
+    assert (run_dir / "final" / "config.json").is_file()
     return run_dir
+
+
+def metric_lines(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train lines, eval lines) of a run, read with plain json: the reference for the report."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in rows if "eval_loss" not in r], [r for r in rows if "eval_loss" in r]
 
 
 def execute(path: Path, env: dict[str, str], monkeypatch) -> nbformat.NotebookNode:
@@ -116,9 +101,17 @@ def test_runs_report_notebook(tiny_run, tmp_path, monkeypatch):
     table = report.pd.read_csv(out / "report_throughput.csv", index_col="run")
     assert list(table.index) == [RUN_NAME]
     row = table.loc[RUN_NAME]
-    assert (row["steps"], row["tokens"], row["tokens_supervised"]) == (3, 768, 300)
-    assert row["tokens_per_s"] == 1002.5  # median of steps 2 and 3 (step 1 is warm-up)
-    assert (row["first_eval_loss"], row["last_eval_loss"]) == (5.6, 4.1)
+    train, evals = metric_lines(tiny_run)
+    assert row["steps"] == len(train) == 3  # the recipe's smoke mode runs 3 steps
+    assert row["tokens"] == train[-1]["tokens_processed"]
+    assert row["tokens_supervised"] == train[-1]["tokens_supervised"]
+    # medians skip the first (warm-up) step
+    assert row["tokens_per_s"] == pytest.approx(
+        statistics.median(r["tokens_per_s"] for r in train[1:]), rel=1e-12
+    )
+    assert row["first_eval_loss"] == pytest.approx(evals[0]["eval_loss"], rel=1e-12)
+    assert row["last_eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-12)
+    assert row["last_eval_loss"] < row["first_eval_loss"]  # 3 steps at lr 1e-3 do move a tiny model
     text = outputs_text(nb)
     assert RUN_NAME in text and "report_loss_tokens.png" in text
     # the side-by-side plots are displayed, not only saved
@@ -134,19 +127,13 @@ def test_samples_notebook(tiny_run, monkeypatch):
     rows = [json.loads(x) for x in (tiny_run / "report_fixed_prompts.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == [p["name"] for p in report.FIXED_PROMPTS]
     assert [r["prompt"] for r in rows] == [p["messages"][-1]["content"] for p in report.FIXED_PROMPTS]
-    # "before" is the base re-made from the run's config (same seed), asked with final/'s template
-    from transformers import AutoTokenizer
-
+    # "before" is the base re-made from the run's config (same seed), asked with final/'s template;
+    # "after" is final/; both recomputed here through the library and compared word for word
+    final, final_tok = report.load_model_and_tokenizer(tiny_run / "final")
     base, tok = report.load_model_and_tokenizer(report.run_config(tiny_run))
-    final_tok = AutoTokenizer.from_pretrained(tiny_run / "final")
-    want = report.answer_prompts(
-        None,
-        report.FIXED_PROMPTS,
-        max_new_tokens=6,
-        model=base,
-        tokenizer=tok,
-        chat_template=final_tok.chat_template,
-    )
-    assert [r["before"] for r in rows] == [w["answer"] for w in want]
-    assert [r["before"] for r in rows] != [r["after"] for r in rows]
+    kw = dict(max_new_tokens=6, chat_template=final_tok.chat_template)
+    want_before = report.answer_prompts(None, report.FIXED_PROMPTS, model=base, tokenizer=tok, **kw)
+    want_after = report.answer_prompts(None, report.FIXED_PROMPTS, model=final, tokenizer=final_tok, **kw)
+    assert [r["before"] for r in rows] == [w["answer"] for w in want_before]
+    assert [r["after"] for r in rows] == [w["answer"] for w in want_after]
     assert "=== follow-up: And roughly how many people live there?" in outputs_text(nb)
