@@ -231,6 +231,24 @@ def median_time(fn, device, repeats: int) -> float:
     return statistics.median(times)
 
 
+@torch.inference_mode()
+def hf_ttft_once(hf, ids: torch.Tensor) -> None:
+    """transformers ``generate`` up to its first new token (greedy)."""
+    pad = getattr(hf.generation_config, "pad_token_id", None)
+    hf.generate(
+        ids, max_new_tokens=1, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=pad or 0
+    )
+
+
+_CHECKPOINT: list[Path] = []
+
+
+def checkpoint(res: dict) -> None:
+    """Write the results so far (a run killed by a time limit still leaves its measurements)."""
+    for folder in _CHECKPOINT:
+        (folder / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+
+
 def fast_ttft(gen: Generator, ids: torch.Tensor, repeats: int) -> float:
     def run():
         gen.prefill(ids).argmax(-1)
@@ -297,31 +315,66 @@ def run_suite(args) -> dict:
         return torch.randint(10, min(vocab, 50000), (b, n), generator=g).to(device)
 
     max_len = max([*args.prompt_lens, args.decode_prompt_len + args.new_tokens + args.warmup + 1])
-    results = {"ttft": [], "decode": []}
     dec = cached_decoder(hf) if "fast" in args.paths else None
+    import transformers
+
+    res = {
+        "model": args.model,
+        "device": device_name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),  # noqa: UP017 (GPU image Python may be < 3.11)
+        "command": "python -m inf_tests.latency " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "copy_bandwidth_bytes_per_s": bw,
+        "load_s": load_s,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        **facts,
+        "ttft": [],
+        "decode": [],
+        "skipped": [],
+    }
+    t_start = time.perf_counter()
+
+    def over_budget(what: str) -> bool:
+        # Past the budget, record what was not measured instead of being killed mid-way.
+        if args.time_budget_s and time.perf_counter() - t_start > args.time_budget_s:
+            res["skipped"].append(what)
+            log.warning("time budget spent: skipping %s", what)
+            return True
+        return False
 
     for path in args.paths:
         for L in args.prompt_lens:
+            if over_budget(f"{path} ttft {L}"):
+                continue
             ids = rand_ids(1, L)
             reset_peak(device)
             if path == "hf":
-                ttft = hf_generate_baseline(hf, ids, 2, repeats=args.repeats, warmup=1)["ttft_s"]
+                hf_ttft_once(hf, ids)  # warm-up
+                ttft = median_time(lambda ids=ids: hf_ttft_once(hf, ids), device, args.repeats)
             else:
                 gen = Generator(
                     dec, max_seq_len=max(L, max_len), compile=False, compile_prefill=args.compile_prefill
                 )
                 ttft = fast_ttft(gen, ids, args.repeats)
-            results["ttft"].append(
+            res["ttft"].append(
                 {"path": path, "prompt_len": L, "ttft_s": ttft, "peak_bytes": peak_bytes(device)}
             )
             log.info("%s TTFT prompt %d: %.1f ms", path, L, ttft * 1e3)
-        for B in args.batches:
+            checkpoint(res)
+    # Batch-major, so a run cut short by the budget still compares both paths at batch 1.
+    for B in args.batches:
+        for path in args.paths:
+            if over_budget(f"{path} decode batch {B}"):
+                continue
             ids = rand_ids(B, args.decode_prompt_len)
             reset_peak(device)
             t = time.perf_counter()
             if path == "hf":
-                res = hf_generate_baseline(hf, ids, args.new_tokens, repeats=args.repeats, warmup=1)
-                per_step, extra = res["per_token_s"], {}
+                r = hf_generate_baseline(hf, ids, args.new_tokens, repeats=args.repeats, warmup=1)
+                per_step, extra = r["per_token_s"], {}
             else:
                 seq_len = args.decode_prompt_len + args.new_tokens + args.warmup + 1
                 gen = Generator(dec, max_seq_len=seq_len, compile=args.compile)
@@ -342,33 +395,19 @@ def run_suite(args) -> dict:
                 "wall_s_incl_warmup_compile": wall,
                 **extra,
             }
-            results["decode"].append(row)
+            res["decode"].append(row)
             log.info(
-                "%s decode batch %d: %.1f tok/s (%.2f ms/step, %.0f%% of copy bw)",
+                "%s decode batch %d: %.1f tok/s (%.2f ms/step, %.0f%% of copy bw, %.0fs incl. warm-up)",
                 path,
                 B,
                 row["tokens_per_s"],
                 per_step * 1e3,
                 100 * row["fraction_of_copy_bw"],
+                wall,
             )
-
-    import transformers
-
-    return {
-        "model": args.model,
-        "device": device_name,
-        "dtype": str(dtype).removeprefix("torch."),
-        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
-        "command": "python -m inf_tests.latency " + " ".join(sys.argv[1:]),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cpu_threads": torch.get_num_threads(),
-        "copy_bandwidth_bytes_per_s": bw,
-        "load_s": load_s,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        **facts,
-        **results,
-    }
+            checkpoint(res)
+    res["suite_s"] = time.perf_counter() - t_start
+    return res
 
 
 # ------------------------------------------------------------------------------ output
@@ -401,6 +440,8 @@ def table(res: dict) -> str:
             f"{r['achieved_bytes_per_s'] / 1e9:>8.1f} {100 * r['fraction_of_copy_bw']:>8.1f}% "
             f"{r['peak_bytes'] / 2**30:>9.2f} {speedup:>5.2f}x"
         )
+    if res.get("skipped"):
+        lines += ["", "skipped (time budget): " + ", ".join(res["skipped"])]
     return "\n".join(lines)
 
 
@@ -476,6 +517,13 @@ def parse_args(argv=None):
         help="buffer size for the copy-bandwidth probe (default 1024 CUDA, 256 CPU)",
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument(
+        "--time_budget_s",
+        type=float,
+        default=0,
+        help="skip (and record as skipped) measurements that would start after this many seconds; 0 = none",
+    )
+    p.add_argument("--plot_from", default=None, help="only re-render table + PNG from FOLDER/results.json")
     p.add_argument("--out", default=None, help="results folder (default inf_tests/results/<model>_<device>)")
     args = p.parse_args(argv)
     bad = [x for x in args.paths if x not in ("hf", "fast")]
@@ -486,20 +534,37 @@ def parse_args(argv=None):
     return args
 
 
+def write_outputs(res: dict, out: Path) -> None:
+    """``results.json``, ``table.txt`` and (when matplotlib is installed) ``latency.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / "table.txt").write_text(table(res) + "\n")
+    try:
+        plot(res, out / "latency.png")
+    except ImportError:  # the GPU image may lack matplotlib: plot later with --plot_from
+        log.warning("matplotlib missing: no latency.png (python -m inf_tests.latency --plot_from=%s)", out)
+
+
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    res = run_suite(args)
-    dev = "cuda" if "cuda" in str(res["device"]).lower() or torch.cuda.is_available() else "cpu"
+    if args.plot_from:  # re-render table and plot from a results.json (e.g. one fetched from the GPU)
+        folder = Path(args.plot_from)
+        res = json.loads((folder / "results.json").read_text())
+        write_outputs(res, folder)
+        sys.stdout.write(table(res) + "\n")
+        return res
+    if not args.model:
+        raise SystemExit("--model is required")
+    dev = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     name = Path(args.model.rstrip("/")).name.removesuffix(".gguf")
     out = Path(args.out or Path(__file__).parent / "results" / f"{name}_{dev}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-    plot(res, out / "latency.png")
-    text = table(res)
-    (out / "table.txt").write_text(text + "\n")
+    _CHECKPOINT[:] = [out]
+    res = run_suite(args)
+    write_outputs(res, out)
     log.info("wrote %s", out)
-    sys.stdout.write(text + "\n")  # the table is the script's output, printed last
+    sys.stdout.write(table(res) + "\n")  # the table is the script's output, printed last
     return res
 
 
