@@ -341,8 +341,10 @@ class MPTBlock(nn.Module):
         self.attn = MPTAttention(cfg)
         self.norm_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_epsilon, bias=False)
         self.ffn = MPTMLP(cfg)
-        self.k_cache: Tensor | None = None
-        self.v_cache: Tensor | None = None
+        # Non-persistent buffers (not in the state dict): cudagraphs treat buffers as static addresses,
+        # so the in-place cache writes of a compiled decode step stay inside the captured graph.
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
 
     def forward(self, x: Tensor, attn: dict) -> Tensor:
         x = x + self.attn(self.norm_1(x), attn)
