@@ -1,0 +1,123 @@
+"""Data preview: ``python -m sft.preview --data=... --tokenizer=... --template=... --n=3 --max_len=2048``.
+
+Prints the first ``n`` training samples as rendered text with the supervised spans (what the loss trains
+on) marked ``⟦like this⟧``, then statistics: counts, drops by reason, cuts, length percentiles,
+supervised fraction, packing efficiency and preparation time (load + adapt + render + limits + checks,
+then packing). A ``DataError`` (or an unusable template) prints one line on stderr and exits with 2.
+
+``--tokenizer`` (alias ``--model``) is a ``tokenizer.json`` file, a ``.gguf`` file, or a folder / hub id.
+``--no_cache`` forces a fresh preparation (to measure it); otherwise a cached result is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from sft.packing import pack, packing_efficiency
+from sft.prepare import load_tokenizer, prepare_data
+from sft.render import Sample, TemplateError
+from sft.schema import IGNORE_INDEX, DataError
+
+OPEN, CLOSE = "⟦", "⟧"
+
+
+def marked_text(sample: Sample, tokenizer) -> str:
+    """The sample's text with each supervised run of tokens wrapped in ``⟦ ⟧``."""
+    out, run, sup = [], [], None
+    for tok, lab in zip(sample.input_ids, sample.labels):
+        s = lab != IGNORE_INDEX
+        if sup is not None and s != sup:
+            text = tokenizer.decode(run)
+            out.append(OPEN + text + CLOSE if sup else text)
+            run = []
+        run.append(tok)
+        sup = s
+    if run:
+        text = tokenizer.decode(run)
+        out.append(OPEN + text + CLOSE if sup else text)
+    return "".join(out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sft.preview", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--data", default="bundled", help="bundled | path to .jsonl/.json/.parquet | hub dataset id"
+    )
+    p.add_argument(
+        "--tokenizer", "--model", dest="tokenizer", required=True, help="tokenizer.json, .gguf or folder"
+    )
+    p.add_argument(
+        "--template", default=None, help="chatml | guanaco | a jinja string; default: the tokenizer's own"
+    )
+    p.add_argument("--fmt", default=None, help="data format; default: detected")
+    p.add_argument("--n", type=int, default=3, help="samples to print")
+    p.add_argument("--max_len", type=int, default=2048)
+    p.add_argument("--overlong", default="cut", choices=["cut", "drop"])
+    p.add_argument("--bad_rows", default="error", choices=["error", "drop"])
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--no_cache", action="store_true", help="prepare afresh (and do not write the cache)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        t0, c0 = time.perf_counter(), time.process_time()
+        prepared = prepare_data(
+            args.data,
+            tokenizer,
+            template=args.template,
+            fmt=args.fmt,
+            max_len=args.max_len,
+            overlong=args.overlong,
+            limit=args.limit,
+            bad_rows=args.bad_rows,
+            use_cache=not args.no_cache,
+        )
+        t_prep = time.perf_counter() - t0
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        t1 = time.perf_counter()
+        rows = pack(prepared.train, args.max_len, pad)
+        t_pack = time.perf_counter() - t1
+        cpu = (
+            time.process_time() - c0
+        )  # CPU seconds of this process (all threads): robust on a shared machine
+    except (DataError, TemplateError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    for i, sample in enumerate(prepared.train[: args.n]):
+        print(
+            f"=== sample {i} ({len(sample.input_ids)} tokens, {sample.n_supervised} supervised {OPEN}marked{CLOSE}) ==="
+        )
+        print(marked_text(sample, tokenizer))
+        print()
+    s = prepared.stats
+    print("=== stats ===")
+    print(
+        f"source: {s['source']} (format {s['format']}), rows {s['rows']}, conversations {s['conversations']}"
+    )
+    print(f"train samples: {s['train']}, eval samples: {s['eval']}")
+    print(f"drops by reason: {json.dumps(s['drops'])}; cut at a turn boundary: {s['cut']}")
+    for line in s.get("bad_row_examples", []):
+        print(f"  dropped: {line}")
+    pct = s["length_percentiles"]
+    print(
+        f"length (tokens): p50 {pct['p50']}, p90 {pct['p90']}, p99 {pct['p99']}, max {pct['max']}; total {s['tokens']}"
+    )
+    print(f"supervised fraction: {s['supervised_fraction']:.3f} ({s['supervised_tokens']} tokens)")
+    print(f"packing: {len(rows)} rows of {args.max_len}, efficiency {packing_efficiency(rows):.4f}")
+    if s.get("cached"):
+        print(f"preparation: cached ({t_prep:.2f} s to load; {s['prep_seconds']:.2f} s when first prepared)")
+    print(
+        f"preparation time: {t_prep:.2f} s (load+render+limits+checks) + {t_pack:.2f} s (pack) = {t_prep + t_pack:.2f} s wall, {cpu:.2f} s CPU"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
