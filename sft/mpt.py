@@ -307,7 +307,7 @@ class MPTAttention(nn.Module):
         if attn["impl"] == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn["bias"].to(q.dtype))
         else:
-            y = _flex(attn["impl"] == "flex")(
+            y = attn["flex_fn"](
                 q, k, v, score_mod=_alibi_score_mod(attn["slopes"]), block_mask=attn["block_mask"]
             )
         return self._out(y)
@@ -421,6 +421,8 @@ class MPTForCausalLM(nn.Module):
         else:
             attn = {
                 "impl": impl,
+                # resolved here, outside any compiled block, so the lazy torch.compile never runs in a trace
+                "flex_fn": _flex(impl == "flex"),
                 "slopes": slopes,
                 "block_mask": document_block_mask(document_ids, B, T, input_ids.device),
             }
