@@ -14,7 +14,8 @@ constant per query row and so gives the same softmax. Attention implementations 
   same-document rule as a ``BlockMask`` (the GPU training path);
 - ``"flex_eager"``: the same, uncompiled (CPU tests; FlexAttention has no backward on CPU);
 - ``"sdpa"``: ``scaled_dot_product_attention`` with the same bias and mask materialised as a float
-  ``[B, H, T, T]`` tensor (CPU training, the reference the flex paths are tested against);
+  ``[B, H, T, T]`` tensor (CPU training, the reference the flex paths are tested against). SDPA wants
+  the mask in the query dtype, so in bf16 this path rounds the ALiBi bias to bf16; flex keeps it fp32;
 - ``"auto"`` (default): ``"flex"`` on CUDA tensors, ``"sdpa"`` otherwise.
 
 Checkpoints: ``load_mpt`` reads MosaicML ``mpt-7b``-style and transformers-native folders (their state-dict
@@ -314,11 +315,14 @@ class MPTAttention(nn.Module):
 
     def forward_cached(self, x: Tensor, bias: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor):
         """Write this step's K/V at ``input_pos`` (dim 2 of ``[B, H, S, hd]`` caches), attend over the
-        whole cache with ``bias`` (``[1, H, t, S]``, ``-inf`` past each query's position)."""
+        whole cache with ``bias`` (float32 ``[1, H, t, S]``, ``-inf`` past each query's position)."""
         q, k, v = self._qkv(x)
         k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
         v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
-        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=bias.to(q.dtype))
+        # Scores in the cache dtype, plus the float32 bias, softmax in float32: transformers' order. A
+        # bf16 bias would round slope * distance by up to |bias| / 256 at long range.
+        scores = (q @ k_cache.transpose(-1, -2)) * (self.head_dim**-0.5) + bias
+        y = torch.softmax(scores.float(), dim=-1).to(v_cache.dtype) @ v_cache
         return self._out(y)
 
 
