@@ -386,6 +386,26 @@ def compare_answers(before: list[dict[str, Any]], after: list[dict[str, Any]]) -
     )
 
 
+def read_samples(run_dir: str | Path) -> pd.DataFrame:
+    """The trainer's own held-out samples (``samples.jsonl``), one row per prompt.
+
+    Each line of the file is one answer: ``stage`` (``"before"`` | ``"after"``), ``step``, ``prompt``,
+    ``reference`` (the held-out answer) and ``answer``. Returns columns ``prompt, reference, before,
+    after`` in first-seen prompt order (a stage never run is NaN; a resumed run's later line wins).
+    An absent file gives an empty frame with those columns.
+    """
+    cols = ["prompt", "reference", "before", "after"]
+    path = Path(run_dir) / "samples.jsonl"
+    if not path.is_file():
+        return pd.DataFrame(columns=cols)
+    rows = read_metrics(path)
+    by_prompt: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        entry = by_prompt.setdefault(r["prompt"], {"prompt": r["prompt"], "reference": r.get("reference")})
+        entry[r["stage"]] = r["answer"]
+    return pd.DataFrame(list(by_prompt.values()), columns=cols)
+
+
 def run_config(run_dir: str | Path) -> dict[str, Any]:
     """The resolved training config a run saved in ``config.json`` (the dict holding ``model``).
 

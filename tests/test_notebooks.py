@@ -136,4 +136,8 @@ def test_samples_notebook(tiny_run, monkeypatch):
     want_after = report.answer_prompts(None, report.FIXED_PROMPTS, model=final, tokenizer=final_tok, **kw)
     assert [r["before"] for r in rows] == [w["answer"] for w in want_before]
     assert [r["after"] for r in rows] == [w["answer"] for w in want_after]
-    assert "=== follow-up: And roughly how many people live there?" in outputs_text(nb)
+    text = outputs_text(nb)
+    assert "=== follow-up: And roughly how many people live there?" in text
+    trainer_samples = report.read_samples(tiny_run)
+    assert len(trainer_samples) == 1  # the smoke recipe asks num_samples=1
+    assert trainer_samples["prompt"].iloc[0] in text

@@ -177,6 +177,25 @@ def test_fixed_prompts_cover_the_five_kinds():
     assert [m["role"] for m in report.FIXED_PROMPTS[-1]["messages"]] == ["user", "assistant", "user"]
 
 
+def test_read_samples(tmp_path):
+    run = write_run(tmp_path, "r", [])
+    assert list(report.read_samples(run).columns) == ["prompt", "reference", "before", "after"]
+    lines = [
+        {"stage": "before", "step": 0, "prompt": "p1", "reference": "r1", "answer": "b1", "new_tokens": 2},
+        {"stage": "before", "step": 0, "prompt": "p2", "reference": "r2", "answer": "b2", "new_tokens": 2},
+        {"stage": "after", "step": 3, "prompt": "p1", "reference": "r1", "answer": "a1", "new_tokens": 2},
+    ]
+    (run / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    got = report.read_samples(run)
+    assert got[["prompt", "reference", "before"]].to_dict("list") == {
+        "prompt": ["p1", "p2"],
+        "reference": ["r1", "r2"],
+        "before": ["b1", "b2"],
+    }
+    assert got["after"].iloc[0] == "a1"
+    assert got["after"].isna().tolist() == [False, True]
+
+
 def test_run_config_and_base_model(tmp_path):
     run = write_run(tmp_path, "r", [], config={"git": "abc", "config": {"model": "some/model", "seed": 3}})
     assert report.run_config(run) == {"model": "some/model", "seed": 3}
