@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from sft.render import Sample
@@ -28,27 +29,31 @@ KEYS = ("input_ids", "targets", "position_ids", "document_ids", "attention_mask"
 
 def _row(samples: Sequence[Sample], length: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Lay ``samples`` end to end in one row of ``length`` tokens (see module docstring)."""
-    ids, tgt, pos, doc = [], [], [], []
-    for d, s in enumerate(samples):
-        n = len(s.input_ids)
-        ids += s.input_ids
-        tgt += s.labels[1:] + [IGNORE_INDEX]
-        pos += range(n)
-        doc += [d] * n
-    used = len(ids)
+    used = sum(len(s.input_ids) for s in samples)
     if used > length:
         raise ValueError(f"samples hold {used} tokens, more than the row length {length}")
     pad = length - used
-    ids += [pad_id] * pad
-    tgt += [IGNORE_INDEX] * pad
-    pos += range(pad)
-    doc += [len(samples)] * pad
+    ids = np.full(length, pad_id, dtype=np.int64)
+    tgt = np.full(length, IGNORE_INDEX, dtype=np.int64)
+    pos = np.empty(length, dtype=np.int64)
+    doc = np.full(length, len(samples), dtype=np.int32)
+    a = 0
+    for d, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[a : a + n] = s.input_ids
+        tgt[a : a + n - 1] = s.labels[1:]  # shifted; the document's last position keeps IGNORE_INDEX
+        pos[a : a + n] = np.arange(n)
+        doc[a : a + n] = d
+        a += n
+    pos[used:] = np.arange(pad)
+    mask = np.zeros(length, dtype=np.int64)
+    mask[:used] = 1
     return {
-        "input_ids": torch.tensor(ids, dtype=torch.long),
-        "targets": torch.tensor(tgt, dtype=torch.long),
-        "position_ids": torch.tensor(pos, dtype=torch.long),
-        "document_ids": torch.tensor(doc, dtype=torch.int32),
-        "attention_mask": torch.tensor([1] * used + [0] * pad, dtype=torch.long),
+        "input_ids": torch.from_numpy(ids),
+        "targets": torch.from_numpy(tgt),
+        "position_ids": torch.from_numpy(pos),
+        "document_ids": torch.from_numpy(doc),
+        "attention_mask": torch.from_numpy(mask),
     }
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -145,7 +146,7 @@ def _spans(
 def _labels_from_offsets(ids: list[int], offsets, spans) -> tuple[list[int], list[int]]:
     """Labels for ``ids`` given char ``spans``; also the token count up to each span's ``turn_end``."""
     n = len(ids)
-    ends = np.asarray(offsets, dtype=np.int64).reshape(n, 2)[:, 1]
+    ends = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * n)[1::2]
     starts = np.empty_like(ends)
     if n:
         starts[0] = 0
