@@ -248,14 +248,15 @@ def alibi_document_bias(slopes: Tensor, document_ids: Tensor | None, T: int, B: 
     return bias.masked_fill(~allowed[:, None], float("-inf"))
 
 
+def _causal_mask_mod(b, h, q_idx, kv_idx):
+    # Module level (not a fresh closure per call) so compiled blocks guard on one function.
+    return kv_idx <= q_idx
+
+
 def document_block_mask(document_ids: Tensor | None, B: int, T: int, device) -> BlockMask:
     """FlexAttention ``BlockMask`` for the attention rule (causal, and same document when given)."""
     if document_ids is None:
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx
-
-        return create_block_mask(mask_mod, None, None, T, T, device=device)
+        return create_block_mask(_causal_mask_mod, None, None, T, T, device=device)
 
     docs = document_ids
 
