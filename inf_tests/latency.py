@@ -327,6 +327,8 @@ def run_suite(args) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpu_threads": torch.get_num_threads(),
+        # CPU figures on a shared machine swing with other load: keep the load average beside them.
+        "load_avg_1min_start": os.getloadavg()[0],
         "copy_bandwidth_bytes_per_s": bw,
         "load_s": load_s,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
@@ -407,6 +409,7 @@ def run_suite(args) -> dict:
             )
             checkpoint(res)
     res["suite_s"] = time.perf_counter() - t_start
+    res["load_avg_1min_end"] = os.getloadavg()[0]
     return res
 
 
@@ -418,7 +421,9 @@ def table(res: dict) -> str:
     lines = [
         f"model {res['model']} | {res['device']} | {res['dtype']} | {res['params'] / 1e6:.1f} M params | "
         f"weights {res['weight_bytes'] / 1e9:.3f} GB | copy bandwidth {res['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
-        f"{res['date_utc']} UTC | torch {res['torch']} | transformers {res['transformers']} | {res['command']}",
+        f"{res['date_utc']} UTC | torch {res['torch']} | transformers {res['transformers']} | "
+        f"{res['cpu_threads']} CPU threads | load avg {res.get('load_avg_1min_start', float('nan')):.1f}",
+        res["command"],
         "",
         "time to first token (batch 1)",
         f"{'path':<6} {'prompt':>7} {'TTFT ms':>9} {'peak GiB':>9}",

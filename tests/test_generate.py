@@ -196,3 +196,44 @@ def test_hf_generate_baseline_times_and_tokens(tiny_llama):
     res = hf_generate_baseline(tiny_llama, torch.tensor([prompt]), 8, repeats=1, warmup=0)
     assert res["tokens"][0].tolist() == generate(tiny_llama, [prompt], 8).tokens[0]
     assert 0 < res["ttft_s"] < res["total_s"]
+
+
+def test_latency_suite_entry_point_on_tiny_model(tmp_path, capsys):
+    import json
+
+    from inf_tests.latency import main
+
+    out = tmp_path / "res"
+    argv = [
+        "--model=tiny-llama",
+        "--prompt_lens=8,16",
+        "--batches=1,2",
+        "--new_tokens=4",
+        "--decode_prompt_len=8",
+    ]
+    argv += ["--warmup=1", "--repeats=1", "--copy_mib=4", f"--out={out}"]
+    main(argv)
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["path"], r["prompt_len"]) for r in res["ttft"]] == [
+        ("hf", 8),
+        ("hf", 16),
+        ("fast", 8),
+        ("fast", 16),
+    ]
+    assert [(r["path"], r["batch"]) for r in res["decode"]] == [
+        ("hf", 1),
+        ("fast", 1),
+        ("hf", 2),
+        ("fast", 2),
+    ]
+    for r in res["decode"]:
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] / r["step_s"])
+        assert r["fraction_of_copy_bw"] == pytest.approx(
+            r["achieved_bytes_per_s"] / res["copy_bandwidth_bytes_per_s"]
+        )
+    # Tied embeddings: every parameter byte is read per step, plus K/V of the mean context (8 + 4/2).
+    kv = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 kv heads, head_dim 16, fp32
+    assert res["kv_bytes_per_token"] == kv
+    assert res["decode"][2]["bytes_per_step"] == res["weight_bytes"] + kv * 2 * 10
+    assert (out / "latency.png").stat().st_size > 0 and (out / "table.txt").is_file()
+    assert capsys.readouterr().out.splitlines()[-1].startswith("fast       2")  # the table is printed last
