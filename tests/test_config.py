@@ -1,0 +1,72 @@
+"""TrainConfig and --field=value parsing: types, choices, booleans, errors naming close matches."""
+
+import dataclasses
+
+import pytest
+
+from sft.config import ConfigError, TrainConfig, parse_args
+
+
+def test_every_field_has_a_default_and_help():
+    for f in dataclasses.fields(TrainConfig):
+        assert f.default is not dataclasses.MISSING, f.name
+        assert f.metadata.get("help"), f.name
+
+
+def test_overrides_are_converted_to_the_field_types():
+    cfg = parse_args(
+        [
+            "--lr=3e-4",
+            "--max_len=512",
+            "--betas=0.8,0.99",
+            "--limit=none",
+            "--template=chatml",
+            "--eval_size=0.1",
+        ]
+    )
+    assert cfg.lr == 3e-4 and isinstance(cfg.lr, float)
+    assert cfg.max_len == 512 and isinstance(cfg.max_len, int)
+    assert cfg.betas == (0.8, 0.99)
+    assert cfg.limit is None and cfg.template == "chatml" and cfg.eval_size == 0.1
+
+
+def test_booleans():
+    assert parse_args(["--grad_checkpointing"]).grad_checkpointing is True
+    assert parse_args(["--packing=false"]).packing is False
+    assert parse_args(["--no-packing"]).packing is False
+    assert parse_args(["--packing=1"]).packing is True
+
+
+def test_recipe_defaults_are_kept_and_overridden():
+    base = dataclasses.replace(TrainConfig(), model="tiny-mpt", lr=1e-3)
+    cfg = parse_args(["--lr=2e-3"], base)
+    assert cfg.model == "tiny-mpt" and cfg.lr == 2e-3
+    assert base.lr == 1e-3  # defaults not mutated
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--micro_bach=2", "unknown config key --micro_bach; did you mean --micro_batch?"),
+        ("--learning_rate=1", "unknown config key --learning_rate"),
+        ("--lr=fast", "--lr=fast: expected a number"),
+        ("--max_steps=1.5", "--max_steps=1.5: expected an integer"),
+        ("--packing=maybe", "--packing=maybe: expected true/false"),
+        ("--betas=0.9", "--betas=0.9: expected two numbers 'a,b'"),
+        ("--optimizer=sgd", "--optimizer=sgd: expected one of adamw, adamw_bf16, adamw_kahan, adamw_sr"),
+        ("--max_len=4", "--max_len=4: must be >= 8"),
+        ("--lr", "--lr needs a value: --lr=..."),
+        ("lr=1", "unexpected argument 'lr=1': use --field=value"),
+    ],
+)
+def test_bad_arguments_raise_one_line(arg, message):
+    with pytest.raises(ConfigError) as e:
+        parse_args([arg])
+    assert str(e.value) == message
+
+
+def test_dict_round_trip():
+    cfg = parse_args(["--betas=0.8,0.9", "--limit=7"])
+    d = cfg.to_dict()
+    assert d["betas"] == [0.8, 0.9]
+    assert TrainConfig.from_dict(d) == cfg
