@@ -49,15 +49,17 @@ _TABLE_SPEC = (
 )
 
 
-def _expand(paths: str | Path | Iterable[str | Path]) -> list[Path]:
-    """Run folders from a glob pattern, a folder, or a list of either; sorted, folders only."""
+def _expand(paths: str | Path | Iterable[str | Path]) -> list[tuple[Path, bool]]:
+    """``(folder, named)`` for each run folder: from a glob pattern (``named`` False), a folder, or a list."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    out: list[Path] = []
+    out: list[tuple[Path, bool]] = []
     for p in paths:
         s = str(p)
-        matches = sorted(glob.glob(s)) if glob.has_magic(s) else [s]
-        out.extend(Path(m) for m in matches if Path(m).is_dir())
+        if glob.has_magic(s):
+            out.extend((Path(m), False) for m in sorted(glob.glob(s)) if Path(m).is_dir())
+        elif Path(s).is_dir():
+            out.append((Path(s), True))
     if not out:
         raise FileNotFoundError(f"no run folder matches {paths!r}")
     return out
@@ -119,14 +121,19 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
 
     Returns a DataFrame with one row per metrics line (file order within a run, runs sorted by
     path) plus the columns ``run``, ``run_dir``, ``kind`` and ``tokens`` (see the module doc).
-    A folder without ``metrics.jsonl`` raises ``FileNotFoundError``; a run with no line yet gives
-    no rows (it is logged, not an error: a run may just have started).
+    A line is an eval line iff it has the key ``eval_loss`` (a non-finite eval loss is written as
+    null and stays an eval line). A folder named explicitly without ``metrics.jsonl`` raises
+    ``FileNotFoundError``; one matched by a glob is skipped with a warning (``runs/*`` may hold a
+    run that failed before its first line). A run with no line yet gives no rows.
     """
     frames = []
-    for run_dir in _expand(paths):
+    for run_dir, named in _expand(paths):
         metrics = run_dir / "metrics.jsonl"
         if not metrics.is_file():
-            raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a run folder?)")
+            if named:
+                raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a run folder?)")
+            log.warning("%s: no metrics.jsonl, skipped", run_dir)
+            continue
         rows = read_metrics(metrics)
         if not rows:
             log.warning("%s: metrics.jsonl is empty", run_dir)
@@ -134,8 +141,7 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
         df = pd.DataFrame(rows)
         df.insert(0, "run", run_dir.name)
         df.insert(1, "run_dir", str(run_dir))
-        is_eval = df["eval_loss"].notna() if "eval_loss" in df else pd.Series(False, index=df.index)
-        df.insert(2, "kind", is_eval.map({True: "eval", False: "train"}))
+        df.insert(2, "kind", ["eval" if "eval_loss" in r else "train" for r in rows])
         df["tokens"] = _cumulative_tokens(df)
         frames.append(df)
     if not frames:

@@ -111,12 +111,24 @@ def test_truncated_last_line_is_skipped(tmp_path, caplog):
     assert "truncated last line" in caplog.text
 
 
-def test_missing_and_unmatched(tmp_path):
+def test_missing_and_unmatched(tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="no run folder matches"):
         report.load_runs(str(tmp_path / "nothing*"))
     (tmp_path / "notarun").mkdir()
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         report.load_runs(tmp_path / "notarun")
+    # through a glob, a folder without metrics is skipped (a run that failed early), not fatal
+    write_run(tmp_path, "r", [{"step": 1, "loss": 1.0}])
+    assert list(report.load_runs(str(tmp_path / "*"))["run"]) == ["r"]
+    assert "notarun: no metrics.jsonl, skipped" in caplog.text
+
+
+def test_null_losses_keep_their_kind(tmp_path):
+    # sft/runs.py writes a non-finite loss as null: the line stays what it was
+    write_run(tmp_path, "r", [{"step": 1, "loss": None}, {"step": 1, "eval_loss": None}])
+    df = report.load_runs(tmp_path / "r")
+    assert list(df["kind"]) == ["train", "eval"]
+    assert df[["loss", "eval_loss"]].isna().all().all()
 
 
 def test_plot_loss_writes_png_with_one_line_per_run_and_kind(two_runs, tmp_path):
