@@ -314,7 +314,6 @@ def run_suite(args) -> dict:
     def rand_ids(b, n):
         return torch.randint(10, min(vocab, 50000), (b, n), generator=g).to(device)
 
-    max_len = max([*args.prompt_lens, args.decode_prompt_len + args.new_tokens + args.warmup + 1])
     dec = cached_decoder(hf) if "fast" in args.paths else None
     import transformers
 
@@ -336,6 +335,7 @@ def run_suite(args) -> dict:
         "ttft": [],
         "decode": [],
         "skipped": [],
+        "errors": [],
     }
     t_start = time.perf_counter()
 
@@ -347,20 +347,33 @@ def run_suite(args) -> dict:
             return True
         return False
 
+    def failed(what: str, e: Exception) -> None:
+        log.exception("%s failed", what)
+        res["errors"].append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        checkpoint(res)
+
     for path in args.paths:
         for L in args.prompt_lens:
             if over_budget(f"{path} ttft {L}"):
                 continue
             ids = rand_ids(1, L)
             reset_peak(device)
-            if path == "hf":
-                hf_ttft_once(hf, ids)  # warm-up
-                ttft = median_time(lambda ids=ids: hf_ttft_once(hf, ids), device, args.repeats)
-            else:
-                gen = Generator(
-                    dec, max_seq_len=max(L, max_len), compile=False, compile_prefill=args.compile_prefill
-                )
-                ttft = fast_ttft(gen, ids, args.repeats)
+            try:
+                if path == "hf":
+                    hf_ttft_once(hf, ids)  # warm-up
+                    ttft = median_time(lambda ids=ids: hf_ttft_once(hf, ids), device, args.repeats)
+                else:
+                    # Cache sized as generate() sizes it: prompt + new tokens.
+                    gen = Generator(
+                        dec,
+                        max_seq_len=L + args.new_tokens,
+                        compile=False,
+                        compile_prefill=args.compile_prefill,
+                    )
+                    ttft = fast_ttft(gen, ids, args.repeats)
+            except Exception as e:  # one failed measurement must not lose the others (one-shot GPU calls)
+                failed(f"{path} ttft {L}", e)
+                continue
             res["ttft"].append(
                 {"path": path, "prompt_len": L, "ttft_s": ttft, "peak_bytes": peak_bytes(device)}
             )
@@ -374,14 +387,18 @@ def run_suite(args) -> dict:
             ids = rand_ids(B, args.decode_prompt_len)
             reset_peak(device)
             t = time.perf_counter()
-            if path == "hf":
-                r = hf_generate_baseline(hf, ids, args.new_tokens, repeats=args.repeats, warmup=1)
-                per_step, extra = r["per_token_s"], {}
-            else:
-                seq_len = args.decode_prompt_len + args.new_tokens + args.warmup + 1
-                gen = Generator(dec, max_seq_len=seq_len, compile=args.compile)
-                per_step, times = fast_decode(gen, ids, args.new_tokens, args.warmup)
-                extra = {"step_s_min": min(times), "step_s_max": max(times)}
+            try:
+                if path == "hf":
+                    r = hf_generate_baseline(hf, ids, args.new_tokens, repeats=args.repeats, warmup=1)
+                    per_step, extra = r["per_token_s"], {}
+                else:
+                    seq_len = args.decode_prompt_len + args.new_tokens + args.warmup + 1
+                    gen = Generator(dec, max_seq_len=seq_len, compile=args.compile)
+                    per_step, times = fast_decode(gen, ids, args.new_tokens, args.warmup)
+                    extra = {"step_s_min": min(times), "step_s_max": max(times)}
+            except Exception as e:
+                failed(f"{path} decode batch {B}", e)
+                continue
             wall = time.perf_counter() - t
             ctx = args.decode_prompt_len + args.new_tokens / 2
             nbytes = step_bytes(facts, B, ctx)
@@ -447,6 +464,8 @@ def table(res: dict) -> str:
         )
     if res.get("skipped"):
         lines += ["", "skipped (time budget): " + ", ".join(res["skipped"])]
+    for err in res.get("errors", []):
+        lines.append(f"FAILED {err}")
     return "\n".join(lines)
 
 

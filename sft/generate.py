@@ -96,7 +96,8 @@ def sample_next(
 # Llama-family cached decoder over a transformers model
 
 
-_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "granite"}
+# Same block as Llama (pre-RMSNorm, RoPE, gated MLP; Qwen2 adds q/k/v biases, Qwen3 q/k norms).
+_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +121,7 @@ class LlamaCached(nn.Module):
         if cfg.model_type not in _LLAMA_LIKE:
             raise ValueError(f"LlamaCached supports {sorted(_LLAMA_LIKE)}, not model_type={cfg.model_type!r}")
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-            # A full static cache would silently attend past the window: refuse rather than be wrong.
+            # A full static cache attends past the window: say so (identical while shorter than it).
             log.warning("sliding_window=%s is ignored: results differ past the window", cfg.sliding_window)
         self.hf = hf_model
         self.config = cfg
@@ -173,7 +174,17 @@ class LlamaCached(nn.Module):
         cos = self.rope_cos[input_pos][None, None]  # [1, 1, t, hd]
         sin = self.rope_sin[input_pos][None, None]
         # Query at position p sees cached keys s <= p; entries past p are stale or zero.
-        mask = torch.arange(self.max_seq_len, device=input_ids.device)[None, :] <= input_pos[:, None]
+        # Compiled (the t=1 step): attend the whole static cache under a mask, shapes never change.
+        # Eager (prefill): attend only keys 0..last position, causal kernel when starting at 0.
+        n_keys, mask, causal = self.max_seq_len, None, False
+        if torch.compiler.is_compiling() or t == 1:
+            mask = torch.arange(n_keys, device=input_ids.device)[None, :] <= input_pos[:, None]
+        else:
+            first, n_keys = int(input_pos[0]), int(input_pos[-1]) + 1
+            if first == 0:
+                causal = True
+            else:
+                mask = torch.arange(n_keys, device=input_ids.device)[None, :] <= input_pos[:, None]
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -191,9 +202,10 @@ class LlamaCached(nn.Module):
             v_cache[:bsz].index_copy_(2, input_pos, v.to(v_cache.dtype))
             o = F.scaled_dot_product_attention(
                 q,
-                k_cache[:bsz],
-                v_cache[:bsz],
+                k_cache[:bsz, :, :n_keys],
+                v_cache[:bsz, :, :n_keys],
                 attn_mask=mask,
+                is_causal=causal,
                 scale=getattr(attn, "scaling", self.head_dim**-0.5),
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
