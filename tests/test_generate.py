@@ -237,3 +237,16 @@ def test_latency_suite_entry_point_on_tiny_model(tmp_path, capsys):
     assert res["decode"][2]["bytes_per_step"] == res["weight_bytes"] + kv * 2 * 10
     assert (out / "latency.png").stat().st_size > 0 and (out / "table.txt").is_file()
     assert capsys.readouterr().out.splitlines()[-1].startswith("fast       2")  # the table is printed last
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mpt"])
+def test_cuda_graph_step_equals_eager_on_gpu(name):
+    from sft.models import tiny_model
+
+    hf = tiny_model(name, VOCAB, seed=0, max_len=256).cuda().eval()
+    dec = cached_decoder(hf)
+    prompts = [_prompt(9, 41), _prompt(140, 42)]
+    eager = Generator(dec, max_seq_len=140 + 32, compile=False).generate(prompts, 32)
+    graphed = Generator(dec, max_seq_len=140 + 32, compile=True).generate(prompts, 32)
+    assert graphed.tokens == eager.tokens
