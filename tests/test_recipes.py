@@ -1,0 +1,56 @@
+"""The recipes through their real entry points (`python sft/train_x.py`), as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _recipe(name, *args, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "sft" / name), *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe, model", [("train_smollm2_guanaco.py", "tiny-llama"),
+                                           ("train_mpt_guanaco.py", "tiny-mpt")])  # fmt: skip
+def test_smoke_mode_trains_a_tiny_model_of_the_recipes_architecture(recipe, model, tmp_path):
+    out = _recipe(recipe, "--smoke", f"--out_dir={tmp_path}", "--progress=false")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run_dir,) = list(tmp_path.iterdir())
+    assert run_dir.name.endswith(f"_{model}_bundled")
+    cfg = json.loads((run_dir / "config.json").read_text())["config"]
+    assert cfg["model"] == model and cfg["smoke"] is True and cfg["max_steps"] == 3
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3]
+    assert "held-out loss " in out.stderr and " -> " in out.stderr
+    assert "step      3/3 | loss" in out.stderr
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_mpt_recipe_offline_without_the_model_fails_at_once(tmp_path):
+    out = _recipe("train_mpt_guanaco.py", f"--out_dir={tmp_path}")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: model 'mosaicml/mpt-7b' is not a local path and not in the Hugging Face cache, and HF_HUB_OFFLINE=1"
+    ]
+    assert not any(tmp_path.iterdir())
+
+
+def test_recipe_defaults():
+    sys.path.insert(0, str(REPO))
+    from sft.train_mpt_guanaco import DEFAULTS as G
+    from sft.train_mpt_openorca import DEFAULTS as O
+    from sft.train_smollm2_guanaco import DEFAULTS as S
+
+    assert (G.model, G.data, G.fmt, G.max_len, G.precision) == (
+        "mosaicml/mpt-7b", "timdettmers/openassistant-guanaco", "guanaco", 2048, "bf16")  # fmt: skip
+    assert (O.data, O.fmt, O.limit) == ("Open-Orca/OpenOrca", "openorca", 20_000)
+    assert (S.model, S.data) == ("smollm2-135m-instruct", "bundled")
