@@ -1,0 +1,378 @@
+"""LoRA (sft/lora.py): only adapters train; merge == base + adapter; save/load, export and resume round-trip.
+
+Two tiny models: a transformers ``LlamaForCausalLM`` (tied head, GQA) and our MPT (``sft.mpt``, SDPA path),
+plus transformers' ``MptForCausalLM`` as the loader of what our MPT exports. All fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sft import lora
+from sft.models import forward_hidden
+
+V, T = 64, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls: one intra-op thread is much faster on the shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_mpt(seed: int = 0):
+    from sft.mpt import MPTConfig, MPTForCausalLM
+
+    model = MPTForCausalLM(
+        MPTConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=V, max_seq_len=64), attn_impl="sdpa"
+    )
+    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+MAKERS = {"llama": tiny_llama, "mpt": tiny_mpt}
+
+
+def packed_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two rows of T=16, each packing documents of lengths (5, 11) and (9, 7); targets shifted per document."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (2, T), generator=g)
+    docs, pos = torch.zeros(2, T, dtype=torch.int32), torch.zeros(2, T, dtype=torch.long)
+    targets = torch.full((2, T), -100, dtype=torch.long)
+    for b, lengths in enumerate([(5, 11), (9, 7)]):
+        s = 0
+        for d, n in enumerate(lengths):
+            docs[b, s : s + n] = d
+            pos[b, s : s + n] = torch.arange(n)
+            targets[b, s : s + n - 1] = ids[b, s + 1 : s + n]
+            s += n
+    return {
+        "input_ids": ids,
+        "targets": targets,
+        "position_ids": pos,
+        "document_ids": docs,
+        "attention_mask": torch.ones(2, T, dtype=torch.long),
+    }
+
+
+def logits(model, batch) -> torch.Tensor:
+    h, w = forward_hidden(model, batch)
+    return h @ w.T
+
+
+def loss_of(model, batch) -> torch.Tensor:
+    out = logits(model, batch)
+    return F.cross_entropy(out.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
+
+
+def make_optimizer(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def train(model, opt, steps: int, first_seed: int = 0) -> list[float]:
+    model.train()
+    losses = []
+    for i in range(steps):
+        loss = loss_of(model, packed_batch(first_seed + i))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@functools.cache
+def trained(kind: str):
+    """A LoRA model of ``kind`` after 3 AdamW steps (dropout 0.1, so dropout runs in training), and the
+    base state dict it started from. Cached: several tests read it; none may modify it."""
+    model = MAKERS[kind]()
+    base = {k: v.detach().clone() for k, v in model.named_parameters()}  # tied head counted once
+    lora.apply_lora(model, rank=4, alpha=8, dropout=0.1)
+    train(model, make_optimizer(model), 3)
+    return model, base
+
+
+def _base_name(lora_name: str) -> str:
+    return lora_name.replace(".base_layer.", ".")
+
+
+# ----------------------------------------------------------------------------- targets and trainability
+
+
+def test_default_targets_per_architecture():
+    from transformers import MptConfig, MptForCausalLM
+
+    assert lora.default_targets(tiny_llama()) == [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    ]  # fmt: skip
+    mpt_names = ["Wqkv", "out_proj", "up_proj", "down_proj"]
+    assert lora.default_targets(tiny_mpt()) == mpt_names
+    hf_mpt = MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=V, no_bias=True))
+    assert lora.default_targets(hf_mpt) == mpt_names
+    with pytest.raises(ValueError, match="no default LoRA target modules for model type ''"):
+        lora.default_targets(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("kind", ["llama", "mpt"])
+def test_only_adapter_parameters_train(kind):
+    model, base = trained(kind)
+    names = dict(model.named_parameters())
+    trainable = sorted(n for n, p in names.items() if p.requires_grad)
+    # A and B of every targeted linear layer of both blocks, nothing else
+    per_block = 7 if kind == "llama" else 4
+    assert len(trainable) == 2 * 2 * per_block
+    assert all(".lora_A.default." in n or ".lora_B.default." in n for n in trainable)
+    # every base parameter (embedding / tied head, norms, frozen linear weights) is bit-exactly unchanged
+    frozen = {_base_name(n): p for n, p in names.items() if not p.requires_grad}
+    assert sorted(frozen) == sorted(base)
+    for n, p in frozen.items():
+        assert torch.equal(p, base[n]), n
+    # every adapter moved: B starts at zero, so a non-zero B is an update
+    for n in trainable:
+        if ".lora_B." in n:
+            assert names[n].abs().max() > 1e-4, n
+
+
+def test_adapter_dtype_over_bf16_base():
+    model = tiny_mpt().to(torch.bfloat16)
+    lora.apply_lora(model, rank=2, alpha=4, adapter_dtype=torch.float32)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    h, w = forward_hidden(model, packed_batch())
+    assert h.dtype == torch.bfloat16 and h.shape == (2, T, 32)
+
+
+def test_refusals():
+    model = tiny_mpt()
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        lora.lora_state_dict(model)
+    lora.apply_lora(model, rank=2)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        lora.apply_lora(model, rank=2)
+    sd = lora.lora_state_dict(model)
+    key = "transformer.blocks.0.attn.Wqkv.lora_A.weight"
+    assert key in sd and sd[key].shape == (2, 32)
+    with pytest.raises(ValueError, match="missing"):
+        lora.load_lora_state_dict(model, {k: v for k, v in sd.items() if k != key})
+    with pytest.raises(ValueError, match="merge_lora"):
+        lora.save_merged(model, "/nonexistent")
+
+
+# ----------------------------------------------------------------------------- packing, checkpointing
+
+
+@pytest.mark.parametrize("kind", ["llama", "mpt"])
+def test_packed_rows_equal_documents_alone(kind):
+    model, _ = trained(kind)
+    batch = packed_batch(5)
+    with torch.no_grad():
+        packed = logits(model, batch)
+        s = 0
+        for n in (5, 11):  # row 0's documents, each run alone as a row of its own
+            alone = {k: v[:1, s : s + n] for k, v in batch.items()}
+            alone["document_ids"] = torch.zeros_like(alone["document_ids"])
+            torch.testing.assert_close(packed[0, s : s + n], logits(model, alone)[0], atol=1e-5, rtol=0)
+            s += n
+
+
+def _lora_grads(model, batch) -> dict[str, torch.Tensor | None]:
+    model.train()
+    loss_of(model, batch).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return grads
+
+
+@pytest.mark.parametrize("input_grads", [True, False])
+def test_reentrant_checkpointing_needs_input_grads(input_grads):
+    """The classic pitfall: frozen embeddings + reentrant checkpointing = no gradient for the adapters.
+    Checkpointing is switched on below transformers' public API, which would add its own input hook."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = tiny_llama()
+    lora.apply_lora(model, rank=4, alpha=8, dropout=0.0, input_grads=input_grads)
+    torch.nn.init.normal_(model.model.layers[0].self_attn.q_proj.lora_B.default.weight)  # non-zero B
+    batch = packed_batch(1)
+    plain = _lora_grads(model, batch)
+    model._set_gradient_checkpointing(True, functools.partial(checkpoint, use_reentrant=True))
+    if input_grads:
+        ckpt = _lora_grads(model, batch)
+        for n, g in plain.items():
+            torch.testing.assert_close(ckpt[n], g, atol=1e-6, rtol=0, msg=n)
+    else:
+        # the pitfall, shown to be real: every block is checkpointed and nothing upstream needs a gradient,
+        # so the loss is cut off from all adapters
+        with pytest.warns(UserWarning, match="None of the inputs have requires_grad=True"):
+            with pytest.raises(RuntimeError, match="does not require grad"):
+                _lora_grads(model, batch)
+
+
+def test_fast_mpt_checkpointing_gives_same_adapter_grads():
+    model = tiny_mpt()
+    lora.apply_lora(model, rank=4, alpha=8, dropout=0.0)
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B.default.weight, std=0.1)
+    batch = packed_batch(2)
+    plain = _lora_grads(model, batch)
+    model.gradient_checkpointing = True
+    ckpt = _lora_grads(model, batch)
+    assert set(plain) == set(ckpt) and all(g is not None for g in plain.values())
+    for n, g in plain.items():
+        torch.testing.assert_close(ckpt[n], g, atol=1e-6, rtol=0, msg=n)
+
+
+# ----------------------------------------------------------------------------- merge, save, export, resume
+
+
+@pytest.mark.parametrize("kind", ["llama", "mpt"])
+def test_merge_equals_base_plus_adapter(kind):
+    model, _ = trained(kind)
+    batch = packed_batch(7)
+    with torch.no_grad():
+        adapted = logits(model, batch)
+    merged = MAKERS[kind]()
+    lora.load_adapter(merged, _saved_adapter(kind))
+    lora.merge_lora(merged)
+    assert not lora.is_lora(merged) and not hasattr(merged, "peft_config")
+    assert sorted(merged.state_dict()) == sorted(MAKERS[kind]().state_dict())
+    with torch.no_grad():
+        out = logits(merged, batch)
+        base_out = logits(MAKERS[kind](), batch)
+    torch.testing.assert_close(out, adapted, atol=1e-5, rtol=0)
+    assert (out - base_out).abs().max() > 1e-3  # the adapter did change the function
+
+
+@functools.cache
+def _saved_adapter(kind: str):
+    import tempfile
+
+    model, _ = trained(kind)
+    return lora.save_adapter(model, tempfile.mkdtemp(prefix=f"lora_{kind}_"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "mpt"])
+def test_save_adapter_reload_is_identical(kind):
+    import json
+
+    from safetensors.torch import load_file
+
+    model, _ = trained(kind)
+    folder = _saved_adapter(kind)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == ("LORA", 4, 8, 0.1)
+    keys = load_file(str(folder / "adapter_model.safetensors")).keys()
+    assert len(keys) == len(lora.lora_state_dict(model))
+    assert all(k.startswith("base_model.model.") and ".default." not in k for k in keys)
+    reloaded = lora.load_adapter(MAKERS[kind](), folder).eval()
+    batch = packed_batch(3)
+    with torch.no_grad():
+        assert torch.equal(logits(reloaded, batch), logits(model, batch))
+
+
+def test_adapter_loads_with_peft_from_pretrained():
+    from peft import PeftModel
+
+    model, _ = trained("llama")
+    peft_model = PeftModel.from_pretrained(tiny_llama(), str(_saved_adapter("llama"))).eval()
+    ids = packed_batch(4)["input_ids"]
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        theirs = peft_model(input_ids=ids).logits
+    assert torch.equal(ours, theirs)
+
+
+def test_fast_mpt_adapter_loads_into_transformers_mpt():
+    """Same module names: an adapter trained on our MPT is a peft adapter for transformers' MptForCausalLM."""
+    from peft import PeftModel
+
+    from sft.mpt import save_hf
+
+    model, base = trained("mpt")
+    import tempfile
+
+    base_dir = tempfile.mkdtemp(prefix="mpt_base_")
+    save_hf(tiny_mpt(), base_dir)
+    from transformers import MptForCausalLM
+
+    hf = PeftModel.from_pretrained(
+        MptForCausalLM.from_pretrained(base_dir), str(_saved_adapter("mpt"))
+    ).eval()
+    ids = packed_batch(6)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mpt"])
+def test_merge_and_export_loads_in_transformers(kind, tmp_path):
+    from transformers import AutoModelForCausalLM, MptForCausalLM
+
+    from sft.models import byte_tokenizer
+
+    model, _ = trained(kind)
+    ids = packed_batch(8)["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits if kind == "llama" else model(ids)
+    copy = lora.load_adapter(MAKERS[kind](), _saved_adapter(kind))  # merge a copy: `trained` is shared
+    out = lora.merge_and_export(copy, byte_tokenizer(), tmp_path / "final")
+    assert (out / "tokenizer.json").is_file() and not (out / "adapter_config.json").exists()
+    loaded = (AutoModelForCausalLM if kind == "llama" else MptForCausalLM).from_pretrained(str(out)).eval()
+    assert not any("lora" in k or "base_layer" in k for k in loaded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mpt"])
+def test_resume_from_adapter_state_is_identical(kind):
+    model = MAKERS[kind]()
+    lora.apply_lora(model, rank=4, alpha=8, dropout=0.0)
+    opt = make_optimizer(model)
+    train(model, opt, 2)
+    saved = lora.lora_state_dict(model)
+    saved_opt = {
+        "state": {k: {n: t.clone() for n, t in v.items()} for k, v in opt.state_dict()["state"].items()}
+    }
+    saved_opt["param_groups"] = opt.state_dict()["param_groups"]
+    straight = train(model, opt, 2, first_seed=2)
+    final = lora.lora_state_dict(model)
+
+    # a fresh process: base from its source, new (differently initialised) adapters, then the checkpoint
+    torch.manual_seed(123)
+    resumed = lora.apply_lora(MAKERS[kind](), rank=4, alpha=8, dropout=0.0)
+    lora.load_lora_state_dict(resumed, saved)
+    opt2 = make_optimizer(resumed)
+    opt2.load_state_dict(saved_opt)
+    again = train(resumed, opt2, 2, first_seed=2)
+    assert again == straight
+    after = lora.lora_state_dict(resumed)
+    assert after.keys() == final.keys()
+    assert all(torch.equal(after[k], final[k]) for k in final)
