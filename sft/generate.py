@@ -7,7 +7,8 @@ The decode loop works over any *cached decoder*: a module exposing
   which is what lets CUDA graphs replay the step);
 - ``forward_cached(input_ids [B, t] long, input_pos [t] long) -> logits [B, t, V]``: write the
   keys/values of positions ``input_pos`` (contiguous, shared by the whole batch) into the cache
-  and attend, for query position ``p``, to every cached position ``s <= p``.
+  and attend, for query position ``p``, to every cached position ``s <= p``. Optionally a keyword
+  ``logits_to_keep: int`` (logits of the last positions only), which the prefill then uses.
 
 Our MPT (``sft.mpt``) implements it natively; :class:`LlamaCached` gives any Llama-family
 transformers causal LM (Llama, SmolLM2, Mistral without sliding window, Qwen2/3) the same interface.
@@ -29,6 +30,7 @@ what it would get alone (greedy). Stopping is per sequence (EOS or the template'
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -166,8 +168,12 @@ class LlamaCached(nn.Module):
         n_layers = len(self.hf.model.layers)
         return 2 * n_layers * self.n_kv_heads * self.head_dim * self.rope_cos.element_size()
 
-    def forward_cached(self, input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """``input_ids [B, t]``, ``input_pos [t]`` (contiguous) -> logits ``[B, t, V]`` (weights' dtype)."""
+    def forward_cached(
+        self, input_ids: torch.Tensor, input_pos: torch.Tensor, logits_to_keep: int = 0
+    ) -> torch.Tensor:
+        """``input_ids [B, t]``, ``input_pos [t]`` (contiguous) -> logits ``[B, t, V]`` (weights' dtype);
+        ``[B, logits_to_keep, V]`` for the last positions only when ``logits_to_keep > 0`` (a prefill
+        needs one: the LM head over every prompt position would cost ~20% of a small model's prefill)."""
         m = self.hf.model
         bsz, t = input_ids.shape
         h = m.embed_tokens(input_ids)
@@ -211,6 +217,8 @@ class LlamaCached(nn.Module):
             )
             h = h + attn.o_proj(o.transpose(1, 2).reshape(bsz, t, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         return self.hf.lm_head(m.norm(h))
 
 
@@ -292,6 +300,8 @@ class Generator:
         if compile is None:
             compile = self.device.type == "cuda"
         self.compiled = compile
+        # Optional extension of the contract: logits for the last position only (see LlamaCached).
+        self._keep_kw = "logits_to_keep" in inspect.signature(model.forward_cached).parameters
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True)
@@ -304,6 +314,8 @@ class Generator:
         return self.model.forward_cached(x, pos)[:, -1].float()
 
     def _prefill_fn(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self._keep_kw:
+            return self.model.forward_cached(x, pos, logits_to_keep=1)[:, -1].float()
         return self.model.forward_cached(x, pos)[:, -1].float()
 
     def ensure_cache(self, batch_size: int) -> None:
