@@ -259,6 +259,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        base = module.get_base_layer()
+        if hasattr(base.weight, "get_original_weight"):  # NF4 (QLoRA): merge into the dequantized weight
+            base.weight = nn.Parameter(base.weight.get_original_weight(), requires_grad=False)
         module.merge(safe_merge=True)  # safe_merge: raises on a non-finite merged weight
         setattr(parent, child, module.get_base_layer())
     del model.peft_config
@@ -268,6 +271,39 @@ def merge_lora(model: nn.Module) -> nn.Module:
         del model._lora_input_grads_hook
     if is_lora(model):  # nested LoRA layers would mean a half-merged model
         raise RuntimeError("LoRA layers left after merging")
+    return model
+
+
+def quantize_nf4(
+    model: nn.Module,
+    *,
+    targets: list[str] | None = None,
+    block_size: int = 64,
+    scaler_block_size: int = 256,
+) -> nn.Module:
+    """QLoRA's frozen 4-bit base: replace the weight of every ``nn.Linear`` whose name ends with one of
+    ``targets`` (default ``default_targets(model)``: the blocks' linear layers; never the embedding or
+    head) by a torchao ``NF4Tensor`` (4-bit NormalFloat, one absmax scale per ``block_size`` values, the
+    scales themselves quantized per ``scaler_block_size``), in place. Call before :func:`apply_lora`.
+
+    ``F.linear`` on an NF4 weight dequantizes it to its original dtype (bf16 for QLoRA) and multiplies;
+    gradients flow to the input only (the base is frozen). :func:`merge_lora` merges into the dequantized
+    weight, so the exported model is bf16. Needs ``torchao`` (ImportError otherwise).
+    """
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    if is_lora(model):
+        raise ValueError("quantize_nf4 must run before apply_lora")
+    suffixes = tuple(targets) if targets else tuple(default_targets(model))
+    n = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in suffixes:
+            w = module.weight.detach()
+            module.weight = nn.Parameter(to_nf4(w, block_size, scaler_block_size), requires_grad=False)
+            n += 1
+    if n == 0:
+        raise ValueError(f"quantize_nf4: no nn.Linear named {suffixes}")
+    log.info("NF4-quantized %d linear layers (block %d)", n, block_size)
     return model
 
 

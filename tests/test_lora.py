@@ -376,3 +376,68 @@ def test_resume_from_adapter_state_is_identical(kind):
     after = lora.lora_state_dict(resumed)
     assert after.keys() == final.keys()
     assert all(torch.equal(after[k], final[k]) for k in final)
+
+
+# ----------------------------------------------------------------------------- QLoRA (torchao NF4 base)
+
+
+def _nf4_mpt(device="cpu", dtype=torch.float32, d=128, layers=2):
+    from sft.mpt import MPTConfig, MPTForCausalLM
+
+    model = MPTForCausalLM(MPTConfig(d_model=d, n_heads=4, n_layers=layers, vocab_size=V, max_seq_len=64))
+    model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+    return model.to(device=device, dtype=dtype)
+
+
+def test_qlora_nf4_base_trains_adapters_and_merges():
+    pytest.importorskip("torchao")
+    model = _nf4_mpt()
+    model.attn_impl = "sdpa"
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lora.quantize_nf4(model)
+    wqkv = model.transformer.blocks[0].attn.Wqkv.weight
+    assert type(wqkv).__name__ == "NF4Tensor" and wqkv.dtype == torch.float32
+    dequant = wqkv.get_original_weight()
+    err = (dequant - dense["transformer.blocks.0.attn.Wqkv.weight"]).abs()
+    assert 0 < err.max() < 0.05  # 4-bit: lossy, close
+    lora.apply_lora(model, rank=4, alpha=8, dropout=0.0)
+    losses = train(model, make_optimizer(model), 4)
+    assert losses[-1] < losses[0]
+    assert torch.equal(model.transformer.blocks[0].attn.Wqkv.base_layer.weight.get_original_weight(), dequant)
+    assert torch.equal(model.transformer.wte.weight, dense["transformer.wte.weight"])  # not quantized
+    batch = packed_batch(9)
+    with torch.no_grad():
+        adapted = logits(model, batch)
+        lora.merge_lora(model)
+        merged = logits(model, batch)
+    assert type(model.transformer.blocks[0].attn.Wqkv.weight) is torch.nn.Parameter
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+def test_qlora_nf4_on_cuda_bf16():
+    """QLoRA as used on the GPU: bf16 NF4 base, fp32 adapters, FlexAttention, activation checkpointing."""
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    model = _nf4_mpt("cuda", torch.bfloat16, d=1024, layers=4)
+    batch = {k: v.cuda() for k, v in packed_batch(0).items()}
+    lora.quantize_nf4(model)
+    lora.apply_lora(model, rank=16, alpha=32, dropout=0.05, adapter_dtype=torch.float32)
+    model.gradient_checkpointing = True
+    model.train()
+    opt = make_optimizer(model)
+    losses = []
+    for _ in range(5):
+        loss = loss_of(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        adapted = logits(model, batch).float()
+        lora.merge_lora(model)
+        merged = logits(model, batch).float()
+    assert model.transformer.blocks[0].attn.Wqkv.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(merged, adapted, atol=5e-2, rtol=0)  # merged weight rounded to bf16
