@@ -21,6 +21,11 @@ for Llama. ``save_adapter`` writes peft's on-disk format (``adapter_config.json`
 ``peft.PeftModel.from_pretrained(base, folder)`` loads; so an adapter trained on our MPT loads into
 transformers' ``MptForCausalLM``.
 
+QLoRA: :func:`quantize_nf4` (before ``apply_lora``) replaces the targeted base weights by torchao
+``NF4Tensor``s (4-bit NormalFloat, QLoRA's format); peft's LoRA layers run on them unchanged, and
+:func:`merge_lora` merges into the dequantized weights. Needs the ``torchao`` package (0.18.0 matches
+torch 2.11; its NF4 code is pure Python).
+
 Typical use (the trainer):
 
     model = apply_lora(model, rank=16, alpha=32, dropout=0.05)     # before building the optimizer
