@@ -456,7 +456,7 @@ def main(argv=None) -> int:
     ap.add_argument("--loss-chunk", type=int, default=1024)
     ap.add_argument("--limit-gib", type=float, default=76.0, help="peak allocated bound of the 80gb profile")
     ap.add_argument(
-        "--budget-s", type=float, default=500.0, help="skip remaining configs after this many seconds"
+        "--budget-s", type=float, default=400.0, help="start no new config after this many seconds"
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -257,13 +257,17 @@ class KahanAdamW(torch.optim.Optimizer):
                     # Flattened, every tensor is the same 1-D kernel: one dynamic-shape compilation.
                     tensors = [None if t is None else t.view(-1) for t in tensors]
                     fn = update
-                fn(
-                    *tensors,
-                    scalars_cache[key],
-                    beta1,
-                    beta2,
-                    group["eps"],
-                    group["weight_decay"],
-                    self.rounding == "stochastic",
-                )
+                hyper = (scalars_cache[key], beta1, beta2, group["eps"], group["weight_decay"])
+                stochastic = self.rounding == "stochastic"
+                try:
+                    fn(*tensors, *hyper, stochastic)
+                except Exception:
+                    if fn is _adamw_update:
+                        raise
+                    # A compilation failure happens before the kernel mutates anything: redo this
+                    # tensor eagerly and stay eager (same arithmetic, more memory traffic).
+                    logger.warning("compiled KahanAdamW update failed; using the eager update", exc_info=True)
+                    self.compile = False
+                    update = _adamw_update
+                    _adamw_update(*tensors, *hyper, stochastic)
         return loss
