@@ -44,6 +44,16 @@ class TrainConfig:
     tokenizer: str | None = _f(None, "tokenizer source if not the model's own (hub id or local folder/file)")
     data: str = _f("bundled", "'bundled', a local .jsonl/.json/.parquet file, or a hub dataset id")
     fmt: str | None = _f(None, "data format (adapter name); None = detect from the data")
+    fields: str | None = _f(
+        None,
+        "column names for the prompt_response format, as 'prompt=question,response=answer[,system=sys]'; "
+        "None = the columns prompt/response/system",
+    )
+    bad_rows: str = _f(
+        "error",
+        "a malformed data row: 'error' (stop with its file, row and field) or 'drop' (skip it, counted)",
+        choices=("error", "drop"),
+    )
     template: str | None = _f(
         None, "chat template name (e.g. 'chatml', 'guanaco'); None = the tokenizer's own, else ChatML"
     )
@@ -116,6 +126,10 @@ class TrainConfig:
         False, "tiny random-init model of the recipe's architecture on the bundled sample, a few steps"
     )
     progress: bool = _f(True, "show a tqdm progress bar")
+    distributed: bool = _f(
+        False,
+        "use the FSDP2 path even with one process; on by itself when WORLD_SIZE > 1 (launched by torchrun)",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -126,6 +140,32 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
         return cls(**kw)
+
+
+FIELD_ROLES = ("prompt", "response", "system")
+
+
+def parse_fields(text: str | None) -> dict[str, str] | None:
+    """``'prompt=question,response=answer'`` -> ``{"prompt": "question", "response": "answer"}``.
+
+    Keys must be among :data:`FIELD_ROLES`, each at most once, values non-empty; ``None``/empty -> None.
+    Raises ConfigError (one line) otherwise.
+    """
+    if text is None or not text.strip():
+        return None
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        key, eq, value = (x.strip() for x in part.partition("="))
+        if not eq or not key or not value:
+            raise ConfigError(
+                f"--fields={text}: expected 'role=column' pairs, e.g. 'prompt=question,response=answer'"
+            )
+        if key not in FIELD_ROLES:
+            raise ConfigError(f"--fields={text}: unknown role '{key}' (have: {', '.join(FIELD_ROLES)})")
+        if key in out:
+            raise ConfigError(f"--fields={text}: role '{key}' given twice")
+        out[key] = value
+    return out
 
 
 _HINTS = typing.get_type_hints(TrainConfig)
@@ -170,6 +210,8 @@ def _convert(name: str, raw: str) -> Any:
         raise ConfigError(f"--{name}={raw}: expected one of {', '.join(meta['choices'])}")
     if "min" in meta and isinstance(value, int | float) and value < meta["min"]:
         raise ConfigError(f"--{name}={raw}: must be >= {meta['min']}")
+    if name == "fields":
+        parse_fields(value)  # checked now: a typo fails before any model is loaded
     return value
 
 

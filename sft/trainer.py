@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from sft import runs
-from sft.config import ConfigError, TrainConfig, parse_args
+from sft.config import ConfigError, TrainConfig, parse_args, parse_fields
 from sft.loss import chunked_cross_entropy_sum, count_supervised
 from sft.models import ModelError, forward_hidden, load_model_and_tokenizer
 from sft.render import TemplateError
@@ -140,6 +140,8 @@ def prepare(cfg: TrainConfig, tokenizer):
         tokenizer,
         template=cfg.template,
         fmt=cfg.fmt,
+        fields=parse_fields(cfg.fields),
+        bad_rows=cfg.bad_rows,
         max_len=cfg.max_len,
         overlong=cfg.overlong,
         limit=cfg.limit,

@@ -70,3 +70,42 @@ def test_dict_round_trip():
     d = cfg.to_dict()
     assert d["betas"] == [0.8, 0.9]
     assert TrainConfig.from_dict(d) == cfg
+
+
+def test_fields_and_bad_rows():
+    from sft.config import parse_fields
+
+    cfg = parse_args(["--fields=prompt=question,response=answer", "--bad_rows=drop"])
+    assert cfg.fields == "prompt=question,response=answer" and cfg.bad_rows == "drop"
+    assert parse_fields(cfg.fields) == {"prompt": "question", "response": "answer"}
+    assert parse_fields(" system = sys , prompt=q ") == {"system": "sys", "prompt": "q"}
+    assert parse_fields(None) is None and parse_fields("") is None
+    assert TrainConfig().bad_rows == "error" and TrainConfig().fields is None
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        (
+            "--fields=question",
+            "--fields=question: expected 'role=column' pairs, e.g. 'prompt=question,response=answer'",
+        ),
+        ("--fields=query=q", "--fields=query=q: unknown role 'query' (have: prompt, response, system)"),
+        ("--fields=prompt=a,prompt=b", "--fields=prompt=a,prompt=b: role 'prompt' given twice"),
+        (
+            "--fields=prompt=",
+            "--fields=prompt=: expected 'role=column' pairs, e.g. 'prompt=question,response=answer'",
+        ),
+        ("--bad_rows=skip", "--bad_rows=skip: expected one of error, drop"),
+    ],
+)
+def test_bad_fields_and_bad_rows_raise_one_line(arg, message):
+    with pytest.raises(ConfigError) as e:
+        parse_args([arg])
+    assert str(e.value) == message
+
+
+def test_guanaco_recipe_drops_bad_rows():
+    from sft.train_mpt_guanaco import DEFAULTS
+
+    assert DEFAULTS.bad_rows == "drop"

@@ -194,6 +194,39 @@ def test_malformed_data_row(tmp_path, capsys):
     assert msg.startswith(f"error: {data}, row 6")
 
 
+def test_bad_rows_drop_trains_and_counts_the_dropped_row(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    empty_turn = json.dumps(
+        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]}
+    )
+    data.write_text("\n".join([good] * 5 + [empty_turn]) + "\n")
+    args = ["--limit=none", "--max_steps=1", "--num_samples=0", "--no-save_final", "--bad_rows=drop"]
+    rc, run_dir = _run(tmp_path, f"--data={data}", *args)
+    assert rc == 0
+    stats = json.loads((run_dir / "config.json").read_text())["data"]["stats"]
+    assert sum(stats["drops"].values()) == 1, stats["drops"]
+
+
+def test_fields_name_the_prompt_response_columns(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    rows = [{"question": f"what is {i}+{i}?", "answer": str(2 * i)} for i in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--limit=none", "--max_steps=1", "--num_samples=0", "--no-save_final", "--eval_size=1"]
+    rc, run_dir = _run(
+        tmp_path, f"--data={data}", "--fmt=prompt_response", "--fields=prompt=question,response=answer", *args
+    )
+    assert rc == 0
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["config"]["fields"] == "prompt=question,response=answer"
+    assert saved["data"]["stats"]["drops"] == {} or sum(saved["data"]["stats"]["drops"].values()) == 0
+    # without the mapping, the same file has no 'prompt' column: a one-line data error
+    rc2 = trainer.main(
+        TrainConfig(), [*TINY, f"--out_dir={tmp_path}/r2", f"--data={data}", "--fmt=prompt_response", *args]
+    )
+    assert rc2 == 2
+
+
 def test_unwritable_out_dir(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
