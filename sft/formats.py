@@ -34,11 +34,16 @@ _SYS = re.compile(r"^\s*<<SYS>>(.*?)<</SYS>>", re.S)
 PROMPT_RESPONSE_FIELDS = {"prompt": "prompt", "response": "response", "system": "system"}
 
 
+def _keys(row: Mapping) -> list[str]:
+    # str() first: a row's keys may mix types (a parquet or Python source), and sorted() would raise
+    return sorted(map(str, row))
+
+
 def _text_field(row: Mapping, field: str, *, optional: bool = False) -> str | None:
     if field not in row or row[field] is None:
         if optional:
             return None
-        raise DataError(f"missing field (row has {sorted(row)})", field=field)
+        raise DataError(f"missing field (row has {_keys(row)})", field=field)
     value = row[field]
     if not isinstance(value, str):
         raise DataError(f"expected a string, got {type(value).__name__}", field=field)
@@ -166,15 +171,25 @@ def detect_format(row: Mapping, fields: Mapping[str, str] | None = None) -> str:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise DataError(f"unknown format (keys {sorted(row)}); name it with fmt= one of {sorted(ADAPTERS)}")
+        raise DataError(f"unknown format (keys {_keys(row)}); name it with fmt= one of {sorted(ADAPTERS)}")
     raise DataError(f"ambiguous format, matches {found}; name it with fmt=")
+
+
+def is_encodable(text: str) -> bool:
+    """True if ``text`` has no lone surrogate (so UTF-8, and every tokenizer, can encode it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def validate_conversation(conv: Conversation) -> Conversation:
     """Check the canonical shape; raise ``DataError`` naming the offending message field.
 
     Rules: at least one turn; roles in ``ROLES``; ``system`` only as the first message; then a ``user``
-    turn first; every content a non-empty string; the last message is an ``assistant`` turn.
+    turn first; every content a non-empty string that UTF-8 can encode (JSON's ``"\\ud800"`` escapes give
+    lone surrogates that no tokenizer accepts); the last message is an ``assistant`` turn.
     """
     if not conv:
         raise DataError("empty conversation")
@@ -190,6 +205,11 @@ def validate_conversation(conv: Conversation) -> Conversation:
             )
         if not content:
             raise DataError(f"empty {role} content", field=f"messages[{i}].content")
+        if not is_encodable(content):
+            raise DataError(
+                "text is not valid Unicode (a lone surrogate such as '\\ud800'; no tokenizer can encode it)",
+                field=f"messages[{i}].content",
+            )
     first = 1 if conv[0]["role"] == "system" else 0
     if first < len(conv) and conv[first]["role"] != "user":
         raise DataError(

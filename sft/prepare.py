@@ -18,6 +18,7 @@
 The result is cached on disk (``cache_dir``, else ``$SFT_CACHE``, else ``~/.cache/sft``) under a
 fingerprint of the data (file bytes, bundled sample, or hub id + split), the tokenizer (its full JSON
 and special tokens), the resolved template and every setting, so a re-run skips all of the above.
+A cache file that cannot be read back (truncated, corrupt) is ignored with a warning and rewritten.
 """
 
 from __future__ import annotations
@@ -202,12 +203,20 @@ def prepare_data(
     fingerprint = _fingerprint(source, split, tokenizer, tmpl, settings)
     cache_file = Path(cache_dir or default_cache_dir()) / f"prepared-{fingerprint}.pkl"
     if use_cache and cache_file.is_file():
-        with cache_file.open("rb") as f:
-            prepared = pickle.load(f)
-        prepared.stats["cached"] = True
-        prepared.stats["load_seconds"] = round(time.perf_counter() - t0, 3)
-        log.info("prepared data from cache %s", cache_file)
-        return prepared
+        try:
+            with cache_file.open("rb") as f:
+                prepared = pickle.load(f)
+            if not isinstance(prepared, Prepared):
+                raise TypeError(f"holds a {type(prepared).__name__}")
+        except Exception as e:  # truncated or corrupt (a kill mid-write, a full disk): rebuild it
+            log.warning(
+                "ignoring unreadable data cache %s (%s: %s); preparing again", cache_file, type(e).__name__, e
+            )
+        else:
+            prepared.stats["cached"] = True
+            prepared.stats["load_seconds"] = round(time.perf_counter() - t0, 3)
+            log.info("prepared data from cache %s", cache_file)
+            return prepared
 
     drops: dict[str, int] = {}
     bad_examples: list[str] = []

@@ -22,13 +22,13 @@ a reply span.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
 
-from sft.schema import IGNORE_INDEX, Conversation
+from sft.schema import IGNORE_INDEX, ROLES, Conversation, DataError
 
 # ChatML (SmolLM2, MPT-chat, Qwen...). Turn end: "<|im_end|>".
 CHATML = (
@@ -171,6 +171,30 @@ def _encode(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int
     return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
+def check_messages(conv, index: int | None = None) -> None:
+    """Raise ``DataError`` unless ``conv`` is a list of ``{"role": one of ROLES, "content": str}`` whose
+    texts UTF-8 can encode: what the templates and the tokenizer need. (The full canonical rules, such as
+    a final assistant turn, are ``sft.formats.validate_conversation``'s; render only needs the shape.)"""
+    where = "" if index is None else f"conversation {index}: "
+    if not isinstance(conv, list | tuple):
+        raise DataError(f"{where}expected a list of messages, got {type(conv).__name__}")
+    for i, m in enumerate(conv):
+        if not isinstance(m, Mapping):
+            raise DataError(f"{where}expected an object, got {type(m).__name__}", field=f"messages[{i}]")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or role not in ROLES:
+            raise DataError(f"{where}role must be one of {ROLES}, got {role!r}", field=f"messages[{i}].role")
+        if not isinstance(content, str):
+            got = "missing" if "content" not in m else type(content).__name__
+            raise DataError(f"{where}expected a string, got {got}", field=f"messages[{i}].content")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(
+                f"{where}text is not valid Unicode (lone surrogate)", field=f"messages[{i}].content"
+            ) from None
+
+
 def render_batch(
     conversations: Sequence[Conversation], tokenizer, template: str | None = None
 ) -> tuple[list[Sample], list[list[int]]]:
@@ -178,7 +202,11 @@ def render_batch(
 
     Also returns, per sample, the token counts at which it can be cut after each assistant reply
     (including a prepended BOS), ascending; used to cut over-long conversations at a turn boundary.
+    Raises ``DataError`` for a conversation that is not a list of role/content messages
+    (:func:`check_messages`), ``TemplateError`` for a template that cannot be masked.
     """
+    for k, conv in enumerate(conversations):
+        check_messages(conv, k if len(conversations) > 1 else None)
     tmpl = resolve_template(tokenizer, template)
     fulls, spans = _spans(conversations, tokenizer, tmpl)
     if not fulls:

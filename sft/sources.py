@@ -8,8 +8,9 @@
   rows when ``limit`` is given, so OpenOrca's 4 M rows are never downloaded whole).
 
 Row numbers are 1-based: for ``.jsonl`` the line number in the file (blank lines are skipped but
-counted), otherwise the record's position. Errors (missing file, malformed JSON line, a record that
-is not an object) are ``DataError`` naming the source and the row.
+counted), otherwise the record's position. Errors (missing file, bytes that are not UTF-8, malformed
+JSON line, JSON nested too deeply or with an over-long integer, a record that is not an object, a
+corrupt parquet file) are ``DataError`` naming the source and the row.
 """
 
 from __future__ import annotations
@@ -36,29 +37,45 @@ def _check_object(obj, source: str, row: int) -> dict:
 
 def _jsonl(path: Path, limit: int | None) -> Iterator[tuple[int, dict]]:
     n = 0
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    # bytes, decoded line by line: a line that is not UTF-8 is an error naming that line
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             if limit is not None and n >= limit:
                 return
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"not UTF-8 (byte {e.start + 1} of the line)", source=str(path), row=lineno
+                ) from None
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"malformed JSON line: {e.msg} at column {e.colno}", source=str(path), row=lineno
-                ) from None
+            obj = _loads(line, str(path), lineno)
             n += 1
             yield lineno, _check_object(obj, str(path), lineno)
 
 
+def _loads(text: str, source: str, row: int | None):
+    """``json.loads`` whose every failure is a DataError: malformed JSON, but also nesting too deep for
+    the parser (RecursionError) and integers over Python's digit limit (ValueError)."""
+    what = "malformed JSON line" if row is not None else "malformed JSON"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"column {e.colno}" if row is not None else f"line {e.lineno} column {e.colno}"
+        raise DataError(f"{what}: {e.msg} at {where}", source=source, row=row) from None
+    except RecursionError:
+        raise DataError(f"{what}: nested too deeply", source=source, row=row) from None
+    except ValueError as e:
+        raise DataError(f"{what}: {str(e).split(';')[0]}", source=source, row=row) from None
+
+
 def _json(path: Path, limit: int | None) -> Iterator[tuple[int, dict]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}", source=str(path)
-        ) from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 (byte {e.start + 1} of the file)", source=str(path)) from None
+    data = _loads(text, str(path), None)
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -75,7 +92,14 @@ def _parquet(path: Path, limit: int | None) -> Iterator[tuple[int, dict]]:
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise DataError(f"cannot read parquet: {e}", source=str(path)) from None
     i = 0
-    for batch in pf.iter_batches(batch_size=1024):
+    batches = pf.iter_batches(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a corrupt page further in the file
+            raise DataError(f"cannot read parquet after row {i}: {e}", source=str(path)) from None
+        if batch is None:
+            return
         for obj in batch.to_pylist():
             if limit is not None and i >= limit:
                 return
