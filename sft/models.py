@@ -234,11 +234,32 @@ def load_model_and_tokenizer(cfg):
     """Return ``(model, tokenizer)`` for ``cfg.model`` (see the module docstring); model on CPU, eval mode off.
 
     Weights are fp32 unless ``cfg.precision == "bf16"``. ``cfg.tokenizer`` overrides the tokenizer source.
-    Raises ModelError (one line) for anything that cannot be found or loaded.
+    Raises ModelError (one line) for anything that cannot be found or loaded, including a truncated or
+    corrupt safetensors / GGUF file and a pickle that ``weights_only`` loading refuses.
     """
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    try:
+        model, tok = _load(cfg, dtype)
+    except ModelError:
+        raise
+    except Exception as e:
+        # a truncated/corrupt safetensors or GGUF file, a pickle refused by weights_only...: the loaders
+        # raise many types from deep inside; the user gets one line naming the model and the cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(
+            f"cannot load model '{cfg.model}' ({type(e).__name__}: {first[:300]}); is the file complete?"
+        ) from None
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+    if getattr(model.config, "model_type", None) == "mpt" and cfg.mpt_impl == "fast":
+        model = _to_fast_mpt(model)
+    return model, tok
+
+
+def _load(cfg, dtype):
+    """``(model, tokenizer)`` for ``cfg.model``; errors are turned into one-line ModelErrors by the caller."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     name = cfg.model
     tok = None
     if name in TINY_PRESETS:
@@ -273,10 +294,6 @@ def load_model_and_tokenizer(cfg):
                 tok = AutoTokenizer.from_pretrained(name, **kw)
             except OSError as e:
                 raise ModelError(f"model '{name}': {str(e).splitlines()[0]}") from None
-    if cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
-    if getattr(model.config, "model_type", None) == "mpt" and cfg.mpt_impl == "fast":
-        model = _to_fast_mpt(model)
     return model, tok
 
 

@@ -505,7 +505,15 @@ def _resolve_folder(path_or_id: str, allow_pickle: bool) -> Path:
 
 
 def _read_state_dict(folder: Path, allow_pickle: bool) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as _load_file
+
+    def load_file(path: Path) -> dict[str, Tensor]:
+        # a truncated or corrupt file: one line naming it, not the Rust deserializer's message alone
+        try:
+            return _load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {path} ({e}); is the file complete?") from None
 
     if (folder / "model.safetensors").exists():
         return load_file(folder / "model.safetensors")

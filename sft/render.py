@@ -69,7 +69,8 @@ class Sample:
 
 
 class TemplateError(ValueError):
-    """The template cannot be used for masked training (no template, or not prefix-stable)."""
+    """The template cannot be used for masked training (no template, not prefix-stable, or jinja refused
+    or failed to render it: syntax, undefined names, sandbox violations)."""
 
 
 def resolve_template(tokenizer, template: str | None) -> str:
@@ -98,9 +99,16 @@ def attach_template(tokenizer, template: str | None) -> None:
 def _apply(tokenizer, convs: Sequence[Conversation], tmpl: str, gen: bool) -> list[str]:
     if not convs:
         return []
-    out = tokenizer.apply_chat_template(
-        [list(c) for c in convs], chat_template=tmpl, tokenize=False, add_generation_prompt=gen
-    )
+    import jinja2
+
+    try:
+        # transformers renders in jinja's ImmutableSandboxedEnvironment: a template cannot reach Python
+        # internals ('' .__class__, list.append ...); such an attempt raises SecurityError, reported here
+        out = tokenizer.apply_chat_template(
+            [list(c) for c in convs], chat_template=tmpl, tokenize=False, add_generation_prompt=gen
+        )
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"chat template refused or failed ({type(e).__name__}: {e})") from None
     return list(out)
 
 
