@@ -39,8 +39,9 @@ from pathlib import Path
 
 import torch
 
-from sft import runs
+from sft import distributed, runs
 from sft.config import ConfigError, TrainConfig, parse_args, parse_fields
+from sft.distributed import DistInfo
 from sft.loss import chunked_cross_entropy_sum, count_supervised
 from sft.models import ModelError, forward_hidden, load_model_and_tokenizer
 from sft.render import TemplateError
@@ -217,21 +218,40 @@ class MicroBatches:
 # ----------------------------------------------------------------------------- eval and samples
 
 
+def ce_sum(model, batch, fwd=forward_hidden, chunk: int = 1024) -> torch.Tensor:
+    """Sum of CE over the supervised targets of ``batch`` (0-d fp32). ``model`` is a plain model, or the
+    FSDP root :class:`sft.distributed.LossModule` (which runs the head and the loss inside its forward)."""
+    if isinstance(model, distributed.LossModule):
+        return model(batch["input_ids"], batch["targets"], batch["document_ids"], batch["position_ids"])
+    h, w = fwd(model, batch)
+    return chunked_cross_entropy_sum(h, w, batch["targets"], chunk)
+
+
 @torch.no_grad()
-def evaluate(model, batches, device, autocast, chunk: int) -> tuple[float, int]:
-    """Held-out loss: sum of CE over all supervised targets / their number; returns ``(loss, N)``."""
+def evaluate(model, batches, device, autocast, chunk: int, info: DistInfo | None = None) -> tuple[float, int]:
+    """Held-out loss: sum of CE over all supervised targets / their number; returns ``(loss, N)``.
+
+    Distributed: rank r takes batches r, r + W, ...; ranks with one batch fewer run a batch with every
+    target ignored (FSDP needs the same number of forwards on every rank); sums are all-reduced.
+    """
     if not batches:
         return float("nan"), 0
+    if info is not None and info.enabled:
+        W = info.world
+        dummy = {**batches[0], "targets": torch.full_like(batches[0]["targets"], IGNORE_INDEX)}
+        mine = batches[info.rank :: W]
+        batches = mine + [dummy] * (math.ceil(len(batches) / W) - len(mine))
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         with autocast():
-            h, w = forward_hidden(model, b)
-            total += float(chunked_cross_entropy_sum(h, w, b["targets"], chunk))
+            total += float(ce_sum(model, b, chunk=chunk))
         n += int((b["targets"] != IGNORE_INDEX).sum())
     model.train(was_training)
+    if info is not None and info.enabled:
+        total, n = distributed.all_reduce_sum(total, info), distributed.all_reduce_sum(n, info)
     return total / max(n, 1), n
 
 
@@ -289,16 +309,52 @@ def _greedy(model, ids, max_new, stops, device, autocast, tokenizer) -> list[int
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) one training run; return its run folder. See the module docstring."""
+    """Run (or resume) one training run; return its run folder. See the module docstring.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) or with ``--distributed``, the model is sharded with FSDP2
+    (sft/distributed.py) and every rank runs this same function; rank 0 alone writes the run folder.
+    """
     t_start = time.time()
-    resume_from = None
+    resume_from, run_dir = None, None
     if cfg.resume:
         run_dir, resume_from = runs.find_resume(cfg.out_dir, cfg.resume)
         saved = TrainConfig.from_dict(runs._read_json(resume_from / "config.json"))
         # the run continues with its own config; only these knobs may change on resume
         cfg = dataclasses.replace(saved, resume=cfg.resume, stop_after=cfg.stop_after, progress=cfg.progress)
-        log.info("resuming %s from %s", run_dir, resume_from.name)
     device = resolve_device(cfg)
+    info = DistInfo()
+    if distributed.wanted(cfg):
+        info = distributed.init(device.type)
+    sft_log = logging.getLogger("sft")
+    level = sft_log.level
+    if not info.is_main:  # one console: rank 0's (warnings still show on every rank)
+        sft_log.setLevel(logging.WARNING)
+    try:
+        return _train(cfg, info, device, resume_from, run_dir, t_start)
+    finally:
+        sft_log.setLevel(level)
+        if info.enabled:
+            distributed.destroy()
+
+
+def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_start) -> Path:
+    W = info.world
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    if resume_from is not None:
+        log.info("resuming %s from %s", run_dir, resume_from.name)
+        if distributed.is_dcp_checkpoint(resume_from) != info.enabled or (
+            info.enabled and distributed.checkpoint_world_size(resume_from) != W
+        ):
+            n = (
+                distributed.checkpoint_world_size(resume_from)
+                if distributed.is_dcp_checkpoint(resume_from)
+                else 1
+            )
+            how = f"torchrun --nproc_per_node {n}" if n > 1 else "one process"
+            raise RunError(
+                f"{resume_from} was written by {n} process(es) and this run has {W}: resume it with {how}"
+            )
     if cfg.optimizer != "adamw" and cfg.precision != "bf16":
         raise ConfigError(f"--optimizer={cfg.optimizer} works on bf16 weights: add --precision=bf16")
     random.seed(cfg.seed)
@@ -311,18 +367,23 @@ def train(cfg: TrainConfig) -> Path:
     if is_local(cfg.data) and not Path(cfg.data).exists():
         raise DataError("data file does not exist", source=cfg.data)
     model, tokenizer = load_model_and_tokenizer(cfg)
+    # distributed: rank 0 prepares (and caches) the data first, the other ranks then read its cache
+    if not info.is_main:
+        distributed.barrier(info)
     prepared, train_rows, eval_batches = prepare(cfg, tokenizer)
+    if info.is_main:
+        distributed.barrier(info)
     stream = MicroBatches(train_rows, cfg, pad_token_id(tokenizer))
     A = cfg.grad_accum
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / A))
+    # one optimizer step = A micro-batches on each of the W ranks: micro-batches s*A*W .. s*A*W + A*W - 1
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (A * W)))
 
     model.to(device)
-    if cfg.grad_checkpointing:
+    if cfg.grad_checkpointing:  # before sharding: it wraps the block calls, FSDP hooks the blocks
         if hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing = True
-    fwd = torch.compile(forward_hidden) if cfg.compile else forward_hidden
     use_autocast = device.type == "cuda" and cfg.precision in ("auto", "bf16-autocast")
 
     def autocast():
@@ -330,9 +391,35 @@ def train(cfg: TrainConfig) -> Path:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    n_params = sum(p.numel() for p in model.parameters())
+    L, d = _layers_and_width(model)
+    peak = peak_flops(device)
+    cfg_dict = cfg.to_dict()
+    model_info = {
+        "class": type(model).__name__,
+        "n_params": n_params,
+        "dtype": str(next(model.parameters()).dtype),
+    }
+    before = None
+    if resume_from is None and cfg.num_samples and info.is_main:  # on the whole model, before sharding
+        before = answer_samples(model, tokenizer, prepared.eval_conversations, cfg, device, autocast)
+
+    # root: what the loop calls; under FSDP a LossModule over the sharded model (sft/distributed.py)
+    root, fwd = model, forward_hidden
+    if info.enabled:
+        if cfg.compile:
+            for block in distributed.transformer_blocks(model):
+                block.compile()
+        root = distributed.LossModule(model, cfg.loss_chunk)
+        distributed.shard_model(
+            root, distributed.mixed_precision(device, cfg.precision), device_type=device.type
+        )
+    elif cfg.compile:
+        fwd = torch.compile(forward_hidden)
+
     from sft.optim import build_optimizer
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in root.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -340,30 +427,31 @@ def train(cfg: TrainConfig) -> Path:
     groups = [g for g in groups if g["params"]]
     optimizer = build_optimizer(groups, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    L, d = _layers_and_width(model)
-    peak = peak_flops(device)
-    cfg_dict = cfg.to_dict()
+    def save_checkpoint():
+        kw = dict(model=root, optimizer=optimizer, state=state, cfg_dict=cfg_dict, keep_last=cfg.keep_last)
+        if info.enabled:
+            return distributed.save_checkpoint(run_dir, state["step"], info=info, **kw)
+        return runs.save_checkpoint(run_dir, state["step"], **kw)
 
-    # ---- the run folder
+    # ---- the run folder (rank 0 names it and makes it; every rank uses that name)
     created = False
     if resume_from is None:
-        run_dir = runs.create_run_dir(cfg.out_dir, cfg.run_name or runs.run_name(cfg.model, cfg.data))
-        created = True
+        name = distributed.broadcast_object(cfg.run_name or runs.run_name(cfg.model, cfg.data), info)
+        run_dir = Path(cfg.out_dir) / name
+        if info.is_main:
+            run_dir = runs.create_run_dir(cfg.out_dir, name)
+            created = True
     try:
-        if resume_from is None:
+        if resume_from is None and info.is_main:
+            dev_name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
             runs.write_config(
                 run_dir,
                 cfg_dict,
                 data={"fingerprint": prepared.fingerprint, "stats": prepared.stats},
-                model={
-                    "class": type(model).__name__,
-                    "n_params": n_params,
-                    "dtype": str(next(model.parameters()).dtype),
-                },
-                device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+                model=model_info,
+                device=f"{dev_name} x {W} (FSDP2)" if info.enabled else dev_name,
             )
-        writer = runs.MetricsWriter(run_dir)
+        writer = runs.MetricsWriter(run_dir) if info.is_main else _NoWriter()
     except BaseException:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -371,38 +459,42 @@ def train(cfg: TrainConfig) -> Path:
 
     state = {"step": 0, "tokens_processed": 0, "tokens_nonpad": 0, "tokens_supervised": 0, "skipped_steps": 0}
     if resume_from is not None:
-        state = runs.load_checkpoint(resume_from, model=model, optimizer=optimizer)
-        runs.truncate_metrics(run_dir, state["step"])
+        if info.enabled:
+            state = distributed.load_checkpoint(resume_from, model=root, optimizer=optimizer, info=info)
+        else:
+            state = runs.load_checkpoint(resume_from, model=model, optimizer=optimizer)
+        if info.is_main:
+            runs.truncate_metrics(run_dir, state["step"])
         eval_before = state.get("eval_before")
     else:
         log.info(
-            "run %s: %d train rows, %d held-out batches, %d steps of %d x %d rows, %.1fM parameters, %s",
+            "run %s: %d train rows, %d held-out batches, %d steps of %d x %d rows%s, %.1fM parameters, %s",
             run_dir,
             stream.n_rows,
             len(eval_batches),
             total_steps,
             A,
             cfg.micro_batch,
+            f" x {W} ranks (FSDP2)" if info.enabled else "",
             n_params / 1e6,
             device,
         )
-        eval_before, n_eval = evaluate(model, eval_batches, device, autocast, cfg.loss_chunk)
+        eval_before, n_eval = evaluate(root, eval_batches, device, autocast, cfg.loss_chunk, info)
         state["eval_before"] = eval_before
         writer.eval({"step": 0, "epoch": 0.0, "eval_loss": eval_before, "eval_tokens_supervised": n_eval})
         log.info("held-out loss before training: %.4f (%d supervised tokens)", eval_before, n_eval)
-        if cfg.num_samples:
-            before = answer_samples(model, tokenizer, prepared.eval_conversations, cfg, device, autocast)
+        if before is not None:
             runs.write_samples(run_dir, [{"stage": "before", "step": 0, **s} for s in before])
             _print_samples("before", before)
 
     stop = {}
     previous_handlers = _install_stop_handlers(stop)
     bar = None
-    if cfg.progress:
+    if cfg.progress and info.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
-    model.train()
+    root.train()
     stopped_reason = None
     try:
         while state["step"] < total_steps:
@@ -410,8 +502,11 @@ def train(cfg: TrainConfig) -> Path:
             t0 = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            micro = [stream[step * A + j] for j in range(A)]
-            n_sup = count_supervised(micro)  # N_step: the loss is the mean over these (sft/loss.py)
+            # rank r takes micro-batches (s*A + j)*W + r: the ranks together read what one process with
+            # grad_accum = A*W would, so losses match it (and each rank reads distinct rows)
+            micro = [stream[(step * A + j) * W + info.rank] for j in range(A)]
+            # N_step over all ranks: the loss is the mean over these (sft/loss.py)
+            n_sup = distributed.all_reduce_sum(count_supervised(micro), info)
             lr = lr_at(step, cfg, total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -419,13 +514,22 @@ def train(cfg: TrainConfig) -> Path:
             for mb in micro:
                 mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
                 with autocast():
-                    h, w = fwd(model, mb)
-                    ce = chunked_cross_entropy_sum(h, w, mb["targets"], cfg.loss_chunk)
-                (ce / max(n_sup, 1)).backward()
+                    ce = ce_sum(root, mb, fwd, cfg.loss_chunk)
+                # FSDP averages gradients over the W ranks: W * CE / N makes that average sum CE / N
+                ((ce * W) / max(n_sup, 1)).backward()
                 ce_total += float(ce.detach())
+            processed = sum(b["input_ids"].numel() for b in micro)
+            nonpad = sum(int(b["attention_mask"].sum()) for b in micro)
+            attn = sum(attention_flops_tokens(b["document_ids"]) for b in micro) if peak is not None else 0
+            if info.enabled:  # one all-reduce for the step's sums; any rank's signal stops every rank
+                ce_total, processed, nonpad, attn, n_signals = distributed.all_reduce_sum(
+                    [ce_total, processed, nonpad, attn, int(bool(stop.get("signal")))], info
+                )
+                if n_signals and not stop.get("signal"):
+                    stop["signal"] = "a signal on another rank"
             loss = ce_total / max(n_sup, 1)
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, clip)))
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 optimizer.step()
             else:
@@ -442,18 +546,17 @@ def train(cfg: TrainConfig) -> Path:
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
 
-            processed = sum(b["input_ids"].numel() for b in micro)
-            nonpad = sum(int(b["attention_mask"].sum()) for b in micro)
             state["step"] = step + 1
             state["tokens_processed"] += processed
             state["tokens_nonpad"] += nonpad
             state["tokens_supervised"] += n_sup
             mfu = None
-            if peak is not None:
-                attn = sum(attention_flops_tokens(b["document_ids"]) for b in micro)
-                mfu = (6 * n_params * processed + 12 * L * d * attn) / dt / peak
-            peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            epoch = (step + 1) * A / stream.per_epoch
+            if peak is not None:  # processed and attn are summed over the W ranks, so is the peak
+                mfu = (6 * n_params * processed + 12 * L * d * attn) / dt / (peak * W)
+            peak_mem = None
+            if device.type == "cuda":
+                peak_mem = distributed.all_reduce_max(torch.cuda.max_memory_allocated(device) / 2**30, info)
+            epoch = (step + 1) * A * W / stream.per_epoch
             if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
                 writer.train(
                     {
@@ -479,7 +582,7 @@ def train(cfg: TrainConfig) -> Path:
             if bar is not None:
                 bar.update(1)
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total_steps:
-                ev, n_eval = evaluate(model, eval_batches, device, autocast, cfg.loss_chunk)
+                ev, n_eval = evaluate(root, eval_batches, device, autocast, cfg.loss_chunk, info)
                 writer.eval(
                     {
                         "step": state["step"],
@@ -490,15 +593,7 @@ def train(cfg: TrainConfig) -> Path:
                 )
                 log.info("step %d: held-out loss %.4f", state["step"], ev)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
-                runs.save_checkpoint(
-                    run_dir,
-                    state["step"],
-                    model=model,
-                    optimizer=optimizer,
-                    state=state,
-                    cfg_dict=cfg_dict,
-                    keep_last=cfg.keep_last,
-                )
+                save_checkpoint()
             if stop.get("signal"):
                 stopped_reason = f"stopped by {stop['signal']}"
                 break
@@ -512,42 +607,43 @@ def train(cfg: TrainConfig) -> Path:
             signal.signal(s, h)
 
     # ---- end (or early stop): checkpoint, evaluate, answer again, export
-    ckpt = runs.save_checkpoint(
-        run_dir,
-        state["step"],
-        model=model,
-        optimizer=optimizer,
-        state=state,
-        cfg_dict=cfg_dict,
-        keep_last=cfg.keep_last,
-    )
+    ckpt = save_checkpoint()
     if stopped_reason is not None:
         writer.close()
-        runs.plot_loss(run_dir)
+        if info.is_main:
+            runs.plot_loss(run_dir)
         msg = f"{stopped_reason}: checkpoint {ckpt}; continue with --resume={run_dir}"
         if stop.get("signal") or cfg.on_nan == "stop" and "non-finite" in stopped_reason:
             raise TrainingStopped(msg)
         log.info(msg)
         return run_dir
-    eval_after, n_eval = evaluate(model, eval_batches, device, autocast, cfg.loss_chunk)
+    eval_after, n_eval = evaluate(root, eval_batches, device, autocast, cfg.loss_chunk, info)
     writer.eval(
         {
             "step": state["step"],
-            "epoch": round(state["step"] * A / stream.per_epoch, 4),
+            "epoch": round(state["step"] * A * W / stream.per_epoch, 4),
             "eval_loss": eval_after,
             "eval_tokens_supervised": n_eval,
         }
     )
     writer.close()
+    export = model
+    if info.enabled and (cfg.num_samples or cfg.save_final):
+        # the full weights gathered to rank 0 into an unsharded copy (None on the other ranks)
+        export = distributed.consolidated_model(root, info)
+        if export is not None:
+            export.to(device)
+    if not info.is_main:
+        return run_dir
     if cfg.num_samples:
-        after = answer_samples(model, tokenizer, prepared.eval_conversations, cfg, device, autocast)
+        after = answer_samples(export, tokenizer, prepared.eval_conversations, cfg, device, autocast)
         runs.write_samples(run_dir, [{"stage": "after", "step": state["step"], **s} for s in after])
         _print_samples("after", after)
     if cfg.save_final:
         from sft.render import attach_template
 
         attach_template(tokenizer, cfg.template)  # inference renders exactly as training did
-        runs.save_final(run_dir, model, tokenizer)
+        runs.save_final(run_dir, export, tokenizer)
     runs.plot_loss(run_dir)
     log.info(
         "held-out loss %.4f -> %.4f (%+.4f) after %d steps in %.0f s; run folder %s",
@@ -559,6 +655,19 @@ def train(cfg: TrainConfig) -> Path:
         run_dir,
     )
     return run_dir
+
+
+class _NoWriter:
+    """Stands in for :class:`sft.runs.MetricsWriter` on ranks other than 0 (they write nothing)."""
+
+    def train(self, row) -> None:
+        pass
+
+    def eval(self, row) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def step_line(step, total, loss, lr, dt, tok_s, mfu, mem) -> str:
