@@ -258,30 +258,74 @@ def _state_dict_for_save(model) -> dict[str, torch.Tensor]:
 def save_checkpoint(
     run_dir: Path, step: int, *, model, optimizer, state: dict, cfg_dict: dict, keep_last: int
 ) -> Path:
-    """Write ``checkpoints/step_{step:07d}/`` atomically and keep only the newest ``keep_last``."""
+    """Write ``checkpoints/step_{step:07d}/`` atomically and keep only the newest ``keep_last``.
+
+    A write failure (full disk, read-only file system, quota) removes the temporary folder and raises
+    RunError naming the step and the cause; the checkpoints already there are left untouched.
+    """
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_state_dict_for_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    _write_json(tmp / "config.json", cfg_dict)
-    _write_json(tmp / "state.json", state)  # written last: its presence marks a complete checkpoint
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        root.mkdir(exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file(_state_dict_for_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        _write_json(tmp / "config.json", cfg_dict)
+        _write_json(tmp / "state.json", state)  # written last: its presence marks a complete checkpoint
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(run_dir)
+        cause = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        raise RunError(
+            f"could not write checkpoint {final.name} ({cause}); "
+            + (f"previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint")
+        ) from None
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "config.json", "state.json")
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why ``ckpt`` cannot be resumed from (a file missing, truncated or corrupt), or ``None``.
+
+    Cheap: reads the JSON files, the safetensors header (safetensors itself refuses a file its header
+    does not exactly cover, i.e. a truncated one) and the zip directories of the ``torch.save`` files
+    (stored at their end, so a truncated file has none). Does not read the tensors.
+    """
+    import zipfile
+
+    from safetensors import safe_open
+
+    ckpt = Path(ckpt)
+    for name in CHECKPOINT_FILES:
+        if not (ckpt / name).is_file():
+            return f"{name} is missing"
+    try:
+        for name in ("config.json", "state.json"):
+            json.loads((ckpt / name).read_text(encoding="utf-8"))
+        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+            f.keys()
+        for name in ("optimizer.pt", "rng.pt"):
+            with zipfile.ZipFile(ckpt / name) as z:
+                z.namelist()
+    except Exception as e:  # json, safetensors and zipfile each raise their own types
+        return f"{name} is unreadable ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+    return None
 
 
 def load_checkpoint(ckpt: Path, *, model, optimizer) -> dict:
@@ -299,8 +343,10 @@ def load_checkpoint(ckpt: Path, *, model, optimizer) -> dict:
 
 
 def find_resume(out_dir: str | Path, resume: str) -> tuple[Path, Path]:
-    """``(run_dir, latest checkpoint)`` for ``--resume``: ``latest`` = newest run in ``out_dir`` that has a
-    checkpoint, else a run folder path (or a name inside ``out_dir``). RunError if there is none."""
+    """``(run_dir, latest usable checkpoint)`` for ``--resume``: ``latest`` = newest run in ``out_dir`` that
+    has a checkpoint, else a run folder path (or a name inside ``out_dir``). A damaged checkpoint
+    (:func:`checkpoint_problem`) is skipped, with a warning, for the newest intact one before it;
+    RunError (naming each problem) if there is none."""
     if resume in ("latest", "true", "1"):
         runs = sorted(
             (p for p in Path(out_dir).glob("*") if p.is_dir() and list_checkpoints(p)), key=lambda p: p.name
@@ -317,7 +363,15 @@ def find_resume(out_dir: str | Path, resume: str) -> tuple[Path, Path]:
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise RunError(f"--resume={resume}: {run_dir} has no complete checkpoint")
-    return run_dir, ckpts[-1]
+    problems = []
+    for ckpt in reversed(ckpts):  # newest first; a damaged one is skipped for the one before it
+        why = checkpoint_problem(ckpt)
+        if why is None:
+            if problems:
+                log.warning("resuming from %s instead: %s", ckpt.name, "; ".join(problems))
+            return run_dir, ckpt
+        problems.append(f"{ckpt.name}: {why}")
+    raise RunError(f"--resume={resume}: no usable checkpoint in {run_dir} ({'; '.join(problems)})")
 
 
 def save_final(run_dir: Path, model, tokenizer) -> Path:
