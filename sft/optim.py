@@ -225,6 +225,57 @@ class KahanAdamW(torch.optim.Optimizer):
                 if torch.is_tensor(v):
                     self.state[p][k] = v.to(device=p.device, copy=True)
 
+    def _scalars(self, group: dict, step: int, device: torch.device) -> torch.Tensor:
+        """[lr, 1 - beta1**step, sqrt(1 - beta2**step)] as an fp32 device tensor, cached per (group, step).
+
+        Cached so that stepping parameter by parameter (``step_parameter`` from backward hooks)
+        makes one host-to-device copy per step and device, not one per parameter.
+        """
+        beta1, beta2 = group["betas"]
+        key = (id(group), step, device, group["lr"])
+        cache = self.__dict__.setdefault("_scalars_cache", {})
+        t = cache.get(key)
+        if t is None:
+            if len(cache) > 64:  # old steps are never asked for again
+                cache.clear()
+            t = torch.tensor(
+                [group["lr"], 1 - beta1**step, (1 - beta2**step) ** 0.5], dtype=torch.float32, device=device
+            )
+            cache[key] = t
+        return t
+
+    def _update(self, group: dict, p: torch.Tensor) -> None:
+        """Advance ``p``'s step and apply one AdamW update to it from ``p.grad`` (in place)."""
+        if p.grad.is_sparse:
+            raise RuntimeError("KahanAdamW does not support sparse gradients")
+        state = self._init_state(p)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("compensation")]
+        fn = _adamw_update
+        if self.compile and p.is_contiguous() and p.grad.is_contiguous():
+            # Flattened, every tensor is the same 1-D kernel: one dynamic-shape compilation.
+            tensors = [None if t is None else t.view(-1) for t in tensors]
+            fn = _get_compiled_update()
+        hyper = (
+            self._scalars(group, state["step"], p.device),
+            beta1,
+            beta2,
+            group["eps"],
+            group["weight_decay"],
+        )
+        stochastic = self.rounding == "stochastic"
+        try:
+            fn(*tensors, *hyper, stochastic)
+        except Exception:
+            if fn is _adamw_update:
+                raise
+            # A compilation failure happens before the kernel mutates anything: redo this
+            # tensor eagerly and stay eager (same arithmetic, more memory traffic).
+            logger.warning("compiled KahanAdamW update failed; using the eager update", exc_info=True)
+            self.compile = False
+            _adamw_update(*tensors, *hyper, stochastic)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step over every parameter that has a gradient; returns closure's loss."""
@@ -232,42 +283,48 @@ class KahanAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        update = _get_compiled_update() if self.compile else _adamw_update
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            scalars_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("KahanAdamW does not support sparse gradients")
-                state = self._init_state(p)
-                state["step"] += 1
-                step = state["step"]
-                key = (step, p.device)
-                if key not in scalars_cache:
-                    scalars_cache[key] = torch.tensor(
-                        [group["lr"], 1 - beta1**step, (1 - beta2**step) ** 0.5],
-                        dtype=torch.float32,
-                        device=p.device,
-                    )
-                tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("compensation")]
-                fn = _adamw_update
-                if p.is_contiguous() and p.grad.is_contiguous():
-                    # Flattened, every tensor is the same 1-D kernel: one dynamic-shape compilation.
-                    tensors = [None if t is None else t.view(-1) for t in tensors]
-                    fn = update
-                hyper = (scalars_cache[key], beta1, beta2, group["eps"], group["weight_decay"])
-                stochastic = self.rounding == "stochastic"
-                try:
-                    fn(*tensors, *hyper, stochastic)
-                except Exception:
-                    if fn is _adamw_update:
-                        raise
-                    # A compilation failure happens before the kernel mutates anything: redo this
-                    # tensor eagerly and stay eager (same arithmetic, more memory traffic).
-                    logger.warning("compiled KahanAdamW update failed; using the eager update", exc_info=True)
-                    self.compile = False
-                    update = _adamw_update
-                    _adamw_update(*tensors, *hyper, stochastic)
+                if p.grad is not None:
+                    self._update(group, p)
         return loss
+
+    @torch.no_grad()
+    def step_parameter(self, p: torch.Tensor) -> None:
+        """Update the single parameter ``p`` from ``p.grad`` now (same arithmetic as ``step``).
+
+        For the optimizer step inside backward (``step_in_backward``). A parameter without a
+        gradient is skipped. Raises KeyError if ``p`` is not in this optimizer.
+        """
+        if p.grad is None:
+            return
+        group = self._group_of(p)
+        self._update(group, p)
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        index = self.__dict__.get("_group_index")
+        if index is None or len(index) != sum(len(g["params"]) for g in self.param_groups):
+            index = {id(q): g for g in self.param_groups for q in g["params"]}
+            self._group_index = index
+        return index[id(p)]
+
+
+def step_in_backward(optimizer: KahanAdamW, params: Iterable[torch.Tensor]) -> list[Any]:
+    """Run ``optimizer.step_parameter(p)`` as soon as each ``p``'s gradient is complete, then drop it.
+
+    Uses ``Tensor.register_post_accumulate_grad_hook``: during ``loss.backward()`` every parameter
+    is updated and its ``.grad`` set to None right after its gradient is accumulated, so the
+    gradients of the whole model are never alive at once (peak memory falls by about one
+    gradient copy: 2 bytes/param in bf16). Afterwards call neither ``optimizer.step()`` nor
+    ``zero_grad()``; the update is the same arithmetic as ``step()`` (bit-identical with fp32
+    moments; with bf16 moments the stochastic-rounding draws come in another order).
+    What it cannot do: anything needing all gradients before the first update, i.e. gradient
+    clipping by global norm and gradient accumulation over micro-batches.
+    Returns the hook handles (``handle.remove()`` restores ordinary stepping).
+    """
+
+    def hook(p: torch.Tensor) -> None:
+        optimizer.step_parameter(p)
+        p.grad = None
+
+    return [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
