@@ -275,6 +275,12 @@ def _alibi_score_mod(slopes: Tensor):
 
 # Compiled once per process, lazily (compiling at import would slow every CPU import down).
 _flex_compiled = None
+# Inductor's FlexAttention kernel needs head_dim >= 16 (triton's tl.dot); below that it raises.
+_FLEX_MIN_HEAD_DIM = 16
+# Distinct (query length, cache length) prefill shapes compiled for flex before falling back to the
+# materialised path: each new shape is a recompile (dynamic=False), which a chat with varying prompt
+# lengths would otherwise pay on every turn, and dynamo's cache limit would then silently run eager flex.
+_MAX_PREFILL_SHAPES = 8
 
 
 def _flex(compiled: bool):
@@ -315,16 +321,31 @@ class MPTAttention(nn.Module):
         return self._out(y)
 
     def forward_cached(self, x: Tensor, bias: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor):
-        """Write this step's K/V at ``input_pos`` (dim 2 of ``[B, H, S, hd]`` caches), attend over the
-        whole cache with ``bias`` (float32 ``[1, H, t, S]``, ``-inf`` past each query's position)."""
+        """Write this step's K/V at ``input_pos`` (dim 2 of ``[B, H, S, hd]`` caches), attend over cache
+        slots ``0..n-1`` with ``bias`` (float32 ``[1, H, t, n]``, ``n <= S``, ``-inf`` past each query's
+        position): the materialised path (the compiled decode step, CPU, fallbacks)."""
         q, k, v = self._qkv(x)
         k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
         v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
+        n = bias.shape[-1]
+        keys, values = k_cache[:, :, :n], v_cache[:, :, :n]
         # Scores in the cache dtype, plus the float32 bias, softmax in float32: transformers' order. A
         # bf16 bias would round slope * distance by up to |bias| / 256 at long range.
-        scores = (q @ k_cache.transpose(-1, -2)) * (self.head_dim**-0.5) + bias
-        y = torch.softmax(scores.float(), dim=-1).to(v_cache.dtype) @ v_cache
+        scores = (q @ keys.transpose(-1, -2)) * (self.head_dim**-0.5) + bias
+        y = torch.softmax(scores.float(), dim=-1).to(v_cache.dtype) @ values
         return self._out(y)
+
+    def forward_cached_flex(
+        self, x: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor, flex_fn, score_mod, block_mask
+    ) -> Tensor:
+        """Like :meth:`forward_cached`, attending through FlexAttention over the whole cache: the ALiBi
+        bias is added in float32 inside the kernel (``score_mod``), ``block_mask`` skips key blocks past
+        the last position, so no ``[t, S]`` score tensor is materialised (the prefill path on CUDA)."""
+        q, k, v = self._qkv(x)
+        k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
+        y = flex_fn(q.to(k_cache.dtype), k_cache, v_cache, score_mod=score_mod, block_mask=block_mask)
+        return self._out(y.to(x.dtype))
 
 
 class MPTMLP(nn.Module):
@@ -359,6 +380,13 @@ class MPTBlock(nn.Module):
         x = x + self.attn.forward_cached(self.norm_1(x), bias, input_pos, self.k_cache, self.v_cache)
         return x + self.ffn(self.norm_2(x))
 
+    def forward_cached_flex(self, x: Tensor, input_pos: Tensor, flex_fn, score_mod, block_mask) -> Tensor:
+        y = self.attn.forward_cached_flex(
+            self.norm_1(x), input_pos, self.k_cache, self.v_cache, flex_fn, score_mod, block_mask
+        )
+        x = x + y
+        return x + self.ffn(self.norm_2(x))
+
 
 class _Transformer(nn.Module):
     # Exists so that state-dict names are MosaicML's / transformers' ("transformer.blocks.0...").
@@ -376,7 +404,10 @@ class MPTForCausalLM(nn.Module):
     ``transformer.norm_f.weight [d]``.
 
     ``attn_impl``: see the module docstring. ``gradient_checkpointing``: recompute each block in backward
-    (non-reentrant ``torch.utils.checkpoint``) when training.
+    (non-reentrant ``torch.utils.checkpoint``) when training. ``cached_prefill_impl``: attention of an
+    eager multi-token ``forward_cached`` (the prefill): ``"auto"`` (compiled flex on CUDA when
+    ``head_dim >= 16``, else ``"math"``), ``"flex"``, ``"flex_eager"`` (uncompiled; CPU tests of the flex
+    prefill), ``"math"`` (float32 bias materialised over the filled keys).
     """
 
     def __init__(self, config: MPTConfig, attn_impl: str = "auto"):
@@ -388,6 +419,12 @@ class MPTForCausalLM(nn.Module):
         self.gradient_checkpointing = False
         self.transformer = _Transformer(config)
         self._cache_len = 0
+        self._warned_small_head = False
+        # Cached (inference) attention for t > 1 outside a compiled graph: see forward_cached.
+        self.cached_prefill_impl = "auto"
+        self._prefill_flex_failed = False
+        self._prefill_shapes: set[tuple[int, int]] = set()
+        self._prefill_masks: dict[tuple[int, int, int], BlockMask] = {}
 
     # ---------------------------------------------------------------- weights
     @torch.no_grad()
@@ -406,9 +443,20 @@ class MPTForCausalLM(nn.Module):
 
     # ---------------------------------------------------------------- training / scoring path
     def _resolve_impl(self, device: torch.device) -> str:
-        if self.attn_impl == "auto":
-            return "flex" if device.type == "cuda" else "sdpa"
-        return self.attn_impl
+        impl = self.attn_impl
+        if impl == "auto":
+            impl = "flex" if device.type == "cuda" else "sdpa"
+        if impl == "flex" and device.type == "cuda" and self.config.head_dim < _FLEX_MIN_HEAD_DIM:
+            # Inductor's flex kernel raises NotImplementedError for head_dim < 16 (tl.dot needs >= 16).
+            if not self._warned_small_head:
+                log.warning(
+                    "head_dim=%d < %d: compiled FlexAttention cannot run on CUDA; using sdpa",
+                    self.config.head_dim,
+                    _FLEX_MIN_HEAD_DIM,
+                )
+                self._warned_small_head = True
+            impl = "sdpa"
+        return impl
 
     def forward_hidden(self, input_ids: Tensor, document_ids: Tensor | None = None) -> Tensor:
         """``input_ids`` long ``[B, T]``, ``document_ids`` int ``[B, T]`` (non-decreasing per row) or None
@@ -465,25 +513,105 @@ class MPTForCausalLM(nn.Module):
             block.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             block.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self._cache_len = max_seq_len
+        self._prefill_masks.clear()
 
-    def forward_cached(self, input_ids: Tensor, input_pos: Tensor) -> Tensor:
-        """``input_ids [B, t]`` at absolute positions ``input_pos`` (long ``[t]``, increasing, all
-        ``< max_seq_len`` of ``setup_cache``) -> logits ``[B, t, V]``.
+    def _use_flex_prefill(self, t: int, device: torch.device) -> bool:
+        """Whether a t-token eager ``forward_cached`` goes through compiled FlexAttention."""
+        impl = self.cached_prefill_impl
+        if impl == "math" or t == 1 or torch.compiler.is_compiling() or self._prefill_flex_failed:
+            return False
+        if impl == "auto" and (device.type != "cuda" or self.config.head_dim < _FLEX_MIN_HEAD_DIM):
+            return False
+        shape = (t, self._cache_len)
+        if shape not in self._prefill_shapes:
+            if len(self._prefill_shapes) >= _MAX_PREFILL_SHAPES:
+                log.info("prefill shape %s: %d flex shapes compiled already; using the materialised path",
+                         shape, _MAX_PREFILL_SHAPES)  # fmt: skip
+                return False
+            self._prefill_shapes.add(shape)
+        return True
+
+    def _prefill_block_mask(self, input_pos: Tensor, t: int) -> BlockMask:
+        # Query i (absolute position input_pos[i] = first + i: positions are contiguous) may attend
+        # cache slot s iff s <= first + i. Depends only on (t, cache length, first): cached, so a repeated
+        # prompt length does not rebuild it (it costs a [t, S] mask evaluation).
+        first = int(input_pos[0])
+        key = (t, self._cache_len, first)
+        mask = self._prefill_masks.get(key)
+        if mask is None:
+            offset = torch.tensor(first, device=input_pos.device)
+
+            def offset_causal(b, h, q_idx, kv_idx):
+                return kv_idx <= q_idx + offset
+
+            mask = create_block_mask(offset_causal, None, None, t, self._cache_len, device=input_pos.device)
+            if len(self._prefill_masks) >= 16:
+                self._prefill_masks.pop(next(iter(self._prefill_masks)))
+            self._prefill_masks[key] = mask
+        return mask
+
+    def forward_cached(self, input_ids: Tensor, input_pos: Tensor, logits_to_keep: int = 0) -> Tensor:
+        """``input_ids [B, t]`` at absolute positions ``input_pos`` (long ``[t]``, contiguous and
+        increasing, all ``< max_seq_len`` of ``setup_cache``) -> logits ``[B, t, V]``, or
+        ``[B, logits_to_keep, V]`` (the last positions only) when ``logits_to_keep > 0``.
 
         Writes each block's K/V at ``input_pos``; query i attends to cache slots ``s <= input_pos[i]``
-        with bias ``slope * (s - input_pos[i])``. Shapes are static for a fixed t (the whole cache is
-        attended under a mask), so a t=1 step compiles with ``mode="reduce-overhead"``.
+        with bias ``slope * (s - input_pos[i])``, softmax in float32. Three attention paths, same rule:
+
+        - inside a compiled graph (the t=1 decode step): the whole cache under a float32 bias ``[1, H,
+          t, S]`` built once per forward; shapes are static, so it compiles with
+          ``mode="reduce-overhead"`` and has no host sync;
+        - eager, t > 1, CUDA, ``head_dim >= 16`` (``cached_prefill_impl="auto"`` or ``"flex"``): compiled
+          FlexAttention with ALiBi as a float32 ``score_mod`` and a causal block mask offset by
+          ``input_pos[0]`` (one host read of it); each new ``(t, S)`` compiles once (at most 8 shapes,
+          then the next path). Any failure logs a warning and falls back to the next path for good;
+        - otherwise (CPU, ``"math"``, fallbacks): the float32 bias materialised over keys
+          ``0..input_pos[-1]`` only (one host read of it), not the whole static cache.
         """
         if self._cache_len == 0:
             raise RuntimeError("call setup_cache(batch_size, max_seq_len) before forward_cached")
-        slopes = alibi_slopes(self.config.n_heads, self.config.alibi_bias_max, device=input_ids.device)
-        s = torch.arange(self._cache_len, device=input_ids.device)
-        rel = (s[None, :] - input_pos[:, None]).float()  # [t, S]
-        bias = (slopes[:, None, None] * rel[None]).masked_fill(rel[None] > 0, float("-inf"))[None]
+        t = input_ids.shape[1]
+        dev = input_ids.device
+        slopes = alibi_slopes(self.config.n_heads, self.config.alibi_bias_max, device=dev)
         x = self.transformer.wte(input_ids)
+        h = None
+        if self._use_flex_prefill(t, dev):
+            try:
+                h = self._blocks_cached_flex(x, input_pos, slopes)
+            except Exception as e:  # a kernel/compile failure must not stop generation: math path is exact
+                log.warning("flex prefill failed (%s: %s); using the materialised path from now on",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")  # fmt: skip
+                self._prefill_flex_failed = True
+        if h is None:
+            h = self._blocks_cached_math(x, input_pos, slopes)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self._logits(self.transformer.norm_f(h))
+
+    def _blocks_cached_flex(self, x: Tensor, input_pos: Tensor, slopes: Tensor) -> Tensor:
+        t = x.shape[1]
+        block_mask = self._prefill_block_mask(input_pos, t)
+        pos = input_pos
+
+        def alibi_at_pos(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - pos[q_idx])
+
+        flex_fn = _flex(self.cached_prefill_impl != "flex_eager")
+        for block in self.transformer.blocks:
+            x = block.forward_cached_flex(x, input_pos, flex_fn, alibi_at_pos, block_mask)
+        return x
+
+    def _blocks_cached_math(self, x: Tensor, input_pos: Tensor, slopes: Tensor) -> Tensor:
+        n_keys = self._cache_len
+        if not torch.compiler.is_compiling() and (x.shape[1] > 1 or x.device.type == "cpu"):
+            n_keys = int(input_pos[-1]) + 1  # eager: keys past the last position are never attended
+        s = torch.arange(n_keys, device=x.device)
+        rel = (s[None, :] - input_pos[:, None]).float()  # [t, n]
+        # Built once per forward (not per block): float32 [1, H, t, n].
+        bias = (slopes[:, None, None] * rel[None]).masked_fill(rel[None] > 0, float("-inf"))[None]
         for block in self.transformer.blocks:
             x = block.forward_cached(x, bias, input_pos)
-        return self._logits(self.transformer.norm_f(x))
+        return x
 
 
 # -------------------------------------------------------------------- checkpoints
