@@ -62,7 +62,7 @@ class DistInfo:
 
 def wanted(cfg) -> bool:
     """True under ``torchrun`` with more than one process, or when ``cfg.distributed`` asks for FSDP."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or bool(getattr(cfg, "distributed", False))
+    return int(os.environ.get("WORLD_SIZE") or 1) > 1 or bool(getattr(cfg, "distributed", False))
 
 
 def _free_port() -> int:
@@ -79,8 +79,8 @@ def init(device_type: str) -> DistInfo:
     if not os.environ.get("MASTER_ADDR"):  # --distributed without torchrun: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ["MASTER_PORT"] = str(_free_port())
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world = int(os.environ.get("RANK") or 0), int(os.environ.get("WORLD_SIZE") or 1)
+    local_rank = int(os.environ.get("LOCAL_RANK") or 0)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
@@ -262,6 +262,49 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     barrier(info)
     return final
+
+
+def dcp_checkpoint_problem(ckpt: Path) -> str | None:
+    """Why the sharded checkpoint ``ckpt`` cannot be resumed from (a file missing or unreadable), or None."""
+    ckpt = Path(ckpt)
+    try:
+        for name in ("config.json", "state.json"):
+            state = json.loads((ckpt / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"{name} is missing or unreadable ({type(e).__name__})"
+    if state.get("format") != "dcp":
+        return "not a sharded (DCP) checkpoint"
+    if not (ckpt / "dcp" / ".metadata").is_file():
+        return "dcp/.metadata is missing"
+    for r in range(int(state.get("world_size", 1))):
+        if not (ckpt / f"rng_rank{r}.pt").is_file():
+            return f"rng_rank{r}.pt is missing"
+    return None
+
+
+def find_resume(out_dir: str | Path, resume: str) -> tuple[Path, Path]:
+    """:func:`sft.runs.find_resume`, also accepting sharded (DCP) checkpoints, which it does not know:
+    ``(run_dir, newest usable checkpoint)``; RunError when there is none."""
+    from sft import runs
+
+    try:
+        return runs.find_resume(out_dir, resume)
+    except runs.RunError as e:
+        error = e
+    if resume in ("latest", "true", "1"):
+        found = sorted(
+            (p for p in Path(out_dir).glob("*") if p.is_dir() and runs.list_checkpoints(p)),
+            key=lambda p: p.name,
+        )
+        run_dir = found[-1] if found else None
+    else:
+        run_dir = Path(resume) if Path(resume).is_dir() else Path(out_dir) / resume
+    if run_dir is None or not run_dir.is_dir():
+        raise error
+    for ckpt in reversed(runs.list_checkpoints(run_dir)):
+        if is_dcp_checkpoint(ckpt) and dcp_checkpoint_problem(ckpt) is None:
+            return run_dir, ckpt
+    raise error
 
 
 def is_dcp_checkpoint(ckpt: Path) -> bool:

@@ -317,7 +317,7 @@ def train(cfg: TrainConfig) -> Path:
     t_start = time.time()
     resume_from, run_dir = None, None
     if cfg.resume:
-        run_dir, resume_from = runs.find_resume(cfg.out_dir, cfg.resume)
+        run_dir, resume_from = distributed.find_resume(cfg.out_dir, cfg.resume)
         saved = TrainConfig.from_dict(runs._read_json(resume_from / "config.json"))
         # the run continues with its own config; only these knobs may change on resume
         cfg = dataclasses.replace(saved, resume=cfg.resume, stop_after=cfg.stop_after, progress=cfg.progress)

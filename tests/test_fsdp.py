@@ -1,0 +1,192 @@
+"""FSDP2 on CPU (gloo): 2 processes under torchrun give the losses of one process with the same global
+batch, resume from a sharded (DCP) checkpoint, and export a final/ that transformers loads.
+
+Slow-marked tests take ~55 s on 2 idle cores (two torchrun launches of 3 processes each, three in-process
+runs); much longer on a loaded machine."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from sft import distributed, trainer
+from sft.config import TrainConfig
+from sft.train_mpt_guanaco import DEFAULTS as MPT_DEFAULTS
+from sft.train_mpt_guanaco import SMOKE as MPT_SMOKE
+from sft.train_smollm2_guanaco import DEFAULTS as LLAMA_DEFAULTS
+from sft.train_smollm2_guanaco import SMOKE as LLAMA_SMOKE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the recipe's --smoke model (tiny random MPT, our FlexAttention/SDPA implementation), with activation
+# checkpointing on, so that checkpointing + sharding is what is tested
+COMMON = ["--smoke", "--grad_checkpointing", "--progress=false", "--num_samples=1"]
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _curve(run_dir):
+    """(step, loss, grad_norm) of train lines and (step, eval_loss) of eval lines."""
+    rows = _metrics(run_dir)
+    train = [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    return train, evals
+
+
+def _close(a, b, tol=1e-5):
+    assert len(a) == len(b), (a, b)
+    for x, y in zip(a, b, strict=True):
+        assert x[0] == y[0]
+        assert x[1:] == pytest.approx(y[1:], abs=tol), (x, y)
+
+
+def _torchrun(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["sft/train_mpt_guanaco.py", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def runs_2_and_1(tmp_path_factory):
+    """Two ranks x grad_accum=1, stopped after step 2 and resumed; one process x grad_accum=2."""
+    out = tmp_path_factory.mktemp("fsdp")
+    two = ["--grad_accum=1", f"--out_dir={out}", "--run_name=two"]
+    p = _torchrun(*COMMON, *two, "--stop_after=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    stopped = _curve(out / "two")
+    p = _torchrun(f"--resume={out / 'two'}", "--progress=false")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming" in p.stderr
+    rc = trainer.main(
+        MPT_DEFAULTS, [*COMMON, "--grad_accum=2", f"--out_dir={out}", "--run_name=one"], smoke=MPT_SMOKE
+    )
+    assert rc == 0
+    return out / "two", out / "one", stopped
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_and_resume(runs_2_and_1):
+    two, one, stopped = runs_2_and_1
+    train2, evals2 = _curve(two)
+    train1, evals1 = _curve(one)
+    assert [s for s, *_ in train1] == [1, 2, 3]
+    _close(train2, train1)  # loss and grad norm of every step: the stopped + resumed run == one process
+    _close(evals2, evals1)
+    _close(stopped[0], train1[:2])  # what the first launch wrote before stopping
+    cfg = json.loads((two / "config.json").read_text())
+    assert cfg["device"] == "cpu x 2 (FSDP2)" and cfg["config"]["grad_accum"] == 1
+    # tokens: the 2 ranks' micro-batches together are the one process's 2 micro-batches
+    rows2 = [r for r in _metrics(two) if "loss" in r]
+    rows1 = [r for r in _metrics(one) if "loss" in r]
+    for k in ("step_tokens_processed", "step_tokens_nonpad", "step_tokens_supervised", "tokens_supervised"):
+        assert [r[k] for r in rows2] == [r[k] for r in rows1], k
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_layout_and_rank0_files(runs_2_and_1):
+    two, _, _ = runs_2_and_1
+    ckpts = sorted(p.name for p in (two / "checkpoints").iterdir())
+    assert ckpts == ["step_0000003"]  # keep_last=1 in the MPT recipe
+    ck = two / "checkpoints" / "step_0000003"
+    assert (ck / "dcp" / ".metadata").is_file()
+    assert sorted(p.name for p in (ck / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert (ck / "rng_rank0.pt").is_file() and (ck / "rng_rank1.pt").is_file()
+    state = json.loads((ck / "state.json").read_text())
+    assert state["world_size"] == 2 and state["format"] == "dcp" and state["step"] == 3
+    assert distributed.dcp_checkpoint_problem(ck) is None
+    # rank 0 alone wrote: one line per step, one before/after sample pair, no leftover temporary folder
+    assert [r["step"] for r in _metrics(two) if "loss" in r] == [1, 2, 3]
+    samples = [json.loads(s) for s in (two / "samples.jsonl").read_text().splitlines()]
+    assert [s["stage"] for s in samples] == ["before", "after"]
+    assert not [p for p in (two / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_final_is_consolidated_and_loads_with_transformers(runs_2_and_1):
+    from transformers import AutoModelForCausalLM, MptForCausalLM
+
+    two, one, _ = runs_2_and_1
+    m2 = AutoModelForCausalLM.from_pretrained(str(two / "final"))
+    m1 = AutoModelForCausalLM.from_pretrained(str(one / "final"))
+    assert isinstance(m2, MptForCausalLM)
+    x = torch.tensor([[257, 84, 82, 68, 81, 198, 71, 72, 258]])
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x).logits, m1(x).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_needs_the_same_world_size(runs_2_and_1, capsys):
+    two, _, _ = runs_2_and_1
+    rc = trainer.main(TrainConfig(), [f"--resume={two}", "--progress=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1] == (
+        f"error: {two}/checkpoints/step_0000003 was written by 2 process(es) and this run has 1: "
+        "resume it with torchrun --nproc_per_node 2"
+    )
+
+
+@pytest.mark.slow
+def test_group_of_one_equals_the_plain_path(tmp_path, monkeypatch):
+    """--distributed in one process (gloo group of one): Llama (tied head, rotary buffers) through
+    LossModule + fully_shard + DCP + consolidated export gives the plain path's numbers."""
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(k, "")  # init() sets its own; monkeypatch restores the originals after
+    args = ["--smoke", "--progress=false", "--num_samples=0", f"--out_dir={tmp_path}"]
+    assert trainer.main(LLAMA_DEFAULTS, [*args, "--run_name=plain"], smoke=LLAMA_SMOKE) == 0
+    assert trainer.main(LLAMA_DEFAULTS, [*args, "--run_name=fsdp", "--distributed"], smoke=LLAMA_SMOKE) == 0
+    assert not torch.distributed.is_initialized()  # the group is destroyed at the end of train()
+    t1, e1 = _curve(tmp_path / "plain")
+    t2, e2 = _curve(tmp_path / "fsdp")
+    _close(t2, t1, tol=1e-6)
+    _close(e2, e1, tol=1e-6)
+    assert (tmp_path / "fsdp" / "checkpoints" / "step_0000003" / "dcp" / ".metadata").is_file()
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain" / "final"))
+    b = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fsdp" / "final"))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_transformer_blocks_of_each_architecture():
+    from sft.models import tiny_model
+
+    llama = tiny_model("tiny-llama", 300, seed=0)
+    mpt_hf = tiny_model("tiny-mpt", 300, seed=0)
+    assert distributed.transformer_blocks(llama) == list(llama.model.layers)
+    assert distributed.transformer_blocks(mpt_hf) == list(mpt_hf.transformer.blocks)
+    assert distributed.transformer_blocks(distributed.LossModule(llama)) == list(llama.model.layers)
+    from sft import mpt
+
+    ours = mpt.from_hf_model(mpt_hf)
+    assert len(distributed.transformer_blocks(ours)) == 2
+    with pytest.raises(ValueError, match="Linear: no transformer blocks at any of model.layers"):
+        distributed.transformer_blocks(nn.Linear(2, 2))
+
+
+def test_mixed_precision_policy():
+    gpu = distributed.mixed_precision(torch.device("cuda"), "auto")
+    assert gpu.param_dtype == torch.bfloat16 and gpu.reduce_dtype == torch.float32
+    assert gpu.cast_forward_inputs is False
+    for dev, prec in ((torch.device("cpu"), "auto"), (torch.device("cuda"), "fp32")):
+        p = distributed.mixed_precision(dev, prec)
+        assert p.param_dtype is None and p.reduce_dtype is None
+
+
+def test_not_distributed_by_default(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not distributed.wanted(TrainConfig())
+    assert distributed.wanted(TrainConfig(distributed=True))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.wanted(TrainConfig())
+    info = distributed.DistInfo()
+    assert distributed.all_reduce_sum(3, info) == 3 and distributed.all_reduce_sum([1, 2.5], info) == [1, 2.5]
