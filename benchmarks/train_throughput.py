@@ -46,15 +46,22 @@ import gc
 import json
 import logging
 import math
+import os
 import platform
 import random
+import re
 import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
-import torch
+# Before torch is imported (the CUDA caching allocator reads it once): expandable segments
+# avoid fragmentation between configs of different shapes. Peak *allocated* memory (what the
+# table reports) does not depend on it; reserved memory and OOM headroom do.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -63,7 +70,7 @@ if str(REPO) not in sys.path:
 from sft.formats import guanaco  # noqa: E402
 from sft.loss import chunked_cross_entropy_sum  # noqa: E402
 from sft.mpt import MPTConfig, MPTForCausalLM  # noqa: E402
-from sft.optim import build_optimizer  # noqa: E402
+from sft.optim import build_optimizer, step_in_backward  # noqa: E402
 from sft.packing import collate_rows, pack, pad_collate  # noqa: E402
 from sft.render import Sample, render_batch  # noqa: E402
 from sft.schema import IGNORE_INDEX  # noqa: E402
@@ -73,6 +80,18 @@ log = logging.getLogger("train_throughput")
 PEAK_FLOPS = 989e12  # H100 / H200 SXM bf16 dense
 GUANACO_TRAIN_CONVERSATIONS = 9846
 GIB = 2**30
+DEFAULT_CONFIGS = "recipe,ours4,ours2,ours4lc4096,ours6,ours8,ours8ck8,80gb,80gbinbwd,lora"
+OURS_KEY = re.compile(r"ours(\d+)(?:ck(\d+))?(?:lc(\d+))?$")
+
+
+def parse_ours(key: str) -> tuple[str, int, int, int | None]:
+    """``ours<R>[ck<N>][lc<C>]`` -> (name, rows, checkpointed blocks, loss chunk or None)."""
+    m = OURS_KEY.match(key)
+    if not m:
+        raise ValueError(f"unknown config {key!r}")
+    rows, ck, lc = int(m[1]), int(m[2] or 0), int(m[3]) if m[3] else None
+    name = f"ours_rows{rows}" + (f"_ck{ck}" if ck else "") + (f"_lc{lc}" if lc else "")
+    return name, rows, ck, lc
 
 
 # ----------------------------------------------------------------------------- data
@@ -330,15 +349,58 @@ def set_checkpointed(model, n: int) -> None:
         b.enabled = i < n
 
 
-def ours_step_fn(model, opt, params, chunk: int):
+class Phases:
+    """CUDA events around the phases of a step (forward, loss, backward, clip, optimizer).
+
+    ``mark(name)`` records an event on the current stream when enabled; ``split()`` (after a
+    synchronize) returns milliseconds per phase. Disabled, it only opens profiler ranges.
+    """
+
+    NAMES = ("forward", "loss", "backward", "clip", "optimizer")
+
+    def __init__(self):
+        self.enabled = False
+        self.events: list[tuple[str, torch.cuda.Event]] = []
+        self.totals: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        if self.enabled:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.events.append((name, ev))
+
+    def collect(self) -> None:
+        torch.cuda.synchronize()
+        for (name, a), (_, b) in zip(self.events, self.events[1:]):
+            self.totals[name] = self.totals.get(name, 0.0) + a.elapsed_time(b)
+        self.events.clear()
+
+
+def ours_step_fn(model, opt, params, chunk: int, in_backward: bool = False, phases: Phases | None = None):
+    """One training step; with ``in_backward`` the optimizer already ran in backward hooks (no clipping)."""
+    ph = phases or Phases()
+    rf = torch.profiler.record_function
+
     def step(b):
         n_sup = b["_stats"]["supervised"]
-        h = model.forward_hidden(b["input_ids"], b["document_ids"])
-        ce = chunked_cross_entropy_sum(h, model.lm_head_weight, b["targets"], chunk)
-        (ce / max(n_sup, 1)).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        ph.mark("forward")
+        with rf("forward"):
+            h = model.forward_hidden(b["input_ids"], b["document_ids"])
+        ph.mark("loss")
+        with rf("loss"):
+            ce = chunked_cross_entropy_sum(h, model.lm_head_weight, b["targets"], chunk)
+        ph.mark("backward")
+        with rf("backward"):
+            (ce / max(n_sup, 1)).backward()
+        if not in_backward:
+            ph.mark("clip")
+            with rf("clip"):
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            ph.mark("optimizer")
+            with rf("optimizer"):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        ph.mark("end")
 
     return step
 
@@ -351,8 +413,9 @@ def packed_batches(rows, n_rows: int, n_batches: int, device) -> list[dict]:
     return out
 
 
-def run_ours(args, name, rows, n_rows, shape, device, optimizer="adamw_bf16", lora=False) -> dict:
+def run_ours(args, name, rows, n_rows, shape, device, optimizer="adamw_bf16", lora=False, n_ckpt=0) -> dict:
     model = build_ours(shape, device, args.attn, args.compile, lora=lora)
+    set_checkpointed(model, n_ckpt)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, optimizer, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
     n_params = sum(p.numel() for p in model.parameters())
@@ -363,7 +426,8 @@ def run_ours(args, name, rows, n_rows, shape, device, optimizer="adamw_bf16", lo
     extra = {
         "rows": n_rows,
         "optimizer": optimizer,
-        "checkpointed_blocks": 0,
+        "checkpointed_blocks": n_ckpt,
+        "loss_chunk": args.loss_chunk,
         "warmup_and_compile_s": time.perf_counter() - t0 - sum(times),
     }
     if lora:
@@ -373,16 +437,26 @@ def run_ours(args, name, rows, n_rows, shape, device, optimizer="adamw_bf16", lo
     return res
 
 
-def run_80gb(args, rows, shape, device, limit_gib: float) -> dict:
-    """Kahan optimizer; probe (rows, checkpointed blocks) settings one step each, time the fastest that fits."""
+def run_80gb(args, rows, shape, device, limit_gib: float, in_backward: bool = False) -> dict:
+    """Kahan optimizer; probe (rows, checkpointed blocks) settings one step each, time the fastest that fits.
+
+    ``in_backward``: the Kahan step runs per parameter in post-accumulate-grad hooks
+    (``sft.optim.step_in_backward``), so each gradient is freed as soon as it is used and the
+    model's gradients (2 bytes/param) are never all alive; the price is no gradient clipping.
+    """
     model = build_ours(shape, device, args.attn, args.compile)
     params = list(model.parameters())
     opt = build_optimizer(params, "adamw_kahan", lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    if in_backward:
+        step_in_backward(opt, params)
     n_params = sum(p.numel() for p in model.parameters())
-    step = ours_step_fn(model, opt, params, args.loss_chunk)
+    step = ours_step_fn(model, opt, params, args.loss_chunk, in_backward=in_backward)
     L = shape.n_layers
     # rows 4 and 2 only: the blocks are compiled for those batch shapes already (static shapes).
-    candidates = [(4, L), (4, 3 * L // 4), (4, L // 2), (2, L // 2), (2, L // 4), (2, 0)]
+    if in_backward:
+        candidates = [(4, 0), (4, L // 8), (4, L // 4), (4, L // 2), (2, 0)]
+    else:
+        candidates = [(4, L), (4, 3 * L // 4), (4, L // 2), (2, L // 2), (2, L // 4), (2, 0)]
     if args.quick:
         candidates = [(2, L // 2)]
     probes = []
@@ -399,7 +473,8 @@ def run_80gb(args, rows, shape, device, limit_gib: float) -> dict:
             probe["non_pad_tokens_per_s"] = stats[0]["non_pad"] / times[0]
         except torch.OutOfMemoryError as e:
             probe["error"] = f"OOM: {str(e).splitlines()[0]}"
-            opt.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             free_memory()
         probes.append(probe)
         log.info("80gb probe %s", probe)
@@ -413,24 +488,86 @@ def run_80gb(args, rows, shape, device, limit_gib: float) -> dict:
     times, stats, peak = time_steps(step, batches, args.warmup, device)
     extra = {
         "rows": best["rows"],
-        "optimizer": "adamw_kahan (bf16 moments)",
+        "optimizer": "adamw_kahan (bf16 moments)" + (", step in backward" if in_backward else ""),
+        "grad_clip": None if in_backward else 1.0,
         "checkpointed_blocks": best["checkpointed_blocks"],
         "limit_gib": limit_gib,
         "probes": probes,
+        "optimizer_compiled": opt.compile,  # False: the compiled update failed, the eager fallback ran
         "warmup_and_probe_s": probe_s,
     }
-    res = summarize("80gb_kahan", times, stats, peak, n_params, shape, extra)
+    name = "80gb_kahan_inbwd" if in_backward else "80gb_kahan"
+    res = summarize(name, times, stats, peak, n_params, shape, extra)
     return res
+
+
+def profile_ours(args, rows, n_rows, n_ckpt, shape, device, top: int = 15) -> dict:
+    """Where a step's time goes: CUDA-event time per phase over 2 steps, then torch.profiler's top kernels.
+
+    Builds the config afresh (its compilation is cached from the timed run), warms up, times the
+    phases (forward, loss, backward, clip, optimizer; events in the stream, so GPU time) of two
+    steps, then profiles two more and prints the ``top`` ops by self device time.
+    """
+    model = build_ours(shape, device, args.attn, args.compile)
+    set_checkpointed(model, n_ckpt)
+    params = list(model.parameters())
+    opt = build_optimizer(params, "adamw_bf16", lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    phases = Phases()
+    step = ours_step_fn(model, opt, params, args.loss_chunk, phases=phases)
+    batches = packed_batches(rows, n_rows, args.warmup + 4, device)
+    for b in batches[: args.warmup]:
+        step(b)
+    sync(device)
+    out: dict = {"rows": n_rows, "checkpointed_blocks": n_ckpt, "steps": 2}
+    if device.type == "cuda":
+        phases.enabled = True
+        for b in batches[args.warmup : args.warmup + 2]:
+            step(b)
+            phases.collect()
+        phases.enabled = False
+        total = sum(phases.totals.values())
+        out["phase_ms_per_step"] = {k: v / 2 for k, v in phases.totals.items()}
+        out["phase_fraction"] = {k: v / total for k, v in phases.totals.items()}
+        log.info("phase split (ms per step): %s", out["phase_ms_per_step"])
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    sort_key = "self_cpu_time_total"
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+        sort_key = "self_cuda_time_total"
+    with torch.profiler.profile(activities=acts) as prof:
+        for b in batches[args.warmup + 2 : args.warmup + 4]:
+            step(b)
+        sync(device)
+    ka = prof.key_averages()
+    out["top_ops_table"] = ka.table(sort_by=sort_key, row_limit=top, max_name_column_width=60)
+    rows_out = []
+    for e in ka:
+        dev = getattr(e, "self_device_time_total", None)
+        if dev is None:
+            dev = getattr(e, "self_cuda_time_total", 0.0)
+        rows_out.append(
+            {
+                "name": e.key,
+                "self_device_ms": dev / 1e3,
+                "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                "calls": e.count,
+            }
+        )
+    rows_out.sort(key=lambda r: -(r["self_device_ms"] or r["self_cpu_ms"]))
+    out["top_ops"] = rows_out[:top]
+    # the record_function ranges (forward/loss/backward/clip/optimizer) as the profiler saw them
+    out["ranges"] = {r["name"]: r for r in rows_out if r["name"] in Phases.NAMES}
+    return out
 
 
 # ----------------------------------------------------------------------------- main
 def print_table(results: list[dict]) -> None:
-    head = f"{'config':<14} {'rows':>4} {'ckpt':>4} {'step s':>7} {'tok/s proc':>10} {'non-pad':>9} {'superv':>8} {'MFU proc':>8} {'MFU np':>7} {'MFU sup':>7} {'peak GiB':>8}"
+    head = f"{'config':<18} {'rows':>4} {'ckpt':>4} {'step s':>7} {'tok/s proc':>10} {'non-pad':>9} {'superv':>8} {'MFU proc':>8} {'MFU np':>7} {'MFU sup':>7} {'peak GiB':>8}"
     print(head)
     print("-" * len(head))
     for r in results:
         if r.get("error"):
-            print(f"{r['name']:<14} ERROR {r['error'][:100]}")
+            print(f"{r['name']:<18} ERROR {r['error'][:100]}")
             continue
         t, m = r["tokens_per_s"], r["mfu"] or {}
 
@@ -438,7 +575,7 @@ def print_table(results: list[dict]) -> None:
             return f"{100 * m[k]:.1f}%" if k in m else "-"
 
         print(
-            f"{r['name']:<14} {r.get('rows', ''):>4} {r.get('checkpointed_blocks', 0):>4} "
+            f"{r['name']:<18} {r.get('rows', ''):>4} {r.get('checkpointed_blocks', 0):>4} "
             f"{r['step_time_median_s']:>7.3f} {t['processed']:>10.0f} {t['non_pad']:>9.0f} {t['supervised']:>8.0f} "
             f"{pct('processed'):>8} {pct('non_pad'):>7} {pct('supervised'):>7} {r['peak_alloc_gib']:>8.1f}"
         )
@@ -449,14 +586,28 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=Path("train_throughput.json"))
     ap.add_argument("--quick", action="store_true", help="tiny shape on CPU with SDPA: tests the script")
-    ap.add_argument("--configs", default="recipe,ours4,ours2,80gb,lora", help="comma list of configs to run")
+    ap.add_argument(
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help="comma list: recipe, ours<R>[ck<N>][lc<C>] (R rows, N checkpointed blocks, loss chunk C), "
+        "80gb, 80gbinbwd (Kahan step in backward), lora",
+    )
     ap.add_argument("--steps", type=int, default=10, help="timed steps per config")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--loss-chunk", type=int, default=1024)
+    ap.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the chunked CE")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the configs: phase split (CUDA events) and top ops (torch.profiler) of 2 steps of the best ours config",
+    )
+    ap.add_argument("--profile-config", default=None, help="ours<R>[ck<N>] to profile instead of the best")
     ap.add_argument("--limit-gib", type=float, default=76.0, help="peak allocated bound of the 80gb profile")
     ap.add_argument(
-        "--budget-s", type=float, default=400.0, help="start no new config after this many seconds"
+        "--budget-s",
+        type=float,
+        default=330.0,
+        help="start no new config after this many seconds (the profile gets 60 s more)",
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -474,6 +625,11 @@ def main(argv=None) -> int:
         shape = MPTConfig()  # MPT-7B
         args.attn, args.compile, limit = "flex", True, None
         device = torch.device("cuda")
+        # Each batch shape (rows 2..8) and checkpointing choice is a recompile of the shared block
+        # graph; the default limit (8) would silently fall back to eager for later configs.
+        for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
     torch.manual_seed(0)
     random.seed(0)
 
@@ -511,9 +667,14 @@ def main(argv=None) -> int:
             if key == "recipe":
                 r = run_recipe(args, rec_samples, shape, device)
             elif key.startswith("ours"):
-                r = run_ours(args, f"ours_rows{key[4:]}", rows, int(key[4:]), shape, device)
+                name, n_rows, n_ckpt, lc = parse_ours(key)
+                a = argparse.Namespace(**{**vars(args), "loss_chunk": lc or args.loss_chunk})
+                r = run_ours(a, name, rows, n_rows, shape, device, n_ckpt=n_ckpt)
+                r["key"] = key
             elif key == "80gb":
                 r = run_80gb(args, rows, shape, device, args.limit_gib)
+            elif key == "80gbinbwd":
+                r = run_80gb(args, rows, shape, device, args.limit_gib, in_backward=True)
             elif key == "lora":
                 r = run_ours(args, "lora_rows4", rows, 4, shape, device, optimizer="adamw", lora=True)
             else:
@@ -545,6 +706,27 @@ def main(argv=None) -> int:
             summary["non_pad_speedup_vs_2023"] = (
                 best["tokens_per_s"]["non_pad"] / recipe["tokens_per_s"]["non_pad"]
             )
+        summary["best_mfu_non_pad"] = best["mfu"]["non_pad"]
+    for r in results:
+        if r["name"].startswith("80gb") and not r.get("error"):
+            summary[r["name"]] = {"peak_alloc_gib": r["peak_alloc_gib"], "mfu_non_pad": r["mfu"]["non_pad"]}
+
+    profile = None
+    if args.profile:
+        target = args.profile_config or (best.get("key") if ours else None)
+        if target is None:
+            profile = {"error": "no ours config succeeded"}
+        elif time.perf_counter() - start > args.budget_s + 60:
+            profile = {"error": f"skipped: over the {args.budget_s:.0f} s budget (+60 s for the profile)"}
+        else:
+            try:
+                _, n_rows, n_ckpt, lc = parse_ours(target)
+                a = argparse.Namespace(**{**vars(args), "loss_chunk": lc or args.loss_chunk})
+                profile = {"config": target, **profile_ours(a, rows, n_rows, n_ckpt, shape, device)}
+            except Exception as e:
+                profile = {"config": target, "error": f"{type(e).__name__}: {e}"}
+                log.error("profile failed:\n%s", traceback.format_exc())
+            free_memory()
 
     out = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -559,10 +741,23 @@ def main(argv=None) -> int:
         "configs": results,
         "epoch": epoch,
         "summary": summary,
+        "profile": profile,
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "wall_s": time.perf_counter() - start,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str))
+    if profile and "top_ops_table" in profile:
+        print(f"\nprofile of {profile['config']} (2 steps after warm-up), top ops by self device time:")
+        print(profile["top_ops_table"])
+    if profile and "phase_ms_per_step" in profile:
+        split = ", ".join(
+            f"{k} {v:.1f} ms ({100 * profile['phase_fraction'][k]:.1f}%)"
+            for k, v in profile["phase_ms_per_step"].items()
+        )
+        print(f"phase split per step ({profile['config']}, CUDA events): {split}")
+    elif profile:
+        print(f"profile: {profile.get('error', 'no phase split (CPU)')}")
     print()
     print(f"device {out['device']}, {out['date']}, seq_len {args.seq_len}, MFU of {PEAK_FLOPS:.3g} FLOP/s")
     print_table(results)

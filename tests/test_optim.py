@@ -340,7 +340,7 @@ def test_compiled_step_in_backward_equals_compiled_step_on_cuda():
 def test_benchmark_script_quick_runs_on_cpu(tmp_path, shared_data):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--quick"]
+        [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--quick", "--profile"]
         + ["--data-dir", str(shared_data), "--out", str(out)],
         capture_output=True,
         text=True,
@@ -350,13 +350,30 @@ def test_benchmark_script_quick_runs_on_cpu(tmp_path, shared_data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     names = [r["name"] for r in result["configs"]]
-    assert names == ["2023_recipe", "ours_rows4", "ours_rows2", "80gb_kahan", "lora_rows4"]
+    assert names == [
+        "2023_recipe",
+        "ours_rows4",
+        "ours_rows2",
+        "ours_rows4_lc4096",
+        "ours_rows6",
+        "ours_rows8",
+        "ours_rows8_ck8",
+        "80gb_kahan",
+        "80gb_kahan_inbwd",
+        "lora_rows4",
+    ]
     for r in result["configs"]:
         assert "error" not in r, r
         tps = r["tokens_per_s"]
         assert tps["processed"] >= tps["non_pad"] >= tps["supervised"] > 0
-    assert result["configs"][3]["optimizer"].startswith("adamw_kahan") and result["configs"][3]["probes"]
-    assert result["configs"][4]["mfu"] is None and result["configs"][4]["trainable_params"] > 0
+    by = {r["name"]: r for r in result["configs"]}
+    assert by["ours_rows8_ck8"]["checkpointed_blocks"] == 8 and by["ours_rows4_lc4096"]["loss_chunk"] == 4096
+    assert by["80gb_kahan"]["optimizer"].startswith("adamw_kahan") and by["80gb_kahan"]["probes"]
+    assert by["80gb_kahan"]["grad_clip"] == 1.0 and by["80gb_kahan_inbwd"]["grad_clip"] is None
+    assert by["lora_rows4"]["mfu"] is None and by["lora_rows4"]["trainable_params"] > 0
+    # --profile: the best ours config's top ops, with the step's record_function ranges among them
+    assert result["profile"]["config"] == result["summary"]["best"].replace("_rows", "").replace("_", "")
+    assert {"forward", "loss", "backward", "optimizer"} <= set(result["profile"]["ranges"])
     assert set(result["epoch"]) == set(names)
     # the table comes last on stdout
     assert (
