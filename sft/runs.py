@@ -315,16 +315,25 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     for name in CHECKPOINT_FILES:
         if not (ckpt / name).is_file():
             return f"{name} is missing"
-    try:
-        for name in ("config.json", "state.json"):
-            json.loads((ckpt / name).read_text(encoding="utf-8"))
-        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+
+    def read_json(path):
+        json.loads(path.read_text(encoding="utf-8"))
+
+    def read_safetensors(path):
+        with safe_open(str(path), framework="pt") as f:
             f.keys()
-        for name in ("optimizer.pt", "rng.pt"):
-            with zipfile.ZipFile(ckpt / name) as z:
-                z.namelist()
-    except Exception as e:  # json, safetensors and zipfile each raise their own types
-        return f"{name} is unreadable ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+
+    def read_zip(path):
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+
+    readers = {"model.safetensors": read_safetensors, "optimizer.pt": read_zip, "rng.pt": read_zip}
+    for name in CHECKPOINT_FILES:
+        try:
+            readers.get(name, read_json)(ckpt / name)
+        except Exception as e:  # json, safetensors and zipfile each raise their own types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return f"{name} is unreadable ({type(e).__name__}: {first})"
     return None
 
 
