@@ -266,6 +266,18 @@ def _mark_static_tensors(model: nn.Module) -> None:
                 torch._dynamo.mark_static_address(value)
 
 
+def apply_decode_inductor_settings() -> None:
+    """gpt-fast's inductor settings for a compiled decode step (process-wide, set before compiling):
+    coordinate-descent tuning of each generated kernel's launch parameters (the memory-bound
+    LayerNorm/GELU/softmax kernels of a one-token step), unique kernel names (readable profiles), and
+    the on-disk FX graph cache (a second process skips most of the compile)."""
+    import torch._inductor.config as ind
+
+    ind.coordinate_descent_tuning = True
+    ind.triton.unique_kernel_names = True
+    ind.fx_graph_cache = True
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -276,7 +288,11 @@ class Generator:
 
     ``model``: anything with ``setup_cache``/``forward_cached`` (see module docstring), in eval
     mode, on ``device``. ``compile``: ``None`` = compile the t=1 step with
-    ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) on CUDA and run eager on CPU.
+    ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs; gpt-fast's inductor
+    settings, :func:`apply_decode_inductor_settings`) on CUDA and run eager on CPU.
+    ``compile_backend``: a dynamo backend other than inductor (e.g. ``"aot_eager"``: CPU tests of
+    the trace without a C++ compiler). ``compile_prefill``: also compile the prefill as one dynamic
+    graph (rarely useful: our MPT's eager prefill already runs compiled FlexAttention on CUDA).
     The cache is (re)allocated when the batch size or ``max_seq_len`` changes; CUDA graphs are
     recorded per batch size, so keep shapes fixed when timing.
     """
@@ -290,6 +306,7 @@ class Generator:
         device: torch.device | str | None = None,
         compile: bool | None = None,
         compile_prefill: bool = False,
+        compile_backend: str = "inductor",
     ):
         self.model = model
         p = next(model.parameters())
@@ -303,10 +320,15 @@ class Generator:
         # Optional extension of the contract: logits for the last position only (see LlamaCached).
         self._keep_kw = "logits_to_keep" in inspect.signature(model.forward_cached).parameters
         if compile:
+            if self.device.type == "cuda":
+                apply_decode_inductor_settings()
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True)
+            if compile_backend != "inductor":
+                mode = None  # modes are inductor options
+            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True, backend=compile_backend)
         else:
             self._step = self._decode_step
+        self._positions: torch.Tensor | None = None
         # Prefill shapes vary with the prompt: dynamic=True avoids one compile per length.
         self._prefill = torch.compile(self._prefill_fn, dynamic=True) if compile_prefill else self._prefill_fn
 
@@ -324,6 +346,8 @@ class Generator:
         if self._cache_key != key:
             self.model.setup_cache(batch_size, self.max_seq_len, self.dtype, self.device)
             self._cache_key = key
+            # Prefill positions live on the device (no host-to-device copy per prompt).
+            self._positions = torch.arange(self.max_seq_len, device=self.device)
             if self.compiled and self.device.type == "cuda":
                 _mark_static_tensors(self.model)
 
@@ -331,21 +355,32 @@ class Generator:
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run ``input_ids [B, t]`` at positions ``0..t-1``; return last-position logits ``[B, V]`` fp32."""
         self.ensure_cache(input_ids.shape[0])
-        pos = torch.arange(input_ids.shape[1], device=self.device)
-        return self._prefill(input_ids, pos)
+        return self._prefill(input_ids, self._positions[: input_ids.shape[1]])
 
     @torch.inference_mode()
     def step(self, x: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
-        """One decode step: ``x [B, 1]`` at position ``pos`` -> logits ``[B, V]`` fp32.
+        """One decode step: ``x [B, 1]`` at position ``pos`` (int, or a long ``[1]`` device tensor)
+        -> logits ``[B, V]`` fp32 (a copy: CUDA graphs overwrite their output on the next replay).
 
-        With CUDA graphs the returned tensor is overwritten by the next step: consume it first.
+        No host sync: ``pos`` as an int becomes a device tensor through a fill kernel. If the compiled step
+        raises, a warning is logged and this and later steps run eagerly (same numbers).
         """
         if not torch.is_tensor(pos):
-            pos = torch.tensor([pos], device=self.device, dtype=torch.long)
-        if self.compiled and self.device.type == "cuda":
+            # A fill kernel with the value as an argument: no host-to-device copy (a pageable one can
+            # make the host wait for the GPU), and a fresh non-view tensor (no guard on a storage offset).
+            pos = torch.full((1,), pos, dtype=torch.long, device=self.device)
+        if not self.compiled:
+            return self._step(x, pos)
+        if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        out = self._step(x, pos)
-        return out.clone() if self.compiled and self.device.type == "cuda" else out
+        try:
+            out = self._step(x, pos)
+        except Exception as e:  # a compile/graph failure must not stop generation: eager is exact
+            log.warning("compiled decode step failed (%s: %s); decoding eagerly from now on",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")  # fmt: skip
+            self.compiled, self._step = False, self._decode_step
+            return self._step(x, pos)
+        return out.clone() if self.device.type == "cuda" else out
 
     @torch.inference_mode()
     def generate(

@@ -107,6 +107,66 @@ def test_mpt_greedy_equals_transformers_generate(tiny_mpt, plen):
     assert out.tokens[0] == ref
 
 
+def test_mpt_flex_prefill_greedy_equals_transformers_generate(tiny_mpt):
+    """The prefill through (eager) FlexAttention with the offset block mask, then the decode steps,
+    gives transformers' tokens; the prefill asks for the last position's logits only."""
+    hf, ours = tiny_mpt
+    prompt = _prompt(150, seed=250)
+    ref = _ref_generate(hf, prompt, n=16)
+    ours.cached_prefill_impl = "flex_eager"
+    calls = []
+    orig = ours.forward_cached
+
+    def spy(ids, pos, logits_to_keep=0):  # the Generator finds the keyword in the signature
+        calls.append((ids.shape[1], logits_to_keep))
+        return orig(ids, pos, logits_to_keep=logits_to_keep)
+
+    try:
+        ours.forward_cached = spy
+        out = Generator(ours, max_seq_len=150 + 16).generate([prompt], 16)
+    finally:
+        ours.cached_prefill_impl = "auto"
+        del ours.forward_cached
+    assert out.tokens[0] == ref
+    assert calls[0] == (150, 1) and set(calls[1:]) == {(1, 0)} and len(calls) == 16
+    assert sorted(ours._prefill_masks) == [(150, 166, 0)] and not ours._prefill_flex_failed
+
+
+def test_compiled_step_is_one_full_graph_across_positions(tiny_mpt):
+    """The decode step traces with fullgraph=True (no graph break, no host sync) and is not
+    recompiled as the position advances; aot_eager checks the functionalised trace on CPU."""
+    import torch._dynamo
+
+    hf, ours = tiny_mpt
+    prompt = _prompt(9, seed=109)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        gen = Generator(ours, max_seq_len=9 + 12, compile=True, compile_backend="aot_eager")
+        out = gen.generate([prompt], 12)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+    assert gen.compiled  # no fallback to eager happened
+    assert out.tokens[0] == _ref_generate(hf, prompt, n=12)
+
+
+def test_failing_compiled_step_falls_back_to_eager(tiny_llama, caplog):
+    prompt = _prompt(8, seed=8)
+    gen = Generator(cached_decoder(tiny_llama), max_seq_len=8 + 10, compile=False)
+    gen.compiled = True
+
+    def broken(x, pos):
+        raise RuntimeError("simulated graph failure")
+
+    gen._step = broken
+    with caplog.at_level("WARNING", logger="sft.generate"):
+        out = gen.generate([prompt], 10)
+    assert out.tokens[0] == _ref_generate(tiny_llama, prompt, n=10)
+    assert not gen.compiled
+    assert "compiled decode step failed (RuntimeError: simulated graph failure)" in caplog.text
+
+
 def test_llama_cached_logits_match_full_forward(tiny_llama):
     prompt = _prompt(40, seed=3)
     ids = torch.tensor([prompt])
