@@ -15,8 +15,10 @@ Paths, measured in the same process on the same weights:
 
 What is measured (seconds are wall time around device-synchronised work):
 - TTFT: batch 1, a random prompt of each ``--prompt_lens`` length -> first token.
-  ``hf``: ``generate(max_new_tokens=1)``; ``fast``: prefill + argmax. Median of ``--repeats``
-  after one warm-up.
+  ``hf``: ``generate(max_new_tokens=1)``; ``fast``: prefill + argmax (the LM head for the last
+  position only; our MPT attends through compiled FlexAttention on CUDA, whose compile for each
+  prompt length happens in the warm-up and is excluded; the row's ``prefill_attn`` names the path
+  actually used). Median of ``--repeats`` after one warm-up.
 - decode: batch B of ``--decode_prompt_len``-token prompts, ``--new_tokens`` steps.
   ``fast``: each step timed alone after ``--warmup`` steps (compile and CUDA-graph recording
   excluded), median; ``hf``: ``(t(generate N) - t(generate 1)) / (N - 1)``, medians.
@@ -274,6 +276,16 @@ def fast_decode(gen: Generator, ids: torch.Tensor, steps: int, warmup: int) -> t
     return statistics.median(times), times
 
 
+def prefill_attn(dec, prompt_len: int, device: torch.device) -> str:
+    """Which attention the fast prefill used: ``flex`` (our MPT, compiled FlexAttention), ``math``
+    (our MPT's materialised float32 bias: CPU, head_dim < 16, or after a flex failure), ``sdpa``
+    (``LlamaCached``: SDPA with the causal kernel over the filled keys)."""
+    if not hasattr(dec, "_prefill_flex_failed"):
+        return "sdpa"
+    flex = (prompt_len, dec._cache_len) in dec._prefill_shapes and not dec._prefill_flex_failed
+    return "flex" if flex else "math"
+
+
 # ------------------------------------------------------------------------------ the suite
 
 
@@ -374,9 +386,10 @@ def run_suite(args) -> dict:
             except Exception as e:  # one failed measurement must not lose the others (one-shot GPU calls)
                 failed(f"{path} ttft {L}", e)
                 continue
-            res["ttft"].append(
-                {"path": path, "prompt_len": L, "ttft_s": ttft, "peak_bytes": peak_bytes(device)}
-            )
+            row = {"path": path, "prompt_len": L, "ttft_s": ttft, "peak_bytes": peak_bytes(device)}
+            if path == "fast":
+                row["prefill_attn"] = prefill_attn(dec, L, device)
+            res["ttft"].append(row)
             log.info("%s TTFT prompt %d: %.1f ms", path, L, ttft * 1e3)
             checkpoint(res)
     # Batch-major, so a run cut short by the budget still compares both paths at batch 1.
@@ -395,7 +408,8 @@ def run_suite(args) -> dict:
                     seq_len = args.decode_prompt_len + args.new_tokens + args.warmup + 1
                     gen = Generator(dec, max_seq_len=seq_len, compile=args.compile)
                     per_step, times = fast_decode(gen, ids, args.new_tokens, args.warmup)
-                    extra = {"step_s_min": min(times), "step_s_max": max(times)}
+                    # compiled: False if the compiled step failed and the Generator fell back to eager
+                    extra = {"step_s_min": min(times), "step_s_max": max(times), "compiled": gen.compiled}
             except Exception as e:
                 failed(f"{path} decode batch {B}", e)
                 continue
@@ -443,11 +457,12 @@ def table(res: dict) -> str:
         res["command"],
         "",
         "time to first token (batch 1)",
-        f"{'path':<6} {'prompt':>7} {'TTFT ms':>9} {'peak GiB':>9}",
+        f"{'path':<6} {'prompt':>7} {'TTFT ms':>9} {'peak GiB':>9} {'attention':>9}",
     ]
     for r in res["ttft"]:
         lines.append(
             f"{r['path']:<6} {r['prompt_len']:>7} {r['ttft_s'] * 1e3:>9.1f} {r['peak_bytes'] / 2**30:>9.2f}"
+            f" {r.get('prefill_attn', ''):>9}"
         )
     lines += [
         "",
