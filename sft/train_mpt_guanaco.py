@@ -3,6 +3,7 @@
     python sft/train_mpt_guanaco.py                          # mosaicml/mpt-7b, timdettmers/openassistant-guanaco
     python sft/train_mpt_guanaco.py --micro_batch=4 --grad_checkpointing=false   # more memory, faster
     python sft/train_mpt_guanaco.py --smoke                  # tiny random MPT on the bundled sample (CPU)
+    torchrun --standalone --nproc_per_node 8 sft/train_mpt_guanaco.py --grad_accum=1   # FSDP2 on 8 GPUs
 
 Defaults: bf16 weights with Kahan-compensated AdamW (sft/optim.py: no lost updates, 8 bytes of
 optimizer state per parameter), packed rows of 2,048 tokens with document-masked attention, our MPT

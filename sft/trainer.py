@@ -18,6 +18,13 @@ Data order is a pure function of the seed: epoch ``e`` visits the training rows 
 endless stream. So the data position of a checkpoint is just its step, and ``--resume`` reproduces the
 losses of an uninterrupted run exactly (on CPU, bit for bit).
 
+Several processes (``torchrun --nproc_per_node W``, or ``--distributed`` for a group of one): the model is
+sharded with FSDP2 (sft/distributed.py). Rank r takes micro-batches ``(s*A + j)*W + r`` of the same seeded
+stream, so W ranks with ``grad_accum=A`` see exactly what one process with ``grad_accum=A*W`` sees; N_step
+and the step's sums are all-reduced, so the losses are that process's. Rank 0 alone writes the run folder
+(its name broadcast to all), metrics, samples and ``final/`` (consolidated from the shards); checkpoints
+are sharded (``torch.distributed.checkpoint``) and resume at the same world size.
+
 MFU (GPU only): FLOPs per processed token = ``6 N + 12 L d T_attn`` (PaLM, appendix B) with N all
 parameters and ``T_attn`` the token-weighted mean length of the document each token sits in
 (``sum n_doc^2 / sum n_doc`` over the step's documents, padding counted as its own document); peak bf16
