@@ -299,7 +299,7 @@ def test_compiled_kahan_step_matches_eager_on_cuda(moment_dtype):
         opt_c.step()
     assert opt_c.compile, "the compiled update failed and fell back to eager (see the warning log)"
     moved = max(
-        (_kahan_value(opt_e, p) - p0.float()).abs().max().item()
+        (_kahan_value(opt_e, p) - p0.float().to(p.device)).abs().max().item()
         for p, p0 in zip(eager, _init_params(torch.bfloat16))
     )
     assert moved > 5e-4  # ten updates of ~lr each really happened
