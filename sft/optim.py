@@ -153,11 +153,22 @@ def _adamw_update(
 
 _compiled_update = None
 
+# Inductor by default elides a user's fp32 -> bf16 -> fp32 cast pair inside a fused kernel (it
+# keeps the fp32 value: "compute types" in Triton, a CSE shortcut in the C++ backend). The Kahan
+# term `new_p.float() - p32` then equals `y` exactly, the compensation is always 0 and the update
+# silently degrades to plain bf16 rounding. `emulate_precision_casts` keeps every low-precision
+# cast as eager does (and turns off FMA contraction in Triton), so the compiled kernel computes
+# the eager arithmetic; this pointwise kernel is memory-bound, so the extra casts cost nothing.
+_COMPILE_OPTIONS = {"emulate_precision_casts": True}
+
 
 def _get_compiled_update():
+    """The `torch.compile`d `_adamw_update` (inductor, dynamic shapes, one graph), built once."""
     global _compiled_update
     if _compiled_update is None:
-        _compiled_update = torch.compile(_adamw_update, dynamic=True, fullgraph=True)
+        _compiled_update = torch.compile(
+            _adamw_update, dynamic=True, fullgraph=True, options=_COMPILE_OPTIONS
+        )
     return _compiled_update
 
 

@@ -271,48 +271,85 @@ def _kahan_value(opt, p) -> torch.Tensor:
     return p.detach().float() + opt.state[p]["compensation"].float()
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
-def test_compiled_kahan_step_matches_eager_on_cuda(moment_dtype):
-    """The compiled (inductor) update equals the eager one up to float rounding.
+def _compiled_vs_eager(device: str, moment_dtype: torch.dtype, steps: int = 10):
+    """Run eager and compiled KahanAdamW side by side on `device` from identical weights and grads.
 
-    What may differ, and why the checks are as they are: inductor may contract to FMA and use
-    other sqrt/div roundings, so one rounding of the bf16 weight can land on the other side
-    (the weight differs by one bf16 ulp while its compensation holds the difference): the
-    compensated value p + c is compared in fp32. With bf16 moments the stochastic rounding of
-    the moments draws from inductor's philox stream in compiled code and from torch's generator
-    in eager code, so the two runs differ by rounding noise, not by a bias: compared loosely,
-    but far tighter than one step's update (lr = 1e-4), so a wrong compiled update still fails.
+    lr = 1e-4 with weight decay 0.1: most single updates are below half a bf16 ulp of the weight
+    (weights ~0.1, ulp 2^-11..2^-12), so they reach the weight only through the compensation.
+    Returns (eager params, eager opt, compiled params, compiled opt).
     """
     torch.manual_seed(0)
-    eager = [p.detach().cuda().requires_grad_() for p in _init_params(torch.bfloat16)]
+    eager = [p.detach().to(device).requires_grad_() for p in _init_params(torch.bfloat16)]
     compiled = [p.detach().clone().requires_grad_() for p in eager]
     kw = dict(lr=1e-4, weight_decay=0.1, moment_dtype=moment_dtype)
     opt_e = KahanAdamW(eager, compile=False, **kw)
-    opt_c = KahanAdamW(compiled, compile=True, **kw)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for _ in range(10):
+    opt_c = KahanAdamW(compiled, compile=True, **kw)  # compile=True forces it off CUDA too
+    g = torch.Generator(device=device).manual_seed(0)
+    for _ in range(steps):
         for pe, pc in zip(eager, compiled):
-            grad = torch.randn(pe.shape, generator=g, device="cuda").bfloat16()
+            grad = torch.randn(pe.shape, generator=g, device=device).bfloat16()
             pe.grad, pc.grad = grad, grad.clone()
         opt_e.step()
         opt_c.step()
     assert opt_c.compile, "the compiled update failed and fell back to eager (see the warning log)"
+    # Both runs live on one device: the comparison never mixes devices.
+    assert all(p.device.type == device for p in eager + compiled)
     moved = max(
         (_kahan_value(opt_e, p) - p0.float().to(p.device)).abs().max().item()
         for p, p0 in zip(eager, _init_params(torch.bfloat16))
     )
     assert moved > 5e-4  # ten updates of ~lr each really happened
+    return eager, opt_e, compiled, opt_c
+
+
+def _assert_compiled_matches_eager_fp32_moments(eager, opt_e, compiled, opt_c) -> None:
+    """fp32 moments: compiled == eager up to float rounding, checked tightly.
+
+    The compiled kernel may round sqrt/div differently in the last fp32 bit, so one rounding of a
+    bf16 weight can land on the other side: the weights then differ by one bf16 ulp (2^-8
+    relative at most) and the compensation holds the difference, itself rounded to bf16. The
+    compensated value p + c therefore agrees to half a bf16 ulp of c, with |c| <= ~half a bf16
+    ulp of p: about 2^-9 * 2^-9 = 3.8e-6 relative to p, inside rtol=1e-5. (The elided-cast bug
+    this guards against made c == 0 and p + c wrong by up to 9.3e-4 absolute, ~2.5% relative.)
+    """
     for pe, pc in zip(eager, compiled):
-        ve, vc = _kahan_value(opt_e, pe), _kahan_value(opt_c, pc)
-        if moment_dtype == torch.float32:
-            torch.testing.assert_close(vc, ve, rtol=1e-5, atol=1e-7)
-            # the stored bf16 weights: at most one bf16 ulp apart (2^-7 relative covers one ulp)
-            torch.testing.assert_close(pc.float(), pe.float(), rtol=2**-7, atol=1e-8)
-            for key in ("exp_avg", "exp_avg_sq"):
-                torch.testing.assert_close(opt_c.state[pc][key], opt_e.state[pe][key], rtol=1e-5, atol=1e-12)
-        else:
-            torch.testing.assert_close(vc, ve, rtol=0, atol=5e-5)
+        torch.testing.assert_close(_kahan_value(opt_c, pc), _kahan_value(opt_e, pe), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(pc.float(), pe.float(), rtol=2**-7, atol=1e-8)  # <= one bf16 ulp
+        # the compensation is really used: not all zero (the bug's symptom) and equal in size
+        ce, cc = opt_e.state[pe]["compensation"].float(), opt_c.state[pc]["compensation"].float()
+        assert cc.abs().max() > 0
+        torch.testing.assert_close(cc.abs().max(), ce.abs().max(), rtol=2**-7, atol=0)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_c.state[pc][key], opt_e.state[pe][key], rtol=1e-5, atol=1e-12)
+
+
+def test_compiled_kahan_step_matches_eager_on_cpu():
+    """Inductor (C++ backend) on CPU: same check as on CUDA, fp32 moments (no random draws).
+
+    Regression: inductor elided the kernel's fp32 -> bf16 -> fp32 round trip of the new weight,
+    so the compensation came out 0 and the compiled update was plain bf16 rounding.
+    """
+    _assert_compiled_matches_eager_fp32_moments(*_compiled_vs_eager("cpu", torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kahan_step_matches_eager_on_cuda(moment_dtype):
+    """The compiled (Triton) update equals the eager one up to float rounding, both runs on CUDA.
+
+    fp32 moments: see `_assert_compiled_matches_eager_fp32_moments` for the tolerances. bf16
+    moments: the stochastic rounding of the moments draws from inductor's philox stream in
+    compiled code and from torch's generator in eager code, so the two runs differ by rounding
+    noise, not by a bias. A moment in bf16 has relative noise <= 2^-8 per step; the update is
+    ~lr * m / sqrt(v), so ten steps move p + c apart by ~10 * 1e-4 * 2^-8 * few ~ 1e-5: compared
+    at atol=5e-5, half of one update (lr = 1e-4) and ~20x below the 9.3e-4 of a wrong update.
+    """
+    eager, opt_e, compiled, opt_c = _compiled_vs_eager("cuda", moment_dtype)
+    if moment_dtype == torch.float32:
+        _assert_compiled_matches_eager_fp32_moments(eager, opt_e, compiled, opt_c)
+    else:
+        for pe, pc in zip(eager, compiled):
+            torch.testing.assert_close(_kahan_value(opt_c, pc), _kahan_value(opt_e, pe), rtol=0, atol=5e-5)
 
 
 @pytest.mark.gpu
