@@ -33,7 +33,10 @@ The compensation buffers and moments are ordinary optimizer state, so `state_dic
 parameter's device): resume is bit-exact only if the RNG state is restored too.
 
 On CUDA the per-tensor update is one `torch.compile`d pointwise kernel (dynamic shapes, so one
-compilation for all tensors); elsewhere, or with `compile=False`, the same function runs eagerly.
+compilation for all tensors); elsewhere, or with `compile=False`, the same function runs eagerly
+(`compile=True` forces the compiled kernel on any device, e.g. inductor's C++ backend on CPU). It is
+compiled with inductor's `emulate_precision_casts`, without which inductor drops the bf16 rounding
+that the Kahan compensation measures (see `_COMPILE_OPTIONS`).
 """
 
 from __future__ import annotations
