@@ -83,6 +83,17 @@ class TrainConfig:
         "(bf16 weights with Kahan-compensated updates) or 'adamw_sr' (stochastic rounding); see sft/optim.py",
         choices=("adamw", "adamw_bf16", "adamw_kahan", "adamw_sr"),
     )
+    # LoRA (sft/lora.py): train low-rank adapters on a frozen base instead of every weight
+    lora: bool = _f(False, "train LoRA adapters only (base frozen); final/ holds the merged weights")
+    lora_rank: int = _f(16, "LoRA rank r", minimum=1)
+    lora_alpha: float = _f(32.0, "LoRA alpha: the update is scaled by alpha / rank", minimum=0)
+    lora_dropout: float = _f(0.05, "dropout on the LoRA input (in [0, 1))", minimum=0)
+    lora_targets: str | None = _f(
+        None,
+        "module-name suffixes to adapt, comma-separated (e.g. 'q_proj,v_proj'); None = every linear "
+        "layer of the blocks (sft/lora.py LORA_DEFAULT_TARGETS)",
+    )
+    qlora: bool = _f(False, "QLoRA: NF4-quantize the targeted base weights (needs --lora and torchao)")
     loss_chunk: int = _f(1024, "tokens per chunk of the chunked cross-entropy", minimum=1)
     seed: int = _f(0, "seed for model init, data order and dropout")
     # precision and speed
@@ -168,6 +179,38 @@ def parse_fields(text: str | None) -> dict[str, str] | None:
     return out
 
 
+def parse_targets(text: str | None) -> list[str] | None:
+    """``'q_proj, v_proj'`` -> ``["q_proj", "v_proj"]``; ``None``/empty -> None (the model's defaults).
+    Raises ConfigError on an empty item (``'q_proj,,v_proj'``)."""
+    if text is None or not text.strip():
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if not all(parts):
+        raise ConfigError(f"--lora_targets={text}: expected module names separated by commas")
+    return parts
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Checks that involve several fields or the installed packages (one-line ConfigError each).
+
+    Called by the trainer before any model is loaded: ``--qlora`` needs ``--lora`` and the ``torchao``
+    package; ``--lora_dropout`` must be below 1; ``--lora_targets`` must parse.
+    """
+    if cfg.qlora and not cfg.lora:
+        raise ConfigError("--qlora needs --lora (QLoRA trains adapters on the 4-bit base)")
+    if cfg.lora_dropout >= 1:
+        raise ConfigError(f"--lora_dropout={cfg.lora_dropout}: must be < 1")
+    parse_targets(cfg.lora_targets)
+    if cfg.qlora:
+        import importlib.util
+
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError(
+                "--qlora needs the torchao package (pip install torchao==0.18.0 for torch 2.11); "
+                "or train plain --lora"
+            )
+
+
 _HINTS = typing.get_type_hints(TrainConfig)
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -212,6 +255,8 @@ def _convert(name: str, raw: str) -> Any:
         raise ConfigError(f"--{name}={raw}: must be >= {meta['min']}")
     if name == "fields":
         parse_fields(value)  # checked now: a typo fails before any model is loaded
+    if name == "lora_targets":
+        parse_targets(value)
     return value
 
 

@@ -9,10 +9,14 @@ Layout of ``<out_dir>/<UTC time>_<model>_<dataset>/``:
 - ``tb/``: TensorBoard event files (the same scalars);
 - ``loss.png``: train loss per step and eval loss;
 - ``samples.jsonl``: held-out prompts answered greedily before and after training;
-- ``checkpoints/step_XXXXXXX/``: ``model.safetensors``, ``optimizer.pt``, ``rng.pt``, ``state.json``
-  (step, data position, token counters), ``config.json``. Written to a temporary folder and renamed
+- ``checkpoints/step_XXXXXXX/``: ``model.safetensors`` (the adapter weights alone for a LoRA run),
+  ``optimizer.pt``, ``rng.pt``, ``state.json`` (step, data position, token counters), ``config.json``
+  (sharded FSDP2 runs: ``dcp/`` + ``rng_rank{r}.pt`` instead, see sft/distributed.py). Written to a temporary folder and renamed
   with ``os.replace``, so a folder named ``step_*`` is always complete; the newest ``keep_last`` are kept;
-- ``final/``: Hugging Face format (safetensors, config, tokenizer with the training chat template).
+- ``final/``: Hugging Face format (safetensors, config, tokenizer with the training chat template); for a
+  LoRA run the adapters merged into the base;
+- ``adapter/`` (LoRA runs only): the adapter alone in peft's format (``adapter_config.json`` +
+  ``adapter_model.safetensors``), loadable with ``peft.PeftModel.from_pretrained(base, adapter/)``.
 
 The folder is created only after every input check has passed (:func:`create_run_dir` is called late);
 :func:`check_writable` runs first so an unwritable ``out_dir`` fails before any work.
@@ -250,7 +254,23 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CKPT.match(p.name).group(1)))
 
 
+def _has_lora(model) -> bool:
+    # peft_config is set by peft's injection and removed by sft.lora.merge_lora; checking it first spares
+    # importing peft for every full fine-tuning checkpoint
+    if getattr(model, "peft_config", None) is None:
+        return False
+    from sft.lora import is_lora
+
+    return is_lora(model)
+
+
 def _state_dict_for_save(model) -> dict[str, torch.Tensor]:
+    """What ``model.safetensors`` of a checkpoint holds: the adapter weights alone for a LoRA model (the
+    frozen base is reloaded from its source at resume), else every tensor of the state dict."""
+    if _has_lora(model):
+        from sft.lora import lora_state_dict
+
+        return lora_state_dict(model)
     # safetensors refuses tensors that share storage (tied embeddings): save a copy of each
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
 
@@ -303,6 +323,9 @@ CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "config.json"
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why ``ckpt`` cannot be resumed from (a file missing, truncated or corrupt), or ``None``.
 
+    A sharded checkpoint (a ``dcp/`` folder, written under FSDP2) is judged by
+    :func:`sft.distributed.dcp_checkpoint_problem`; the rest of this docstring is about single-process ones.
+
     Cheap: reads the JSON files, the safetensors header (safetensors itself refuses a file its header
     does not exactly cover, i.e. a truncated one) and the zip directories of the ``torch.save`` files
     (stored at their end, so a truncated file has none). Does not read the tensors.
@@ -312,6 +335,10 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     from safetensors import safe_open
 
     ckpt = Path(ckpt)
+    if (ckpt / "dcp").is_dir():  # sharded (FSDP2) checkpoint: its own layout and checks
+        from sft.distributed import dcp_checkpoint_problem
+
+        return dcp_checkpoint_problem(ckpt)
     for name in CHECKPOINT_FILES:
         if not (ckpt / name).is_file():
             return f"{name} is missing"
@@ -338,11 +365,22 @@ def checkpoint_problem(ckpt: Path) -> str | None:
 
 
 def load_checkpoint(ckpt: Path, *, model, optimizer) -> dict:
-    """Restore weights, optimizer state and RNG from ``ckpt``; return its ``state.json``."""
+    """Restore weights, optimizer state and RNG from ``ckpt``; return its ``state.json``.
+
+    For a LoRA model (adapters injected, same settings as the run that saved it) only the adapter
+    weights are read; the base must already be the run's base (loaded from its source)."""
     from safetensors.torch import load_file
 
     sd = load_file(str(ckpt / "model.safetensors"), device=str(next(model.parameters()).device))
-    model.load_state_dict(sd)
+    if _has_lora(model):  # adapter weights only (strict: every adapter weight, nothing else)
+        from sft.lora import load_lora_state_dict
+
+        try:
+            load_lora_state_dict(model, sd)
+        except ValueError as e:
+            raise RunError(f"{ckpt}: {e} (was it written by a run with the same --lora settings?)") from None
+    else:
+        model.load_state_dict(sd)
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
@@ -353,7 +391,8 @@ def load_checkpoint(ckpt: Path, *, model, optimizer) -> dict:
 
 def find_resume(out_dir: str | Path, resume: str) -> tuple[Path, Path]:
     """``(run_dir, latest usable checkpoint)`` for ``--resume``: ``latest`` = newest run in ``out_dir`` that
-    has a checkpoint, else a run folder path (or a name inside ``out_dir``). A damaged checkpoint
+    has a checkpoint, else a run folder path (or a name inside ``out_dir``). Single-process and sharded
+    (FSDP2, ``dcp/``) checkpoints alike; the trainer then checks the world size. A damaged checkpoint
     (:func:`checkpoint_problem`) is skipped, with a warning, for the newest intact one before it;
     RunError (naming each problem) if there is none."""
     if resume in ("latest", "true", "1"):

@@ -4,7 +4,10 @@ What one call does, in order:
 1. checks every input (out_dir writable, data file present, model found, data valid) before making
    the run folder; any failure raises a one-line error (ConfigError, ModelError, DataError, RunError)
    and leaves no run folder behind;
-2. loads model + tokenizer, prepares the data (render, split, pack), creates the run folder;
+2. loads model + tokenizer, prepares the data (render, split, pack), predicts the memory the run needs
+   (:func:`check_memory`: weights + grads + optimizer state + a rough activation term against the free GPU
+   memory; ConfigError naming the remedies if it cannot fit), moves the model to the device, applies LoRA
+   (``--lora``), then creates the run folder;
 3. evaluates the held-out loss and answers a few held-out prompts (before);
 4. trains: each optimizer step takes ``grad_accum`` micro-batches of ``micro_batch`` rows, each
    backpropagating ``sum CE / N_step`` (N_step = supervised targets of the whole step, see sft/loss.py),
@@ -25,7 +28,13 @@ and the step's sums are all-reduced, so the losses are that process's. Rank 0 al
 (its name broadcast to all), metrics, samples and ``final/`` (consolidated from the shards); checkpoints
 are sharded (``torch.distributed.checkpoint``) and resume at the same world size.
 
-MFU (GPU only): FLOPs per processed token = ``6 N + 12 L d T_attn`` (PaLM, appendix B) with N all
+LoRA (``--lora``, sft/lora.py): adapters are injected after the model is on its device and before
+checkpointing, sharding or compiling; only they train (fp32 under ``--optimizer=adamw``, else the base
+dtype), with ``--qlora`` over an NF4-quantized base. Checkpoints hold the adapter weights alone (the base is
+reloaded from its source at resume); at the end ``adapter/`` holds the adapter in peft's format and
+``final/`` the merged full weights (loads with ``AutoModelForCausalLM``). Not with FSDP2 yet (ConfigError).
+
+MFU (GPU only, and ``null`` with LoRA: the frozen base has no weight gradient, so 6N does not apply): FLOPs per processed token = ``6 N + 12 L d T_attn`` (PaLM, appendix B) with N all
 parameters and ``T_attn`` the token-weighted mean length of the document each token sits in
 (``sum n_doc^2 / sum n_doc`` over the step's documents, padding counted as its own document); peak bf16
 dense FLOP/s from :data:`PEAK_FLOPS` by device name; ``null`` on CPU or an unknown GPU.
@@ -47,7 +56,7 @@ from pathlib import Path
 import torch
 
 from sft import distributed, runs
-from sft.config import ConfigError, TrainConfig, parse_args, parse_fields
+from sft.config import ConfigError, TrainConfig, check_config, parse_args, parse_fields, parse_targets
 from sft.distributed import DistInfo
 from sft.loss import chunked_cross_entropy_sum, count_supervised
 from sft.models import ModelError, forward_hidden, load_model_and_tokenizer
@@ -103,6 +112,152 @@ def attention_flops_tokens(document_ids: torch.Tensor) -> int:
         counts = torch.unique_consecutive(row, return_counts=True)[1]
         total += int((counts.long() ** 2).sum())
     return total
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing (non-reentrant) on a transformers model or our MPT.
+
+    transformers 5.24 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    (the old name warns, FutureWarning, until v6); older 5.x (the GPU image has 5.17) may only have the
+    old name, so the new one is used when present."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:  # our MPT: a flag its forward reads
+        model.gradient_checkpointing = True
+
+
+# ----------------------------------------------------------------------------- memory prediction
+
+# optimizer state in units of the trainable parameter's own element size (sft/optim.py's table): AdamW keeps
+# two moments in the parameter's dtype; the Kahan variant adds one compensation buffer per parameter
+OPTIMIZER_STATE_ELEMENTS = {"adamw": 2, "adamw_bf16": 2, "adamw_sr": 2, "adamw_kahan": 3}
+# activations kept for backward per token and layer, in units of d_model elements (Korthikanti et al. 2022,
+# "Reducing activation recomputation", 34 bytes/h in 16-bit = 17 elements, attention scores excluded:
+# fused/flex attention does not keep them); with checkpointing one d-vector per layer plus one layer's set
+ACTIVATION_ELEMENTS_PER_LAYER = 17
+NF4_BYTES_PER_PARAM = 0.516  # 4 bits + one 8-bit scale per 64 values + the scales' own scales
+
+
+def _lora_adapter_params(model, cfg: TrainConfig) -> int:
+    """Elements LoRA will add (and train): ``rank * (in + out)`` per targeted ``nn.Linear``."""
+    from sft import lora
+
+    try:
+        suffixes = tuple(parse_targets(cfg.lora_targets) or lora.default_targets(model))
+    except ValueError as e:
+        raise ConfigError(f"--lora: {str(e).splitlines()[0]}") from None
+    return sum(
+        cfg.lora_rank * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in suffixes
+    )
+
+
+def estimate_memory(model, cfg: TrainConfig, autocast: bool, world: int = 1) -> dict[str, int]:
+    """Predicted peak bytes of one training process, by part, before anything moves to the device.
+
+    ``model``: the loaded model in its training dtype, before LoRA. Returns ``{"weights", "grads",
+    "optimizer", "activations", "total"}`` in bytes:
+    - weights: every parameter at its element size (NF4-quantized targets at ~0.52 B with ``--qlora``);
+    - grads and optimizer state: trainable parameters only (all of them, or the LoRA adapters: fp32 under
+      ``adamw``, else the base dtype), state = ``OPTIMIZER_STATE_ELEMENTS[optimizer]`` x element size
+      (adamw on fp32: 4 + 8 = 12 B/param + 4 grad; adamw_bf16/adamw_sr 2 + 4 (+2); adamw_kahan 2 + 6 (+2));
+    - activations (rough, a lower bound: no attention scores, no allocator slack): ``micro_batch * max_len``
+      tokens x ``d`` x (17 per layer, or 1 per layer + 17 with ``--grad_checkpointing``) elements of 2 B
+      under bf16 (autocast or weights), else 4 B; plus one loss chunk of fp32 logits and their gradient.
+    Under FSDP2 (``world`` > 1) weights, grads and state are divided by ``world`` (sharded); activations not.
+    """
+    n_all = sum(p.numel() for p in model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    base_elem = next(model.parameters()).element_size()
+    if cfg.lora:
+        n_train = _lora_adapter_params(model, cfg)
+        train_elem = 4 if cfg.optimizer == "adamw" else base_elem
+        weights += n_train * train_elem
+        if cfg.qlora:
+            from sft import lora
+
+            suffixes = tuple(parse_targets(cfg.lora_targets) or lora.default_targets(model))
+            quantized = sum(
+                m.weight.numel()
+                for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in suffixes
+            )
+            weights -= int(quantized * (base_elem - NF4_BYTES_PER_PARAM))
+    else:
+        n_train, train_elem = n_all, base_elem
+    grads = n_train * train_elem
+    optimizer = n_train * train_elem * OPTIMIZER_STATE_ELEMENTS[cfg.optimizer]
+    L, d = _layers_and_width(model)
+    act_elem = 2 if (autocast or base_elem == 2) else 4
+    per_token = (
+        (L + ACTIVATION_ELEMENTS_PER_LAYER) if cfg.grad_checkpointing else ACTIVATION_ELEMENTS_PER_LAYER * L
+    )
+    vocab = getattr(model.config, "vocab_size", 0) if hasattr(model, "config") else 0
+    tokens = cfg.micro_batch * cfg.max_len
+    activations = tokens * d * per_token * act_elem + 2 * min(cfg.loss_chunk, tokens) * vocab * 4
+    sharded = (weights + grads + optimizer) // max(world, 1)
+    return {
+        "weights": weights // max(world, 1),
+        "grads": grads // max(world, 1),
+        "optimizer": optimizer // max(world, 1),
+        "activations": activations,
+        "total": sharded + activations,
+    }
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes free for this run: ``torch.cuda.mem_get_info`` on CUDA, the OS's available memory on CPU
+    (psutil, else /proc/meminfo's MemAvailable); None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(model, cfg: TrainConfig, device: torch.device, autocast: bool, world: int = 1) -> dict:
+    """Raise ConfigError (one line) when the run cannot fit, before the first step and the run folder.
+
+    CUDA: the :func:`estimate_memory` total against :func:`free_memory_bytes`. CPU: only when the weights
+    alone exceed the available memory (the OS swaps rather than fails, and a CPU run is a test or a small
+    model). Returns the estimate (bytes by part).
+    """
+    est = estimate_memory(model, cfg, autocast, world)
+    free = free_memory_bytes(device)
+    need = est["total"] if device.type == "cuda" else est["weights"]
+    log.info(
+        "memory estimate: ~%.2f GiB (weights %.2f, grads %.2f, optimizer %.2f, activations ~%.2f)%s",
+        est["total"] / 2**30,
+        est["weights"] / 2**30,
+        est["grads"] / 2**30,
+        est["optimizer"] / 2**30,
+        est["activations"] / 2**30,
+        f"; {free / 2**30:.2f} GiB free" if free is not None else "",
+    )
+    if free is not None and need > free:
+        where = "the GPU has" if device.type == "cuda" else "this machine has"
+        what = "this run" if device.type == "cuda" else "the weights alone"
+        raise ConfigError(
+            f"{what} needs ~{need / 2**30:.1f} GiB (weights {est['weights'] / 2**30:.1f}, grads "
+            f"{est['grads'] / 2**30:.1f}, optimizer {est['optimizer'] / 2**30:.1f}, activations "
+            f"~{est['activations'] / 2**30:.1f}), {where} {free / 2**30:.1f} GiB free: try --lora / "
+            "--optimizer=adamw_kahan / --grad_checkpointing / smaller --micro_batch"
+        )
+    return est
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -324,7 +479,7 @@ def train(cfg: TrainConfig) -> Path:
     t_start = time.time()
     resume_from, run_dir = None, None
     if cfg.resume:
-        run_dir, resume_from = distributed.find_resume(cfg.out_dir, cfg.resume)
+        run_dir, resume_from = runs.find_resume(cfg.out_dir, cfg.resume)  # plain or sharded (DCP)
         saved = TrainConfig.from_dict(runs._read_json(resume_from / "config.json"))
         # the run continues with its own config; only these knobs may change on resume
         cfg = dataclasses.replace(saved, resume=cfg.resume, stop_after=cfg.stop_after, progress=cfg.progress)
@@ -364,6 +519,12 @@ def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_sta
             )
     if cfg.optimizer != "adamw" and cfg.precision != "bf16":
         raise ConfigError(f"--optimizer={cfg.optimizer} works on bf16 weights: add --precision=bf16")
+    check_config(cfg)
+    if cfg.lora and info.enabled:
+        # the consolidated export and the DCP checkpoints do not know adapters yet (sft/distributed.py)
+        raise ConfigError(
+            "--lora with FSDP2 (torchrun / --distributed) is not supported yet: use one process"
+        )
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -385,13 +546,32 @@ def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_sta
     # one optimizer step = A micro-batches on each of the W ranks: micro-batches s*A*W .. s*A*W + A*W - 1
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (A * W)))
 
-    model.to(device)
-    if cfg.grad_checkpointing:  # before sharding: it wraps the block calls, FSDP hooks the blocks
-        if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing = True
     use_autocast = device.type == "cuda" and cfg.precision in ("auto", "bf16-autocast")
+    # predicted memory against what the device has free: a run that cannot fit fails now, in one line,
+    # before the run folder exists (ConfigError)
+    check_memory(model, cfg, device, use_autocast, W)
+
+    model.to(device)
+    if cfg.lora:  # after .to(device) (NF4 quantizes on the device), before checkpointing/sharding/compile
+        from sft import lora
+
+        targets = parse_targets(cfg.lora_targets)
+        try:
+            if cfg.qlora:
+                lora.quantize_nf4(model, targets=targets)
+            # fp32 adapters under plain AdamW keep the small updates exact over a bf16 base
+            lora.apply_lora(
+                model,
+                rank=cfg.lora_rank,
+                alpha=cfg.lora_alpha,
+                dropout=cfg.lora_dropout,
+                targets=targets,
+                adapter_dtype=torch.float32 if cfg.optimizer == "adamw" else None,
+            )
+        except ValueError as e:  # no default targets for this architecture, or a target matches nothing
+            raise ConfigError(f"--lora: {str(e).splitlines()[0]}") from None
+    if cfg.grad_checkpointing:  # before sharding: it wraps the block calls, FSDP hooks the blocks
+        enable_checkpointing(model)
 
     def autocast():
         if use_autocast:
@@ -399,12 +579,16 @@ def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_sta
         return contextlib.nullcontext()
 
     n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     L, d = _layers_and_width(model)
-    peak = peak_flops(device)
+    # MFU's 6N counts a full backward (weight + input gradients) for every parameter; with LoRA the frozen
+    # base gets no weight gradient, so 6N overstates the work: MFU is reported as null
+    peak = None if cfg.lora else peak_flops(device)
     cfg_dict = cfg.to_dict()
     model_info = {
         "class": type(model).__name__,
         "n_params": n_params,
+        "n_trainable": n_trainable,
         "dtype": str(next(model.parameters()).dtype),
     }
     before = None
@@ -646,10 +830,18 @@ def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_sta
         after = answer_samples(export, tokenizer, prepared.eval_conversations, cfg, device, autocast)
         runs.write_samples(run_dir, [{"stage": "after", "step": state["step"], **s} for s in after])
         _print_samples("after", after)
+    if cfg.lora:
+        from sft import lora
+
+        lora.save_adapter(export, run_dir / "adapter")
     if cfg.save_final:
         from sft.render import attach_template
 
         attach_template(tokenizer, cfg.template)  # inference renders exactly as training did
+        if cfg.lora:
+            from sft import lora
+
+            lora.merge_lora(export)  # in place: the plain architecture again, adapters folded in
         runs.save_final(run_dir, export, tokenizer)
     runs.plot_loss(run_dir)
     log.info(

@@ -441,3 +441,130 @@ def test_qlora_nf4_on_cuda_bf16():
         merged = logits(model, batch).float()
     assert model.transformer.blocks[0].attn.Wqkv.weight.dtype == torch.bfloat16
     torch.testing.assert_close(merged, adapted, atol=5e-2, rtol=0)  # merged weight rounded to bf16
+
+
+# ----------------------------------------------------------------------------- through the trainer
+
+
+def _recipe_main(*args) -> int:
+    """The SmolLM2 recipe's real entry point, in process (``--smoke``: tiny random Llama, bundled data)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "sft" / "train_smollm2_guanaco.py"
+    spec = importlib.util.spec_from_file_location("_recipe_smollm2", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)  # its __main__ block does not run
+    from sft.trainer import main
+
+    return main(recipe.DEFAULTS, list(args), smoke=recipe.SMOKE)
+
+
+LORA_ARGS = ["--smoke", "--lora", "--no-progress", "--device=cpu", "--save_every=1", "--keep_last=3"]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    """An uninterrupted LoRA run (3 steps) and one stopped after step 1 then resumed, in one out_dir."""
+    import os
+
+    out = tmp_path_factory.mktemp("lora_runs")
+    old = os.environ.get("SFT_CACHE")
+    os.environ["SFT_CACHE"] = str(out / "cache")
+    try:
+        assert _recipe_main(*LORA_ARGS, f"--out_dir={out}", "--run_name=full") == 0
+        assert _recipe_main(*LORA_ARGS, f"--out_dir={out}", "--run_name=cut", "--stop_after=1") == 0
+        assert _recipe_main(f"--resume={out / 'cut'}", f"--out_dir={out}", "--no-progress") == 0
+    finally:
+        if old is None:
+            os.environ.pop("SFT_CACHE", None)
+        else:
+            os.environ["SFT_CACHE"] = old
+    return out / "full", out / "cut"
+
+
+def _train_losses(run_dir):
+    from sft.runs import read_metrics
+
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
+
+
+def test_trainer_lora_checkpoints_hold_only_adapters(lora_runs):
+    import json
+
+    from safetensors import safe_open
+
+    full, _ = lora_runs
+    ckpts = sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert ckpts == ["step_0000001", "step_0000002", "step_0000003"]
+    with safe_open(str(full / "checkpoints" / "step_0000003" / "model.safetensors"), "pt") as f:
+        keys = sorted(f.keys())
+    # tiny-llama: 2 layers x 7 linear layers (q,k,v,o,gate,up,down) x (A, B)
+    assert len(keys) == 28 and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert "model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    info = json.loads((full / "config.json").read_text())
+    assert info["config"]["lora"] is True and info["config"]["lora_rank"] == 16
+    # r * (in + out) summed over the targeted layers of the d=64, ffn=128, 4 heads / 2 kv-heads model
+    per_layer = 16 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    assert info["model"]["n_trainable"] == 2 * per_layer
+    from sft.runs import read_metrics
+
+    train = [r for r in read_metrics(full) if "loss" in r]
+    assert len(train) == 3 and all(r["mfu"] is None for r in train)  # null with LoRA (and on CPU)
+
+
+def test_trainer_lora_adapter_plus_base_reproduces_final(lora_runs):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sft.models import byte_tokenizer, tiny_model
+
+    full, _ = lora_runs
+    final = AutoModelForCausalLM.from_pretrained(str(full / "final")).eval()
+    base = tiny_model("tiny-llama", len(byte_tokenizer()), seed=0, max_len=256).eval()
+    # everything LoRA does not target (embeddings, norms) is the base's init, bit for bit
+    final_sd, base_sd = load_file(str(full / "final" / "model.safetensors")), base.state_dict()
+    untouched = [k for k in final_sd if not k.endswith(tuple(f"{t}.weight" for t in lora._LLAMA_LIKE))]
+    assert untouched and all(torch.equal(final_sd[k], base_sd[k]) for k in untouched)
+    # the targeted weights changed (the adapters trained) ...
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(final_sd[q], base_sd[q])
+    # ... by exactly the adapter: base + adapter/ computes what final/ computes
+    adapted = lora.load_adapter(base, full / "adapter").eval()
+    x = torch.tensor([[257, 84, 82, 68, 81, 198, 71, 72, 258]])
+    with torch.no_grad():
+        torch.testing.assert_close(final(x).logits, adapted(x).logits, atol=1e-5, rtol=0)
+
+
+def test_trainer_lora_resume_gives_identical_losses(lora_runs):
+    full, cut = lora_runs
+    got, want = _train_losses(cut), _train_losses(full)
+    assert [s for s, _ in want] == [1, 2, 3]
+    assert got == want  # bit-exact on CPU: stop after 1 + resume == uninterrupted
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--qlora"], "error: --qlora needs --lora (QLoRA trains adapters on the 4-bit base)"),
+        (["--lora", "--lora_targets=q_proj,,v_proj"], "error: --lora_targets=q_proj,,v_proj: expected"),
+        (["--lora", "--lora_targets=no_such_proj"], "error: --lora: "),
+    ],
+)
+def test_trainer_lora_bad_settings_are_one_line_errors(args, message, tmp_path, capsys):
+    rc = _recipe_main("--smoke", "--no-progress", f"--out_dir={tmp_path}/runs", *args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(message), err
+    assert not (tmp_path / "runs").exists() or not [p for p in (tmp_path / "runs").iterdir()]
+
+
+def test_trainer_qlora_without_torchao_is_a_config_error(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is not None:
+        pytest.skip("torchao is installed")
+    rc = _recipe_main("--smoke", "--no-progress", "--lora", "--qlora", f"--out_dir={tmp_path}/runs")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [
+        "error: --qlora needs the torchao package (pip install torchao==0.18.0 for torch 2.11); or train plain --lora"
+    ]
