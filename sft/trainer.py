@@ -134,10 +134,13 @@ def enable_checkpointing(model) -> None:
 # optimizer state in units of the trainable parameter's own element size (sft/optim.py's table): AdamW keeps
 # two moments in the parameter's dtype; the Kahan variant adds one compensation buffer per parameter
 OPTIMIZER_STATE_ELEMENTS = {"adamw": 2, "adamw_bf16": 2, "adamw_sr": 2, "adamw_kahan": 3}
-# activations kept for backward per token and layer, in units of d_model elements (Korthikanti et al. 2022,
-# "Reducing activation recomputation", 34 bytes/h in 16-bit = 17 elements, attention scores excluded:
-# fused/flex attention does not keep them); with checkpointing one d-vector per layer plus one layer's set
-ACTIVATION_ELEMENTS_PER_LAYER = 17
+# activations kept for backward per token and layer, in units of d_model elements. A deliberate lower
+# bound, so that the check never refuses a run that fits: Korthikanti et al. 2022 count 34 bytes/h in 16-bit
+# (17 elements) for an unfused block, but the fast path measured on an H200 (GUIDE.md section 3: MPT-7B,
+# compiled blocks, FlexAttention, 2 rows of 2048) peaked 55.6 GiB with ~49.6 GiB of weights, grads and
+# pure-bf16 AdamW state, i.e. ~6 elements; plain transformers with eager attention keeps far more.
+# With checkpointing: one d-vector per layer (the block inputs) plus one block's set during recompute.
+ACTIVATION_ELEMENTS_PER_LAYER = 6
 NF4_BYTES_PER_PARAM = 0.516  # 4 bits + one 8-bit scale per 64 values + the scales' own scales
 
 
@@ -166,8 +169,11 @@ def estimate_memory(model, cfg: TrainConfig, autocast: bool, world: int = 1) -> 
       ``adamw``, else the base dtype), state = ``OPTIMIZER_STATE_ELEMENTS[optimizer]`` x element size
       (adamw on fp32: 4 + 8 = 12 B/param + 4 grad; adamw_bf16/adamw_sr 2 + 4 (+2); adamw_kahan 2 + 6 (+2));
     - activations (rough, a lower bound: no attention scores, no allocator slack): ``micro_batch * max_len``
-      tokens x ``d`` x (17 per layer, or 1 per layer + 17 with ``--grad_checkpointing``) elements of 2 B
-      under bf16 (autocast or weights), else 4 B; plus one loss chunk of fp32 logits and their gradient.
+      tokens x ``d`` x (6 per layer, or 1 per layer + 6 with ``--grad_checkpointing``; see
+      ``ACTIVATION_ELEMENTS_PER_LAYER``) elements of 2 B under bf16 (autocast or weights), else 4 B; plus one
+      loss chunk of fp32 logits and their gradient.
+    So ``total`` is what the run needs at least: a run above the free memory cannot fit, one below may still
+    run out (eager attention, fragmentation).
     Under FSDP2 (``world`` > 1) weights, grads and state are divided by ``world`` (sharded); activations not.
     """
     n_all = sum(p.numel() for p in model.parameters())
@@ -250,9 +256,9 @@ def check_memory(model, cfg: TrainConfig, device: torch.device, autocast: bool, 
     )
     if free is not None and need > free:
         where = "the GPU has" if device.type == "cuda" else "this machine has"
-        what = "this run" if device.type == "cuda" else "the weights alone"
+        what = "this run needs" if device.type == "cuda" else "the weights alone need"
         raise ConfigError(
-            f"{what} needs ~{need / 2**30:.1f} GiB (weights {est['weights'] / 2**30:.1f}, grads "
+            f"{what} ~{need / 2**30:.1f} GiB (weights {est['weights'] / 2**30:.1f}, grads "
             f"{est['grads'] / 2**30:.1f}, optimizer {est['optimizer'] / 2**30:.1f}, activations "
             f"~{est['activations'] / 2**30:.1f}), {where} {free / 2**30:.1f} GiB free: try --lora / "
             "--optimizer=adamw_kahan / --grad_checkpointing / smaller --micro_batch"

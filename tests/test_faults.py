@@ -355,3 +355,70 @@ def test_read_only_out_dir(tmp_path, cache):
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_config_that_cannot_fit_is_refused_before_the_first_step(tmp_path, cache, monkeypatch):
+    """Issue 8: a run that cannot fit is said before the first step, with the remedies, and no run folder."""
+    from sft.config import ConfigError
+
+    steps, real_count = [], trainer.count_supervised
+    monkeypatch.setattr(trainer, "count_supervised", lambda b: steps.append(1) or 1)  # no step may start
+    # CPU: only the weights are checked (tiny-llama fp32: 90,688 parameters x 4 B = 362,752 B)
+    monkeypatch.setattr(trainer, "free_memory_bytes", lambda device: 362_751)
+    with pytest.raises(ConfigError) as e:
+        train(cfg(tmp_path))
+    assert str(e.value).startswith("the weights alone need ~0.0 GiB (weights 0.0, grads 0.0, optimizer 0.0")
+    assert str(e.value).endswith(
+        "this machine has 0.0 GiB free: try --lora / --optimizer=adamw_kahan / --grad_checkpointing / "
+        "smaller --micro_batch"
+    )
+    assert steps == [] and list(tmp_path.iterdir()) == []  # no step, no run folder
+    monkeypatch.setattr(trainer, "free_memory_bytes", lambda device: 362_752)  # exactly enough: it runs
+    monkeypatch.setattr(trainer, "count_supervised", real_count)
+    assert list_checkpoints(train(cfg(tmp_path, "--max_steps=1")))
+
+
+def test_memory_estimate_is_pinned_and_checked_against_the_gpu(monkeypatch):
+    """The estimate's parts (bytes) for tiny-llama, and the CUDA rule: the total against the free memory."""
+    from sft.config import ConfigError
+    from sft.models import byte_tokenizer, tiny_model
+
+    model = tiny_model("tiny-llama", len(byte_tokenizer()), 0, 256)  # 90,688 fp32 parameters, L=2, d=64
+    base = ["--max_len=256", "--micro_batch=2"]
+    # full fine-tuning, adamw on fp32: 4 B weights + 4 B grad + 8 B moments per parameter; activations
+    # 512 tokens x 64 x (6 x 2 layers) x 4 B + 2 x 512 x 260 (vocab) x 4 B of loss-chunk logits and grads
+    acts = 512 * 64 * 12 * 4 + 2 * 512 * 260 * 4
+    assert trainer.estimate_memory(model, parse_args(base), autocast=False) == {
+        "weights": 362_752, "grads": 362_752, "optimizer": 725_504, "activations": acts,
+        "total": 1_451_008 + acts,
+    }  # fmt: skip
+    # LoRA r=16 on the 7 linear layers: 32,768 fp32 adapter parameters carry grads and state;
+    # checkpointing keeps 1 d-vector per layer + one block's 6
+    lora_ckpt = trainer.estimate_memory(model, parse_args([*base, "--lora", "--grad_checkpointing"]), False)
+    acts_ckpt = 512 * 64 * (2 + 6) * 4 + 2 * 512 * 260 * 4
+    assert lora_ckpt == {
+        "weights": 362_752 + 131_072, "grads": 131_072, "optimizer": 262_144, "activations": acts_ckpt,
+        "total": 362_752 + 131_072 * 4 + acts_ckpt,
+    }  # fmt: skip
+    # bf16 weights with the Kahan optimizer: 2 B weights + 2 B grads + 6 B state; bf16 activations
+    bf16 = trainer.estimate_memory(
+        model.to(torch.bfloat16), parse_args(["--max_len=256", "--optimizer=adamw_kahan"]), autocast=False
+    )
+    assert (bf16["weights"], bf16["grads"], bf16["optimizer"]) == (181_376, 181_376, 544_128)
+    assert bf16["activations"] == 256 * 64 * 12 * 2 + 2 * 256 * 260 * 4
+
+    cuda = torch.device("cuda")  # never touched: the free-memory query is replaced
+    c = parse_args(base)
+    total = trainer.estimate_memory(model.float(), c, autocast=True)["total"]
+    monkeypatch.setattr(trainer, "free_memory_bytes", lambda device: total)
+    assert trainer.check_memory(model, c, cuda, autocast=True)["total"] == total  # fits exactly
+    monkeypatch.setattr(trainer, "free_memory_bytes", lambda device: total - 1)
+    with pytest.raises(
+        ConfigError, match=r"^this run needs ~0\.0 GiB .* the GPU has 0\.0 GiB free: try --lora"
+    ):
+        trainer.check_memory(model, c, cuda, autocast=True)
+    monkeypatch.setattr(trainer, "free_memory_bytes", lambda device: None)  # unknown: no check
+    trainer.check_memory(model, c, cuda, autocast=True)
