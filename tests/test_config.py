@@ -109,3 +109,34 @@ def test_guanaco_recipe_drops_bad_rows():
     from sft.train_mpt_guanaco import DEFAULTS
 
     assert DEFAULTS.bad_rows == "drop"
+
+
+def test_lora_fields_and_cross_field_checks(monkeypatch):
+    from sft.config import check_config, parse_targets
+
+    cfg = parse_args(["--lora", "--lora_rank=8", "--lora_alpha=16", "--lora_targets=q_proj, v_proj"])
+    assert (cfg.lora, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.qlora) == (
+        True,
+        8,
+        16.0,
+        0.05,
+        False,
+    )
+    assert parse_targets(cfg.lora_targets) == ["q_proj", "v_proj"] and parse_targets(None) is None
+    check_config(cfg)
+    with pytest.raises(ConfigError, match=r"^--lora_targets=q_proj,: expected module names"):
+        parse_args(["--lora_targets=q_proj,"])
+    with pytest.raises(ConfigError, match=r"^--lora_rank=0: must be >= 1"):
+        parse_args(["--lora_rank=0"])
+    with pytest.raises(ConfigError, match=r"^--qlora needs --lora"):
+        check_config(parse_args(["--qlora"]))
+    with pytest.raises(ConfigError, match=r"^--lora_dropout=1.0: must be < 1"):
+        check_config(parse_args(["--lora", "--lora_dropout=1"]))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"^--qlora needs the torchao package"):
+        check_config(parse_args(["--lora", "--qlora"]))

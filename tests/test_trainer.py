@@ -234,3 +234,42 @@ def test_unwritable_out_dir(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert err[0].startswith(f"error: cannot write run folders in '{blocker}/runs'")
+
+
+# ----------------------------------------------------------------------------- resume finder, checkpointing
+
+
+def _fake_dcp_checkpoint(ckpt, world=2):
+    """The layout sft.distributed.save_checkpoint leaves (dcp/.metadata, rng per rank, state last)."""
+    (ckpt / "dcp").mkdir(parents=True)
+    (ckpt / "dcp" / ".metadata").write_bytes(b"x")
+    for r in range(world):
+        torch.save({"torch": torch.get_rng_state()}, ckpt / f"rng_rank{r}.pt")
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "state.json").write_text(json.dumps({"step": 2, "world_size": world, "format": "dcp"}))
+
+
+def test_find_resume_accepts_sharded_checkpoints_and_skips_damaged_ones(tmp_path, caplog):
+    from sft.runs import RunError, checkpoint_problem, find_resume
+
+    run = tmp_path / "r"
+    _fake_dcp_checkpoint(run / "checkpoints" / "step_0000002")
+    _fake_dcp_checkpoint(run / "checkpoints" / "step_0000004")
+    assert find_resume(tmp_path, "latest") == (run, run / "checkpoints" / "step_0000004")
+    (run / "checkpoints" / "step_0000004" / "rng_rank1.pt").unlink()  # a rank's file lost
+    assert checkpoint_problem(run / "checkpoints" / "step_0000004") == "rng_rank1.pt is missing"
+    assert find_resume(tmp_path, str(run)) == (run, run / "checkpoints" / "step_0000002")
+    assert "step_0000004: rng_rank1.pt is missing" in caplog.text
+    (run / "checkpoints" / "step_0000002" / "dcp" / ".metadata").unlink()
+    with pytest.raises(RunError, match=r"no usable checkpoint .*step_0000002: dcp/\.metadata is missing"):
+        find_resume(tmp_path, "r")
+
+
+def test_grad_checkpointing_gives_the_same_losses_without_deprecation_warnings(full_run, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers 5.24 deprecates the old method name
+        rc, run_dir = _run(tmp_path, "--grad_checkpointing", "--num_samples=0", "--no-save_final", name="gc")
+    assert rc == 0
+    assert _losses(run_dir) == pytest.approx(_losses(full_run), abs=1e-6)
