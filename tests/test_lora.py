@@ -549,6 +549,10 @@ def test_trainer_lora_resume_gives_identical_losses(lora_runs):
         (["--qlora"], "error: --qlora needs --lora (QLoRA trains adapters on the 4-bit base)"),
         (["--lora", "--lora_targets=q_proj,,v_proj"], "error: --lora_targets=q_proj,,v_proj: expected"),
         (["--lora", "--lora_targets=no_such_proj"], "error: --lora: "),
+        (
+            ["--lora", "--distributed"],
+            "error: --lora with FSDP2 (torchrun / --distributed) is not supported yet",
+        ),
     ],
 )
 def test_trainer_lora_bad_settings_are_one_line_errors(args, message, tmp_path, capsys):
