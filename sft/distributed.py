@@ -282,31 +282,6 @@ def dcp_checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def find_resume(out_dir: str | Path, resume: str) -> tuple[Path, Path]:
-    """:func:`sft.runs.find_resume`, also accepting sharded (DCP) checkpoints, which it does not know:
-    ``(run_dir, newest usable checkpoint)``; RunError when there is none."""
-    from sft import runs
-
-    try:
-        return runs.find_resume(out_dir, resume)
-    except runs.RunError as e:
-        error = e
-    if resume in ("latest", "true", "1"):
-        found = sorted(
-            (p for p in Path(out_dir).glob("*") if p.is_dir() and runs.list_checkpoints(p)),
-            key=lambda p: p.name,
-        )
-        run_dir = found[-1] if found else None
-    else:
-        run_dir = Path(resume) if Path(resume).is_dir() else Path(out_dir) / resume
-    if run_dir is None or not run_dir.is_dir():
-        raise error
-    for ckpt in reversed(runs.list_checkpoints(run_dir)):
-        if is_dcp_checkpoint(ckpt) and dcp_checkpoint_problem(ckpt) is None:
-            return run_dir, ckpt
-    raise error
-
-
 def is_dcp_checkpoint(ckpt: Path) -> bool:
     return (Path(ckpt) / "dcp").is_dir()
 
