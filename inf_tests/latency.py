@@ -94,33 +94,10 @@ def named_shape(name: str, dtype: torch.dtype, device: torch.device):
                 max_position_embeddings=4096,
             ),
         )
-    elif name == "tiny-mpt":
-        cls, cfg = (
-            MptForCausalLM,
-            MptConfig(
-                d_model=64,
-                n_heads=4,
-                n_layers=2,
-                expansion_ratio=4,
-                max_seq_len=4096,
-                vocab_size=512,
-                no_bias=True,
-            ),
-        )
-    elif name == "tiny-llama":
-        cls, cfg = (
-            LlamaForCausalLM,
-            LlamaConfig(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=512,
-                max_position_embeddings=4096,
-                tie_word_embeddings=True,
-            ),
-        )
+    elif name in ("tiny-mpt", "tiny-llama"):  # the trainer's tiny presets (sft/models.py), vocabulary 512
+        from sft.models import tiny_model
+
+        cls, cfg = None, None
     else:
         raise ValueError(f"unknown shape {name!r}; have {NAMED_SHAPES}")
     torch.manual_seed(0)
@@ -128,7 +105,7 @@ def named_shape(name: str, dtype: torch.dtype, device: torch.device):
     torch.set_default_dtype(dtype)  # initialise directly in the target dtype: half the memory for 7B
     try:
         with torch.device(device):
-            model = cls(cfg)
+            model = cls(cfg) if cls is not None else tiny_model(name, vocab_size=512, seed=0, max_len=4096)
     finally:
         torch.set_default_dtype(old)
     return model.to(dtype)
