@@ -383,7 +383,9 @@ def run_suite(args) -> dict:
                     per_step, extra = r["per_token_s"], {}
                 else:
                     seq_len = args.decode_prompt_len + args.new_tokens + args.warmup + 1
-                    gen = Generator(dec, max_seq_len=seq_len, compile=args.compile)
+                    gen = Generator(
+                        dec, max_seq_len=seq_len, compile=args.compile, compile_mode=args.compile_mode
+                    )
                     per_step, times = fast_decode(gen, ids, args.new_tokens, args.warmup)
                     # compiled: False if the compiled step failed and the Generator fell back to eager
                     extra = {"step_s_min": min(times), "step_s_max": max(times), "compiled": gen.compiled}
@@ -522,6 +524,12 @@ def parse_args(argv=None):
         type=lambda s: None if s == "auto" else s == "1",
         default=None,
         help="auto|1|0: compile the decode step (auto: CUDA only)",
+    )
+    p.add_argument(
+        "--compile_mode",
+        default="reduce-overhead",
+        choices=("reduce-overhead", "max-autotune"),
+        help="inductor mode of the compiled decode step on CUDA (both record CUDA graphs)",
     )
     p.add_argument(
         "--compile_prefill", action="store_true", help="torch.compile the prefill too (dynamic shapes)"

@@ -290,6 +290,8 @@ class Generator:
     mode, on ``device``. ``compile``: ``None`` = compile the t=1 step with
     ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs; gpt-fast's inductor
     settings, :func:`apply_decode_inductor_settings`) on CUDA and run eager on CPU.
+    ``compile_mode``: the inductor mode of that CUDA compile: ``"reduce-overhead"`` or ``"max-autotune"``
+    (also CUDA graphs, plus autotuned Triton matmul templates for the one-token GEMVs; a longer compile).
     ``compile_backend``: a dynamo backend other than inductor (e.g. ``"aot_eager"``: CPU tests of
     the trace without a C++ compiler). ``compile_prefill``: also compile the prefill as one dynamic
     graph (rarely useful: our MPT's eager prefill already runs compiled FlexAttention on CUDA).
@@ -307,6 +309,7 @@ class Generator:
         compile: bool | None = None,
         compile_prefill: bool = False,
         compile_backend: str = "inductor",
+        compile_mode: str = "reduce-overhead",
     ):
         self.model = model
         p = next(model.parameters())
@@ -322,7 +325,7 @@ class Generator:
         if compile:
             if self.device.type == "cuda":
                 apply_decode_inductor_settings()
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            mode = compile_mode if self.device.type == "cuda" else None
             if compile_backend != "inductor":
                 mode = None  # modes are inductor options
             self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True, backend=compile_backend)
