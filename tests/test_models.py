@@ -119,3 +119,28 @@ def test_not_a_model(tmp_path):
 def test_smollm2_gguf_is_found_in_the_package():
     path = smollm2_gguf()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+
+
+def test_tokenizer_override_from_a_bare_tokenizer_json(shared_data):
+    """`--tokenizer=<tokenizer.json>` gives the trainer the roles preview gives (the guanaco template's
+    `eos_token` is defined): found when the MPT-7B recipe first ran on a GPU with MPT's bare tokenizer file."""
+    from sft.render import render
+
+    _, tok = load_model_and_tokenizer(
+        _cfg(model="tiny-mpt", tokenizer=str(shared_data / "gpt-neox-20b-tokenizer.json"))
+    )
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id) == (
+        "<|endoftext|>", 0, "<|padding|>", 1,
+    )  # fmt: skip
+    sample = render(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], tok, "guanaco"
+    )
+    assert sample.input_ids[-1] == 0 and sample.labels[-1] == 0  # the reply ends with EOS, supervised
+
+
+def test_tokenizer_override_errors_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(ModelError, match=r"cannot load tokenizer '.*missing\.json'"):
+        load_model_and_tokenizer(_cfg(model="tiny-llama", tokenizer=str(tmp_path / "missing.json")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="not in the Hugging Face cache, and HF_HUB_OFFLINE=1"):
+        load_model_and_tokenizer(_cfg(model="tiny-llama", tokenizer="nobody/no-such-tokenizer"))
