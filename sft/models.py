@@ -230,6 +230,12 @@ def _load_smollm2(dtype):
     return model.to(dtype), tok
 
 
+def _load_error(what: str, e: Exception, hint: str = "") -> ModelError:
+    """``cannot load <what> (<type>: <first line of e>)<hint>`` as one ModelError line."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return ModelError(f"cannot load {what} ({type(e).__name__}: {first[:300]}){hint}")
+
+
 def load_model_and_tokenizer(cfg):
     """Return ``(model, tokenizer)`` for ``cfg.model`` (see the module docstring); model on CPU, eval mode off.
 
@@ -245,10 +251,7 @@ def load_model_and_tokenizer(cfg):
     except Exception as e:
         # a truncated/corrupt safetensors or GGUF file, a pickle refused by weights_only...: the loaders
         # raise many types from deep inside; the user gets one line naming the model and the cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ModelError(
-            f"cannot load model '{cfg.model}' ({type(e).__name__}: {first[:300]}); is the file complete?"
-        ) from None
+        raise _load_error(f"model '{cfg.model}'", e, "; is the file complete?") from None
     if cfg.tokenizer:
         from sft.prepare import load_tokenizer  # the same roles for a bare tokenizer.json as `sft.preview`
 
@@ -257,10 +260,7 @@ def load_model_and_tokenizer(cfg):
         except ModelError:
             raise
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ModelError(
-                f"cannot load tokenizer '{cfg.tokenizer}' ({type(e).__name__}: {first[:300]})"
-            ) from None
+            raise _load_error(f"tokenizer '{cfg.tokenizer}'", e) from None
     if getattr(model.config, "model_type", None) == "mpt" and cfg.mpt_impl == "fast":
         model = _to_fast_mpt(model)
     return model, tok
