@@ -144,3 +144,18 @@ def test_tokenizer_override_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="not in the Hugging Face cache, and HF_HUB_OFFLINE=1"):
         load_model_and_tokenizer(_cfg(model="tiny-llama", tokenizer="nobody/no-such-tokenizer"))
+
+
+def test_cpu_fwd_bwd_benchmark_row_and_run(capsys):
+    """benchmarks/cpu_fwd_bwd.py (RESULTS.md §6): its packed row restarts positions per document, and it runs."""
+    import runpy
+    from pathlib import Path
+
+    bench = runpy.run_path(
+        str(Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_fwd_bwd.py"), run_name="b"
+    )
+    r = bench["row"](10, 3, 50)
+    assert r["document_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 2]]
+    assert r["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3]]
+    assert bench["main"](["--model=tiny-llama", "--seq_len=64", "--docs=2", "--iters=1"]) == 0
+    assert "tiny-llama: 64 tokens in 2 documents" in capsys.readouterr().out
