@@ -262,7 +262,8 @@ def prepare_data(
     eval_set = set(eval_idx)
     train_idx = [k for k in range(len(convs)) if k not in eval_set]
 
-    samples, cuts = render_batch(convs, tokenizer, tmpl)
+    # max_len: a row that cannot fit is not tokenized whole (one huge row costs what a normal row costs)
+    samples, cuts = render_batch(convs, tokenizer, tmpl, max_len=max_len)
 
     bos_id = tokenizer.bos_token_id
     stops = stop_token_ids(tokenizer, tmpl)

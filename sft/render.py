@@ -179,6 +179,63 @@ def _encode(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int
     return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
+# With ``max_len``, a text of more than this many characters per token of ``max_len`` is tokenized by
+# prefixes first (:func:`_encode_bounded`): a normal row never is (about 4 characters per token).
+PROBE_CHARS_PER_TOKEN = 8
+# Tokens ending within this many characters of a probe's cut are not trusted: tokenizers are local (a
+# token depends on its own pre-token piece), but the piece that the cut splits may tokenize differently.
+PROBE_MARGIN = 1024
+
+
+def _cut_point(text: str, n: int) -> int:
+    """A position at most ``n`` where ``text[:pos]`` ends before a run of white space (so the last piece
+    is whole for whitespace-splitting pre-tokenizers); ``n`` when there is none in ``text[n // 2 : n]``."""
+    j = max(text.rfind(" ", n // 2, n), text.rfind("\n", n // 2, n))
+    if j <= 0:
+        return n
+    while j > n // 2 and text[j - 1].isspace():
+        j -= 1
+    return j
+
+
+def _encode_bounded(
+    tokenizer, texts: list[str], max_len: int | None
+) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """:func:`_encode`, except that a text that certainly has more than ``max_len`` tokens is not tokenized
+    whole: only a prefix of it, enough to show that (so one 50 MB row costs what a normal row costs).
+
+    A text of at most ``PROBE_CHARS_PER_TOKEN * max_len`` characters is tokenized whole (batched). A longer
+    one is tokenized by growing prefixes (cut before white space, x4 each time): as soon as the tokens that
+    end more than ``PROBE_MARGIN`` characters before a prefix's cut are more than ``max_len``, those tokens
+    alone are returned (exact: the same ids and offsets as the whole text's first tokens); if no prefix
+    shows it, the whole text is tokenized. ``max_len=None``: every text whole.
+    """
+    if max_len is None:
+        return _encode(tokenizer, texts)
+    limit = PROBE_CHARS_PER_TOKEN * max_len
+    small = [i for i, t in enumerate(texts) if len(t) <= limit]
+    out: list = [None] * len(texts)
+    for i, enc in zip(small, _encode(tokenizer, [texts[i] for i in small])):
+        out[i] = enc
+    for i, text in enumerate(texts):
+        if out[i] is not None:
+            continue
+        n = limit
+        while n < len(text):
+            cut = _cut_point(text, n)
+            ids, offsets = _encode(tokenizer, [text[:cut]])[0]
+            ends = np.fromiter((e for _, e in offsets), dtype=np.int64, count=len(offsets))
+            late = np.flatnonzero(ends > cut - PROBE_MARGIN)
+            trusted = int(late[0]) if len(late) else len(ids)
+            if trusted > max_len:
+                out[i] = (list(ids[:trusted]), list(offsets[:trusted]))
+                break
+            n *= 4
+        else:
+            out[i] = _encode(tokenizer, [text])[0]
+    return out
+
+
 def check_messages(conv, index: int | None = None) -> None:
     """Raise ``DataError`` unless ``conv`` is a list of ``{"role": one of ROLES, "content": str}`` whose
     texts UTF-8 can encode: what the templates and the tokenizer need. (The full canonical rules, such as
@@ -204,7 +261,11 @@ def check_messages(conv, index: int | None = None) -> None:
 
 
 def render_batch(
-    conversations: Sequence[Conversation], tokenizer, template: str | None = None
+    conversations: Sequence[Conversation],
+    tokenizer,
+    template: str | None = None,
+    *,
+    max_len: int | None = None,
 ) -> tuple[list[Sample], list[list[int]]]:
     """``render`` for many conversations at once (batched jinja and tokenization: fast).
 
@@ -212,6 +273,12 @@ def render_batch(
     (including a prepended BOS), ascending; used to cut over-long conversations at a turn boundary.
     Raises ``DataError`` for a conversation that is not a list of role/content messages
     (:func:`check_messages`), ``TemplateError`` for a template that cannot be masked.
+
+    ``max_len`` (data preparation): a conversation that certainly renders to more than ``max_len`` tokens
+    is not tokenized whole (:func:`_encode_bounded`). Its sample then holds only its first tokens (more
+    than ``max_len`` of them, labelled as usual) and its cut counts past those are reported as the
+    sample's length: the caller's ``len(sample) > max_len`` and ``cut <= max_len`` tests give the same
+    answers as for the whole sample, so it is cut or dropped exactly as before, at a fraction of the cost.
     """
     for k, conv in enumerate(conversations):
         check_messages(conv, k if len(conversations) > 1 else None)
@@ -221,7 +288,7 @@ def render_batch(
         return [], []
     bos = bos_to_add(tokenizer)
     samples, cuts_all = [], []
-    for (ids, offsets), sp in zip(_encode(tokenizer, fulls), spans):
+    for (ids, offsets), sp in zip(_encode_bounded(tokenizer, fulls, max_len), spans):
         labels, cuts = _labels_from_offsets(ids, offsets, sp)
         if bos is not None and (not ids or ids[0] != bos):
             ids, labels, cuts = [bos, *ids], [IGNORE_INDEX, *labels], [c + 1 for c in cuts]
