@@ -119,6 +119,9 @@ def load(spec: str, dtype: torch.dtype, device: torch.device):
 
     from sft.config import TrainConfig
     from sft.models import load_model_and_tokenizer
+    from sft.runs import check_not_run_folder
+
+    check_not_run_folder(spec)  # a run folder: "did you mean <run>/final?"
 
     cfg = replace(
         TrainConfig(), model=spec, precision="bf16" if dtype == torch.bfloat16 else "fp32", mpt_impl="hf"
@@ -225,6 +228,7 @@ _CHECKPOINT: list[Path] = []
 def checkpoint(res: dict) -> None:
     """Write the results so far (a run killed by a time limit still leaves its measurements)."""
     for folder in _CHECKPOINT:
+        folder.mkdir(parents=True, exist_ok=True)  # made at the first measurement: a failed load leaves none
         (folder / "results.json").write_text(json.dumps(res, indent=1) + "\n")
 
 
@@ -583,8 +587,7 @@ def main(argv=None) -> dict:
     dev = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     name = Path(args.model.rstrip("/")).name.removesuffix(".gguf")
     out = Path(args.out or Path(__file__).parent / "results" / f"{name}_{dev}")
-    out.mkdir(parents=True, exist_ok=True)
-    _CHECKPOINT[:] = [out]
+    _CHECKPOINT[:] = [out]  # created when the first results are written, not before the model loads
     res = run_suite(args)
     write_outputs(res, out)
     log.info("wrote %s", out)
@@ -592,6 +595,25 @@ def main(argv=None) -> dict:
     return res
 
 
+def cli(argv=None) -> int:
+    """``python -m inf_tests.latency``: :func:`main`, with bad input (a model that cannot be found or loaded,
+    a run folder instead of its ``final/``) as one ``error:`` line on stderr and exit status 2, Ctrl-C as
+    exit status 130, instead of a traceback. Returns the exit status."""
+    from sft.models import ModelError
+    from sft.render import TemplateError
+    from sft.runs import RunError
+
+    try:
+        main(argv)
+    except (ModelError, RunError, TemplateError) as e:
+        sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    sys.exit(cli())

@@ -2,6 +2,7 @@
 
     python -m sft.chat runs/<run>/final [--template=NAME] [--max_new_tokens=256] [--temperature=0.7]
                        [--top_k=50] [--top_p=0.9] [--seed=0] [--system="..."] [--once "prompt"]
+                       [--allow_pickle]
 
 MODEL is anything ``sft.models.load_model_and_tokenizer`` takes: a run's ``final/`` folder, a local
 Hugging Face folder, a ``.gguf`` file, ``smollm2-135m-instruct``, a cached hub id, a tiny preset.
@@ -15,6 +16,10 @@ that marker is several tokens of this tokenizer, the reply is cut at its text in
 
 REPL: one line per user turn; ``/reset`` starts a new conversation, ``/quit`` (or EOF) ends.
 ``--once "prompt"`` answers one prompt and exits (scripting, tests).
+
+Bad input (a model that does not exist, a pickle-only folder without ``--allow_pickle``, a template that
+cannot be rendered, a run folder given instead of its ``final/``) is one ``error:`` line on stderr and
+exit status 2; Ctrl-C ends with exit status 130.
 """
 
 from __future__ import annotations
@@ -101,17 +106,25 @@ class ChatSession:
         return answer
 
 
-def load(model: str, device: str = "auto", dtype: str = "auto"):
-    """``(model in eval mode on the device, tokenizer)`` through ``sft.models.load_model_and_tokenizer``."""
+def load(model: str, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False):
+    """``(model in eval mode on the device, tokenizer)`` through ``sft.models.load_model_and_tokenizer``.
+
+    A run folder given instead of its ``final/`` is a RunError saying so (:func:`sft.runs.check_not_run_folder`).
+    """
     from sft.config import TrainConfig
     from sft.models import load_model_and_tokenizer
+    from sft.runs import check_not_run_folder
+
+    check_not_run_folder(model)
 
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else (device if device != "auto" else "cpu")
     )
     if dtype == "auto":
         dtype = "bf16" if dev.type == "cuda" else "fp32"
-    cfg = replace(TrainConfig(), model=model, precision="bf16" if dtype == "bf16" else "fp32")
+    cfg = replace(
+        TrainConfig(), model=model, precision="bf16" if dtype == "bf16" else "fp32", allow_pickle=allow_pickle
+    )
     m, tok = load_model_and_tokenizer(cfg)
     return m.to(dev).eval(), tok
 
@@ -138,6 +151,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--once", default=None, metavar="PROMPT", help="answer one prompt and exit")
+    p.add_argument(
+        "--allow_pickle",
+        action="store_true",
+        help="allow .bin/.pt (pickle) weights; safetensors/GGUF otherwise",
+    )
     return p.parse_args(argv)
 
 
@@ -145,7 +163,7 @@ def main(argv=None, stdin=None, stdout=None) -> ChatSession:
     """Run the chat; returns the session (its ``messages`` and ``last_prompt_ids``) for scripting."""
     args = parse_args(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    model, tok = load(args.model, args.device, args.dtype)
+    model, tok = load(args.model, args.device, args.dtype, args.allow_pickle)
     session = ChatSession(
         model,
         tok,
@@ -182,6 +200,26 @@ def main(argv=None, stdin=None, stdout=None) -> ChatSession:
     return session
 
 
+def cli(argv=None, stdin=None, stdout=None) -> int:
+    """``python -m sft.chat``: :func:`main`, with bad input as one ``error:`` line on stderr (exit 2) and
+    Ctrl-C as ``interrupted`` (exit 130) instead of a traceback. Returns the exit status."""
+    from sft.config import ConfigError
+    from sft.models import ModelError
+    from sft.render import TemplateError
+    from sft.runs import RunError
+    from sft.schema import DataError
+
+    try:
+        main(argv, stdin, stdout)
+    except (ModelError, TemplateError, RunError, DataError, ConfigError) as e:
+        sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    main()
+    sys.exit(cli())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,8 +195,21 @@ def check_config(cfg: TrainConfig) -> None:
     """Checks that involve several fields or the installed packages (one-line ConfigError each).
 
     Called by the trainer before any model is loaded: ``--qlora`` needs ``--lora`` and the ``torchao``
-    package; ``--lora_dropout`` must be below 1; ``--lora_targets`` must parse.
+    package; ``--lora_dropout`` must be below 1; ``--lora_targets`` must parse. Also the single-field
+    rules of :func:`_convert`, for a config built in Python rather than parsed: every float finite,
+    ``epochs > 0`` unless ``max_steps`` is set, ``limit`` at least 1 (or None), ``run_name`` one folder name.
     """
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        vals = v if isinstance(v, tuple | list) else (v,)
+        if any(isinstance(x, float) and not math.isfinite(x) for x in vals):
+            raise ConfigError(f"--{f.name}={v}: must be a finite number")
+    if cfg.max_steps == 0 and cfg.epochs <= 0:
+        raise ConfigError(f"--epochs={cfg.epochs}: must be > 0 (or give --max_steps)")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ConfigError(f"--limit={cfg.limit}: must be >= 1 (leave it out to use every row)")
+    if cfg.run_name is not None:
+        _check_run_name(cfg.run_name)
     if cfg.qlora and not cfg.lora:
         raise ConfigError("--qlora needs --lora (QLoRA trains adapters on the 4-bit base)")
     if cfg.lora_dropout >= 1:
@@ -211,6 +225,15 @@ def check_config(cfg: TrainConfig) -> None:
             )
 
 
+def _check_run_name(name: str) -> None:
+    from sft.runs import RunError, check_run_name  # the run folder's rule, in one place
+
+    try:
+        check_run_name(name)
+    except RunError as e:
+        raise ConfigError(str(e)) from None
+
+
 _HINTS = typing.get_type_hints(TrainConfig)
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -223,6 +246,8 @@ def _convert(name: str, raw: str) -> Any:
     if type(None) in args:
         optional = True
         hint = next(a for a in args if a is not type(None))
+    if name == "run_name" and not raw.strip():
+        raise ConfigError(f"--run_name={raw}: expected a folder name (leave it out for a generated one)")
     if optional and raw.lower() in ("none", "null", ""):
         return None
     try:
@@ -248,6 +273,15 @@ def _convert(name: str, raw: str) -> Any:
     except ValueError:
         want = {bool: "true/false", int: "an integer", float: "a number"}.get(hint, "two numbers 'a,b'")
         raise ConfigError(f"--{name}={raw}: expected {want}") from None
+    parts = value if isinstance(value, tuple) else (value,)
+    if any(isinstance(x, float) and not math.isfinite(x) for x in parts):
+        raise ConfigError(f"--{name}={raw}: must be a finite number")
+    if name == "epochs" and value <= 0:
+        raise ConfigError(f"--{name}={raw}: must be > 0 (to run a fixed number of steps, use --max_steps)")
+    if name == "limit" and value < 1:
+        raise ConfigError(f"--{name}={raw}: must be >= 1 (leave it out to use every row)")
+    if name == "run_name":
+        _check_run_name(value)
     meta = _FIELDS[name].metadata
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"--{name}={raw}: expected one of {', '.join(meta['choices'])}")

@@ -16,14 +16,21 @@ Layout of ``<out_dir>/<UTC time>_<model>_<dataset>/``:
 - ``final/``: Hugging Face format (safetensors, config, tokenizer with the training chat template); for a
   LoRA run the adapters merged into the base;
 - ``adapter/`` (LoRA runs only): the adapter alone in peft's format (``adapter_config.json`` +
-  ``adapter_model.safetensors``), loadable with ``peft.PeftModel.from_pretrained(base, adapter/)``.
+  ``adapter_model.safetensors``), loadable with ``peft.PeftModel.from_pretrained(base, adapter/)``;
+- ``finished.json``: ``{"step": N}``, written by :func:`mark_finished` when the run reached its end (an
+  interrupted or ``--stop_after`` run has none); ``--resume=latest`` skips finished runs;
+- ``.lock``: present while a process holds the run (:func:`hold_run_lock`): one run folder, one writer.
 
 The folder is created only after every input check has passed (:func:`create_run_dir` is called late);
-:func:`check_writable` runs first so an unwritable ``out_dir`` fails before any work.
+:func:`check_writable` runs first so an unwritable ``out_dir`` fails before any work. A run name is one
+path component (:func:`check_run_name`); a generated name is made unique (``create_run_dir(...,
+unique=True)`` adds ``-2``, ``-3``... when two runs start in the same second).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -32,6 +39,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -91,14 +99,109 @@ def check_writable(out_dir: str | Path) -> Path:
     return out
 
 
-def create_run_dir(out_dir: str | Path, name: str) -> Path:
-    """Create ``out_dir/name`` (fails if it exists: runs are never overwritten)."""
-    path = Path(out_dir) / name
+def check_run_name(name: str) -> str:
+    """Return ``name`` if it can name a run folder: one path component, so the run stays inside ``out_dir``.
+
+    RunError (one line) for an empty name, ``.``/``..``, a name with ``/`` or ``\\``, a leading ``.``
+    (hidden: ``--resume=latest`` would not see it), a NUL or other control character, or over 200 bytes.
+    """
+    why = None
+    if not isinstance(name, str) or not name.strip():
+        why = "it is empty"
+    elif name in (".", ".."):
+        why = "it names a folder above or at out_dir"
+    elif "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        why = "it has a path separator (a run name is one folder name, not a path)"
+    elif name.startswith("."):
+        why = "it starts with '.' (a hidden folder)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        why = "it has a control character"
+    elif len(name.encode("utf-8", "surrogatepass")) > 200:
+        why = "it is longer than 200 bytes"
+    elif name != name.strip():
+        why = "it starts or ends with white space"
+    if why:
+        raise RunError(f"--run_name={name!r} cannot name a run folder: {why}")
+    return name
+
+
+def create_run_dir(out_dir: str | Path, name: str, *, unique: bool = False) -> Path:
+    """Create ``out_dir/name`` and return it; runs are never overwritten.
+
+    ``name`` must pass :func:`check_run_name`. If the folder exists: RunError, or with ``unique=True`` (a
+    generated name) the first free ``name-2``, ``name-3``... is taken instead. Creation is atomic
+    (``mkdir`` fails on an existing folder), so two processes starting in the same second never share one.
+    """
+    check_run_name(name)
+    out = Path(out_dir)
+    for k in range(1, 1000 if unique else 2):
+        path = out / (name if k == 1 else f"{name}-{k}")
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            continue
+        return path
+    if unique:
+        raise RunError(f"no free run folder name {name}-N in {out}")
+    raise RunError(f"run folder {out / name} already exists; pick another --run_name or --resume it")
+
+
+LOCK_NAME = ".lock"
+
+
+def _lock_holder(path: Path) -> str:
     try:
-        path.mkdir(parents=True, exist_ok=False)
-    except FileExistsError:
-        raise RunError(f"run folder {path} already exists; pick another --run_name or --resume it") from None
-    return path
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        text = ""
+    return text.split()[0] if text else "?"
+
+
+@contextlib.contextmanager
+def hold_run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on ``run_dir`` for the life of a run: one run folder, one writer.
+
+    ``fcntl.flock`` on ``<run_dir>/.lock``, which holds this process's PID. If another process holds it,
+    raises RunError ``run folder X is in use by PID N`` at once (no waiting). The lock is released and the
+    file removed on exit; a process that dies (even by SIGKILL) releases it with its file descriptors,
+    so a stale ``.lock`` file never blocks a later run. Not re-entrant within a process: hold it once.
+    (A lock taken on a file that another holder removed meanwhile is dropped and taken again on the new
+    file, so removing it on exit is safe.)
+    """
+    import fcntl
+
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunError(f"cannot lock run folder {run_dir}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunError(
+                    f"run folder {run_dir} is in use by PID {_lock_holder(path)}; "
+                    "wait for it to end (or stop it) before running in this folder"
+                ) from None
+            raise RunError(f"cannot lock run folder {run_dir}: {e.strerror or e}") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our lock: again
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still holding the lock (see above)
+        os.close(fd)
 
 
 def _git(*args: str) -> str | None:
@@ -389,19 +492,101 @@ def load_checkpoint(ckpt: Path, *, model, optimizer) -> dict:
     return json.loads((ckpt / "state.json").read_text())
 
 
+def mark_finished(run_dir: str | Path, step: int) -> Path:
+    """Write ``finished.json`` (``{"step": step}``): the run reached its end at ``step``. Called by the
+    trainer once the run's end is written (last checkpoint, final eval, ``final/``); a run resumed later
+    with more steps is unfinished again until it writes a newer one (see :func:`is_finished`)."""
+    path = Path(run_dir) / "finished.json"
+    _write_json(path, {"step": int(step), "finished_utc": datetime.now(UTC).isoformat(timespec="seconds")})
+    return path
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(_CKPT.match(ckpt.name).group(1))
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    """True if the run reached its end at (or after) its newest checkpoint, so there is nothing to resume.
+
+    ``finished.json`` (:func:`mark_finished`) with a step >= the newest checkpoint's says so. For runs from
+    before that file: the end of a run writes its "after" samples (``samples.jsonl``, with their step) and
+    ``final/`` after its last checkpoint, so either of them, as new as the newest checkpoint, says so too.
+    An interrupted or ``--stop_after`` run has neither.
+    """
+    run_dir = Path(run_dir)
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return False
+    newest = ckpts[-1]
+    step = _step_of(newest)
+    marker = run_dir / "finished.json"
+    if marker.is_file():
+        try:
+            return int(_read_json(marker).get("step", -1)) >= step
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass  # unreadable: judge by the other signs
+    samples = run_dir / "samples.jsonl"
+    if samples.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            for line in samples.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line) if line.strip() else {}
+                if isinstance(row, dict) and row.get("stage") == "after" and int(row.get("step", -1)) >= step:
+                    return True
+    final_cfg = run_dir / "final" / "config.json"
+    with contextlib.suppress(OSError):
+        if final_cfg.is_file() and final_cfg.stat().st_mtime >= (newest / "state.json").stat().st_mtime:
+            return True
+    return False
+
+
+def _written(ckpt: Path) -> float:
+    """When ``ckpt`` was completed: the time of its ``state.json`` (written last)."""
+    try:
+        return (ckpt / "state.json").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def find_resume(out_dir: str | Path, resume: str) -> tuple[Path, Path]:
-    """``(run_dir, latest usable checkpoint)`` for ``--resume``: ``latest`` = newest run in ``out_dir`` that
-    has a checkpoint, else a run folder path (or a name inside ``out_dir``). Single-process and sharded
-    (FSDP2, ``dcp/``) checkpoints alike; the trainer then checks the world size. A damaged checkpoint
+    """``(run_dir, latest usable checkpoint)`` for ``--resume``.
+
+    ``latest`` = the run in ``out_dir`` whose newest checkpoint was written last (by time, not by name),
+    among the runs that have not finished (:func:`is_finished`); which one, and why, is logged. Otherwise a
+    run folder path (or a name inside ``out_dir``), finished or not. Single-process and sharded (FSDP2,
+    ``dcp/``) checkpoints alike; the trainer then checks the world size. A damaged checkpoint
     (:func:`checkpoint_problem`) is skipped, with a warning, for the newest intact one before it;
     RunError (naming each problem) if there is none."""
     if resume in ("latest", "true", "1"):
-        runs = sorted(
-            (p for p in Path(out_dir).glob("*") if p.is_dir() and list_checkpoints(p)), key=lambda p: p.name
+        root = Path(out_dir)
+        with_ckpt = (
+            [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and list_checkpoints(p)]
+            if root.is_dir()
+            else []
         )
-        if not runs:
+        if not with_ckpt:
             raise RunError(f"--resume=latest: no run with a checkpoint in '{out_dir}'")
-        run_dir = runs[-1]
+        finished = [p for p in with_ckpt if is_finished(p)]
+        runs_ = sorted(
+            (p for p in with_ckpt if p not in finished),
+            key=lambda p: (_written(list_checkpoints(p)[-1]), p.name),
+        )
+        if not runs_:
+            newest = max(finished, key=lambda p: _written(list_checkpoints(p)[-1]))
+            raise RunError(
+                f"--resume=latest: every run with a checkpoint in '{out_dir}' has finished (newest: {newest}); "
+                f"to continue one, name it: --resume={newest}"
+            )
+        run_dir = runs_[-1]
+        newest_ckpt = list_checkpoints(run_dir)[-1]
+        when = datetime.fromtimestamp(_written(newest_ckpt), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        skipped = f"; {len(finished)} finished run(s) skipped" if finished else ""
+        log.info(
+            "--resume=latest: %s, the unfinished run with the newest checkpoint (%s, written %s)%s",
+            run_dir,
+            newest_ckpt.name,
+            when,
+            skipped,
+        )
     else:
         run_dir = Path(resume)
         if not run_dir.is_dir() and (Path(out_dir) / resume).is_dir():
@@ -449,6 +634,35 @@ def save_final(run_dir: Path, model, tokenizer) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """True for a run folder (what :func:`create_run_dir` makes and the trainer fills), not a model folder."""
+    path = Path(path)
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return False
+    if (path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir() or (path / "final").is_dir():
+        return True
+    try:
+        info = _read_json(path / "config.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and isinstance(info.get("config"), dict) and "created_utc" in info
+
+
+def check_not_run_folder(spec: str | Path) -> None:
+    """RunError (one line) when a model was asked for and ``spec`` is a run folder: the model a run
+    leaves is its ``final/`` ("did you mean <run>/final"); without one, say why there is none."""
+    path = Path(str(spec)).expanduser()
+    if not is_run_folder(path):
+        return
+    final = path / "final"
+    if final.is_dir():
+        raise RunError(f"{spec} is a run folder, not a model: did you mean {final}?")
+    raise RunError(
+        f"{spec} is a run folder with no final/ model (the run has not finished, or ran with "
+        "--no-save_final); finish it with --resume, or name a model folder"
+    )
 
 
 def _read_json(path: Path) -> Any:

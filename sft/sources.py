@@ -8,7 +8,8 @@
   rows when ``limit`` is given, so OpenOrca's 4 M rows are never downloaded whole).
 
 Row numbers are 1-based: for ``.jsonl`` the line number in the file (blank lines are skipped but
-counted), otherwise the record's position. Errors (missing file, bytes that are not UTF-8, malformed
+counted), otherwise the record's position; a malformed JSONL line's column is the character position in
+that line. A UTF-8 byte-order mark at the start of a ``.jsonl`` / ``.json`` file is skipped. Errors (missing file, bytes that are not UTF-8, malformed
 JSON line, JSON nested too deeply or with an over-long integer, a record that is not an object, a
 corrupt parquet file) are ``DataError`` naming the source and the row.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from sft.schema import DataError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+_BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark: skipped at the start of a JSON / JSONL file
 
 
 def is_local(source: str) -> bool:
@@ -42,6 +44,8 @@ def _jsonl(path: Path, limit: int | None) -> Iterator[tuple[int, dict]]:
         for lineno, raw in enumerate(f, start=1):
             if limit is not None and n >= limit:
                 return
+            if lineno == 1 and raw.startswith(_BOM):  # a UTF-8 byte-order mark (many Windows tools write one)
+                raw = raw[len(_BOM) :]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -50,7 +54,8 @@ def _jsonl(path: Path, limit: int | None) -> Iterator[tuple[int, dict]]:
                 ) from None
             if not line.strip():
                 continue
-            obj = _loads(line, str(path), lineno)
+            # without its line break: an error at the end of the line is reported at its last column + 1
+            obj = _loads(line.rstrip("\r\n"), str(path), lineno)
             n += 1
             yield lineno, _check_object(obj, str(path), lineno)
 
@@ -62,7 +67,9 @@ def _loads(text: str, source: str, row: int | None):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        where = f"column {e.colno}" if row is not None else f"line {e.lineno} column {e.colno}"
+        # a JSONL row is one line: its column is the character position (a JSON string cannot hold a raw
+        # line break, but the error may lie past one the parser was given)
+        where = f"column {e.pos + 1}" if row is not None else f"line {e.lineno} column {e.colno}"
         raise DataError(f"{what}: {e.msg} at {where}", source=source, row=row) from None
     except RecursionError:
         raise DataError(f"{what}: nested too deeply", source=source, row=row) from None
@@ -72,7 +79,7 @@ def _loads(text: str, source: str, row: int | None):
 
 def _json(path: Path, limit: int | None) -> Iterator[tuple[int, dict]]:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().removeprefix(_BOM).decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"not UTF-8 (byte {e.start + 1} of the file)", source=str(path)) from None
     data = _loads(text, str(path), None)
@@ -137,6 +144,11 @@ def load_rows(source: str, *, limit: int | None = None, split: str = "train") ->
         return _bundled(limit)
     if is_local(source):
         path = Path(source)
+        if path.is_dir():
+            raise DataError(
+                f"is a directory, not a data file: name a {'/'.join(FILE_SUFFIXES)} file inside it",
+                source=source,
+            )
         if not path.is_file():
             raise DataError("file not found", source=source)
         if source.endswith(".jsonl"):

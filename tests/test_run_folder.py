@@ -1,0 +1,241 @@
+"""One run folder, one writer; unique generated names; a run name stays inside out_dir; ``--resume=latest``
+picks the newest unfinished checkpoint by time (issue 20, items 1 and 2's ``latest``)."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sft import runs, trainer
+from sft.config import ConfigError, TrainConfig, check_config, parse_args
+from sft.runs import RunError, create_run_dir, find_resume, hold_run_lock, is_finished, mark_finished
+
+REPO = Path(__file__).resolve().parents[1]
+
+HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from sft.runs import RunError, hold_run_lock
+    try:
+        with hold_run_lock(sys.argv[1]):
+            print("held", flush=True)
+            time.sleep(float(sys.argv[2]))
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    """
+)
+
+
+def _hold(run_dir, seconds):
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir), str(seconds)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def test_a_second_process_is_refused_with_the_holders_pid(tmp_path):
+    run = create_run_dir(tmp_path, "r")
+    with hold_run_lock(run) as lock:
+        assert lock == run / ".lock" and lock.read_text().split() == [str(os.getpid())]
+        other = _hold(run, 0)
+        out, err = other.communicate(timeout=60)
+        assert other.returncode == 2 and out == ""
+        assert err.strip().splitlines() == [err.strip()]  # one line
+        assert f"run folder {run} is in use by PID {os.getpid()}" in err
+        # within one process too: flock locks belong to open files, not to processes
+        with pytest.raises(RunError, match=f"is in use by PID {os.getpid()}"):
+            with hold_run_lock(run):
+                pass
+    assert not (run / ".lock").exists()  # released: nothing left behind
+    with hold_run_lock(run):  # and free again
+        pass
+
+
+def test_the_lock_of_a_killed_process_is_free_again(tmp_path):
+    run = create_run_dir(tmp_path, "r")
+    holder = _hold(run, 120)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunError, match=f"in use by PID {holder.pid}"):
+        with hold_run_lock(run):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=60)
+    assert (run / ".lock").exists()  # a stale file with a dead PID: it blocks nothing
+    with hold_run_lock(run) as lock:
+        assert lock.read_text().split() == [str(os.getpid())]
+
+
+def test_the_lock_is_exclusive_under_contention(tmp_path):
+    """Many threads taking and releasing the lock at once (the file removed at each release): never two
+    holders at the same time."""
+    run = create_run_dir(tmp_path, "r")
+    inside, overlaps, taken = [0], [0], [0]
+    guard = threading.Lock()
+
+    def worker():
+        for _ in range(200):
+            try:
+                with hold_run_lock(run):
+                    with guard:
+                        inside[0] += 1
+                        overlaps[0] += inside[0] > 1
+                        taken[0] += 1
+                    time.sleep(0.0005)
+                    with guard:
+                        inside[0] -= 1
+            except RunError:
+                pass
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps[0] == 0 and taken[0] > 0
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def test_generated_names_started_in_the_same_second_do_not_collide(tmp_path):
+    name = runs.run_name("tiny-llama", "bundled")
+    made = []
+
+    def make():
+        made.append(create_run_dir(tmp_path, name, unique=True))
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({p.name for p in made}) == 8 and all(p.is_dir() for p in made)
+    assert sorted(p.name for p in made) == sorted([name] + [f"{name}-{k}" for k in range(2, 9)])
+    with pytest.raises(RunError, match="already exists; pick another --run_name"):
+        create_run_dir(tmp_path, name)  # a name the user chose is never changed behind their back
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "", " ", "..", ".", ".hidden", "a\\b", "x\ny", "a" * 201])
+def test_a_run_name_is_one_folder_name(tmp_path, name):
+    with pytest.raises(RunError, match="cannot name a run folder"):
+        create_run_dir(tmp_path / "out", name)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError) as e:
+        parse_args([f"--run_name={name}"])
+    assert "\n" not in str(e.value).replace("\\n", "")
+    with pytest.raises(ConfigError):
+        check_config(TrainConfig(run_name=name))  # a config built in Python is checked too
+
+
+def test_run_name_outside_out_dir_is_refused_by_the_recipe_entry_point(tmp_path, capsys):
+    out = tmp_path / "a" / "b"
+    rc = trainer.main(TrainConfig(), ["--model=tiny-llama", f"--out_dir={out}", "--run_name=../../x"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: --run_name='../../x' cannot name a run folder") and err.count("\n") == 1
+    assert not tmp_path.joinpath("x").exists() and not out.exists()
+
+
+def test_good_run_names_pass():
+    for name in ("r", "my-run_2.1", "20250101-120000_tiny-llama_bundled", "ünï"):
+        assert parse_args([f"--run_name={name}"]).run_name == name
+
+
+# ----------------------------------------------------------------------------- resume=latest
+
+
+def _ckpt(run, step, when, **state):
+    c = run / "checkpoints" / f"step_{step:07d}"
+    c.mkdir(parents=True)
+    (c / "state.json").write_text(json.dumps({"step": step, **state}))
+    os.utime(c / "state.json", (when, when))
+    return c
+
+
+def _fake_run(out, name, steps, when):
+    run = out / name
+    for k, s in enumerate(steps):
+        c = _ckpt(run, s, when - 10 * (len(steps) - 1 - k))
+    return run, c
+
+
+def test_latest_is_the_newest_unfinished_checkpoint_by_time_not_by_name(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(runs, "checkpoint_problem", lambda c: None)  # the layout, not the file contents
+    now = time.time()
+    old_custom, _ = _fake_run(tmp_path, "zzz-my-run", [1, 2], now - 3000)  # sorts last by name, oldest
+    newest, newest_ckpt = _fake_run(tmp_path, "20250101-000000_tiny_bundled", [3], now - 1000)
+    done, _ = _fake_run(tmp_path, "20250102-000000_tiny_bundled", [4], now - 10)  # newest of all, finished
+    mark_finished(done, 4)
+    (tmp_path / "not-a-run").mkdir()
+    with caplog.at_level(logging.INFO, logger="sft.runs"):
+        assert find_resume(tmp_path, "latest") == (newest, newest_ckpt)
+    said = caplog.text
+    assert (
+        f"--resume=latest: {newest}" in said
+        and "step_0000003" in said
+        and "1 finished run(s) skipped" in said
+    )
+    # a run named explicitly is resumed even if finished (e.g. to extend it)
+    assert find_resume(tmp_path, str(done))[0] == done
+    mark_finished(newest, 3)
+    mark_finished(old_custom, 2)
+    with pytest.raises(
+        RunError, match=r"every run with a checkpoint in .* has finished \(newest: .*20250102"
+    ):
+        find_resume(tmp_path, "latest")
+
+
+def test_finished_means_the_end_was_written_after_the_newest_checkpoint(tmp_path):
+    now = time.time()
+    run, _ = _fake_run(tmp_path, "r", [2], now - 100)
+    assert not is_finished(run)
+    mark_finished(run, 2)
+    assert is_finished(run)
+    _ckpt(run, 5, now - 50)  # resumed with more steps, then interrupted: unfinished again
+    assert not is_finished(run)
+    # runs from before finished.json: the "after" samples carry the step they were written at ...
+    legacy, _ = _fake_run(tmp_path, "legacy", [3], now - 100)
+    (legacy / "samples.jsonl").write_text(json.dumps({"stage": "before", "step": 0}) + "\n")
+    assert not is_finished(legacy)
+    with (legacy / "samples.jsonl").open("a") as f:
+        f.write(json.dumps({"stage": "after", "step": 3}) + "\n")
+    assert is_finished(legacy)
+    # ... and final/ is written after the last checkpoint
+    legacy2, _ = _fake_run(tmp_path, "legacy2", [3], now - 100)
+    (legacy2 / "final").mkdir()
+    (legacy2 / "final" / "config.json").write_text("{}")
+    assert is_finished(legacy2)
+    _ckpt(legacy2, 6, now)
+    os.utime(legacy2 / "final" / "config.json", (now - 50, now - 50))
+    assert not is_finished(legacy2)
+
+
+def test_a_run_folder_is_not_a_model(tmp_path):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(
+        RunError, match=rf"{run} is a run folder, not a model: did you mean {run / 'final'}\?"
+    ):
+        runs.check_not_run_folder(run)
+    runs.check_not_run_folder(run / "final")  # the model itself: fine
+    bare = tmp_path / "bare"
+    (bare / "checkpoints").mkdir(parents=True)
+    with pytest.raises(RunError, match="is a run folder with no final/ model"):
+        runs.check_not_run_folder(bare)
+    runs.check_not_run_folder(tmp_path / "missing")  # not a run folder: the model loader says what it is
