@@ -5,11 +5,20 @@ with a system prompt, varied tasks (facts, arithmetic, rewriting, code, lists, r
 They are short (well under 512 tokens each with common tokenizers) so that a 135 M model fine-tunes
 on all of them on a CPU in a couple of minutes. Written by the project authors; same licence as the
 code. Used as ``source="bundled"``, so that everything runs offline.
+
+``OPENORCA_SAMPLE`` is a small file in OpenOrca's own row format (``id``, ``system_prompt``, ``question``,
+``response``; some system prompts empty, as in the real set), also written for this repository: what
+``python sft/train_mpt_openorca.py --smoke`` trains on, so that the smoke run goes through the JSONL reader,
+the ``openorca`` adapter and the system prompts as the real recipe does.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sft.schema import Conversation
+
+OPENORCA_SAMPLE = Path(__file__).resolve().with_name("openorca-sample.jsonl")
 
 
 def _c(*turns: tuple[str, str]) -> Conversation:

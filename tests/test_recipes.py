@@ -35,6 +35,36 @@ def test_smoke_mode_trains_a_tiny_model_of_the_recipes_architecture(recipe, mode
     assert (run_dir / "final" / "model.safetensors").is_file()
 
 
+def test_openorca_smoke_trains_on_openorca_rows_with_their_system_prompts(tmp_path):
+    from sft.formats import openorca
+    from sft.models import byte_tokenizer
+    from sft.prepare import prepare_data
+    from sft.sample_data import OPENORCA_SAMPLE
+
+    out = _recipe("train_mpt_openorca.py", "--smoke", f"--out_dir={tmp_path}", "--progress=false")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run_dir,) = list(tmp_path.iterdir())
+    assert run_dir.name.endswith("_tiny-mpt_openorca-sample")  # not the Guanaco smoke's bundled sample
+    info = json.loads((run_dir / "config.json").read_text())
+    cfg, stats = info["config"], info["data"]["stats"]
+    assert (cfg["model"], cfg["data"], cfg["fmt"], cfg["template"]) == (
+        "tiny-mpt", str(OPENORCA_SAMPLE), "openorca", "guanaco")  # fmt: skip
+    assert stats["format"] == "openorca" and stats["conversations"] == 12 and stats["drops"] == {}
+    assert "step      3/3 | loss" in out.stderr and (run_dir / "final" / "model.safetensors").is_file()
+    # the sample is OpenOrca's own columns, some system prompts empty (no system turn), as in the real set
+    rows = [json.loads(x) for x in OPENORCA_SAMPLE.read_text(encoding="utf-8").splitlines()]
+    assert all(set(r) == {"id", "system_prompt", "question", "response"} for r in rows)
+    with_system = sum(1 for r in rows[:12] if r["system_prompt"])
+    assert 0 < with_system < 12 and openorca(rows[0])[0]["role"] == "system"
+    # what the run trained on (same fingerprint) carries those system prompts, rendered by the recipe's template
+    kw = {k: cfg[k] for k in ("template", "fmt", "max_len", "overlong", "limit", "seed", "bad_rows")}
+    eval_size = int(cfg["eval_size"]) if cfg["eval_size"] >= 1 else cfg["eval_size"]  # as the trainer does
+    prepared = prepare_data(cfg["data"], byte_tokenizer(), use_cache=False, eval_size=eval_size, **kw)
+    assert prepared.fingerprint == info["data"]["fingerprint"]
+    texts = [byte_tokenizer().decode(s.input_ids) for s in prepared.train + prepared.eval]
+    assert sum(t.startswith("### System: ") for t in texts) == with_system
+
+
 def test_mpt_recipe_offline_without_the_model_fails_at_once(tmp_path):
     out = _recipe("train_mpt_guanaco.py", f"--out_dir={tmp_path}")
     assert out.returncode == 2
