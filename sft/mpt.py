@@ -255,15 +255,17 @@ def _causal_mask_mod(b, h, q_idx, kv_idx):
 
 def document_block_mask(document_ids: Tensor | None, B: int, T: int, device) -> BlockMask:
     """FlexAttention ``BlockMask`` for the attention rule (causal, and same document when given)."""
+    # on CUDA the mask is built by a compiled kernel: never a T x T tensor (1 GiB at 32k tokens)
+    build = torch.device(device).type == "cuda"
     if document_ids is None:
-        return create_block_mask(_causal_mask_mod, None, None, T, T, device=device)
+        return create_block_mask(_causal_mask_mod, None, None, T, T, device=device, _compile=build)
 
     docs = document_ids
 
     def doc_mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (docs[b, q_idx] == docs[b, kv_idx])
 
-    return create_block_mask(doc_mask_mod, B, None, T, T, device=device)
+    return create_block_mask(doc_mask_mod, B, None, T, T, device=device, _compile=build)
 
 
 def _alibi_score_mod(slopes: Tensor):
@@ -404,7 +406,8 @@ class MPTForCausalLM(nn.Module):
     ``transformer.norm_f.weight [d]``.
 
     ``attn_impl``: see the module docstring. ``gradient_checkpointing``: recompute each block in backward
-    (non-reentrant ``torch.utils.checkpoint``) when training. ``cached_prefill_impl``: attention of an
+    (non-reentrant ``torch.utils.checkpoint``) when training; ``checkpoint_blocks = N``: only the first N
+    blocks (selective; the memory plan of sft/memory.py chooses N). ``cached_prefill_impl``: attention of an
     eager multi-token ``forward_cached`` (the prefill): ``"auto"`` (compiled flex on CUDA when
     ``head_dim >= 16``, else ``"math"``), ``"flex"``, ``"flex_eager"`` (uncompiled; CPU tests of the flex
     prefill), ``"math"`` (float32 bias materialised over the filled keys).
@@ -417,6 +420,7 @@ class MPTForCausalLM(nn.Module):
         self.config = config
         self.attn_impl = attn_impl
         self.gradient_checkpointing = False
+        self.checkpoint_blocks = 0
         self.transformer = _Transformer(config)
         self._cache_len = 0
         self._warned_small_head = False
@@ -480,8 +484,9 @@ class MPTForCausalLM(nn.Module):
                 "block_mask": document_block_mask(document_ids, B, T, input_ids.device),
             }
         x = tr.wte(input_ids)
-        for block in tr.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        n_ck = len(tr.blocks) if self.gradient_checkpointing else self.checkpoint_blocks
+        for i, block in enumerate(tr.blocks):
+            if i < n_ck and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, attn, use_reentrant=False)
             else:
                 x = block(x, attn)

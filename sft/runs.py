@@ -64,6 +64,7 @@ TRAIN_KEYS = (
     "tokens_supervised",
     "tokens_per_s",
     "mfu",
+    "mfu_nonpad",
     "peak_mem_gib",
     "step_time_s",
 )

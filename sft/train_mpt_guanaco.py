@@ -1,14 +1,17 @@
 """Full-parameter fine-tune of MPT-7B on OpenAssistant Guanaco, sized for one 80 GB GPU.
 
     python sft/train_mpt_guanaco.py                          # mosaicml/mpt-7b, timdettmers/openassistant-guanaco
-    python sft/train_mpt_guanaco.py --micro_batch=4 --grad_checkpointing=false   # more memory, faster
+    python sft/train_mpt_guanaco.py --memory_limit_gib=76            # the 80 GB profile (H100 / A100 80 GB)
     python sft/train_mpt_guanaco.py --smoke                  # tiny random MPT on the bundled sample (CPU)
     torchrun --standalone --nproc_per_node 8 sft/train_mpt_guanaco.py --grad_accum=1   # FSDP2 on 8 GPUs
 
 Defaults: bf16 weights with Kahan-compensated AdamW (sft/optim.py: no lost updates, 8 bytes of
 optimizer state per parameter), packed rows of 2,048 tokens with document-masked attention, our MPT
-(``--mpt_impl=fast``: FlexAttention + ALiBi; ``--mpt_impl=hf`` for transformers' eager MPT), activation
-checkpointing, loss on the assistant replies only, every conversation turn kept (Guanaco template).
+(``--mpt_impl=fast``: FlexAttention + ALiBi; ``--mpt_impl=hf`` for transformers' eager MPT), loss on the
+assistant replies only, every conversation turn kept (Guanaco template). The engine's defaults
+(sft/engine.py, sft/memory.py): blocks compiled one by one on CUDA, and the fewest checkpointed blocks that
+fit the GPU's free memory or ``--memory_limit_gib``, chosen before step 0 (refused before the run folder
+exists if nothing fits).
 """
 
 import sys
@@ -43,7 +46,6 @@ DEFAULTS = dataclasses.replace(
     grad_clip=1.0,
     precision="bf16",
     optimizer="adamw_kahan",
-    grad_checkpointing=True,
     eval_size=200,
     eval_every=50,
     log_every=1,

@@ -58,15 +58,40 @@ import torch
 from sft import distributed, runs
 from sft.config import ConfigError, TrainConfig, check_config, parse_args, parse_fields, parse_targets
 from sft.distributed import DistInfo
-from sft.loss import chunked_cross_entropy_sum, count_supervised
-from sft.models import ModelError, forward_hidden, load_model_and_tokenizer
+from sft.engine import Engine, ce_sum, resolve_attention, resolve_compile, set_attention, setup_model
+from sft.flops import layers_and_width, mfu, peak_flops, step_flops
+from sft.memory import plan_memory
+from sft.models import ModelError, load_model_and_tokenizer
 from sft.render import TemplateError
 from sft.runs import RunError
 from sft.schema import IGNORE_INDEX, DataError
 
 log = logging.getLogger("sft")
 
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    """The autocast context factory of this run (bf16 autocast on CUDA under ``auto``/``bf16-autocast``)."""
+    if device.type == "cuda" and cfg.precision in ("auto", "bf16-autocast"):
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+@contextlib.contextmanager
+def _for_generation(model):
+    """Generation runs the blocks uncompiled (the compiled graphs are for the training row shape: a new
+    length each token would recompile) and, for transformers models, with SDPA attention."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    hf = not hasattr(model, "forward_hidden") and impl not in (None, "sdpa", "eager")
+    if hf:
+        set_attention(model, "sdpa")
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        if hf:
+            model.config._attn_implementation = impl
+            if hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation(impl)
 
 
 class TrainingStopped(RuntimeError):
@@ -96,181 +121,6 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
-
-
-def _layers_and_width(model) -> tuple[int, int]:
-    c = model.config
-    L = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layers", 0)
-    d = getattr(c, "hidden_size", None) or getattr(c, "d_model", 0)
-    return int(L), int(d)
-
-
-def attention_flops_tokens(document_ids: torch.Tensor) -> int:
-    """``sum over documents of n_doc^2`` for a ``[B, T]`` document-id tensor (padding is a document)."""
-    total = 0
-    for row in document_ids:
-        counts = torch.unique_consecutive(row, return_counts=True)[1]
-        total += int((counts.long() ** 2).sum())
-    return total
-
-
-def enable_checkpointing(model) -> None:
-    """Activation checkpointing (non-reentrant) on a transformers model or our MPT.
-
-    transformers 5.24 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
-    (the old name warns, FutureWarning, until v6); older 5.x (the GPU image has 5.17) may only have the
-    old name, so the new one is used when present."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:  # our MPT: a flag its forward reads
-        model.gradient_checkpointing = True
-
-
-# ----------------------------------------------------------------------------- memory prediction
-
-# optimizer state in units of the trainable parameter's own element size (sft/optim.py's table): AdamW keeps
-# two moments in the parameter's dtype; the Kahan variant adds one compensation buffer per parameter
-OPTIMIZER_STATE_ELEMENTS = {"adamw": 2, "adamw_bf16": 2, "adamw_sr": 2, "adamw_kahan": 3}
-# activations kept for backward per token and layer, in units of d_model elements. A deliberate lower
-# bound, so that the check never refuses a run that fits: Korthikanti et al. 2022 count 34 bytes/h in 16-bit
-# (17 elements) for an unfused block, but the fast path measured on an H200 (GUIDE.md section 3: MPT-7B,
-# compiled blocks, FlexAttention, 2 rows of 2048) peaked 55.6 GiB with ~49.6 GiB of weights, grads and
-# pure-bf16 AdamW state, i.e. ~6 elements; plain transformers with eager attention keeps far more.
-# With checkpointing: one d-vector per layer (the block inputs) plus one block's set during recompute.
-ACTIVATION_ELEMENTS_PER_LAYER = 6
-NF4_BYTES_PER_PARAM = 0.516  # 4 bits + one 8-bit scale per 64 values + the scales' own scales
-
-
-def _lora_adapter_params(model, cfg: TrainConfig) -> int:
-    """Elements LoRA will add (and train): ``rank * (in + out)`` per targeted ``nn.Linear``."""
-    from sft import lora
-
-    try:
-        suffixes = tuple(parse_targets(cfg.lora_targets) or lora.default_targets(model))
-    except ValueError as e:
-        raise ConfigError(f"--lora: {str(e).splitlines()[0]}") from None
-    return sum(
-        cfg.lora_rank * (m.in_features + m.out_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in suffixes
-    )
-
-
-def estimate_memory(model, cfg: TrainConfig, autocast: bool, world: int = 1) -> dict[str, int]:
-    """Predicted peak bytes of one training process, by part, before anything moves to the device.
-
-    ``model``: the loaded model in its training dtype, before LoRA. Returns ``{"weights", "grads",
-    "optimizer", "activations", "total"}`` in bytes:
-    - weights: every parameter at its element size (NF4-quantized targets at ~0.52 B with ``--qlora``);
-    - grads and optimizer state: trainable parameters only (all of them, or the LoRA adapters: fp32 under
-      ``adamw``, else the base dtype), state = ``OPTIMIZER_STATE_ELEMENTS[optimizer]`` x element size
-      (adamw on fp32: 4 + 8 = 12 B/param + 4 grad; adamw_bf16/adamw_sr 2 + 4 (+2); adamw_kahan 2 + 6 (+2));
-    - activations (rough, a lower bound: no attention scores, no allocator slack): ``micro_batch * max_len``
-      tokens x ``d`` x (6 per layer, or 1 per layer + 6 with ``--grad_checkpointing``; see
-      ``ACTIVATION_ELEMENTS_PER_LAYER``) elements of 2 B under bf16 (autocast or weights), else 4 B; plus one
-      loss chunk of fp32 logits and their gradient.
-    So ``total`` is what the run needs at least: a run above the free memory cannot fit, one below may still
-    run out (eager attention, fragmentation).
-    Under FSDP2 (``world`` > 1) weights, grads and state are divided by ``world`` (sharded); activations not.
-    """
-    n_all = sum(p.numel() for p in model.parameters())
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    base_elem = next(model.parameters()).element_size()
-    if cfg.lora:
-        n_train = _lora_adapter_params(model, cfg)
-        train_elem = 4 if cfg.optimizer == "adamw" else base_elem
-        weights += n_train * train_elem
-        if cfg.qlora:
-            from sft import lora
-
-            suffixes = tuple(parse_targets(cfg.lora_targets) or lora.default_targets(model))
-            quantized = sum(
-                m.weight.numel()
-                for name, m in model.named_modules()
-                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in suffixes
-            )
-            weights -= int(quantized * (base_elem - NF4_BYTES_PER_PARAM))
-    else:
-        n_train, train_elem = n_all, base_elem
-    grads = n_train * train_elem
-    optimizer = n_train * train_elem * OPTIMIZER_STATE_ELEMENTS[cfg.optimizer]
-    L, d = _layers_and_width(model)
-    act_elem = 2 if (autocast or base_elem == 2) else 4
-    per_token = (
-        (L + ACTIVATION_ELEMENTS_PER_LAYER) if cfg.grad_checkpointing else ACTIVATION_ELEMENTS_PER_LAYER * L
-    )
-    vocab = getattr(model.config, "vocab_size", 0) if hasattr(model, "config") else 0
-    tokens = cfg.micro_batch * cfg.max_len
-    activations = tokens * d * per_token * act_elem + 2 * min(cfg.loss_chunk, tokens) * vocab * 4
-    sharded = (weights + grads + optimizer) // max(world, 1)
-    return {
-        "weights": weights // max(world, 1),
-        "grads": grads // max(world, 1),
-        "optimizer": optimizer // max(world, 1),
-        "activations": activations,
-        "total": sharded + activations,
-    }
-
-
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Bytes free for this run: ``torch.cuda.mem_get_info`` on CUDA, the OS's available memory on CPU
-    (psutil, else /proc/meminfo's MemAvailable); None when unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def check_memory(model, cfg: TrainConfig, device: torch.device, autocast: bool, world: int = 1) -> dict:
-    """Raise ConfigError (one line) when the run cannot fit, before the first step and the run folder.
-
-    CUDA: the :func:`estimate_memory` total against :func:`free_memory_bytes`. CPU: only when the weights
-    alone exceed the available memory (the OS swaps rather than fails, and a CPU run is a test or a small
-    model). Returns the estimate (bytes by part).
-    """
-    est = estimate_memory(model, cfg, autocast, world)
-    free = free_memory_bytes(device)
-    need = est["total"] if device.type == "cuda" else est["weights"]
-    log.info(
-        "memory estimate: ~%.2f GiB (weights %.2f, grads %.2f, optimizer %.2f, activations ~%.2f)%s",
-        est["total"] / 2**30,
-        est["weights"] / 2**30,
-        est["grads"] / 2**30,
-        est["optimizer"] / 2**30,
-        est["activations"] / 2**30,
-        f"; {free / 2**30:.2f} GiB free" if free is not None else "",
-    )
-    if free is not None and need > free:
-        where = "the GPU has" if device.type == "cuda" else "this machine has"
-        what = "this run needs" if device.type == "cuda" else "the weights alone need"
-        raise ConfigError(
-            f"{what} ~{need / 2**30:.1f} GiB (weights {est['weights'] / 2**30:.1f}, grads "
-            f"{est['grads'] / 2**30:.1f}, optimizer {est['optimizer'] / 2**30:.1f}, activations "
-            f"~{est['activations'] / 2**30:.1f}), {where} {free / 2**30:.1f} GiB free: try --lora / "
-            "--optimizer=adamw_kahan / --grad_checkpointing / smaller --micro_batch"
-        )
-    return est
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def _install_stop_handlers(flag: dict) -> dict:
@@ -359,12 +209,18 @@ def _as_batch(x) -> dict[str, torch.Tensor]:
 
 
 class MicroBatches:
-    """Micro-batch ``i`` of the endless, seeded, epoch-shuffled stream over the training rows."""
+    """Micro-batch ``i`` of the endless, seeded, epoch-shuffled stream over the training rows.
 
-    def __init__(self, rows, cfg: TrainConfig, pad_id: int = 0):
-        self.rows, self.cfg, self.pad_id = rows, cfg, pad_id
+    Epoch ``e`` visits the rows in the order ``torch.randperm(R, generator=seed + e)``; the epochs are
+    concatenated and micro-batch ``i`` is rows ``i*mb .. i*mb + mb - 1`` of that stream, so every micro-batch
+    is full (the last one of an epoch takes the first rows of the next): one shape for the compiled blocks.
+    ``pad_to``: padded (unpacked) micro-batches are padded to this length instead of their longest row.
+    """
+
+    def __init__(self, rows, cfg: TrainConfig, pad_id: int = 0, pad_to: int | None = None):
+        self.rows, self.cfg, self.pad_id, self.pad_to = rows, cfg, pad_id, pad_to
         self.n_rows = rows["input_ids"].size(0) if isinstance(rows, dict) else len(rows)
-        self.per_epoch = math.ceil(self.n_rows / cfg.micro_batch)
+        self.per_epoch = self.n_rows / cfg.micro_batch  # micro-batches per epoch (fractional)
         self._order: tuple[int, torch.Tensor] | None = None
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -374,25 +230,19 @@ class MicroBatches:
         return self._order[1]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        epoch, j = divmod(i, self.per_epoch)
-        idx = self.order(epoch)[j * self.cfg.micro_batch : (j + 1) * self.cfg.micro_batch]
+        mb, n = self.cfg.micro_batch, self.n_rows
+        idx: list[int] = []
+        while len(idx) < mb:
+            epoch, j = divmod(i * mb + len(idx), n)
+            idx.extend(self.order(epoch)[j : j + min(mb - len(idx), n - j)].tolist())
         if isinstance(self.rows, dict):
             return {k: v[idx] for k, v in self.rows.items()}
         from sft.packing import pad_collate
 
-        return _as_batch(pad_collate([self.rows[int(k)] for k in idx], self.pad_id))
+        return _as_batch(pad_collate([self.rows[k] for k in idx], self.pad_id, self.pad_to))
 
 
 # ----------------------------------------------------------------------------- eval and samples
-
-
-def ce_sum(model, batch, fwd=forward_hidden, chunk: int = 1024) -> torch.Tensor:
-    """Sum of CE over the supervised targets of ``batch`` (0-d fp32). ``model`` is a plain model, or the
-    FSDP root :class:`sft.distributed.LossModule` (which runs the head and the loss inside its forward)."""
-    if isinstance(model, distributed.LossModule):
-        return model(batch["input_ids"], batch["targets"], batch["document_ids"], batch["position_ids"])
-    h, w = fwd(model, batch)
-    return chunked_cross_entropy_sum(h, w, batch["targets"], chunk)
 
 
 @torch.no_grad()
@@ -415,7 +265,7 @@ def evaluate(model, batches, device, autocast, chunk: int, info: DistInfo | None
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         with autocast():
-            total += float(ce_sum(model, b, chunk=chunk))
+            total += float(ce_sum(model, b, chunk))
         n += int((b["targets"] != IGNORE_INDEX).sum())
     model.train(was_training)
     if info is not None and info.enabled:
@@ -438,7 +288,8 @@ def answer_samples(model, tokenizer, conversations, cfg: TrainConfig, device, au
         prompt_conv = conv[: last_user + 1]
         reference = conv[last_user + 1]["content"] if last_user + 1 < len(conv) else None
         ids = list(render_prompt(prompt_conv, tokenizer, cfg.template))
-        new = _greedy(model, ids, cfg.samples_max_new_tokens, stops, device, autocast, tokenizer)
+        with _for_generation(model):
+            new = _greedy(model, ids, cfg.samples_max_new_tokens, stops, device, autocast, tokenizer)
         if new and new[-1] in stops:
             new = new[:-1]
         out.append(
@@ -506,23 +357,120 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_start) -> Path:
+    """The run in four phases: set-up (inputs, model, plan, run folder), the loop of engine steps with what
+    follows each step (log, eval, save, stop), and the finish (checkpoint, eval, samples, final/)."""
+    run = _setup(cfg, info, device, resume_from, run_dir)
+    stopped_reason = _loop(run)
+    return _finish(run, stopped_reason, t_start)
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything the phases of one run share (built by :func:`_setup`)."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    device: torch.device
+    model: torch.nn.Module  # the whole model (LoRA included), before sharding
+    root: torch.nn.Module  # what the engine calls: the model, or its FSDP LossModule
+    tokenizer: object
+    prepared: object
+    stream: MicroBatches
+    eval_batches: list
+    engine: Engine
+    optimizer: torch.optim.Optimizer
+    run_dir: Path
+    writer: object
+    state: dict
+    total_steps: int
+    n_params: int
+    layers: int
+    width: int
+    peak: float | None
+    cfg_dict: dict
+    eval_before: float | None = None
+    stop: dict = dataclasses.field(default_factory=dict)
+
+    def autocast(self):
+        return self.engine.autocast()
+
+    def save_checkpoint(self):
+        kw = dict(
+            model=self.root,
+            optimizer=self.optimizer,
+            state=self.state,
+            cfg_dict=self.cfg_dict,
+            keep_last=self.cfg.keep_last,
+        )
+        if self.info.enabled:
+            return distributed.save_checkpoint(self.run_dir, self.state["step"], info=self.info, **kw)
+        return runs.save_checkpoint(self.run_dir, self.state["step"], **kw)
+
+    def evaluate(self) -> tuple[float, int]:
+        return evaluate(
+            self.root, self.eval_batches, self.device, self.autocast, self.cfg.loss_chunk, self.info
+        )
+
+    def epoch(self, step: int) -> float:
+        return round(step * self.cfg.grad_accum * self.info.world / self.stream.per_epoch, 4)
+
+
+def _check_resume_world(resume_from: Path, info: DistInfo) -> None:
     W = info.world
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+    if distributed.is_dcp_checkpoint(resume_from) != info.enabled or (
+        info.enabled and distributed.checkpoint_world_size(resume_from) != W
+    ):
+        n = (
+            distributed.checkpoint_world_size(resume_from)
+            if distributed.is_dcp_checkpoint(resume_from)
+            else 1
+        )
+        how = f"torchrun --nproc_per_node {n}" if n > 1 else "one process"
+        raise RunError(
+            f"{resume_from} was written by {n} process(es) and this run has {W}: resume it with {how}"
+        )
+
+
+def _apply_lora(model, cfg: TrainConfig) -> None:
+    """LoRA adapters after ``.to(device)`` (NF4 quantizes on the device), before checkpointing/sharding/compile."""
+    from sft import lora
+
+    targets = parse_targets(cfg.lora_targets)
+    try:
+        if cfg.qlora:
+            lora.quantize_nf4(model, targets=targets)
+        # fp32 adapters under plain AdamW keep the small updates exact over a bf16 base
+        lora.apply_lora(
+            model,
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            targets=targets,
+            adapter_dtype=torch.float32 if cfg.optimizer == "adamw" else None,
+        )
+    except ValueError as e:  # no default targets for this architecture, or a target matches nothing
+        raise ConfigError(f"--lora: {str(e).splitlines()[0]}") from None
+
+
+def _build_optimizer(root, cfg: TrainConfig):
+    from sft.optim import build_optimizer
+
+    params = [p for p in root.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return params, build_optimizer(groups, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir) -> _Run:
+    """Check every input, load and prepare, plan memory, set up the model and engine, make the run folder.
+    Every refusal happens before the run folder exists."""
+    W = info.world
     if resume_from is not None:
         log.info("resuming %s from %s", run_dir, resume_from.name)
-        if distributed.is_dcp_checkpoint(resume_from) != info.enabled or (
-            info.enabled and distributed.checkpoint_world_size(resume_from) != W
-        ):
-            n = (
-                distributed.checkpoint_world_size(resume_from)
-                if distributed.is_dcp_checkpoint(resume_from)
-                else 1
-            )
-            how = f"torchrun --nproc_per_node {n}" if n > 1 else "one process"
-            raise RunError(
-                f"{resume_from} was written by {n} process(es) and this run has {W}: resume it with {how}"
-            )
+        _check_resume_world(resume_from, info)
     if cfg.optimizer != "adamw" and cfg.precision != "bf16":
         raise ConfigError(f"--optimizer={cfg.optimizer} works on bf16 weights: add --precision=bf16")
     check_config(cfg)
@@ -534,101 +482,65 @@ def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_sta
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    # ---- inputs, cheapest checks first; the run folder comes only after all of them pass
+    # ---- inputs, cheapest checks first
     runs.check_writable(cfg.out_dir)
     from sft.sources import is_local
 
     if is_local(cfg.data) and not Path(cfg.data).exists():
         raise DataError("data file does not exist", source=cfg.data)
     model, tokenizer = load_model_and_tokenizer(cfg)
+    resolve_attention(model, cfg, device)  # a backend the model cannot use fails before data preparation
+    compiled = resolve_compile(model, cfg, device)
     # distributed: rank 0 prepares (and caches) the data first, the other ranks then read its cache
     if not info.is_main:
         distributed.barrier(info)
     prepared, train_rows, eval_batches = prepare(cfg, tokenizer)
     if info.is_main:
         distributed.barrier(info)
-    stream = MicroBatches(train_rows, cfg, pad_token_id(tokenizer))
+    pad_to = cfg.max_len if (compiled and not cfg.packing) else None  # one shape for the compiled blocks
+    stream = MicroBatches(train_rows, cfg, pad_token_id(tokenizer), pad_to)
     A = cfg.grad_accum
     # one optimizer step = A micro-batches on each of the W ranks: micro-batches s*A*W .. s*A*W + A*W - 1
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (A * W)))
 
+    # ---- the memory plan: refused now, in one line, if nothing fits
     use_autocast = device.type == "cuda" and cfg.precision in ("auto", "bf16-autocast")
-    # predicted memory against what the device has free: a run that cannot fit fails now, in one line,
-    # before the run folder exists (ConfigError)
-    check_memory(model, cfg, device, use_autocast, W)
+    backend = resolve_attention(model, cfg, device)
+    plan = plan_memory(model, cfg, device, use_autocast, W, attention=backend)
 
     model.to(device)
-    if cfg.lora:  # after .to(device) (NF4 quantizes on the device), before checkpointing/sharding/compile
-        from sft import lora
-
-        targets = parse_targets(cfg.lora_targets)
-        try:
-            if cfg.qlora:
-                lora.quantize_nf4(model, targets=targets)
-            # fp32 adapters under plain AdamW keep the small updates exact over a bf16 base
-            lora.apply_lora(
-                model,
-                rank=cfg.lora_rank,
-                alpha=cfg.lora_alpha,
-                dropout=cfg.lora_dropout,
-                targets=targets,
-                adapter_dtype=torch.float32 if cfg.optimizer == "adamw" else None,
-            )
-        except ValueError as e:  # no default targets for this architecture, or a target matches nothing
-            raise ConfigError(f"--lora: {str(e).splitlines()[0]}") from None
-    if cfg.grad_checkpointing:  # before sharding: it wraps the block calls, FSDP hooks the blocks
-        enable_checkpointing(model)
-
-    def autocast():
-        if use_autocast:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
+    if cfg.lora:
+        _apply_lora(model, cfg)
+    before = None
+    if resume_from is None and cfg.num_samples and info.is_main:  # whole model, before compile and sharding
+        before = answer_samples(
+            model, tokenizer, prepared.eval_conversations, cfg, device, _autocast(cfg, device)
+        )
+    setup = setup_model(model, cfg, device, plan.checkpoint_blocks)  # before sharding
+    log.info(
+        "engine: attention %s, %s, %d checkpointed blocks%s",
+        setup["attention"],
+        "blocks compiled one by one" if setup["compile"] else "not compiled",
+        plan.checkpoint_blocks,
+        ", optimizer step in backward" if plan.in_backward else "",
+    )
     n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    L, d = _layers_and_width(model)
-    # MFU's 6N counts a full backward (weight + input gradients) for every parameter; with LoRA the frozen
-    # base gets no weight gradient, so 6N overstates the work: MFU is reported as null
-    peak = None if cfg.lora else peak_flops(device)
-    cfg_dict = cfg.to_dict()
+    L, d = layers_and_width(model)
+    cfg_dict = {**cfg.to_dict(), "resolved": {**setup, "optimizer_in_backward": plan.in_backward}}
     model_info = {
         "class": type(model).__name__,
         "n_params": n_params,
-        "n_trainable": n_trainable,
+        "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "dtype": str(next(model.parameters()).dtype),
     }
-    before = None
-    if resume_from is None and cfg.num_samples and info.is_main:  # on the whole model, before sharding
-        before = answer_samples(model, tokenizer, prepared.eval_conversations, cfg, device, autocast)
-
-    # root: what the loop calls; under FSDP a LossModule over the sharded model (sft/distributed.py)
-    root, fwd = model, forward_hidden
-    if info.enabled:
-        if cfg.compile:
-            for block in distributed.transformer_blocks(model):
-                block.compile()
+    root = model
+    if info.enabled:  # the FSDP root: a LossModule over the sharded model (sft/distributed.py)
         root = distributed.LossModule(model, cfg.loss_chunk)
         distributed.shard_model(
             root, distributed.mixed_precision(device, cfg.precision), device_type=device.type
         )
-    elif cfg.compile:
-        fwd = torch.compile(forward_hidden)
-
-    from sft.optim import build_optimizer
-
-    params = [p for p in root.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    optimizer = build_optimizer(groups, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-
-    def save_checkpoint():
-        kw = dict(model=root, optimizer=optimizer, state=state, cfg_dict=cfg_dict, keep_last=cfg.keep_last)
-        if info.enabled:
-            return distributed.save_checkpoint(run_dir, state["step"], info=info, **kw)
-        return runs.save_checkpoint(run_dir, state["step"], **kw)
+    params, optimizer = _build_optimizer(root, cfg)
+    engine = Engine(root, params, optimizer, cfg, device, in_backward=plan.in_backward, info=info)
 
     # ---- the run folder (rank 0 names it and makes it; every rank uses that name)
     created = False
@@ -653,187 +565,197 @@ def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_sta
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-
     state = {"step": 0, "tokens_processed": 0, "tokens_nonpad": 0, "tokens_supervised": 0, "skipped_steps": 0}
+    run = _Run(
+        cfg, info, device, model, root, tokenizer, prepared, stream, eval_batches, engine, optimizer, run_dir,
+        writer, state, total_steps, n_params, L, d,
+        None if cfg.lora else peak_flops(device),  # 6N does not apply to LoRA's frozen base: MFU null
+        cfg_dict,
+    )  # fmt: skip
     if resume_from is not None:
-        if info.enabled:
-            state = distributed.load_checkpoint(resume_from, model=root, optimizer=optimizer, info=info)
-        else:
-            state = runs.load_checkpoint(resume_from, model=model, optimizer=optimizer)
-        if info.is_main:
-            runs.truncate_metrics(run_dir, state["step"])
-        eval_before = state.get("eval_before")
+        _restore(run, resume_from)
     else:
-        log.info(
-            "run %s: %d train rows, %d held-out batches, %d steps of %d x %d rows%s, %.1fM parameters, %s",
-            run_dir,
-            stream.n_rows,
-            len(eval_batches),
-            total_steps,
-            A,
-            cfg.micro_batch,
-            f" x {W} ranks (FSDP2)" if info.enabled else "",
-            n_params / 1e6,
-            device,
-        )
-        eval_before, n_eval = evaluate(root, eval_batches, device, autocast, cfg.loss_chunk, info)
-        state["eval_before"] = eval_before
-        writer.eval({"step": 0, "epoch": 0.0, "eval_loss": eval_before, "eval_tokens_supervised": n_eval})
-        log.info("held-out loss before training: %.4f (%d supervised tokens)", eval_before, n_eval)
-        if before is not None:
-            runs.write_samples(run_dir, [{"stage": "before", "step": 0, **s} for s in before])
-            _print_samples("before", before)
+        _start(run, before)
+    return run
 
-    stop = {}
-    previous_handlers = _install_stop_handlers(stop)
+
+def _restore(run: _Run, resume_from: Path) -> None:
+    """Load the checkpoint's weights, optimizer state, step and RNG; drop metrics written after it."""
+    if run.info.enabled:
+        run.state = distributed.load_checkpoint(
+            resume_from, model=run.root, optimizer=run.optimizer, info=run.info
+        )
+    else:
+        run.state = runs.load_checkpoint(resume_from, model=run.model, optimizer=run.optimizer)
+    if run.info.is_main:
+        runs.truncate_metrics(run.run_dir, run.state["step"])
+    run.eval_before = run.state.get("eval_before")
+
+
+def _start(run: _Run, before: list[dict] | None) -> None:
+    """A new run: say what it is, evaluate before training, write the samples answered before it."""
+    cfg, info = run.cfg, run.info
+    log.info(
+        "run %s: %d train rows, %d held-out batches, %d steps of %d x %d rows%s, %.1fM parameters, %s",
+        run.run_dir,
+        run.stream.n_rows,
+        len(run.eval_batches),
+        run.total_steps,
+        cfg.grad_accum,
+        cfg.micro_batch,
+        f" x {info.world} ranks (FSDP2)" if info.enabled else "",
+        run.n_params / 1e6,
+        run.device,
+    )
+    run.eval_before, n_eval = run.evaluate()
+    run.state["eval_before"] = run.eval_before
+    run.writer.eval({"step": 0, "epoch": 0.0, "eval_loss": run.eval_before, "eval_tokens_supervised": n_eval})
+    log.info("held-out loss before training: %.4f (%d supervised tokens)", run.eval_before, n_eval)
+    if before is not None:
+        runs.write_samples(run.run_dir, [{"stage": "before", "step": 0, **s} for s in before])
+        _print_samples("before", before)
+
+
+def _loop(run: _Run) -> str | None:
+    """Engine steps until the last one, a stop signal, ``--stop_after`` or ``--on_nan=stop``; returns why it
+    stopped early (None when it ran to the end)."""
+    cfg, info, state = run.cfg, run.info, run.state
+    A, W = cfg.grad_accum, info.world
+    previous_handlers = _install_stop_handlers(run.stop)
     bar = None
     if cfg.progress and info.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
-    root.train()
-    stopped_reason = None
+        bar = tqdm(
+            total=run.total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True
+        )
+    run.root.train()
     try:
-        while state["step"] < total_steps:
+        while state["step"] < run.total_steps:
             step = state["step"]
-            t0 = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            if run.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(run.device)
             # rank r takes micro-batches (s*A + j)*W + r: the ranks together read what one process with
             # grad_accum = A*W would, so losses match it (and each rank reads distinct rows)
-            micro = [stream[(step * A + j) * W + info.rank] for j in range(A)]
-            # N_step over all ranks: the loss is the mean over these (sft/loss.py)
-            n_sup = distributed.all_reduce_sum(count_supervised(micro), info)
-            lr = lr_at(step, cfg, total_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            ce_total = 0.0
-            for mb in micro:
-                mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-                with autocast():
-                    ce = ce_sum(root, mb, fwd, cfg.loss_chunk)
-                # FSDP averages gradients over the W ranks: W * CE / N makes that average sum CE / N
-                ((ce * W) / max(n_sup, 1)).backward()
-                ce_total += float(ce.detach())
-            processed = sum(b["input_ids"].numel() for b in micro)
-            nonpad = sum(int(b["attention_mask"].sum()) for b in micro)
-            attn = sum(attention_flops_tokens(b["document_ids"]) for b in micro) if peak is not None else 0
-            if info.enabled:  # one all-reduce for the step's sums; any rank's signal stops every rank
-                ce_total, processed, nonpad, attn, n_signals = distributed.all_reduce_sum(
-                    [ce_total, processed, nonpad, attn, int(bool(stop.get("signal")))], info
-                )
-                if n_signals and not stop.get("signal"):
-                    stop["signal"] = "a signal on another rank"
-            loss = ce_total / max(n_sup, 1)
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, clip)))
-            if math.isfinite(loss) and math.isfinite(grad_norm):
-                optimizer.step()
-            else:
-                state["skipped_steps"] += 1
-                log.warning(
-                    "step %d: non-finite loss %s / grad norm %s: update skipped", step + 1, loss, grad_norm
-                )
-                if cfg.on_nan == "stop":
-                    optimizer.zero_grad(set_to_none=True)
-                    stopped_reason = f"non-finite loss at step {step + 1} (--on_nan=stop)"
-                    break
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-
-            state["step"] = step + 1
-            state["tokens_processed"] += processed
-            state["tokens_nonpad"] += nonpad
-            state["tokens_supervised"] += n_sup
-            mfu = None
-            if peak is not None:  # processed and attn are summed over the W ranks, so is the peak
-                mfu = (6 * n_params * processed + 12 * L * d * attn) / dt / (peak * W)
-            peak_mem = None
-            if device.type == "cuda":
-                peak_mem = distributed.all_reduce_max(torch.cuda.max_memory_allocated(device) / 2**30, info)
-            epoch = (step + 1) * A * W / stream.per_epoch
-            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
-                writer.train(
-                    {
-                        "step": state["step"],
-                        "epoch": round(epoch, 4),
-                        "loss": loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "step_tokens_processed": processed,
-                        "step_tokens_nonpad": nonpad,
-                        "step_tokens_supervised": n_sup,
-                        "tokens_processed": state["tokens_processed"],
-                        "tokens_nonpad": state["tokens_nonpad"],
-                        "tokens_supervised": state["tokens_supervised"],
-                        "tokens_per_s": processed / dt,
-                        "mfu": mfu,
-                        "peak_mem_gib": peak_mem,
-                        "step_time_s": dt,
-                    }
-                )
-                line = step_line(state["step"], total_steps, loss, lr, dt, processed / dt, mfu, peak_mem)
-                (bar.write(line) if bar is not None else log.info(line))
-            if bar is not None:
-                bar.update(1)
-            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total_steps:
-                ev, n_eval = evaluate(root, eval_batches, device, autocast, cfg.loss_chunk, info)
-                writer.eval(
-                    {
-                        "step": state["step"],
-                        "epoch": round(epoch, 4),
-                        "eval_loss": ev,
-                        "eval_tokens_supervised": n_eval,
-                    }
-                )
-                log.info("step %d: held-out loss %.4f", state["step"], ev)
-            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
-                save_checkpoint()
-            if stop.get("signal"):
-                stopped_reason = f"stopped by {stop['signal']}"
-                break
-            if cfg.stop_after and state["step"] >= cfg.stop_after and state["step"] < total_steps:
-                stopped_reason = f"stopped after step {state['step']} (--stop_after)"
-                break
+            micro = [run.stream[(step * A + j) * W + info.rank] for j in range(A)]
+            lr = lr_at(step, cfg, run.total_steps)
+            res = run.engine.step(micro, lr, flags=[int(bool(run.stop.get("signal")))])
+            if res.flags[0] and not run.stop.get("signal"):  # any rank's signal stops every rank
+                run.stop["signal"] = "a signal on another rank"
+            reason = _after_step(run, step, lr, res, bar)
+            if reason:
+                return reason
     finally:
         if bar is not None:
             bar.close()
         for s, h in previous_handlers.items():
             signal.signal(s, h)
+    return None
 
-    # ---- end (or early stop): checkpoint, evaluate, answer again, export
-    ckpt = save_checkpoint()
+
+def _after_step(run: _Run, step: int, lr: float, res, bar) -> str | None:
+    """Count, log, evaluate, checkpoint and decide whether to stop after step ``step`` (0-based)."""
+    cfg, state = run.cfg, run.state
+    if res.skipped or (res.grad_norm is None and not math.isfinite(res.loss)):
+        state["skipped_steps"] += 1
+        log.warning(
+            "step %d: non-finite loss %s / grad norm %s: update skipped", step + 1, res.loss, res.grad_norm
+        )
+        if cfg.on_nan == "stop":
+            return f"non-finite loss at step {step + 1} (--on_nan=stop)"
+    state["step"] = step + 1
+    state["tokens_processed"] += res.processed
+    state["tokens_nonpad"] += res.nonpad
+    state["tokens_supervised"] += res.n_supervised
+    # processed and attn are summed over the W ranks, so is the peak
+    flops = step_flops(run.n_params, run.layers, run.width, res.processed, res.attn_tokens)
+    step_mfu = mfu(flops, res.dt, run.peak, run.info.world)
+    flops_real = step_flops(run.n_params, run.layers, run.width, res.nonpad, res.attn_tokens_nonpad)
+    mfu_nonpad = mfu(flops_real, res.dt, run.peak, run.info.world)
+    peak_mem = None
+    if run.device.type == "cuda":
+        peak_mem = distributed.all_reduce_max(torch.cuda.max_memory_allocated(run.device) / 2**30, run.info)
+    epoch = run.epoch(state["step"])
+    if state["step"] % cfg.log_every == 0 or state["step"] == run.total_steps:
+        run.writer.train(
+            {
+                "step": state["step"],
+                "epoch": epoch,
+                "loss": res.loss,
+                "lr": lr,
+                "grad_norm": res.grad_norm,
+                "step_tokens_processed": res.processed,
+                "step_tokens_nonpad": res.nonpad,
+                "step_tokens_supervised": res.n_supervised,
+                "tokens_processed": state["tokens_processed"],
+                "tokens_nonpad": state["tokens_nonpad"],
+                "tokens_supervised": state["tokens_supervised"],
+                "tokens_per_s": res.processed / res.dt,
+                "mfu": step_mfu,
+                "mfu_nonpad": mfu_nonpad,
+                "peak_mem_gib": peak_mem,
+                "step_time_s": res.dt,
+            }
+        )
+        line = step_line(
+            state["step"], run.total_steps, res.loss, lr, res.dt, res.processed / res.dt, step_mfu, peak_mem
+        )
+        (bar.write(line) if bar is not None else log.info(line))
+    if bar is not None:
+        bar.update(1)
+    last = state["step"] >= run.total_steps
+    if cfg.eval_every and state["step"] % cfg.eval_every == 0 and not last:
+        ev, n_eval = run.evaluate()
+        run.writer.eval(
+            {"step": state["step"], "epoch": epoch, "eval_loss": ev, "eval_tokens_supervised": n_eval}
+        )
+        log.info("step %d: held-out loss %.4f", state["step"], ev)
+    if cfg.save_every and state["step"] % cfg.save_every == 0 and not last:
+        run.save_checkpoint()
+    if run.stop.get("signal"):
+        return f"stopped by {run.stop['signal']}"
+    if cfg.stop_after and state["step"] >= cfg.stop_after and not last:
+        return f"stopped after step {state['step']} (--stop_after)"
+    return None
+
+
+def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
+    """Checkpoint; then, unless stopped early: evaluate, answer the prompts again, write final/ and the plot."""
+    cfg, info, state, run_dir = run.cfg, run.info, run.state, run.run_dir
+    # a run that finished needs a checkpoint only if checkpoints were asked for (--save_every): final/ holds
+    # its weights; one stopped early always gets one, to resume from
+    ckpt = run.save_checkpoint() if (stopped_reason is not None or cfg.save_every) else None
     if stopped_reason is not None:
-        writer.close()
+        run.writer.close()
         if info.is_main:
             runs.plot_loss(run_dir)
         msg = f"{stopped_reason}: checkpoint {ckpt}; continue with --resume={run_dir}"
-        if stop.get("signal") or cfg.on_nan == "stop" and "non-finite" in stopped_reason:
+        if run.stop.get("signal") or cfg.on_nan == "stop" and "non-finite" in stopped_reason:
             raise TrainingStopped(msg)
         log.info(msg)
         return run_dir
-    eval_after, n_eval = evaluate(root, eval_batches, device, autocast, cfg.loss_chunk, info)
-    writer.eval(
+    eval_after, n_eval = run.evaluate()
+    run.writer.eval(
         {
             "step": state["step"],
-            "epoch": round(state["step"] * A * W / stream.per_epoch, 4),
+            "epoch": run.epoch(state["step"]),
             "eval_loss": eval_after,
             "eval_tokens_supervised": n_eval,
         }
     )
-    writer.close()
-    export = model
+    run.writer.close()
+    export = run.model
     if info.enabled and (cfg.num_samples or cfg.save_final):
         # the full weights gathered to rank 0 into an unsharded copy (None on the other ranks)
-        export = distributed.consolidated_model(root, info)
+        export = distributed.consolidated_model(run.root, info)
         if export is not None:
-            export.to(device)
+            export.to(run.device)
     if not info.is_main:
         return run_dir
     if cfg.num_samples:
-        after = answer_samples(export, tokenizer, prepared.eval_conversations, cfg, device, autocast)
+        after = answer_samples(
+            export, run.tokenizer, run.prepared.eval_conversations, cfg, run.device, run.autocast
+        )
         runs.write_samples(run_dir, [{"stage": "after", "step": state["step"], **s} for s in after])
         _print_samples("after", after)
     if cfg.lora:
@@ -843,18 +765,18 @@ def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_sta
     if cfg.save_final:
         from sft.render import attach_template
 
-        attach_template(tokenizer, cfg.template)  # inference renders exactly as training did
+        attach_template(run.tokenizer, cfg.template)  # inference renders exactly as training did
         if cfg.lora:
             from sft import lora
 
             lora.merge_lora(export)  # in place: the plain architecture again, adapters folded in
-        runs.save_final(run_dir, export, tokenizer)
+        runs.save_final(run_dir, export, run.tokenizer)
     runs.plot_loss(run_dir)
     log.info(
         "held-out loss %.4f -> %.4f (%+.4f) after %d steps in %.0f s; run folder %s",
-        eval_before,
+        run.eval_before,
         eval_after,
-        eval_after - eval_before,
+        eval_after - run.eval_before,
         state["step"],
         time.time() - t_start,
         run_dir,

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sft.engine as engine
 import sft.trainer as trainer
 from sft import runs
 from sft.config import parse_args
@@ -217,7 +218,7 @@ def test_sigkill_during_checkpoint_write_leaves_no_half_checkpoint(tmp_path, cac
 
 def inject(monkeypatch, at_step, *, grad=False):
     """Make the training loss (or only its gradient) non-finite at optimizer step ``at_step`` (1-based)."""
-    real = trainer.chunked_cross_entropy_sum
+    real = engine.chunked_cross_entropy_sum
     calls = {"n": 0}
 
     class NanGrad(torch.autograd.Function):
@@ -241,7 +242,7 @@ def inject(monkeypatch, at_step, *, grad=False):
                 return real(h, w, targets, chunk) * float("nan")
         return real(h, w, targets, chunk)
 
-    monkeypatch.setattr(trainer, "chunked_cross_entropy_sum", ce)
+    monkeypatch.setattr(engine, "chunked_cross_entropy_sum", ce)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["nan_loss", "nan_grad"])
@@ -362,63 +363,77 @@ def test_read_only_out_dir(tmp_path, cache):
 
 def test_config_that_cannot_fit_is_refused_before_the_first_step(tmp_path, cache, monkeypatch):
     """Issue 8: a run that cannot fit is said before the first step, with the remedies, and no run folder."""
+    from sft import memory
     from sft.config import ConfigError
 
-    steps, real_count = [], trainer.count_supervised
-    monkeypatch.setattr(trainer, "count_supervised", lambda b: steps.append(1) or 1)  # no step may start
+    steps, real_count = [], engine.count_supervised
+    monkeypatch.setattr(engine, "count_supervised", lambda b: steps.append(1) or 1)  # no step may start
     # CPU: only the weights are checked (tiny-llama fp32: 90,688 parameters x 4 B = 362,752 B)
-    monkeypatch.setattr(trainer, "free_memory_bytes", lambda device: 362_751)
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 362_751)
     with pytest.raises(ConfigError) as e:
         train(cfg(tmp_path))
     assert str(e.value).startswith("the weights alone need ~0.0 GiB (weights 0.0, grads 0.0, optimizer 0.0")
     assert str(e.value).endswith(
-        "this machine has 0.0 GiB free: try --lora / --optimizer=adamw_kahan / --grad_checkpointing / "
-        "smaller --micro_batch"
+        "0.0 GiB free on the device: try --lora / --optimizer=adamw_kahan / --grad_checkpointing / "
+        "smaller --micro_batch or --max_len"
     )
     assert steps == [] and list(tmp_path.iterdir()) == []  # no step, no run folder
-    monkeypatch.setattr(trainer, "free_memory_bytes", lambda device: 362_752)  # exactly enough: it runs
-    monkeypatch.setattr(trainer, "count_supervised", real_count)
-    assert list_checkpoints(train(cfg(tmp_path, "--max_steps=1")))
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 362_752)  # exactly enough: it runs
+    monkeypatch.setattr(engine, "count_supervised", real_count)
+    assert (train(cfg(tmp_path, "--max_steps=1")) / "metrics.jsonl").is_file()
 
 
 def test_memory_estimate_is_pinned_and_checked_against_the_gpu(monkeypatch):
     """The estimate's parts (bytes) for tiny-llama, and the CUDA rule: the total against the free memory."""
+    from sft import memory
     from sft.config import ConfigError
     from sft.models import byte_tokenizer, tiny_model
 
     model = tiny_model("tiny-llama", len(byte_tokenizer()), 0, 256)  # 90,688 fp32 parameters, L=2, d=64
     base = ["--max_len=256", "--micro_batch=2"]
+    # per un-checkpointed layer and token: 5.1 + qkv (4 + 2 x 2 heads of 16 = 128 = 2 d) + 3 x ffn (128 = 2 d)
+    per_layer = 5.1 + 2 + 3 * 2
+    assert memory.activation_elements_per_layer(model) == pytest.approx(per_layer)
     # full fine-tuning, adamw on fp32: 4 B weights + 4 B grad + 8 B moments per parameter; activations
-    # 512 tokens x 64 x (6 x 2 layers) x 4 B + 2 x 512 x 260 (vocab) x 4 B of loss-chunk logits and grads
-    acts = 512 * 64 * 12 * 4 + 2 * 512 * 260 * 4
-    assert trainer.estimate_memory(model, parse_args(base), autocast=False) == {
+    # 512 tokens x 64 x (per_layer x 2 layers) x 4 B + 2 x 512 x 260 (vocab) x 4 B of loss-chunk logits and
+    # grads; one micro-batch per step: the peak holds the larger of the activations and the gradients
+    acts = int(512 * 64 * per_layer * 2 * 4) + 2 * 512 * 260 * 4
+    assert memory.estimate_memory(model, parse_args(base), autocast=False) == {
         "weights": 362_752, "grads": 362_752, "optimizer": 725_504, "activations": acts,
-        "total": 1_451_008 + acts,
+        "total": 362_752 + 725_504 + max(acts, 362_752),
     }  # fmt: skip
+    # with accumulation the gradients of the earlier micro-batches are alive during the next forward
+    accum = memory.estimate_memory(model, parse_args([*base, "--grad_accum=2"]), autocast=False)
+    assert accum["total"] == 362_752 * 4 + acts  # weights + 2 moments + grads + activations
     # LoRA r=16 on the 7 linear layers: 32,768 fp32 adapter parameters carry grads and state;
-    # checkpointing keeps 1 d-vector per layer + one block's 6
-    lora_ckpt = trainer.estimate_memory(model, parse_args([*base, "--lora", "--grad_checkpointing"]), False)
-    acts_ckpt = 512 * 64 * (2 + 6) * 4 + 2 * 512 * 260 * 4
+    # checkpointing all blocks keeps 1 d-vector per layer + one block's set
+    lora_ckpt = memory.estimate_memory(model, parse_args([*base, "--lora"]), False, checkpoint_blocks=2)
+    acts_ckpt = int(512 * 64 * (2 + per_layer) * 4) + 2 * 512 * 260 * 4  # 2 inputs + one recomputed set
     assert lora_ckpt == {
         "weights": 362_752 + 131_072, "grads": 131_072, "optimizer": 262_144, "activations": acts_ckpt,
-        "total": 362_752 + 131_072 * 4 + acts_ckpt,
+        "total": 362_752 + 131_072 * 3 + max(acts_ckpt, 131_072),
     }  # fmt: skip
     # bf16 weights with the Kahan optimizer: 2 B weights + 2 B grads + 6 B state; bf16 activations
-    bf16 = trainer.estimate_memory(
+    bf16 = memory.estimate_memory(
         model.to(torch.bfloat16), parse_args(["--max_len=256", "--optimizer=adamw_kahan"]), autocast=False
     )
     assert (bf16["weights"], bf16["grads"], bf16["optimizer"]) == (181_376, 181_376, 544_128)
-    assert bf16["activations"] == 256 * 64 * 12 * 2 + 2 * 256 * 260 * 4
+    assert bf16["activations"] == int(256 * 64 * per_layer * 2 * 2) + 2 * 256 * 260 * 4
 
     cuda = torch.device("cuda")  # never touched: the free-memory query is replaced
     c = parse_args(base)
-    total = trainer.estimate_memory(model.float(), c, autocast=True)["total"]
-    monkeypatch.setattr(trainer, "free_memory_bytes", lambda device: total)
-    assert trainer.check_memory(model, c, cuda, autocast=True)["total"] == total  # fits exactly
-    monkeypatch.setattr(trainer, "free_memory_bytes", lambda device: total - 1)
+    total = memory.estimate_memory(model.float(), c, autocast=True)["total"]
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: total)
+    assert memory.plan_memory(model, c, cuda, autocast=True).checkpoint_blocks == 1  # 4% kept free
+    monkeypatch.setattr(memory, "FREE_MEMORY_HEADROOM", 0.0)
+    plan = memory.plan_memory(model, c, cuda, autocast=True)
+    assert (plan.checkpoint_blocks, plan.estimate["total"]) == (0, total)  # fits exactly, nothing recomputed
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: total - 1)
+    assert memory.plan_memory(model, c, cuda, autocast=True).checkpoint_blocks == 1  # one block recomputes
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 1)
     with pytest.raises(
-        ConfigError, match=r"^this run needs ~0\.0 GiB .* the GPU has 0\.0 GiB free: try --lora"
+        ConfigError, match=r"^this run needs ~0\.0 GiB .* 0\.0 GiB free on the device: try --lora"
     ):
-        trainer.check_memory(model, c, cuda, autocast=True)
-    monkeypatch.setattr(trainer, "free_memory_bytes", lambda device: None)  # unknown: no check
-    trainer.check_memory(model, c, cuda, autocast=True)
+        memory.plan_memory(model, c, cuda, autocast=True)
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: None)  # unknown: no check
+    assert memory.plan_memory(model, c, cuda, autocast=True).checkpoint_blocks == 0

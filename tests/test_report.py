@@ -38,6 +38,7 @@ def train_line(step, loss, tok, tps, mem, dt, mfu=None):
         "tokens_supervised": tok // 2,
         "tokens_per_s": tps,
         "mfu": mfu,
+        "mfu_nonpad": mfu,
         "peak_mem_gib": mem,
         "step_time_s": dt,
     }

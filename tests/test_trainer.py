@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from sft import trainer
+from sft import engine, trainer
 from sft.config import TrainConfig
 from sft.runs import EVAL_KEYS, TRAIN_KEYS
 
@@ -98,7 +98,7 @@ def test_first_losses_pinned(full_run):
 
 
 def test_sigterm_saves_a_checkpoint_then_resume_matches(full_run, tmp_path, monkeypatch, capsys):
-    real = trainer.count_supervised
+    real = engine.count_supervised
     calls = []
 
     def count_and_signal(batches):
@@ -107,12 +107,12 @@ def test_sigterm_saves_a_checkpoint_then_resume_matches(full_run, tmp_path, monk
             os.kill(os.getpid(), signal.SIGTERM)
         return real(batches)
 
-    monkeypatch.setattr(trainer, "count_supervised", count_and_signal)
+    monkeypatch.setattr(engine, "count_supervised", count_and_signal)
     rc, run_dir = _run(tmp_path, name="sig")
     assert rc == 130
     assert "stopped by SIGTERM" in capsys.readouterr().err
     assert (run_dir / "checkpoints" / "step_0000002" / "state.json").is_file()
-    monkeypatch.setattr(trainer, "count_supervised", real)
+    monkeypatch.setattr(engine, "count_supervised", real)
     assert _losses(run_dir) == _losses(full_run)[:2]
     assert not (run_dir / "final").exists()
     assert trainer.main(TrainConfig(), [f"--resume={run_dir}", "--progress=false"]) == 0

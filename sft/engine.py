@@ -1,0 +1,250 @@
+"""The one training engine: how a model is set up for speed, and the step that turns micro-batches into a
+loss, a backward and an optimizer update. The trainer, the benchmarks and the tests all call it.
+
+Contracts:
+- ``resolve_attention(model, cfg, device) -> str``: the backend ``--attention`` names for this model
+  (``flex`` | ``sdpa`` | ``eager``; ``auto`` = flex on CUDA, sdpa on CPU; transformers' MPT only has eager).
+  A backend the model cannot use is a one-line ConfigError naming the model type and the choices.
+- ``resolve_compile(model, cfg, device) -> bool``: ``--compile`` (``auto`` = on CUDA for our MPT and the
+  Llama family, :data:`COMPILE_FAMILY`).
+- ``setup_model(model, cfg, device, plan) -> str``: sets the attention backend, checkpoints the first
+  ``plan.checkpoint_blocks`` blocks (non-reentrant; the checkpoint wraps the compiled block) and compiles each
+  block on its own (``torch.compile(dynamic=False)``: every micro-batch has the row shape, so one graph
+  serves every block and every step). Call after LoRA and before FSDP sharding. Returns the backend.
+- ``Engine(root, params, optimizer, cfg, device, in_backward, info).step(micro, lr) -> StepResult``: one
+  optimizer step over the micro-batches ``micro`` (Batch dicts on the CPU): each backpropagates
+  ``W * sum CE / N`` with ``N`` the supervised targets of the whole step over all ``W`` ranks (CONTRACTS.md,
+  "Loss"); then the global gradient norm is clipped to ``grad_clip`` (none when 0) and the optimizer steps,
+  unless the loss or norm is not finite (then the update is skipped and ``skipped`` is True). With
+  ``in_backward`` the optimizer already stepped each parameter inside backward (no clipping, no skip).
+  The step's sums (CE, tokens, attention FLOP tokens and any ``flags``) are all-reduced once under FSDP2.
+  ``dt`` is wall time with the device synchronised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+
+import torch
+
+from sft import distributed
+from sft.config import ConfigError, TrainConfig
+from sft.distributed import DistInfo
+from sft.flops import attention_flops_tokens
+from sft.loss import chunked_cross_entropy_sum, count_supervised
+from sft.models import forward_hidden
+
+log = logging.getLogger("sft")
+
+# transformers model types whose decoder layers compile one by one with FlexAttention inside
+COMPILE_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+_HF_BACKEND = {"flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}
+_FLEX_MIN_HEAD_DIM = 16  # inductor's flex kernel needs head_dim >= 16 (triton's tl.dot)
+
+
+def _is_ours(model) -> bool:
+    return hasattr(model, "forward_hidden")  # sft/mpt.py (LoRA keeps the attribute)
+
+
+def _model_type(model) -> str:
+    return "mpt (ours)" if _is_ours(model) else getattr(model.config, "model_type", type(model).__name__)
+
+
+def resolve_attention(model, cfg: TrainConfig, device: torch.device) -> str:
+    """The attention backend of this run (module docstring); ConfigError for one the model cannot use."""
+    want = cfg.attention
+    kind = _model_type(model)
+    if not _is_ours(model) and model.config.model_type == "mpt":
+        if want not in ("auto", "eager"):
+            raise ConfigError(
+                f"--attention={want}: transformers' MPT has eager attention only (choices: eager, auto); "
+                "--mpt_impl=fast has flex and sdpa"
+            )
+        return "eager"
+    if want == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if want == "eager" and _is_ours(model):
+        raise ConfigError("--attention=eager: our MPT has flex and sdpa (choices: flex, sdpa, auto)")
+    if want == "flex":
+        if device.type != "cuda":
+            raise ConfigError(
+                "--attention=flex: FlexAttention has no backward on CPU (choices there: sdpa, eager, auto)"
+            )
+        c = model.config
+        heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_heads", 1)
+        head_dim = getattr(c, "head_dim", None) or (getattr(c, "hidden_size", None) or c.d_model) // heads
+        if head_dim < _FLEX_MIN_HEAD_DIM:
+            raise ConfigError(
+                f"--attention=flex: {kind} has head_dim {head_dim} < {_FLEX_MIN_HEAD_DIM}, which compiled "
+                "FlexAttention cannot run on CUDA (choices: sdpa, eager)"
+            )
+        if not _is_ours(model) and not getattr(model, "_supports_flex_attn", False):
+            raise ConfigError(
+                f"--attention=flex: transformers' {kind} has no FlexAttention path (choices: sdpa, eager)"
+            )
+    return want
+
+
+def resolve_compile(model, cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether to compile the blocks one by one (module docstring)."""
+    if cfg.compile != "auto":
+        return cfg.compile == "true"
+    family = _is_ours(model) or getattr(model.config, "model_type", "") in COMPILE_FAMILY
+    return device.type == "cuda" and family
+
+
+def set_attention(model, backend: str) -> None:
+    """Point ``model`` at ``backend`` (our MPT: its ``attn_impl``; transformers: its attention interface)."""
+    if _is_ours(model):
+        model.attn_impl = backend
+        return
+    impl = _HF_BACKEND[backend]
+    if getattr(model.config, "_attn_implementation", None) == impl:
+        return
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:
+        model.config._attn_implementation = impl
+
+
+def set_checkpoint_blocks(model, n: int) -> None:
+    """Recompute the first ``n`` blocks in backward (non-reentrant checkpoint), the others not."""
+    if _is_ours(model):
+        model.gradient_checkpointing = False
+        model.checkpoint_blocks = n
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = distributed.transformer_blocks(model)
+    if n and not all(isinstance(b, GradientCheckpointingLayer) for b in blocks):
+        raise ConfigError(f"{_model_type(model)}: its blocks cannot be checkpointed one by one")
+    ckpt = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = i < n
+        block._gradient_checkpointing_func = ckpt
+
+
+def compile_blocks(model) -> None:
+    """``torch.compile`` each transformer block in place (static shapes)."""
+    for block in distributed.transformer_blocks(model):
+        block.compile(dynamic=False)
+
+
+def setup_model(model, cfg: TrainConfig, device: torch.device, checkpoint_blocks: int) -> dict:
+    """Attention backend, checkpointed blocks and per-block compile (module docstring). Returns
+    ``{"attention", "compile", "checkpoint_blocks"}`` as resolved."""
+    backend = resolve_attention(model, cfg, device)
+    set_attention(model, backend)
+    set_checkpoint_blocks(model, checkpoint_blocks)
+    compiled = resolve_compile(model, cfg, device)
+    if compiled:
+        compile_blocks(model)
+    return {"attention": backend, "compile": compiled, "checkpoint_blocks": checkpoint_blocks}
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def ce_sum(root, batch: dict[str, torch.Tensor], chunk: int = 1024) -> torch.Tensor:
+    """Sum of CE over the supervised targets of ``batch`` (0-d fp32). ``root`` is a plain model, or the
+    FSDP root :class:`sft.distributed.LossModule` (which runs the head and the loss inside its forward)."""
+    if isinstance(root, distributed.LossModule):
+        return root(batch["input_ids"], batch["targets"], batch["document_ids"], batch["position_ids"])
+    h, w = forward_hidden(root, batch)
+    return chunked_cross_entropy_sum(h, w, batch["targets"], chunk)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """One optimizer step: ``loss`` (mean CE over the step's supervised targets), ``grad_norm`` (None with
+    the step in backward), token counts over all ranks, ``attn_tokens`` (sum n_doc^2 with the padding tail as
+    a document, for MFU on processed tokens) and ``attn_tokens_nonpad`` (real documents only, for MFU on
+    non-pad tokens), ``dt`` seconds, ``skipped`` (non-finite: no update) and the all-reduced ``flags``."""
+
+    loss: float
+    grad_norm: float | None
+    n_supervised: int
+    processed: int
+    nonpad: int
+    attn_tokens: int
+    attn_tokens_nonpad: int
+    dt: float
+    skipped: bool
+    flags: list[int]
+
+
+class Engine:
+    """The training step of every run (module docstring)."""
+
+    def __init__(self, root, params, optimizer, cfg: TrainConfig, device, in_backward=False, info=None):
+        self.root, self.params, self.optimizer, self.cfg = root, params, optimizer, cfg
+        self.device, self.info = device, info or DistInfo()
+        self.in_backward = in_backward
+        if in_backward:
+            from sft.optim import step_in_backward
+
+            self.hooks = step_in_backward(optimizer, params)
+        bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16-autocast")
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else _null
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def step(self, micro: list[dict], lr: float, flags: list[int] | None = None) -> StepResult:
+        info, W = self.info, self.info.world
+        t0 = time.perf_counter()
+        n_sup = distributed.all_reduce_sum(count_supervised(micro), info)  # N over all ranks
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        ce_sums = []
+        for mb in micro:
+            mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+            with self.autocast():
+                ce = ce_sum(self.root, mb, self.cfg.loss_chunk)
+            # FSDP averages gradients over the W ranks: W * CE / N makes that average sum CE / N
+            ((ce * W) / max(n_sup, 1)).backward()
+            ce_sums.append(ce.detach())  # read once after the loop: no device sync between micro-batches
+        ce_total = float(torch.stack(ce_sums).sum())
+        processed = sum(b["input_ids"].numel() for b in micro)
+        nonpad = sum(int(b["attention_mask"].sum()) for b in micro)
+        attn = sum(attention_flops_tokens(b["document_ids"]) for b in micro)
+        attn_real = sum(attention_flops_tokens(b["document_ids"], b["attention_mask"]) for b in micro)
+        flags = list(flags or [])
+        if info.enabled:  # one all-reduce for the step's sums
+            ce_total, processed, nonpad, attn, attn_real, *flags = distributed.all_reduce_sum(
+                [ce_total, processed, nonpad, attn, attn_real, *flags], info
+            )
+        loss = ce_total / max(n_sup, 1)
+        grad_norm, skipped = None, False
+        if not self.in_backward:
+            clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+            grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip)))
+            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+            if not skipped:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._sync()
+        dt = time.perf_counter() - t0
+        return StepResult(
+            loss,
+            grad_norm,
+            int(n_sup),
+            int(processed),
+            int(nonpad),
+            int(attn),
+            int(attn_real),
+            dt,
+            skipped,
+            flags,
+        )
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()

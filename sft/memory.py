@@ -1,0 +1,263 @@
+"""The memory plan of a run, chosen before step 0: which blocks recompute in backward, whether the
+optimizer steps inside backward, and whether the run fits at all.
+
+Contracts:
+- ``estimate_memory(model, cfg, autocast, world=1, checkpoint_blocks=0, in_backward=False) -> dict``:
+  predicted peak bytes of one training process by part (``weights``, ``grads``, ``optimizer``,
+  ``activations``, ``total``), from the loaded model (training dtype, before LoRA) and the config alone.
+- ``plan_memory(model, cfg, device, autocast, world=1) -> MemoryPlan``: resolves ``--checkpoint_blocks``
+  (``auto`` = the fewest that fit) and ``--optimizer_in_backward`` (``auto`` = on only where it is allowed
+  and needed to fit) against ``--memory_limit_gib`` (0 = the device's free memory); raises ConfigError (one
+  line: the estimate by part, the limit, what to change) when nothing fits.
+
+The activation model (calibrated on the committed H200 peaks, MPT-7B shape, ``runs/2026-11-30_h200_mpt7b_*``
+and ``runs/20261130-062524_mpt-7b-random_guanaco-1k``: 54.5 / 70.7 / 86.8 / 102.9 GiB at 2 / 4 / 6 / 8 rows
+of 2,048, 68.0 GiB with 16 of 32 blocks checkpointed, 75.5 GiB with 8 and the step in backward, 95.4 GiB for
+the recipe at 4 rows x 4 micro-batches): a block that is not checkpointed keeps
+``ACT_BASE + qkv_width/d + (3 if gated else 2) * ffn_width/d`` elements of ``d`` per token for backward
+(16.1 for MPT: block input, norms, q/k/v, attention output and its log-sum-exp, FFN input, up projection
+and GELU output); a checkpointed block keeps its input (1), plus one block's full set while it is recomputed
+(by then backward has freed the sets of the un-checkpointed blocks after it).
+The peak is ``weights + optimizer state + dynamic`` where ``dynamic`` is, at the start of backward,
+the activations; during backward the activations are freed as the gradients appear, so
+``max(activations, grads)`` with one micro-batch per step, ``grads + activations`` with accumulation (the
+gradients of the earlier micro-batches are alive during the next forward), and ``activations`` alone with
+the step in backward (each gradient is freed as soon as it is used). Plus one loss chunk of fp32 logits
+and their gradient; for the materialised-mask attention paths the ``T x T`` mask (and MPT's fp32 ALiBi bias);
+and 1 GiB of kernel workspaces for GPU-sized steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from sft.config import ConfigError, TrainConfig, parse_targets
+from sft.flops import layers_and_width
+
+log = logging.getLogger("sft")
+
+GIB = 2**30
+# optimizer state in units of the trainable parameter's own element size (sft/optim.py's table)
+OPTIMIZER_STATE_ELEMENTS = {"adamw": 2, "adamw_bf16": 2, "adamw_sr": 2, "adamw_kahan": 3}
+# elements of d per token kept by an un-checkpointed block beyond its projections (see the module docstring)
+ACT_BASE = 5.1
+# kernels' workspaces and temporaries beyond the model (cuBLAS, compiled-kernel buffers, the fused optimizer's
+# scratch): measured 0.6-0.9 GiB above the calibrated terms on the H200 (MPT-7B, 80 GB profile, 2026-12-02); only
+# added for GPU-sized steps (>= 2^24 token x width elements), so tiny CPU runs keep their exact estimate
+OVERHEAD_BYTES = 2**30
+NF4_BYTES_PER_PARAM = 0.516  # 4 bits + one 8-bit scale per 64 values + the scales' own scales
+IN_BACKWARD_OPTIMIZERS = ("adamw_kahan", "adamw_sr")
+FREE_MEMORY_HEADROOM = 0.04  # of the device's free memory, when no --memory_limit_gib is given  # sft.optim.KahanAdamW: has step_parameter
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """What the run will do to fit: ``checkpoint_blocks`` (the first N blocks recompute in backward),
+    ``in_backward`` (per-parameter optimizer step in backward), and the estimate (bytes by part)."""
+
+    checkpoint_blocks: int
+    in_backward: bool
+    estimate: dict
+    limit_bytes: int | None
+
+
+def _block_shape(model) -> tuple[int, int, int, int, bool, int]:
+    """``(L, d, qkv_width, ffn_width, gated, n_heads)`` of a transformers model or our MPT."""
+    c = model.config
+    L, d = layers_and_width(model)
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_heads", 1)
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or d // heads
+    ffn = getattr(c, "intermediate_size", None) or int(getattr(c, "expansion_ratio", 4) * d)
+    gated = any(name.endswith("gate_proj") for name, _ in model.named_modules())
+    return L, d, (heads + 2 * kv) * head_dim, int(ffn), gated, int(heads)
+
+
+def activation_elements_per_layer(model) -> float:
+    """Elements of ``d`` per token an un-checkpointed block keeps for backward (module docstring)."""
+    _, d, qkv, ffn, gated, _ = _block_shape(model)
+    return ACT_BASE + qkv / d + (3 if gated else 2) * ffn / d
+
+
+def _lora_params(model, cfg: TrainConfig) -> tuple[int, int]:
+    """``(adapter elements, base elements of the targeted linears)`` for ``--lora``."""
+    from sft import lora
+
+    try:
+        suffixes = tuple(parse_targets(cfg.lora_targets) or lora.default_targets(model))
+    except ValueError as e:
+        raise ConfigError(f"--lora: {str(e).splitlines()[0]}") from None
+    targets = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in suffixes
+    ]
+    return sum(cfg.lora_rank * (m.in_features + m.out_features) for m in targets), sum(
+        m.weight.numel() for m in targets
+    )
+
+
+def _attention_extra(model, cfg: TrainConfig, attention: str, elem: int) -> int:
+    """Bytes the attention path adds beyond the block activations (materialised masks and scores)."""
+    B, T = cfg.micro_batch, cfg.max_len
+    L, _, _, _, _, H = _block_shape(model)
+    if attention == "eager":  # scores and probabilities per layer, kept for backward
+        return L * B * H * T * T * elem * 2
+    if attention == "sdpa":
+        ours_mpt = hasattr(model, "forward_hidden")
+        return B * H * T * T * 4 if ours_mpt else B * T * T  # MPT's fp32 ALiBi bias; else a bool mask
+    return 0
+
+
+def estimate_memory(
+    model,
+    cfg: TrainConfig,
+    autocast: bool,
+    world: int = 1,
+    checkpoint_blocks: int = 0,
+    in_backward: bool = False,
+    attention: str = "flex",
+) -> dict[str, int]:
+    """Predicted peak bytes of one training process by part (module docstring). ``model``: the loaded
+    model in its training dtype, before LoRA. Under FSDP2 (``world`` > 1) weights, grads and optimizer
+    state are divided by ``world``; activations are not."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    base_elem = next(model.parameters()).element_size()
+    if cfg.lora:
+        n_train, n_targeted = _lora_params(model, cfg)
+        train_elem = 4 if cfg.optimizer == "adamw" else base_elem
+        weights += n_train * train_elem
+        if cfg.qlora:
+            weights -= int(n_targeted * (base_elem - NF4_BYTES_PER_PARAM))
+    else:
+        n_train, train_elem = sum(p.numel() for p in model.parameters()), base_elem
+    W = max(world, 1)
+    grads = n_train * train_elem // W
+    optimizer = n_train * train_elem * OPTIMIZER_STATE_ELEMENTS[cfg.optimizer] // W
+    weights //= W
+    L, d = layers_and_width(model)
+    elem = 2 if (autocast or base_elem == 2) else 4
+    n_ck = min(max(checkpoint_blocks, 0), L)
+    per_layer = activation_elements_per_layer(model)
+    # backward frees the un-checkpointed blocks' sets before it reaches a checkpointed one and recomputes it
+    kept = n_ck * 1.0 + per_layer * max(L - n_ck, 1 if n_ck else 0)
+    tokens = cfg.micro_batch * cfg.max_len
+    vocab = getattr(model.config, "vocab_size", 0)
+    activations = int(tokens * d * kept * elem) + 2 * min(cfg.loss_chunk, tokens) * vocab * 4
+    activations += _attention_extra(model, cfg, attention, elem)
+    if in_backward:
+        dynamic = activations
+    elif cfg.grad_accum > 1:
+        dynamic = grads + activations
+    else:
+        dynamic = max(grads, activations)
+    return {
+        "weights": weights,
+        "grads": grads,
+        "optimizer": optimizer,
+        "activations": activations,
+        "total": weights + optimizer + dynamic + (OVERHEAD_BYTES if tokens * d >= 2**24 else 0),
+    }
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes free for this run: ``torch.cuda.mem_get_info`` on CUDA, the OS's available memory on CPU
+    (psutil, else /proc/meminfo's MemAvailable); None when unknown."""
+    if device.type == "cuda":  # free to the driver + cached by torch's allocator but unused
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + cached
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def in_backward_refusal(cfg: TrainConfig, world: int = 1) -> str | None:
+    """Why the optimizer step cannot run in backward for this config (None when it can)."""
+    if cfg.grad_accum > 1:
+        return f"--grad_accum={cfg.grad_accum} (the step needs every micro-batch's gradient)"
+    if cfg.grad_clip > 0:
+        return f"--grad_clip={cfg.grad_clip} (clipping needs the whole gradient first; set --grad_clip=0)"
+    if cfg.optimizer not in IN_BACKWARD_OPTIMIZERS:
+        return f"--optimizer={cfg.optimizer} (only {', '.join(IN_BACKWARD_OPTIMIZERS)} step per parameter)"
+    if world > 1:
+        return "FSDP2 (several processes)"
+    return None
+
+
+def _fmt(est: dict) -> str:
+    return (
+        f"~{est['total'] / GIB:.1f} GiB (weights {est['weights'] / GIB:.1f}, grads {est['grads'] / GIB:.1f}, "
+        f"optimizer {est['optimizer'] / GIB:.1f}, activations ~{est['activations'] / GIB:.1f})"
+    )
+
+
+def _candidates(cfg: TrainConfig, L: int, world: int, device: torch.device) -> list[tuple[int, bool]]:
+    """(checkpoint_blocks, in_backward) settings to try, fastest first."""
+    if cfg.optimizer_in_backward == "true":
+        why = in_backward_refusal(cfg, world)
+        if why:
+            raise ConfigError(f"--optimizer_in_backward=true is not possible with {why}")
+        ib = [True]
+    elif cfg.optimizer_in_backward == "auto" and in_backward_refusal(cfg, world) is None and not cfg.lora:
+        ib = [False, True]
+    else:
+        ib = [False]
+    if cfg.grad_checkpointing:
+        blocks = [L]
+    elif cfg.checkpoint_blocks != "auto":
+        blocks = [min(int(cfg.checkpoint_blocks), L)]
+    elif device.type != "cuda":
+        blocks = [0]  # a CPU run is a test or a small model: the OS pages rather than fails
+    else:
+        blocks = list(range(L + 1))
+    return [(n, b) for n in blocks for b in ib]
+
+
+def plan_memory(
+    model, cfg: TrainConfig, device: torch.device, autocast: bool, world: int = 1, attention="flex"
+):
+    """The :class:`MemoryPlan` of this run, or ConfigError (one line) when nothing fits; see the module
+    docstring. CPU runs are refused only when the weights alone exceed the available memory."""
+    L, _ = layers_and_width(model)
+    limit = int(cfg.memory_limit_gib * GIB) if cfg.memory_limit_gib > 0 else free_memory_bytes(device)
+    if cfg.memory_limit_gib <= 0 and limit is not None and device.type == "cuda":
+        # weights already on the GPU (a random-init preset is built there) are in the estimate, not free
+        limit += sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cuda")
+        # the whole card: keep FREE_MEMORY_HEADROOM of it for the allocator's fragmentation (seen: a plan
+        # estimated at 138.2 of 139.2 GiB ran out of memory at 32k tokens, H200, 2026-12-02)
+        limit = int(limit * (1 - FREE_MEMORY_HEADROOM))
+    est = None
+    for n_ck, ib in _candidates(cfg, L, world, device):
+        est = estimate_memory(model, cfg, autocast, world, n_ck, ib, attention)
+        need = est["total"] if device.type == "cuda" else est["weights"]
+        if limit is None or need <= limit:
+            plan = MemoryPlan(n_ck, ib, est, limit)
+            log.info(
+                "memory plan: %d of %d blocks checkpointed%s; estimate %s%s",
+                n_ck,
+                L,
+                ", optimizer step in backward" if ib else "",
+                _fmt(est),
+                f" against {limit / GIB:.1f} GiB" if limit is not None else "",
+            )
+            return plan
+    where = "--memory_limit_gib" if cfg.memory_limit_gib > 0 else "free on the device"
+    what = "this run needs" if device.type == "cuda" else "the weights alone need"
+    raise ConfigError(
+        f"{what} {_fmt(est)} even with the most economical plan, {limit / GIB:.1f} GiB {where}: try "
+        "--lora / --optimizer=adamw_kahan / --grad_checkpointing / smaller --micro_batch or --max_len"
+    )
