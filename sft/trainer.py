@@ -493,7 +493,7 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
     Under ``torchrun`` (WORLD_SIZE > 1) or with ``--distributed``, the model is sharded with FSDP2
     (sft/distributed.py) and every rank runs this same function; rank 0 alone writes the run folder.
     Rank 0 holds the run folder's lock (:func:`sft.runs.hold_run_lock`) from the moment it exists (or, on
-    ``--resume``, before anything is read) to the end: a second process on the same folder gets RunError
+    ``--resume``, before its checkpoint is loaded) to the end: a second process on the same folder gets RunError
     naming this one's PID. Every log record of the run also goes to ``<run>/train.log``.
     ``given``: the fields set on the command line; on ``--resume`` they decide what may change
     (:func:`sft.config.resume_config`; None = the fields that differ from ``TrainConfig()``'s defaults).
