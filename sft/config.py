@@ -7,6 +7,10 @@ Contract:
 - ``parse_args(argv, defaults)`` accepts ``--field=value`` and, for booleans, ``--flag`` (true) and
   ``--no-flag`` (false). Values are converted to the field's type and checked (choices, ranges);
   an unknown key raises :class:`ConfigError` naming the close matches. Nothing else is accepted.
+  ``parse_updates(argv)`` returns just the fields ``argv`` sets (the flags given explicitly).
+- ``resume_config(saved, new, given, step)``: the config a ``--resume`` continues with: the saved one, plus
+  the given flags of :data:`RESUME_CHANGEABLE` (longer schedule, eval/save/log cadence...); any other
+  given flag that differs from the saved run is refused (ConfigError naming them).
 - ``TrainConfig.to_dict()`` is JSON-serialisable (tuples become lists) and
   ``TrainConfig.from_dict(d)`` reverses it (used by checkpoints and ``--resume``).
 """
@@ -17,6 +21,7 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,9 +151,20 @@ class TrainConfig:
     )
     eval_batches: int = _f(0, "cap on held-out batches per evaluation; 0 = all", minimum=0)
     log_every: int = _f(1, "write a metrics line every N steps", minimum=1)
-    save_every: int = _f(0, "checkpoint every N steps (and at the end); 0 = only at the end", minimum=0)
+    save_every: int = _f(
+        0,
+        "checkpoint every N steps and at the end (model + optimizer state, for --resume); 0 = none, except "
+        "when the run stops early (signal, --stop_after, --on_nan=stop)",
+        minimum=0,
+    )
     keep_last: int = _f(2, "checkpoints kept in the run folder", minimum=1)
     save_final: bool = _f(True, "write final/ in Hugging Face format at the end")
+    export_gguf: str = _f(
+        "none",
+        "at the end, also write final/ as one GGUF file (sft/export.py) for llama.cpp / Ollama: "
+        "'none', 'f16', 'bf16' or 'q8_0' (needs save_final)",
+        choices=("none", "f16", "bf16", "q8_0"),
+    )
     num_samples: int = _f(3, "held-out prompts answered before and after training", minimum=0)
     samples_max_new_tokens: int = _f(64, "greedy tokens per before/after sample", minimum=1)
     out_dir: str = _f("runs", "parent folder of run folders")
@@ -241,6 +257,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--limit={cfg.limit}: must be >= 1 (leave it out to use every row)")
     if cfg.run_name is not None:
         _check_run_name(cfg.run_name)
+    if cfg.export_gguf != "none" and not cfg.save_final:
+        raise ConfigError(f"--export_gguf={cfg.export_gguf} exports final/: it needs --save_final")
     if cfg.qlora and not cfg.lora:
         raise ConfigError("--qlora needs --lora (QLoRA trains adapters on the 4-bit base)")
     if cfg.lora_dropout >= 1:
@@ -333,9 +351,17 @@ def parse_args(argv: list[str] | None = None, defaults: TrainConfig | None = Non
     ``--flag`` sets a boolean to true, ``--no-flag`` to false; ``--help`` raises SystemExit(0) after
     printing every field with its default and help. Raises ConfigError on anything else unknown or mistyped.
     """
+    cfg = dataclasses.replace(defaults) if defaults is not None else TrainConfig()
+    return dataclasses.replace(cfg, **parse_updates(argv, cfg))
+
+
+def parse_updates(argv: list[str] | None = None, defaults: TrainConfig | None = None) -> dict[str, Any]:
+    """The fields ``argv`` sets, ``{name: converted value}``: what :func:`parse_args` applies (same checks,
+    same errors). Its keys are the flags given explicitly (``--resume`` needs to know them: see
+    :func:`resume_config`). ``defaults`` only feeds ``--help``."""
     import sys
 
-    cfg = dataclasses.replace(defaults) if defaults is not None else TrainConfig()
+    cfg = defaults if defaults is not None else TrainConfig()
     argv = sys.argv[1:] if argv is None else list(argv)
     updates: dict[str, Any] = {}
     for arg in argv:
@@ -359,7 +385,64 @@ def parse_args(argv: list[str] | None = None, defaults: TrainConfig | None = Non
                 continue
             raise ConfigError(f"--{key} needs a value: --{key}=...")
         updates[key] = _convert(key, raw)
-    return dataclasses.replace(cfg, **updates)
+    return updates
+
+
+# what --resume may change: how long the run goes on (a longer schedule: the learning rate follows the new
+# total from the checkpoint's step on), its eval / save / log cadence, what it writes at the end and how it
+# runs; everything else (model, data, optimizer, batch shape, lr...) is the saved run's and stays so
+RESUME_CHANGEABLE = (
+    "max_steps",
+    "epochs",
+    "eval_every",
+    "eval_batches",
+    "log_every",
+    "save_every",
+    "keep_last",
+    "save_final",
+    "num_samples",
+    "samples_max_new_tokens",
+    "stop_after",
+    "on_nan",
+    "compile",
+    "progress",
+    "allow_pickle",
+    "export_gguf",
+)
+# never compared with the saved run: where to find it and which run (the saved config's are stale)
+_RESUME_LOCATORS = ("resume", "out_dir", "run_name")
+
+
+def resume_config(
+    saved: TrainConfig, new: TrainConfig, given: Iterable[str] | None = None, step: int = 0
+) -> TrainConfig:
+    """The config a run resumed from a checkpoint at ``step`` continues with.
+
+    ``saved``: the checkpoint's config; ``new``: what this command asked for; ``given``: the fields set
+    explicitly (``parse_updates(argv)``'s keys); None = the fields where ``new`` differs from
+    ``TrainConfig()``'s defaults (a config built in Python). A given field equal to the saved value is fine;
+    one that differs is taken if it is in :data:`RESUME_CHANGEABLE`, else ConfigError naming every such
+    field (one line). ``resume``, ``stop_after`` and ``progress`` always come from ``new`` (a saved
+    ``--stop_after`` does not stop the resumed run again). ``--max_steps`` below ``step`` is refused.
+    """
+    if given is None:
+        base = TrainConfig()
+        given = [
+            f.name for f in dataclasses.fields(TrainConfig) if getattr(new, f.name) != getattr(base, f.name)
+        ]
+    changed = [k for k in given if k not in _RESUME_LOCATORS and getattr(new, k) != getattr(saved, k)]
+    refused = [k for k in changed if k not in RESUME_CHANGEABLE]
+    if refused:
+        flags = ", ".join(f"--{k}={getattr(new, k)} (run has {getattr(saved, k)})" for k in refused)
+        raise ConfigError(
+            f"--resume continues a run with its own settings; these cannot change: {flags} "
+            f"(may change: {', '.join('--' + k for k in RESUME_CHANGEABLE)}); start a new run instead"
+        )
+    always = ("resume", "stop_after", "progress")
+    cfg = dataclasses.replace(saved, **{k: getattr(new, k) for k in (*changed, *always)})
+    if cfg.max_steps and cfg.max_steps < step:
+        raise ConfigError(f"--max_steps={cfg.max_steps}: the checkpoint is already at step {step}")
+    return cfg
 
 
 parse_overrides = parse_args  # the name CONTRACTS.md uses

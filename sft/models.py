@@ -17,15 +17,22 @@ MPT goes through transformers' ``MptForCausalLM`` (``cfg.mpt_impl="hf"``, no rem
 ``forward_hidden(model, batch) -> (hidden [B, T, d], lm_head_weight [V, d])``: final hidden states (after
 the final norm) and the LM head weight. Query t attends key s iff ``s <= t`` and
 ``document_ids[b, s] == document_ids[b, t]``; ``position_ids`` restart per document (rotary models).
+
+``without_torchao(needed=False)``: a context in which ``import torchao`` fails as if it were not installed
+(unless ``needed`` or already imported), so transformers' quantizers do not import it: it prints five lines
+of CUDA-extension, triton and pytree warnings that look like a broken install. Only ``--qlora`` needs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import socket
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -65,6 +72,24 @@ CHATML_TEMPLATE = (
 
 class ModelError(ValueError):
     """A model that cannot be found or loaded; the message is one line."""
+
+
+@contextlib.contextmanager
+def without_torchao(needed: bool = False) -> Iterator[None]:
+    """Hide torchao for the duration unless ``needed`` (see the module doc). A ``None`` entry in
+    ``sys.modules`` makes ``import torchao`` raise ImportError and ``importlib.util.find_spec`` return
+    None, which is how transformers decides it is absent; the entry is removed again on exit. (transformers
+    caches that answer for the process: only sft's own ``--qlora`` code, which imports torchao itself,
+    uses it afterwards.)"""
+    if needed or "torchao" in sys.modules:
+        yield
+        return
+    sys.modules["torchao"] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get("torchao", 0) is None:
+            del sys.modules["torchao"]
 
 
 def cache_dir() -> Path:

@@ -8,6 +8,9 @@ the fixed-prompt answers the notebooks ask for.
 
 Contracts:
 
+- ``select_runs(paths, include_smoke=False) -> list[Path]``: the run folders a report covers: those with
+  a ``metrics.jsonl``, smoke runs (``--smoke``, or a ``tiny-*`` preset model) left out unless asked for
+  or named one by one.
 - ``load_runs(paths) -> DataFrame``: one row per metrics line of every run, in file order, with
   added columns ``run`` (folder name), ``run_dir`` (str), ``kind`` (``"train"`` | ``"eval"``) and
   ``tokens`` (cumulative tokens processed by the end of that step, float; NaN where the run logs
@@ -17,7 +20,9 @@ Contracts:
 - ``throughput_table(runs) -> DataFrame``: one row per run (index ``run``); medians over train
   steps after the first (the first holds compilation / warm-up), peak memory as the max.
 - ``FIXED_PROMPTS``: project-written conversations answered before and after fine-tuning.
-- ``answer_prompts(model_dir, prompts, ...)``: greedy answers, one dict per prompt.
+- ``answer_prompts(model_dir, prompts, ...)``: greedy answers, one dict per prompt, from any model the
+  trainer makes (a transformers model through ``generate``; our fast MPT, which has none, through
+  ``sft.generate.generate``, as the trainer's own samples are).
 """
 
 from __future__ import annotations
@@ -63,6 +68,45 @@ def _expand(paths: str | Path | Iterable[str | Path]) -> list[tuple[Path, bool]]
     if not out:
         raise FileNotFoundError(f"no run folder matches {paths!r}")
     return out
+
+
+def is_smoke_run(run_dir: str | Path) -> bool:
+    """True for a run made by a recipe's ``--smoke`` (or on a ``tiny-*`` random-init preset): it checks the
+    set-up, its numbers say nothing about a model. False when the run's config cannot be read."""
+    try:
+        cfg = run_config(run_dir)
+    except (OSError, ValueError, KeyError):
+        return False
+    return bool(cfg.get("smoke")) or str(cfg.get("model", "")).startswith("tiny-")
+
+
+def select_runs(paths: str | Path | Iterable[str | Path], include_smoke: bool = False) -> list[Path]:
+    """The run folders of ``paths`` (as :func:`load_runs` takes them) that a report should cover.
+
+    Folders a glob matches without a ``metrics.jsonl`` are skipped (``runs/`` also holds benchmark
+    folders); smoke runs (:func:`is_smoke_run`) a glob matches are left out unless ``include_smoke``.
+    A folder named one by one is always kept (``FileNotFoundError`` if it has no ``metrics.jsonl``).
+    Raises ``FileNotFoundError`` saying what was left out when nothing is left.
+    """
+    chosen: list[Path] = []
+    smoke: list[Path] = []
+    for run_dir, named in _expand(paths):
+        if not (run_dir / "metrics.jsonl").is_file():
+            if named:
+                raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a run folder?)")
+            continue
+        if not named and not include_smoke and is_smoke_run(run_dir):
+            smoke.append(run_dir)
+            continue
+        chosen.append(run_dir)
+    if smoke:
+        log.info("left out %d smoke run(s): %s", len(smoke), ", ".join(p.name for p in smoke))
+    if not chosen:
+        extra = (
+            f" but {len(smoke)} smoke run(s), left out (include_smoke / SFT_INCLUDE_SMOKE=1)" if smoke else ""
+        )
+        raise FileNotFoundError(f"no run folder with metrics.jsonl matches {paths!r}{extra}")
+    return chosen
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -335,7 +379,10 @@ def answer_prompts(
 
     Returns one dict per prompt: ``name``, ``prompt`` (the last user message), ``prompt_text``
     (what the model saw), ``answer`` (decoded new tokens, special tokens dropped, stripped) and
-    ``new_tokens`` (how many were generated).
+    ``new_tokens`` (how many were generated, the stopping EOS included).
+
+    A model without ``generate`` (our fast MPT, ``sft/mpt.py``) decodes through ``sft.generate.generate``
+    (static KV cache, greedy, the same stop at EOS), as the trainer's ``samples.jsonl`` answers do.
     """
     import torch
 
@@ -356,16 +403,22 @@ def answer_prompts(
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         # The template writes any BOS itself; add_special_tokens would add a second one.
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        with torch.no_grad():
-            gen = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=pad,
-            )
-        new = gen[0, ids.shape[1] :]
+        if hasattr(model, "generate"):
+            with torch.no_grad():
+                gen = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                )
+            new = gen[0, ids.shape[1] :]
+        else:  # our fast MPT: no transformers generate
+            from sft.generate import generate
+
+            stops = [] if eos is None else [eos]
+            new = torch.tensor(generate(model, [ids[0].tolist()], max_new_tokens, stop_ids=stops).tokens[0])
         out.append(
             {
                 "name": item.get("name", ""),

@@ -19,7 +19,9 @@ Layout of ``<out_dir>/<UTC time>_<model>_<dataset>/``:
   ``adapter_model.safetensors``), loadable with ``peft.PeftModel.from_pretrained(base, adapter/)``;
 - ``finished.json``: ``{"step": N}``, written by :func:`mark_finished` when the run reached its end (an
   interrupted or ``--stop_after`` run has none); ``--resume=latest`` skips finished runs;
-- ``.lock``: present while a process holds the run (:func:`hold_run_lock`): one run folder, one writer.
+- ``.lock``: present while a process holds the run (:func:`hold_run_lock`): one run folder, one writer;
+- ``train.log``: every log record of the run (its own lines and the warnings of other packages, which stay
+  off the console), with time and source (:class:`RunLog`); a resumed run appends to it.
 
 The folder is created only after every input check has passed (:func:`create_run_dir` is called late);
 :func:`check_writable` runs first so an unwritable ``out_dir`` fails before any work. A run name is one
@@ -203,6 +205,76 @@ def hold_run_lock(run_dir: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             path.unlink()  # while still holding the lock (see above)
         os.close(fd)
+
+
+class RunLog(logging.Handler):
+    """A logging handler writing a run's records to ``<run_dir>/train.log`` (``time level logger: message``).
+
+    Attach it before the run folder exists: records are held in memory until :meth:`open` names the folder,
+    then written there first, in order. Records of a run whose folder never opens are dropped on
+    :meth:`close`. The file is appended to (a resumed run continues it) and flushed after every record.
+    """
+
+    def __init__(self, level: int = logging.INFO):
+        super().__init__(level)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self._held: list[str] = []
+        self._file = None
+
+    def open(self, run_dir: str | Path) -> Path:
+        path = Path(run_dir) / "train.log"
+        self.acquire()
+        try:
+            self._file = path.open("a", encoding="utf-8")
+            self._file.writelines(self._held)
+            self._file.flush()
+            self._held = []
+        finally:
+            self.release()
+        return path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+            if self._file is None:
+                self._held.append(line)
+            else:
+                self._file.write(line)
+                self._file.flush()
+        except Exception:  # a log line must never stop a run (logging's own convention)
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            self._held = []
+        finally:
+            self.release()
+        super().close()
+
+
+def folder_size(path: str | Path) -> int:
+    """Bytes of the files under ``path`` (links not followed); 0 for a missing folder."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total
+
+
+def human_size(n: int) -> str:
+    """``1536`` -> ``'1.5 KB'`` (powers of 1000, as ``du --si`` and file managers show)."""
+    if n < 1000:
+        return f"{n} B"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1000
+        if n < 1000 or unit == "GB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 def _git(*args: str) -> str | None:

@@ -41,6 +41,7 @@ DEFAULTS = dataclasses.replace(
     num_samples=3,
     samples_max_new_tokens=48,
     precision="auto",
+    export_gguf="q8_0",  # final/model-q8_0.gguf for llama.cpp / Ollama (145 MB, a few seconds)
 )
 
 # --smoke: the same code path with a tiny random-init model of the same architecture (Llama)
@@ -58,6 +59,7 @@ SMOKE = dict(
     warmup_steps=0,
     num_samples=1,
     samples_max_new_tokens=4,
+    export_gguf="none",  # the tiny model's byte tokenizer has no BPE merges: GGUF runtimes cannot read it
 )
 
 if __name__ == "__main__":

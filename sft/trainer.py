@@ -13,8 +13,10 @@ What one call does, in order:
    backpropagating ``sum CE / N_step`` (N_step = supervised targets of the whole step, see sft/loss.py),
    clips the gradient norm, sets the learning rate (linear warm-up, then cosine/linear decay to
    ``lr * min_lr_ratio``), and steps AdamW; logs one line per ``log_every`` steps;
-5. checkpoints every ``save_every`` steps, on SIGTERM/Ctrl-C (then exits) and at the end;
-6. evaluates and answers the prompts again (after), writes ``final/``, ``loss.png``.
+5. checkpoints every ``save_every`` steps and at the end (only when ``save_every`` > 0), and on
+   SIGTERM/Ctrl-C, ``--stop_after`` or ``--on_nan=stop`` (then stops: always, so it can be resumed);
+6. evaluates and answers the prompts again (after), writes ``final/``, ``loss.png``, ``finished.json``, and
+   with ``--export_gguf`` a GGUF file in ``final/``; logs the run folder's size.
 
 Data order is a pure function of the seed: epoch ``e`` visits the training rows in the order
 ``torch.randperm(R, generator=seed + e)``; step ``s`` takes micro-batches ``s*A .. s*A + A - 1`` of that
@@ -51,17 +53,26 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from sft import distributed, runs
-from sft.config import ConfigError, TrainConfig, check_config, parse_args, parse_fields, parse_targets
+from sft.config import (
+    ConfigError,
+    TrainConfig,
+    check_config,
+    parse_fields,
+    parse_targets,
+    parse_updates,
+    resume_config,
+)
 from sft.distributed import DistInfo
 from sft.engine import Engine, ce_sum, resolve_attention, resolve_compile, set_attention, setup_model
 from sft.flops import layers_and_width, mfu, peak_flops, step_flops
 from sft.memory import plan_memory
-from sft.models import ModelError, load_model_and_tokenizer
+from sft.models import ModelError, load_model_and_tokenizer, without_torchao
 from sft.render import TemplateError
 from sft.runs import RunError
 from sft.schema import IGNORE_INDEX, DataError
@@ -327,19 +338,25 @@ def _greedy(model, ids, max_new, stops, device, autocast, tokenizer) -> list[int
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
     """Run (or resume) one training run; return its run folder. See the module docstring.
 
     Under ``torchrun`` (WORLD_SIZE > 1) or with ``--distributed``, the model is sharded with FSDP2
     (sft/distributed.py) and every rank runs this same function; rank 0 alone writes the run folder.
+    Rank 0 holds the run folder's lock (:func:`sft.runs.hold_run_lock`) from the moment it exists (or, on
+    ``--resume``, before its checkpoint is loaded) to the end: a second process on the same folder gets RunError
+    naming this one's PID. Every log record of the run also goes to ``<run>/train.log``.
+    ``given``: the fields set on the command line; on ``--resume`` they decide what may change
+    (:func:`sft.config.resume_config`; None = the fields that differ from ``TrainConfig()``'s defaults).
     """
     t_start = time.time()
     resume_from, run_dir = None, None
     if cfg.resume:
         run_dir, resume_from = runs.find_resume(cfg.out_dir, cfg.resume)  # plain or sharded (DCP)
         saved = TrainConfig.from_dict(runs._read_json(resume_from / "config.json"))
-        # the run continues with its own config; only these knobs may change on resume
-        cfg = dataclasses.replace(saved, resume=cfg.resume, stop_after=cfg.stop_after, progress=cfg.progress)
+        step = int(runs._read_json(resume_from / "state.json").get("step", 0))
+        # the run continues with its own config; only some knobs may change on resume (the rest: refused)
+        cfg = resume_config(saved, cfg, given, step=step)
     device = resolve_device(cfg)
     info = DistInfo()
     if distributed.wanted(cfg):
@@ -348,18 +365,36 @@ def train(cfg: TrainConfig) -> Path:
     level = sft_log.level
     if not info.is_main:  # one console: rank 0's (warnings still show on every rank)
         sft_log.setLevel(logging.WARNING)
+    elif sft_log.getEffectiveLevel() > logging.INFO:  # train.log gets the run's lines whoever calls
+        sft_log.setLevel(logging.INFO)
+    run_log = runs.RunLog()
+    logging.getLogger().addHandler(run_log)
+    held = contextlib.ExitStack()
+
+    def open_run(path: Path) -> None:
+        """The run folder exists (made or resumed): rank 0 holds it and logs into it."""
+        if info.is_main:
+            held.enter_context(runs.hold_run_lock(path))
+            run_log.open(path)
+
     try:
-        return _train(cfg, info, device, resume_from, run_dir, t_start)
+        with held, without_torchao(needed=cfg.qlora):
+            if resume_from is not None:
+                open_run(run_dir)
+            return _train(cfg, info, device, resume_from, run_dir, t_start, open_run)
     finally:
+        logging.getLogger().removeHandler(run_log)
+        run_log.close()
         sft_log.setLevel(level)
         if info.enabled:
             distributed.destroy()
 
 
-def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_start) -> Path:
+def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_start, open_run) -> Path:
     """The run in four phases: set-up (inputs, model, plan, run folder), the loop of engine steps with what
-    follows each step (log, eval, save, stop), and the finish (checkpoint, eval, samples, final/)."""
-    run = _setup(cfg, info, device, resume_from, run_dir)
+    follows each step (log, eval, save, stop), and the finish (checkpoint, eval, samples, final/).
+    ``open_run(run_dir)`` is called as soon as a new run folder exists (rank 0 locks it and logs into it)."""
+    run = _setup(cfg, info, device, resume_from, run_dir, open_run)
     stopped_reason = _loop(run)
     return _finish(run, stopped_reason, t_start)
 
@@ -464,7 +499,7 @@ def _build_optimizer(root, cfg: TrainConfig):
     return params, build_optimizer(groups, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir) -> _Run:
+def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_run) -> _Run:
     """Check every input, load and prepare, plan memory, set up the model and engine, make the run folder.
     Every refusal happens before the run folder exists."""
     W = info.world
@@ -545,12 +580,16 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir) -> _R
     # ---- the run folder (rank 0 names it and makes it; every rank uses that name)
     created = False
     if resume_from is None:
-        name = distributed.broadcast_object(cfg.run_name or runs.run_name(cfg.model, cfg.data), info)
-        run_dir = Path(cfg.out_dir) / name
-        if info.is_main:
-            run_dir = runs.create_run_dir(cfg.out_dir, name)
+        if info.is_main:  # a generated name gets -2, -3... if taken; a chosen one is never changed
+            name = cfg.run_name or runs.run_name(cfg.model, cfg.data)
+            run_dir = runs.create_run_dir(cfg.out_dir, name, unique=cfg.run_name is None)
             created = True
+        run_dir = Path(cfg.out_dir) / distributed.broadcast_object(
+            run_dir.name if info.is_main else None, info
+        )
     try:
+        if created:
+            open_run(run_dir)  # locked from its creation to the end of the run
         if resume_from is None and info.is_main:
             dev_name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
             runs.write_config(
@@ -729,6 +768,7 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
         run.writer.close()
         if info.is_main:
             runs.plot_loss(run_dir)
+            _log_run_size(run_dir)
         msg = f"{stopped_reason}: checkpoint {ckpt}; continue with --resume={run_dir}"
         if run.stop.get("signal") or cfg.on_nan == "stop" and "non-finite" in stopped_reason:
             raise TrainingStopped(msg)
@@ -772,6 +812,9 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
             lora.merge_lora(export)  # in place: the plain architecture again, adapters folded in
         runs.save_final(run_dir, export, run.tokenizer)
     runs.plot_loss(run_dir)
+    runs.mark_finished(run_dir, state["step"])  # --resume=latest passes this run by now
+    if cfg.export_gguf != "none":  # check_config: save_final is on
+        _export_gguf(run_dir, cfg.export_gguf)
     log.info(
         "held-out loss %.4f -> %.4f (%+.4f) after %d steps in %.0f s; run folder %s",
         run.eval_before,
@@ -781,7 +824,33 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
         time.time() - t_start,
         run_dir,
     )
+    _log_run_size(run_dir)
     return run_dir
+
+
+def _export_gguf(run_dir: Path, qtype: str) -> None:
+    """``--export_gguf``: final/ as one GGUF file; a failure is one RunError line (the run stays finished)."""
+    from sft.export import ExportError, export_gguf
+
+    try:
+        gguf = export_gguf(run_dir / "final", qtype, force=True)
+    except ExportError as e:
+        raise RunError(
+            f"the run finished ({run_dir}) but its GGUF export failed: {e}; export by hand with "
+            f"python -m sft.export {run_dir} --gguf=<type>"
+        ) from None
+    log.info("GGUF: %s (%s)", gguf, runs.human_size(gguf.stat().st_size))
+
+
+def _log_run_size(run_dir: Path) -> None:
+    """One line: the run folder's size on disk, with its big parts (what a user may want to delete)."""
+    parts = [
+        f"{p.name}/ {runs.human_size(runs.folder_size(p))}"
+        for p in (run_dir / "final", run_dir / "checkpoints", run_dir / "adapter")
+        if p.is_dir()
+    ]
+    total = runs.human_size(runs.folder_size(run_dir))
+    log.info("run folder size: %s%s", total, f" ({', '.join(parts)})" if parts else "")
 
 
 class _NoWriter:
@@ -827,24 +896,46 @@ def _short(text: str, n: int = 300) -> str:
 
 
 def setup_logging() -> None:
-    """Console logging for scripts: INFO lines to stderr, without the library's own noise."""
+    """Console logging for scripts: the run's own lines (INFO) on stderr, one stream, so ``> log 2>&1``
+    (or ``2> log``) captures them all; other packages' warnings off the console.
+
+    Python warnings are routed into logging (``logging.captureWarnings``) and, like other packages'
+    log records below ERROR, kept off the console: they reach the run's ``train.log`` (:class:`sft.runs.RunLog`,
+    attached by :func:`train`). transformers' progress bars (loading and writing weights) are off."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_own_records)
+    logging.captureWarnings(True)
     for noisy in ("httpx", "huggingface_hub", "transformers", "datasets", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+OWN_LOGGERS = ("sft", "inf_tests", "__main__", "root")
+
+
+def _own_records(record: logging.LogRecord) -> bool:
+    """Console filter: this project's records, and errors of anyone; the rest goes to the run's log only."""
+    return record.name.split(".")[0] in OWN_LOGGERS or record.levelno >= logging.ERROR
 
 
 def main(defaults: TrainConfig, argv: list[str] | None = None, smoke: dict | None = None) -> int:
     """Entry point of the recipes: parse ``--field=value`` over ``defaults``, apply the recipe's ``smoke``
     overrides when ``--smoke`` (explicit arguments still win), train. Returns the exit status: 0 on
-    success, 2 on bad input (one line on stderr, no run folder), 130 when stopped by a signal."""
+    success, 2 on bad input (one line on stderr, no run folder; also a run folder in use by another
+    process, or ``--resume`` with a flag that cannot change), 130 when stopped by a signal."""
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg = parse_args(argv, defaults)
+        given = parse_updates(argv, defaults)
+        cfg = dataclasses.replace(defaults, **given)
         if cfg.smoke and smoke:
-            cfg = parse_args(argv, dataclasses.replace(defaults, **smoke))
-        train(cfg)
+            cfg = dataclasses.replace(defaults, **{**smoke, **given})
+        train(cfg, given=given)
     except (ConfigError, ModelError, DataError, RunError, TemplateError) as e:
         sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
         return 2

@@ -498,3 +498,46 @@ def test_smollm2_f16_round_trip_same_greedy_answer(tmp_path):
     assert "Paris" in tok.decode(answer)
     # 30 layers, 9 heads / 3 KV heads: the file holds exactly the f16-rounded weights, permutation included
     assert (logits(gmodel, ids) - logits(rounded_copy(model, "f16"), ids)).abs().max() < 1e-3
+
+
+def test_trainer_exports_gguf_at_the_end_of_a_run(llama_run, tmp_path, capsys):
+    """``--export_gguf=q8_0``: a tiny Llama fine-tuned through the entry point leaves ``final/model-q8_0.gguf``
+    whose tensors are final/'s weights (Q8_0, read back by transformers' GGUF loader) and named after the run."""
+    from sft import trainer
+    from sft.config import TrainConfig
+
+    run, _, _ = llama_run
+    argv = [f"--model={run / 'final'}", "--data=bundled", "--limit=12", "--max_len=256", "--eval_size=2",
+            "--max_steps=1", "--num_samples=0", "--no-progress", f"--out_dir={tmp_path}", "--run_name=ft",
+            "--export_gguf=q8_0"]  # fmt: skip
+    assert trainer.main(TrainConfig(), argv) == 0
+    final = tmp_path / "ft" / "final"
+    gguf = final / "model-q8_0.gguf"
+    assert f"GGUF: {gguf} (" in (tmp_path / "ft" / "train.log").read_text()
+    _, fields = read_fields(gguf)
+    assert fields["general.name"] == "ft" and fields["general.architecture"] == "llama"
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32)
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / gguf.name).symlink_to(gguf)
+    back, _ = load_gguf(tmp_path / "g" / gguf.name)
+    want = rounded_copy(trained, "q8_0").state_dict()
+    got = back.state_dict()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+    # the first weight moved: the export is of the fine-tuned model, not of its base
+    assert not torch.equal(trained.state_dict()[name], llama_run[1].state_dict()[name])
+
+
+def test_trainer_export_needs_final(tmp_path, capsys):
+    from sft import trainer
+    from sft.config import TrainConfig
+
+    rc = trainer.main(TrainConfig(), ["--model=tiny-llama", "--export_gguf=f16", "--no-save_final",
+                                      f"--out_dir={tmp_path}"])  # fmt: skip
+    assert (
+        rc == 2
+        and capsys.readouterr().err == "error: --export_gguf=f16 exports final/: it needs --save_final\n"
+    )
+    assert not any(tmp_path.iterdir())

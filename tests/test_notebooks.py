@@ -17,30 +17,48 @@ from sft import report
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = [REPO / "sft" / "runs_report.ipynb", REPO / "sft" / "samples.ipynb"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-RUN_NAME = "20250101-000000_tiny-llama_bundled"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A real smoke run through the recipe's entry point (tiny random Llama, bundled sample, 3 steps).
+# one smoke run per recipe: (recipe script, run name); the suite runs both notebooks on each
+RECIPES = [
+    ("train_smollm2_guanaco.py", "20250101-000000_tiny-llama_bundled"),
+    ("train_mpt_guanaco.py", "20250101-000000_tiny-mpt_bundled"),
+    ("train_mpt_openorca.py", "20250101-000000_tiny-mpt_openorca-sample"),
+]
 
-    Runs ``sft/train_smollm2_guanaco.py --smoke`` in this process (``runpy`` without ``__main__``,
-    then the same ``main(DEFAULTS, argv, smoke=SMOKE)`` call its ``__main__`` block makes) to spare
-    a second interpreter start; the recipe's own sys.path edit is undone afterwards.
+
+def recipe_smoke_run(script: str, root: Path, run_name: str) -> Path:
+    """A real smoke run through a recipe's entry point (tiny random model, its bundled sample, 3 steps).
+
+    Runs ``sft/<script> --smoke`` in this process (``runpy`` without ``__main__``, then the same
+    ``main(DEFAULTS, argv, smoke=SMOKE)`` call its ``__main__`` block makes) to spare a second
+    interpreter start; the recipe's own sys.path edit is undone afterwards.
     """
     from sft import trainer
 
-    root = tmp_path_factory.mktemp("runs")
     saved = list(sys.path)
     try:
-        recipe = runpy.run_path(str(REPO / "sft" / "train_smollm2_guanaco.py"), run_name="recipe")
+        recipe = runpy.run_path(str(REPO / "sft" / script), run_name="recipe")
     finally:
         sys.path[:] = saved
-    argv = ["--smoke", f"--out_dir={root}", f"--run_name={RUN_NAME}", "--no-progress"]
+    argv = ["--smoke", f"--out_dir={root}", f"--run_name={run_name}", "--no-progress"]
     assert trainer.main(recipe["DEFAULTS"], argv, smoke=recipe["SMOKE"]) == 0
-    run_dir = root / RUN_NAME
+    run_dir = root / run_name
     assert (run_dir / "final" / "config.json").is_file()
     return run_dir
+
+
+# the MPT recipes' runs add ~70 s of notebook kernels: slow (the full suite runs them)
+PARAMS = [
+    pytest.param(r, id=r[0].removesuffix(".py"), marks=[pytest.mark.slow] if "mpt" in r[0] else [])
+    for r in RECIPES
+]
+
+
+@pytest.fixture(scope="module", params=PARAMS)
+def tiny_run(request, tmp_path_factory) -> Path:
+    script, run_name = request.param
+    return recipe_smoke_run(script, tmp_path_factory.mktemp("runs"), run_name)
 
 
 def metric_lines(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -88,7 +106,7 @@ def test_runs_report_notebook(tiny_run, tmp_path, monkeypatch):
     out.mkdir()
     nb = execute(
         REPO / "sft" / "runs_report.ipynb",
-        {"SFT_RUNS": str(tiny_run.parent / "*"), "SFT_REPORT_DIR": str(out)},
+        {"SFT_RUNS": str(tiny_run.parent / "*"), "SFT_REPORT_DIR": str(out), "SFT_INCLUDE_SMOKE": "1"},
         monkeypatch,
     )
     for png in (
@@ -99,8 +117,8 @@ def test_runs_report_notebook(tiny_run, tmp_path, monkeypatch):
     ):
         assert png.read_bytes()[:8] == PNG_MAGIC, png
     table = report.pd.read_csv(out / "report_throughput.csv", index_col="run")
-    assert list(table.index) == [RUN_NAME]
-    row = table.loc[RUN_NAME]
+    assert list(table.index) == [tiny_run.name]
+    row = table.loc[tiny_run.name]
     train, evals = metric_lines(tiny_run)
     assert row["steps"] == len(train) == 3  # the recipe's smoke mode runs 3 steps
     assert row["tokens"] == train[-1]["tokens_processed"]
@@ -113,7 +131,7 @@ def test_runs_report_notebook(tiny_run, tmp_path, monkeypatch):
     assert row["last_eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-12)
     assert row["last_eval_loss"] < row["first_eval_loss"]  # 3 steps at lr 1e-3 do move a tiny model
     text = outputs_text(nb)
-    assert RUN_NAME in text and "report_loss_tokens.png" in text
+    assert tiny_run.name in text and "report_loss_tokens.png" in text
     # the side-by-side plots are displayed, not only saved
     assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
 
@@ -141,3 +159,41 @@ def test_samples_notebook(tiny_run, monkeypatch):
     trainer_samples = report.read_samples(tiny_run)
     assert len(trainer_samples) == 1  # the smoke recipe asks num_samples=1
     assert trainer_samples["prompt"].iloc[0] in text
+
+
+def test_runs_report_defaults_write_no_committed_file(tmp_path, monkeypatch):
+    """Run with its defaults in a copy of the repository's layout: the committed ``runs/report_*`` files are
+    not rewritten (the comparison goes to the git-ignored ``reports/runs_report/``) and smoke runs are left
+    out of it."""
+    import shutil
+
+    fake = tmp_path / "repo"
+    (fake / "sft").mkdir(parents=True)
+    for f in (
+        REPO / "sft"
+    ).iterdir():  # the package itself, linked file by file so the kernel's cwd is fake/sft
+        if f.suffix in (".py", ".ipynb"):
+            (fake / "sft" / f.name).symlink_to(f)
+    real = "20261130-060358_smollm2-135m-instruct_guanaco-1k"  # a committed CPU run
+    (fake / "runs" / real).mkdir(parents=True)
+    for name in ("metrics.jsonl", "config.json"):
+        shutil.copy(REPO / "runs" / real / name, fake / "runs" / real / name)
+    smoke = fake / "runs" / "20250101-000000_tiny-llama_bundled"
+    smoke.mkdir()
+    shutil.copy(REPO / "runs" / real / "metrics.jsonl", smoke / "metrics.jsonl")
+    (smoke / "config.json").write_text(json.dumps({"config": {"model": "tiny-llama", "smoke": True}}))
+    (fake / "runs" / "2026-11-30_h200_benchmark").mkdir()  # a benchmark folder: no metrics.jsonl
+    for k in ("SFT_RUNS", "SFT_REPORT_DIR", "SFT_INCLUDE_SMOKE"):
+        monkeypatch.delenv(k, raising=False)
+    execute(fake / "sft" / "runs_report.ipynb", {}, monkeypatch)
+
+    out = fake / "reports" / "runs_report"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "report_compare_step.png",
+        "report_compare_tokens.png",
+        "report_throughput.csv",
+    ]
+    assert list(report.pd.read_csv(out / "report_throughput.csv", index_col="run").index) == [real]
+    assert not list((fake / "runs").glob("report_*"))  # nothing written beside the runs
+    assert not list(smoke.glob("report_*"))  # the smoke run is not part of the report
+    assert (fake / "runs" / real / "report_loss_step.png").read_bytes()[:8] == PNG_MAGIC

@@ -285,3 +285,46 @@ def test_answer_prompts_is_greedy_over_the_chat_template(tmp_path, neox_tokenize
     assert list(table.columns) == ["name", "prompt", "before", "after"]
     with pytest.raises(ValueError, match="different prompts"):
         report.compare_answers(got, [])
+
+
+def test_select_runs_leaves_smoke_runs_out_unless_asked(tmp_path):
+    line = [train_line(1, 2.0, 100, 10.0, 1.0, 1.0)]
+    real = write_run(tmp_path, "a_real", line, config={"config": {"model": "smollm2-135m-instruct"}})
+    smoke = write_run(tmp_path, "b_smoke", line, config={"config": {"model": "some/model", "smoke": True}})
+    tiny = write_run(tmp_path, "c_tiny", line, config={"config": {"model": "tiny-mpt", "smoke": False}})
+    (tmp_path / "d_benchmark").mkdir()  # runs/ also holds benchmark folders: no metrics.jsonl
+    assert [report.is_smoke_run(p) for p in (real, smoke, tiny)] == [False, True, True]
+    assert report.select_runs(tmp_path / "*") == [real]
+    assert report.select_runs(tmp_path / "*", include_smoke=True) == [real, smoke, tiny]
+    assert report.select_runs([smoke]) == [smoke]  # named one by one: kept
+    with pytest.raises(FileNotFoundError, match=r"2 smoke run\(s\), left out"):
+        report.select_runs(str(tmp_path / "[bc]_*"))
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        report.select_runs([tmp_path / "d_benchmark"])
+
+
+def test_answer_prompts_on_our_fast_mpt_matches_a_full_forward():
+    """Our MPT (sft/mpt.py) has no ``generate``: answers come from sft.generate, greedy, stopping at EOS."""
+    import torch
+
+    from sft.config import TrainConfig
+    from sft.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(TrainConfig(model="tiny-mpt", mpt_impl="fast"))
+    model.eval()
+    assert not hasattr(model, "generate")
+    prompts = report.FIXED_PROMPTS[:2]
+    got = report.answer_prompts(None, prompts, max_new_tokens=5, model=model, tokenizer=tok)
+    assert [g["name"] for g in got] == [p["name"] for p in prompts]
+    for g in got:
+        ids = tok(g["prompt_text"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        new = []
+        with torch.no_grad():
+            for _ in range(5):
+                nxt = int(model(ids)[0, -1].argmax())
+                new.append(nxt)
+                if nxt == tok.eos_token_id:
+                    break
+                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        assert g["new_tokens"] == len(new)
+        assert g["answer"] == tok.decode(new, skip_special_tokens=True).strip()

@@ -239,3 +239,111 @@ def test_a_run_folder_is_not_a_model(tmp_path):
     with pytest.raises(RunError, match="is a run folder with no final/ model"):
         runs.check_not_run_folder(bare)
     runs.check_not_run_folder(tmp_path / "missing")  # not a run folder: the model loader says what it is
+
+
+# ----------------------------------------------------------------------------- the trainer's wiring
+
+TINY = [
+    "--model=tiny-llama", "--data=bundled", "--limit=12", "--max_len=256", "--overlong=drop", "--eval_size=2",
+    "--micro_batch=1", "--grad_accum=2", "--lr=1e-3", "--num_samples=0", "--no-save_final", "--no-progress",
+    "--device=cpu", "--precision=fp32",
+]  # fmt: skip
+
+
+def _main(capsys, *argv):
+    """The recipes' entry point; returns (exit status, stderr)."""
+    capsys.readouterr()
+    rc = trainer.main(TrainConfig(), [*TINY, *argv])
+    return rc, capsys.readouterr().err
+
+
+def _steps(run):
+    return [r["step"] for r in runs.read_metrics(run) if "loss" in r]
+
+
+def test_a_run_holds_its_folder_for_its_whole_life(tmp_path, monkeypatch, capsys):
+    seen = []
+    real_train_line = runs.MetricsWriter.train
+
+    def train_line(self, row):  # mid-run: the folder is locked by this process
+        lock = self.path.parent / ".lock"
+        seen.append(lock.read_text().split())
+        with pytest.raises(RunError, match=rf"is in use by PID {os.getpid()}"):
+            with hold_run_lock(self.path.parent):
+                pass
+        real_train_line(self, row)
+
+    monkeypatch.setattr(runs.MetricsWriter, "train", train_line)
+    rc, _ = _main(capsys, f"--out_dir={tmp_path}", "--run_name=r", "--max_steps=2", "--save_every=1")
+    assert rc == 0 and seen == [[str(os.getpid())]] * 2
+    assert not (tmp_path / "r" / ".lock").exists()  # released at the end
+    assert json.loads((tmp_path / "r" / "finished.json").read_text())["step"] == 2
+    # resumed: locked too
+    seen.clear()
+    rc, _ = _main(capsys, f"--out_dir={tmp_path}", "--resume=r", "--max_steps=3")
+    assert rc == 0 and seen == [[str(os.getpid())]]
+
+
+def test_a_second_process_on_a_run_in_use_gets_one_line_and_exit_2(tmp_path, capsys):
+    rc, _ = _main(capsys, f"--out_dir={tmp_path}", "--run_name=r", "--max_steps=2", "--save_every=1")
+    assert rc == 0
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    other = _hold(tmp_path / "r", 60)  # another process holds the run (as a resume running there would)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        rc, err = _main(capsys, f"--out_dir={tmp_path}", "--resume=r", "--max_steps=4")
+    finally:
+        other.kill()
+        other.communicate()
+    assert rc == 2
+    assert err.endswith(f"error: run folder {tmp_path / 'r'} is in use by PID {other.pid}; "
+                        "wait for it to end (or stop it) before running in this folder\n")  # fmt: skip
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before  # untouched
+
+
+def test_generated_names_of_the_entry_point_never_collide(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runs, "run_name", lambda model, data: "20250101-000000_tiny-llama_bundled")
+    for _ in range(2):  # two runs started "in the same second"
+        assert _main(capsys, f"--out_dir={tmp_path}", "--max_steps=1")[0] == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["20250101-000000_tiny-llama_bundled", "20250101-000000_tiny-llama_bundled-2"]
+    assert all(_steps(tmp_path / n) == [1] for n in names)
+    # a chosen name is never changed: the second run with it is refused
+    assert _main(capsys, f"--out_dir={tmp_path}", "--run_name=x", "--max_steps=1")[0] == 0
+    rc, err = _main(capsys, f"--out_dir={tmp_path}", "--run_name=x", "--max_steps=1")
+    assert rc == 2 and "already exists; pick another --run_name" in err
+
+
+def test_resume_takes_the_flags_that_may_change_and_refuses_the_rest(tmp_path, capsys):
+    rc, _ = _main(capsys, f"--out_dir={tmp_path}", "--run_name=r", "--max_steps=2", "--save_every=1")
+    assert rc == 0 and _steps(tmp_path / "r") == [1, 2]
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    rc, err = _main(capsys, f"--out_dir={tmp_path}", "--resume=r", "--max_steps=4", "--lr=5e-2", "--seed=3")
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith(
+        "error: --resume continues a run with its own settings; these cannot change: "
+        "--lr=0.05 (run has 0.001), --seed=3 (run has 0)"
+    )
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+    rc, err = _main(capsys, f"--out_dir={tmp_path}", "--resume=r", "--max_steps=1")
+    assert rc == 2 and "error: --max_steps=1: the checkpoint is already at step 2" in err
+    # the same values as the run's (TINY repeats them all) and the changeable ones: taken
+    rc, _ = _main(capsys, f"--out_dir={tmp_path}", "--resume=r", "--max_steps=4", "--eval_every=1")
+    assert rc == 0 and _steps(tmp_path / "r") == [1, 2, 3, 4]
+    evals = [r["step"] for r in runs.read_metrics(tmp_path / "r") if "eval_loss" in r]
+    assert evals == [0, 2, 3, 4]  # the first run's end at step 2, then every step (the new cadence)
+    saved = json.loads((runs.list_checkpoints(tmp_path / "r")[-1] / "config.json").read_text())
+    assert (saved["max_steps"], saved["eval_every"], saved["lr"]) == (4, 1, 1e-3)
+    assert json.loads((tmp_path / "r" / "finished.json").read_text())["step"] == 4
+
+
+def test_resume_config_in_python():
+    from sft.config import RESUME_CHANGEABLE, resume_config
+
+    saved = TrainConfig(model="tiny-llama", max_steps=5, stop_after=2, lr=1e-3)
+    # given=None: the fields that differ from TrainConfig()'s defaults count as given
+    cfg = resume_config(saved, TrainConfig(resume="r", out_dir="o", max_steps=9), step=2)
+    assert (cfg.model, cfg.max_steps, cfg.stop_after, cfg.lr, cfg.resume) == ("tiny-llama", 9, 0, 1e-3, "r")
+    with pytest.raises(ConfigError, match=r"cannot change: --model=tiny-mpt \(run has tiny-llama\)"):
+        resume_config(saved, TrainConfig(model="tiny-mpt"), given=["model"])
+    assert "lr" not in RESUME_CHANGEABLE and "max_steps" in RESUME_CHANGEABLE
