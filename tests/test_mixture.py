@@ -206,3 +206,18 @@ def test_one_source_is_exactly_prepare_data(tmp_path):
     assert [s.input_ids for s in m.train] == [s.input_ids for s in p.train]
     assert m.fingerprint == p.fingerprint and m.eval_conversations == p.eval_conversations
     assert m.stats["sources"][0]["share"] == 1.0 and m.stats["train"] == p.stats["train"]
+
+
+def test_preview_shows_the_mix(two_files, tmp_path, capsys, shared_data, monkeypatch):
+    from sft import preview
+
+    monkeypatch.setenv("SFT_CACHE", str(tmp_path / "cache"))
+    a, b = two_files
+    tok = str(shared_data / "gpt-neox-20b-tokenizer.json")
+    assert preview.main([f"--data={a}:weight=1.0,{b}:weight=0.5", f"--tokenizer={tok}", "--n=0"]) == 0
+    out = capsys.readouterr().out
+    line_a = next(x for x in out.splitlines() if x.startswith(f"{a}: weight 1 -> target 66.7%, actual "))
+    assert "format messages, rows 300, drops {}" in line_a
+    assert f"{b}: weight 0.5 -> target 33.3%" in out
+    assert preview.main([f"--data={a}:weight=0", f"--tokenizer={tok}"]) == 2
+    assert "option weight=0 must be > 0" in capsys.readouterr().err
