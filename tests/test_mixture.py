@@ -214,7 +214,7 @@ def test_preview_shows_the_mix(two_files, tmp_path, capsys, shared_data, monkeyp
     monkeypatch.setenv("SFT_CACHE", str(tmp_path / "cache"))
     a, b = two_files
     tok = str(shared_data / "gpt-neox-20b-tokenizer.json")
-    assert preview.main([f"--data={a}:weight=1.0,{b}:weight=0.5", f"--tokenizer={tok}", "--n=0"]) == 0
+    assert preview.main([f"--data={a}:weight=1.0,{b}:weight=0.5", f"--tokenizer={tok}", "--template=guanaco", "--n=0"]) == 0
     out = capsys.readouterr().out
     line_a = next(x for x in out.splitlines() if x.startswith(f"{a}: weight 1 -> target 66.7%, actual "))
     assert "format messages, rows 300, drops {}" in line_a
