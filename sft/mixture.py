@@ -210,8 +210,10 @@ def parse_sources(
             raise ConfigError(f"{what}: source '{s.name}' is given twice")
         seen.add((s.source, s.split))
         if s.source != "bundled" and is_local(s.source) and not Path(s.source).expanduser().is_file():
-            what_is = "is a directory, not a data file" if Path(s.source).is_dir() else "file not found"
-            raise DataError(f"{what_is} (in {what})", source=s.source)
+            what_is = (
+                "is a directory, not a data file" if Path(s.source).is_dir() else "data file does not exist"
+            )
+            raise DataError(what_is + ("" if what == "--data" else f" ({what})"), source=s.source)
     return specs
 
 

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from sft import distributed, runs
-from sft.config import ConfigError, TrainConfig, check_config, parse_args, parse_fields, parse_targets
+from sft.config import ConfigError, TrainConfig, check_config, parse_args, parse_targets
 from sft.distributed import DistInfo
 from sft.loss import chunked_cross_entropy_sum, count_supervised
 from sft.models import ModelError, forward_hidden, load_model_and_tokenizer
@@ -294,26 +294,40 @@ def _install_stop_handlers(flag: dict) -> dict:
 # ----------------------------------------------------------------------------- data
 
 
+def data_sources(cfg: TrainConfig):
+    """``(train specs, eval specs)`` parsed from ``--data`` / ``--eval_data`` (sft/mixture.py); one-line
+    ConfigError / DataError for a bad spec or a missing file."""
+    from sft.mixture import parse_sources
+
+    defaults = {"fmt": cfg.fmt, "fields": cfg.fields, "limit": cfg.limit, "bad_rows": cfg.bad_rows}
+    specs = parse_sources(cfg.data, what="--data", defaults=defaults)
+    evals = (
+        parse_sources(cfg.eval_data, what="--eval_data", defaults=defaults, weighted=False)
+        if cfg.eval_data
+        else []
+    )
+    return specs, evals
+
+
 def prepare(cfg: TrainConfig, tokenizer):
-    """Render, split and return ``(Prepared, train_rows, eval_batches)``.
+    """Render, split, mix and return ``(Mixture, train_rows, eval_batches)`` (sft/mixture.py).
 
     ``train_rows``: a Batch dict of ``[R, T]`` tensors (packed) or the list of training Samples (padded
-    per micro-batch). ``eval_batches``: a list of Batch dicts of at most ``micro_batch`` rows, fixed order.
+    per micro-batch). ``eval_batches``: held-out source name -> a list of Batch dicts of at most
+    ``micro_batch`` rows, fixed order (``--eval_batches`` caps each source).
     """
+    from sft.mixture import prepare_mixture
     from sft.packing import pack, pad_collate
-    from sft.prepare import prepare_data
 
+    specs, eval_specs = data_sources(cfg)
     eval_size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
-    prepared = prepare_data(
-        cfg.data,
+    prepared = prepare_mixture(
+        specs,
         tokenizer,
+        eval_specs=eval_specs,
         template=cfg.template,
-        fmt=cfg.fmt,
-        fields=parse_fields(cfg.fields),
-        bad_rows=cfg.bad_rows,
         max_len=cfg.max_len,
         overlong=cfg.overlong,
-        limit=cfg.limit,
         eval_size=eval_size,
         seed=cfg.seed,
     )
@@ -326,21 +340,22 @@ def prepare(cfg: TrainConfig, tokenizer):
         return _as_batch(pack(samples, cfg.max_len, pad_id))
 
     train_rows = packed(prepared.train) if cfg.packing else list(prepared.train)
-    eval_batches = []
-    if prepared.eval:
+    eval_batches = {}
+    for name, samples in prepared.eval_by_source.items():
+        if not samples:
+            continue
         if cfg.packing:
-            ev = packed(prepared.eval)
+            ev = packed(samples)
             n = ev["input_ids"].size(0)
-            eval_batches = [
+            batches = [
                 {k: v[i : i + cfg.micro_batch] for k, v in ev.items()} for i in range(0, n, cfg.micro_batch)
             ]
         else:
-            eval_batches = [
-                _as_batch(pad_collate(prepared.eval[i : i + cfg.micro_batch], pad_id))
-                for i in range(0, len(prepared.eval), cfg.micro_batch)
+            batches = [
+                _as_batch(pad_collate(samples[i : i + cfg.micro_batch], pad_id))
+                for i in range(0, len(samples), cfg.micro_batch)
             ]
-        if cfg.eval_batches:
-            eval_batches = eval_batches[: cfg.eval_batches]
+        eval_batches[name] = batches[: cfg.eval_batches] if cfg.eval_batches else batches
     return prepared, train_rows, eval_batches
 
 
@@ -423,34 +438,92 @@ def evaluate(model, batches, device, autocast, chunk: int, info: DistInfo | None
     return total / max(n, 1), n
 
 
-@torch.no_grad()
-def answer_samples(model, tokenizer, conversations, cfg: TrainConfig, device, autocast) -> list[dict]:
-    """Greedy answers to the held-out conversations' last user turn (reference = the data's answer)."""
-    from sft.render import render_prompt, stop_token_ids
+def answer_samples(model, tokenizer, conversations, cfg: TrainConfig, device, autocast, n=None) -> list[dict]:
+    """Greedy answers to the first ``n`` (default ``num_samples``) held-out conversations' last user turn
+    (reference = the data's answer; ``stopped``: ended with the end-of-turn token; sft/evaluation.py)."""
+    from sft.evaluation import answer
 
-    out = []
-    stops = list(stop_token_ids(tokenizer, cfg.template))
-    was_training = model.training
-    model.eval()
-    for conv in conversations[: cfg.num_samples]:
-        # answer the last user turn; the reference is the assistant reply that follows it in the data
-        last_user = max(i for i, m in enumerate(conv) if m["role"] == "user")
-        prompt_conv = conv[: last_user + 1]
-        reference = conv[last_user + 1]["content"] if last_user + 1 < len(conv) else None
-        ids = list(render_prompt(prompt_conv, tokenizer, cfg.template))
-        new = _greedy(model, ids, cfg.samples_max_new_tokens, stops, device, autocast, tokenizer)
-        if new and new[-1] in stops:
-            new = new[:-1]
-        out.append(
-            {
-                "prompt": prompt_conv[-1]["content"],
-                "reference": reference,
-                "answer": tokenizer.decode(new, skip_special_tokens=False).strip(),
-                "new_tokens": len(new),
-            }
+    def greedy(ids, max_new, stops):
+        return _greedy(model, ids, max_new, stops, device, autocast, tokenizer)
+
+    n = cfg.num_samples if n is None else n
+    return answer(
+        model, tokenizer, conversations[:n], template=cfg.template, max_new_tokens=cfg.samples_max_new_tokens,
+        greedy=greedy,
+    )  # fmt: skip
+
+
+def held_out(root, model, tokenizer, eval_batches, prepared, cfg, device, autocast, info, fwd) -> dict:
+    """One evaluation's metrics (the eval keys of metrics.jsonl after step and epoch): loss overall and per
+    held-out source, token accuracy, stop rate over ``--eval_prompts`` held-out prompts (sft/evaluation.py).
+    Under FSDP the loss alone (the sharded loss module gives no logits and no generation): the rest is None."""
+    from sft import evaluation
+
+    per = {}
+    for name, batches in eval_batches.items():
+        if info.enabled:
+            loss, n = evaluate(root, batches, device, autocast, cfg.loss_chunk, info)
+            per[name] = (loss * n, n, None)
+        else:
+            per[name] = evaluation.measure(
+                root, batches, device=device, autocast=autocast, chunk=cfg.loss_chunk, fwd=fwd
+            )
+    m = evaluation.combine(per)
+    rate = None
+    if cfg.eval_prompts and not info.enabled and prepared.eval_conversations:
+        convs = prepared.eval_conversations
+        rate = evaluation.stop_rate(
+            answer_samples(model, tokenizer, convs, cfg, device, autocast, cfg.eval_prompts)
         )
-    model.train(was_training)
-    return out
+    return {
+        "eval_loss": m["eval_loss"],
+        "eval_tokens_supervised": m["eval_tokens_supervised"],
+        "eval_token_accuracy": m["eval_token_accuracy"],
+        "eval_stop_rate": rate,
+        "eval_loss_by_source": m["eval_loss_by_source"],
+    }
+
+
+def _eval_line(step: int, ev: dict) -> str:
+    """The console line of one evaluation: loss, per source when several, token accuracy, stop rate."""
+    per = ev["eval_loss_by_source"]
+    srcs = (
+        " (" + ", ".join(f"{k} {v:.4f}" for k, v in per.items() if v is not None) + ")"
+        if len(per) > 1
+        else ""
+    )
+    acc, stop = ev["eval_token_accuracy"], ev["eval_stop_rate"]
+    return (
+        f"step {step}: held-out loss {ev['eval_loss']:.4f}{srcs} on {ev['eval_tokens_supervised']} tokens"
+        + (f" | token accuracy {acc:.3f}" if acc is not None else "")
+        + (f" | stop rate {stop:.2f}" if stop is not None else "")
+    )
+
+
+def save_best(run_dir: Path, model, best: dict) -> None:
+    """``--keep_best``: the trainable weights of step ``best["step"]`` to ``<run>/best/`` (temp + rename)."""
+    from safetensors.torch import save_file
+
+    tmp = run_dir / "best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainable = {k: p.detach().cpu().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    runs._write_json(tmp / "best.json", best)
+    shutil.rmtree(run_dir / "best", ignore_errors=True)
+    tmp.rename(run_dir / "best")
+
+
+def load_best(run_dir: Path, model) -> dict:
+    """Put ``<run>/best/``'s trainable weights back into ``model``; returns its ``{"step", "eval_loss"}``."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run_dir / "best" / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in weights.items():
+            params[k].copy_(v)
+    return runs._read_json(run_dir / "best" / "best.json")
 
 
 def _greedy(model, ids, max_new, stops, device, autocast, tokenizer) -> list[int]:
@@ -531,15 +604,16 @@ def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_sta
         raise ConfigError(
             "--lora with FSDP2 (torchrun / --distributed) is not supported yet: use one process"
         )
+    if cfg.keep_best and info.enabled:
+        raise ConfigError(
+            "--keep_best with FSDP2 (torchrun / --distributed) is not supported yet: use one process"
+        )
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
     # ---- inputs, cheapest checks first; the run folder comes only after all of them pass
     runs.check_writable(cfg.out_dir)
-    from sft.sources import is_local
-
-    if is_local(cfg.data) and not Path(cfg.data).exists():
-        raise DataError("data file does not exist", source=cfg.data)
+    data_sources(cfg)  # a bad --data / --eval_data fails before any model is loaded
     model, tokenizer = load_model_and_tokenizer(cfg)
     # distributed: rank 0 prepares (and caches) the data first, the other ranks then read its cache
     if not info.is_main:
@@ -676,10 +750,10 @@ def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_sta
             n_params / 1e6,
             device,
         )
-        eval_before, n_eval = evaluate(root, eval_batches, device, autocast, cfg.loss_chunk, info)
-        state["eval_before"] = eval_before
-        writer.eval({"step": 0, "epoch": 0.0, "eval_loss": eval_before, "eval_tokens_supervised": n_eval})
-        log.info("held-out loss before training: %.4f (%d supervised tokens)", eval_before, n_eval)
+        ev = held_out(root, model, tokenizer, eval_batches, prepared, cfg, device, autocast, info, fwd)
+        eval_before = state["eval_before"] = ev["eval_loss"]
+        writer.eval({"step": 0, "epoch": 0.0, **ev})
+        log.info("before training: %s", _eval_line(0, ev))
         if before is not None:
             runs.write_samples(run_dir, [{"stage": "before", "step": 0, **s} for s in before])
             _print_samples("before", before)
@@ -779,16 +853,12 @@ def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_sta
             if bar is not None:
                 bar.update(1)
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total_steps:
-                ev, n_eval = evaluate(root, eval_batches, device, autocast, cfg.loss_chunk, info)
-                writer.eval(
-                    {
-                        "step": state["step"],
-                        "epoch": round(epoch, 4),
-                        "eval_loss": ev,
-                        "eval_tokens_supervised": n_eval,
-                    }
+                ev = held_out(
+                    root, model, tokenizer, eval_batches, prepared, cfg, device, autocast, info, fwd
                 )
-                log.info("step %d: held-out loss %.4f", state["step"], ev)
+                writer.eval({"step": state["step"], "epoch": round(epoch, 4), **ev})
+                log.info(_eval_line(state["step"], ev))
+                _track_best(state, ev, cfg, run_dir, model, info)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
                 save_checkpoint()
             if stop.get("signal"):
@@ -814,16 +884,15 @@ def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_sta
             raise TrainingStopped(msg)
         log.info(msg)
         return run_dir
-    eval_after, n_eval = evaluate(root, eval_batches, device, autocast, cfg.loss_chunk, info)
-    writer.eval(
-        {
-            "step": state["step"],
-            "epoch": round(state["step"] * A * W / stream.per_epoch, 4),
-            "eval_loss": eval_after,
-            "eval_tokens_supervised": n_eval,
-        }
-    )
+    ev = held_out(root, model, tokenizer, eval_batches, prepared, cfg, device, autocast, info, fwd)
+    eval_after = ev["eval_loss"]
+    writer.eval({"step": state["step"], "epoch": round(state["step"] * A * W / stream.per_epoch, 4), **ev})
+    log.info(_eval_line(state["step"], ev))
+    _track_best(state, ev, cfg, run_dir, model, info)
     writer.close()
+    if cfg.keep_best and state.get("best") and state["best"]["step"] != state["step"]:
+        best = load_best(run_dir, model)  # final/ (and the samples below) are the best step's weights
+        log.info("--keep_best: final/ is step %d (held-out loss %.4f)", best["step"], best["eval_loss"])
     export = model
     if info.enabled and (cfg.num_samples or cfg.save_final):
         # the full weights gathered to rank 0 into an unsharded copy (None on the other ranks)
@@ -849,6 +918,10 @@ def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_sta
 
             lora.merge_lora(export)  # in place: the plain architecture again, adapters folded in
         runs.save_final(run_dir, export, tokenizer)
+        if cfg.keep_best and state.get("best"):  # which step final/ holds
+            runs._write_json(
+                run_dir / "final" / "keep_best.json", {**state["best"], "last_step": state["step"]}
+            )
     runs.plot_loss(run_dir)
     log.info(
         "held-out loss %.4f -> %.4f (%+.4f) after %d steps in %.0f s; run folder %s",
@@ -860,6 +933,16 @@ def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_sta
         run_dir,
     )
     return run_dir
+
+
+def _track_best(state: dict, ev: dict, cfg: TrainConfig, run_dir: Path, model, info: DistInfo) -> None:
+    """``state["best"]``: the step with the lowest held-out loss so far; with ``--keep_best`` its weights are
+    kept in ``<run>/best/`` (sft/evaluation.py's rule)."""
+    from sft.evaluation import update_best
+
+    state["best"], improved = update_best(state.get("best"), state["step"], ev["eval_loss"])
+    if improved and cfg.keep_best and info.is_main:
+        save_best(run_dir, model, state["best"])
 
 
 class _NoWriter:

@@ -97,7 +97,7 @@ def test_spec_files_json_and_yaml(two_files, tmp_path):
 @pytest.mark.parametrize(
     "spec, error, message",
     [
-        ("missing.jsonl", DataError, "missing.jsonl: file not found (in --data)"),
+        ("missing.jsonl", DataError, "missing.jsonl: data file does not exist"),
         (
             "bundled:wieght=2",
             ConfigError,
@@ -214,7 +214,12 @@ def test_preview_shows_the_mix(two_files, tmp_path, capsys, shared_data, monkeyp
     monkeypatch.setenv("SFT_CACHE", str(tmp_path / "cache"))
     a, b = two_files
     tok = str(shared_data / "gpt-neox-20b-tokenizer.json")
-    assert preview.main([f"--data={a}:weight=1.0,{b}:weight=0.5", f"--tokenizer={tok}", "--template=guanaco", "--n=0"]) == 0
+    assert (
+        preview.main(
+            [f"--data={a}:weight=1.0,{b}:weight=0.5", f"--tokenizer={tok}", "--template=guanaco", "--n=0"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     line_a = next(x for x in out.splitlines() if x.startswith(f"{a}: weight 1 -> target 66.7%, actual "))
     assert "format messages, rows 300, drops {}" in line_a
