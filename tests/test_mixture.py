@@ -226,3 +226,83 @@ def test_preview_shows_the_mix(two_files, tmp_path, capsys, shared_data, monkeyp
     assert f"{b}: weight 0.5 -> target 33.3%" in out
     assert preview.main([f"--data={a}:weight=0", f"--tokenizer={tok}"]) == 2
     assert "option weight=0 must be > 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- in the trainer
+
+
+def run_args(out, a, b, ev, *extra):
+    return [
+        "--model=tiny-llama",
+        f"--data={a}:weight=1.0:limit=40,{b}:weight=0.5:limit=40",
+        f"--eval_data={ev}",
+        "--max_len=256",
+        "--max_steps=6",
+        "--micro_batch=2",
+        "--lr=1e-3",
+        "--eval_every=2",
+        "--save_every=2",
+        "--eval_prompts=2",
+        "--samples_max_new_tokens=4",
+        "--num_samples=0",
+        "--no-progress",
+        f"--out_dir={out}",
+        "--run_name=r",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_trainer_mix_eval_data_resume_and_keep_best(two_files, tmp_path, monkeypatch, one_thread):
+    import torch
+    from safetensors.torch import load_file
+
+    from sft import evaluation, runs
+    from sft.config import parse_args
+    from sft.trainer import train
+
+    monkeypatch.setenv("SFT_CACHE", str(tmp_path / "cache"))
+    a, b = two_files
+    ev = write_jsonl(tmp_path / "held.jsonl", conversations("HELD", 4, 5))
+    # scripted held-out losses at steps 0, 2, 4, 6 (the real ones fall every time): step 4 is the best
+    scripted = iter([5.0, 3.0, 2.0, 4.0])
+    real_combine = evaluation.combine
+    monkeypatch.setattr(evaluation, "combine", lambda per: {**real_combine(per), "eval_loss": next(scripted)})
+    full = train(parse_args(run_args(tmp_path / "full", a, b, ev, "--keep_best")))
+    monkeypatch.setattr(evaluation, "combine", real_combine)
+    rows = runs.read_metrics(full)
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4, 6]
+    for r in evals:
+        assert tuple(r) == runs.EVAL_KEYS and list(r["eval_loss_by_source"]) == [str(ev)]
+        assert 0 <= r["eval_token_accuracy"] <= 1 and r["eval_stop_rate"] in (0.0, 0.5, 1.0)
+    data = json.loads((full / "config.json").read_text())["data"]["stats"]
+    assert [s["weight"] for s in data["sources"]] == [1.0, 0.5] and data["eval_sources"][0]["samples"] == 4
+    assert [r["eval_loss"] for r in evals] == [5.0, 3.0, 2.0, 4.0]
+    assert json.loads((full / "final" / "keep_best.json").read_text()) == {
+        "step": 4,
+        "eval_loss": 2.0,
+        "last_step": 6,
+    }
+    final = load_file(str(full / "final" / "model.safetensors"))
+    best = load_file(str(full / "best" / "trainable.safetensors"))
+    last = load_file(str(full / "checkpoints" / "step_0000006" / "model.safetensors"))
+    step4 = load_file(str(full / "checkpoints" / "step_0000004" / "model.safetensors"))
+    shared = [k for k in final if k in best]
+    assert len(shared) >= len(final) - 1  # every weight (a tied head may be saved once)
+    assert all(torch.equal(final[k], best[k]) and torch.equal(best[k], step4[k]) for k in shared)
+    assert not all(torch.equal(final[k], last[k]) for k in shared)
+    # interrupted after step 3, resumed: the same losses bit for bit (the mix is a function of the seed)
+    out = tmp_path / "resumed"
+    train(parse_args(run_args(out, a, b, ev, "--keep_best", "--stop_after=3")))
+    train(parse_args([f"--out_dir={out}", f"--resume={out / 'r'}", "--no-progress"]))
+    loss = [(r["step"], r["loss"]) for r in runs.read_metrics(out / "r") if "loss" in r]
+    assert loss == [(r["step"], r["loss"]) for r in rows if "loss" in r]
