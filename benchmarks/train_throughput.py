@@ -42,7 +42,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-COMMON = ["--num_samples=0", "--save_final=false", "--save_every=0", "--progress=false", "--eval_batches=1"]
+COMMON = [
+    "--num_samples=0",
+    "--eval_prompts=0",
+    "--save_final=false",
+    "--save_every=0",
+    "--progress=false",
+    "--eval_batches=1",
+]
 CONFIGS = {
     "mpt": ("train_mpt_guanaco.py", ["--model=random:mpt-7b"]),
     "mpt76": ("train_mpt_guanaco.py", ["--model=random:mpt-7b", "--memory_limit_gib=76"]),

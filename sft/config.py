@@ -48,7 +48,11 @@ class TrainConfig:
         "or a tiny random-init preset 'tiny-llama' / 'tiny-mpt'",
     )
     tokenizer: str | None = _f(None, "tokenizer source if not the model's own (hub id or local folder/file)")
-    data: str = _f("bundled", "'bundled', a local .jsonl/.json/.parquet file, or a hub dataset id")
+    data: str = _f(
+        "bundled",
+        "'bundled', a local .jsonl/.json/.parquet file, or a hub dataset id; several as "
+        "'SRC:weight=1.0:fmt=...,SRC2:weight=0.5' or '@mix.yaml' (weight = share of the tokens; sft/mixture.py)",
+    )
     fmt: str | None = _f(None, "data format (adapter name); None = detect from the data")
     fields: str | None = _f(
         None,
@@ -68,7 +72,15 @@ class TrainConfig:
     overlong: str = _f("cut", "what to do with samples longer than max_len", choices=("cut", "drop"))
     packing: bool = _f(True, "pack samples into rows of max_len (document-masked); else pad each batch")
     eval_size: float = _f(
-        0.05, "held-out split: a fraction in (0, 1) or a number of conversations (>= 1)", minimum=0
+        0.05,
+        "held-out split of each --data source: a fraction in (0, 1) or a number of conversations (>= 1); "
+        "not used with --eval_data",
+        minimum=0,
+    )
+    eval_data: str | None = _f(
+        None,
+        "held-out sources instead of a split of --data: 'SRC[,SRC...]' (a file, or a hub id such as "
+        "'owner/name:split=test'), options as in --data but no weight; their conversations never train",
     )
     # optimisation
     micro_batch: int = _f(1, "rows per forward/backward", minimum=1)
@@ -150,6 +162,15 @@ class TrainConfig:
         0, "evaluate held-out loss every N steps (and always at start and end); 0 = only those"
     )
     eval_batches: int = _f(0, "cap on held-out batches per evaluation; 0 = all", minimum=0)
+    eval_prompts: int = _f(
+        8,
+        "held-out prompts answered greedily at each evaluation for the stop rate (answers that end with the "
+        "end-of-turn token within --samples_max_new_tokens); 0 = off",
+        minimum=0,
+    )
+    keep_best: bool = _f(
+        False, "final/ holds the checkpoint with the lowest held-out loss (config.json says which step)"
+    )
     log_every: int = _f(1, "write a metrics line every N steps", minimum=1)
     save_every: int = _f(
         0,

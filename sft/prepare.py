@@ -2,7 +2,8 @@
 
 ``prepare_data`` runs, in order:
 
-1. load rows (``sft.sources.load_rows``) and adapt them (``sft.formats.to_conversation``); the format
+1. load rows (``sft.sources.load_rows``) and adapt them (``sft.formats.to_conversation``), in
+   :func:`load_conversations`; the format
    is detected on the first row and then required of every row. A bad row raises ``DataError``
    (``bad_rows="error"``, the default) or is dropped and counted (``bad_rows="drop"``);
 2. split a held-out set off the conversations (seeded, deterministic, before any rendering);
@@ -177,6 +178,50 @@ def _n_eval(eval_size: int | float, n: int) -> int:
     return k
 
 
+def load_conversations(
+    source: str,
+    *,
+    fmt: str | None = None,
+    fields: dict | None = None,
+    limit: int | None = None,
+    split: str = "train",
+    bad_rows: str = "error",
+) -> tuple[list[Conversation], list[int], str | None, int, dict[str, int], list[str]]:
+    """Step 1 of :func:`prepare_data`: rows of ``source`` adapted to conversations.
+
+    Returns ``(conversations, row_numbers, fmt, n_rows, drops, bad_row_examples)``: ``fmt`` is the format
+    given or detected on the first row; a bad row raises ``DataError`` (``bad_rows="error"``) or is dropped
+    and counted in ``drops["bad_row"]``. No usable conversation at all is a ``DataError`` naming the source.
+    """
+    source = str(source)
+    drops: dict[str, int] = {}
+    bad_examples: list[str] = []
+    convs: list[Conversation] = []
+    row_ids: list[int] = []
+    n_rows = 0
+    for i, row in load_rows(source, limit=limit, split=split):
+        n_rows += 1
+        try:
+            if fmt is None:
+                fmt = detect_format(row, fields) if isinstance(row, dict) else None
+            conv = to_conversation(row, fmt, source=source, row_index=i, fields=fields)
+        except DataError as e:
+            if e.source is None:
+                e = DataError(e.reason, source=source, row=i, field=e.field)
+            if bad_rows == "error":
+                raise e from None
+            drops["bad_row"] = drops.get("bad_row", 0) + 1
+            if len(bad_examples) < 5:
+                bad_examples.append(str(e))
+            log.warning("dropped: %s", e)
+            continue
+        convs.append(conv)
+        row_ids.append(i)
+    if not convs:
+        raise DataError(f"no usable conversation in {n_rows} rows (drops: {drops})", source=source)
+    return convs, row_ids, fmt, n_rows, drops, bad_examples
+
+
 def prepare_data(
     source: str,
     tokenizer,
@@ -228,31 +273,9 @@ def prepare_data(
             log.info("prepared data from cache %s", cache_file)
             return prepared
 
-    drops: dict[str, int] = {}
-    bad_examples: list[str] = []
-    convs: list[Conversation] = []
-    row_ids: list[int] = []
-    n_rows = 0
-    for i, row in load_rows(source, limit=limit, split=split):
-        n_rows += 1
-        try:
-            if fmt is None:
-                fmt = detect_format(row, fields) if isinstance(row, dict) else None
-            conv = to_conversation(row, fmt, source=source, row_index=i, fields=fields)
-        except DataError as e:
-            if e.source is None:
-                e = DataError(e.reason, source=source, row=i, field=e.field)
-            if bad_rows == "error":
-                raise e from None
-            drops["bad_row"] = drops.get("bad_row", 0) + 1
-            if len(bad_examples) < 5:
-                bad_examples.append(str(e))
-            log.warning("dropped: %s", e)
-            continue
-        convs.append(conv)
-        row_ids.append(i)
-    if not convs:
-        raise DataError(f"no usable conversation in {n_rows} rows (drops: {drops})", source=source)
+    convs, row_ids, fmt, n_rows, drops, bad_examples = load_conversations(
+        source, fmt=fmt, fields=fields, limit=limit, split=split, bad_rows=bad_rows
+    )
 
     # held-out split on conversations, before rendering: deterministic in seed
     n_eval = _n_eval(eval_size, len(convs))

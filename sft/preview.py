@@ -7,6 +7,8 @@ then packing). A ``DataError`` (or an unusable template) prints one line on stde
 
 ``--tokenizer`` (alias ``--model``) is a ``tokenizer.json`` file, a ``.gguf`` file, or a folder / hub id.
 ``--no_cache`` forces a fresh preparation (to measure it); otherwise a cached result is reused.
+``--data`` takes several weighted sources as the trainer does (sft/mixture.py); then the statistics end with
+the mix: per source its weight, target and actual share of the tokens, samples, passes and drops.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import json
 import sys
 import time
 
+from sft.config import ConfigError
+from sft.mixture import parse_sources, prepare_mixture
 from sft.packing import pack, packing_efficiency
-from sft.prepare import load_tokenizer, prepare_data
+from sft.prepare import load_tokenizer
 from sft.render import Sample, TemplateError
 from sft.schema import IGNORE_INDEX, DataError
 
@@ -41,10 +45,25 @@ def marked_text(sample: Sample, tokenizer) -> str:
     return "".join(out)
 
 
+def mix_table(sources: list[dict]) -> str:
+    """The mix, one line per source: weight, target and actual token share, samples, passes, drops."""
+    lines = ["=== mix (share = fraction of the training tokens of one epoch) ==="]
+    for x in sources:
+        lines.append(
+            f"{x['source']}: weight {x['weight']:g} -> target {100 * x['target_share']:.1f}%, "
+            f"actual {100 * x['share']:.1f}% ({x['mixed_tokens']} of {x['mixed_tokens'] / x['passes']:.0f} "
+            f"tokens, {x['passes']:.2f} passes, {x['mixed_samples']} samples); format {x['format']}, "
+            f"rows {x['rows']}, drops {json.dumps(x['drops'])}, fingerprint {x['fingerprint']}"
+        )
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sft.preview", description=__doc__.splitlines()[0])
     p.add_argument(
-        "--data", default="bundled", help="bundled | path to .jsonl/.json/.parquet | hub dataset id"
+        "--data",
+        default="bundled",
+        help="bundled | path to .jsonl/.json/.parquet | hub dataset id | 'SRC:weight=1,SRC2:weight=0.5' | @mix.yaml",
     )
     p.add_argument(
         "--tokenizer", "--model", dest="tokenizer", required=True, help="tokenizer.json, .gguf or folder"
@@ -71,15 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        prepared = prepare_data(
-            args.data,
+        specs = parse_sources(
+            args.data, defaults=dict(fmt=args.fmt, limit=args.limit, bad_rows=args.bad_rows)
+        )
+        prepared = prepare_mixture(
+            specs,
             tokenizer,
             template=args.template,
-            fmt=args.fmt,
             max_len=args.max_len,
             overlong=args.overlong,
-            limit=args.limit,
-            bad_rows=args.bad_rows,
             use_cache=not args.no_cache,
         )
         t_prep = time.perf_counter() - t0
@@ -90,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu = (
             time.process_time() - c0
         )  # CPU seconds of this process (all threads): robust on a shared machine
-    except (DataError, TemplateError) as e:
+    except (DataError, TemplateError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -102,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         print()
     s = prepared.stats
     print("=== stats ===")
+    if len(s["sources"]) > 1:
+        print(f"train samples: {s['train']}, eval samples: {s['eval']}, tokens {s['tokens']}")
+        print(f"drops by reason: {json.dumps(s['drops'])}; cut at a turn boundary: {s['cut']}")
+        print(f"packing: {len(rows)} rows of {args.max_len}, efficiency {packing_efficiency(rows):.4f}")
+        print(mix_table(s["sources"]))
+        return 0
     print(
         f"source: {s['source']} (format {s['format']}), rows {s['rows']}, conversations {s['conversations']}"
     )

@@ -70,7 +70,17 @@ TRAIN_KEYS = (
     "peak_mem_gib",
     "step_time_s",
 )
-EVAL_KEYS = ("step", "epoch", "eval_loss", "eval_tokens_supervised")
+# eval_loss over every held-out token; per source in eval_loss_by_source (name -> loss); token accuracy
+# and stop rate as in sft/evaluation.py (None when not measured)
+EVAL_KEYS = (
+    "step",
+    "epoch",
+    "eval_loss",
+    "eval_tokens_supervised",
+    "eval_token_accuracy",
+    "eval_stop_rate",
+    "eval_loss_by_source",
+)
 
 
 class RunError(ValueError):

@@ -63,7 +63,6 @@ from sft.config import (
     ConfigError,
     TrainConfig,
     check_config,
-    parse_fields,
     parse_targets,
     parse_updates,
     resume_config,
@@ -72,7 +71,7 @@ from sft.distributed import DistInfo
 from sft.engine import Engine, ce_sum, resolve_attention, resolve_compile, set_attention, setup_model
 from sft.flops import layers_and_width, mfu, peak_flops, step_flops
 from sft.memory import plan_memory
-from sft.models import ModelError, load_model_and_tokenizer, without_torchao
+from sft.models import ModelError, forward_hidden, load_model_and_tokenizer, without_torchao
 from sft.render import TemplateError
 from sft.runs import RunError
 from sft.schema import IGNORE_INDEX, DataError
@@ -155,26 +154,40 @@ def _install_stop_handlers(flag: dict) -> dict:
 # ----------------------------------------------------------------------------- data
 
 
+def data_sources(cfg: TrainConfig):
+    """``(train specs, eval specs)`` parsed from ``--data`` / ``--eval_data`` (sft/mixture.py); one-line
+    ConfigError / DataError for a bad spec or a missing file."""
+    from sft.mixture import parse_sources
+
+    defaults = {"fmt": cfg.fmt, "fields": cfg.fields, "limit": cfg.limit, "bad_rows": cfg.bad_rows}
+    specs = parse_sources(cfg.data, what="--data", defaults=defaults)
+    evals = (
+        parse_sources(cfg.eval_data, what="--eval_data", defaults=defaults, weighted=False)
+        if cfg.eval_data
+        else []
+    )
+    return specs, evals
+
+
 def prepare(cfg: TrainConfig, tokenizer):
-    """Render, split and return ``(Prepared, train_rows, eval_batches)``.
+    """Render, split, mix and return ``(Mixture, train_rows, eval_batches)`` (sft/mixture.py).
 
     ``train_rows``: a Batch dict of ``[R, T]`` tensors (packed) or the list of training Samples (padded
-    per micro-batch). ``eval_batches``: a list of Batch dicts of at most ``micro_batch`` rows, fixed order.
+    per micro-batch). ``eval_batches``: held-out source name -> a list of Batch dicts of at most
+    ``micro_batch`` rows, fixed order (``--eval_batches`` caps each source).
     """
+    from sft.mixture import prepare_mixture
     from sft.packing import pack, pad_collate
-    from sft.prepare import prepare_data
 
+    specs, eval_specs = data_sources(cfg)
     eval_size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
-    prepared = prepare_data(
-        cfg.data,
+    prepared = prepare_mixture(
+        specs,
         tokenizer,
+        eval_specs=eval_specs,
         template=cfg.template,
-        fmt=cfg.fmt,
-        fields=parse_fields(cfg.fields),
-        bad_rows=cfg.bad_rows,
         max_len=cfg.max_len,
         overlong=cfg.overlong,
-        limit=cfg.limit,
         eval_size=eval_size,
         seed=cfg.seed,
     )
@@ -187,21 +200,22 @@ def prepare(cfg: TrainConfig, tokenizer):
         return _as_batch(pack(samples, cfg.max_len, pad_id))
 
     train_rows = packed(prepared.train) if cfg.packing else list(prepared.train)
-    eval_batches = []
-    if prepared.eval:
+    eval_batches = {}
+    for name, samples in prepared.eval_by_source.items():
+        if not samples:
+            continue
         if cfg.packing:
-            ev = packed(prepared.eval)
+            ev = packed(samples)
             n = ev["input_ids"].size(0)
-            eval_batches = [
+            batches = [
                 {k: v[i : i + cfg.micro_batch] for k, v in ev.items()} for i in range(0, n, cfg.micro_batch)
             ]
         else:
-            eval_batches = [
-                _as_batch(pad_collate(prepared.eval[i : i + cfg.micro_batch], pad_id))
-                for i in range(0, len(prepared.eval), cfg.micro_batch)
+            batches = [
+                _as_batch(pad_collate(samples[i : i + cfg.micro_batch], pad_id))
+                for i in range(0, len(samples), cfg.micro_batch)
             ]
-        if cfg.eval_batches:
-            eval_batches = eval_batches[: cfg.eval_batches]
+        eval_batches[name] = batches[: cfg.eval_batches] if cfg.eval_batches else batches
     return prepared, train_rows, eval_batches
 
 
@@ -284,35 +298,93 @@ def evaluate(model, batches, device, autocast, chunk: int, info: DistInfo | None
     return total / max(n, 1), n
 
 
-@torch.no_grad()
-def answer_samples(model, tokenizer, conversations, cfg: TrainConfig, device, autocast) -> list[dict]:
-    """Greedy answers to the held-out conversations' last user turn (reference = the data's answer)."""
-    from sft.render import render_prompt, stop_token_ids
+def answer_samples(model, tokenizer, conversations, cfg: TrainConfig, device, autocast, n=None) -> list[dict]:
+    """Greedy answers to the first ``n`` (default ``num_samples``) held-out conversations' last user turn
+    (reference = the data's answer; ``stopped``: ended with the end-of-turn token; sft/evaluation.py)."""
+    from sft.evaluation import answer
 
-    out = []
-    stops = list(stop_token_ids(tokenizer, cfg.template))
-    was_training = model.training
-    model.eval()
-    for conv in conversations[: cfg.num_samples]:
-        # answer the last user turn; the reference is the assistant reply that follows it in the data
-        last_user = max(i for i, m in enumerate(conv) if m["role"] == "user")
-        prompt_conv = conv[: last_user + 1]
-        reference = conv[last_user + 1]["content"] if last_user + 1 < len(conv) else None
-        ids = list(render_prompt(prompt_conv, tokenizer, cfg.template))
+    def greedy(ids, max_new, stops):
         with _for_generation(model):
-            new = _greedy(model, ids, cfg.samples_max_new_tokens, stops, device, autocast, tokenizer)
-        if new and new[-1] in stops:
-            new = new[:-1]
-        out.append(
-            {
-                "prompt": prompt_conv[-1]["content"],
-                "reference": reference,
-                "answer": tokenizer.decode(new, skip_special_tokens=False).strip(),
-                "new_tokens": len(new),
-            }
+            return _greedy(model, ids, max_new, stops, device, autocast, tokenizer)
+
+    n = cfg.num_samples if n is None else n
+    return answer(
+        model, tokenizer, conversations[:n], template=cfg.template, max_new_tokens=cfg.samples_max_new_tokens,
+        greedy=greedy,
+    )  # fmt: skip
+
+
+def held_out(root, model, tokenizer, eval_batches, prepared, cfg, device, autocast, info, fwd) -> dict:
+    """One evaluation's metrics (the eval keys of metrics.jsonl after step and epoch): loss overall and per
+    held-out source, token accuracy, stop rate over ``--eval_prompts`` held-out prompts (sft/evaluation.py).
+    Under FSDP the loss alone (the sharded loss module gives no logits and no generation): the rest is None."""
+    from sft import evaluation
+
+    per = {}
+    for name, batches in eval_batches.items():
+        if info.enabled:
+            loss, n = evaluate(root, batches, device, autocast, cfg.loss_chunk, info)
+            per[name] = (loss * n, n, None)
+        else:
+            per[name] = evaluation.measure(
+                root, batches, device=device, autocast=autocast, chunk=cfg.loss_chunk, fwd=fwd
+            )
+    m = evaluation.combine(per)
+    rate = None
+    if cfg.eval_prompts and not info.enabled and prepared.eval_conversations:
+        convs = prepared.eval_conversations
+        rate = evaluation.stop_rate(
+            answer_samples(model, tokenizer, convs, cfg, device, autocast, cfg.eval_prompts)
         )
-    model.train(was_training)
-    return out
+    return {
+        "eval_loss": m["eval_loss"],
+        "eval_tokens_supervised": m["eval_tokens_supervised"],
+        "eval_token_accuracy": m["eval_token_accuracy"],
+        "eval_stop_rate": rate,
+        "eval_loss_by_source": m["eval_loss_by_source"],
+    }
+
+
+def _eval_line(step: int, ev: dict) -> str:
+    """The console line of one evaluation: loss, per source when several, token accuracy, stop rate."""
+    per = ev["eval_loss_by_source"]
+    srcs = (
+        " (" + ", ".join(f"{k} {v:.4f}" for k, v in per.items() if v is not None) + ")"
+        if len(per) > 1
+        else ""
+    )
+    acc, stop = ev["eval_token_accuracy"], ev["eval_stop_rate"]
+    return (
+        f"step {step}: held-out loss {ev['eval_loss']:.4f}{srcs} on {ev['eval_tokens_supervised']} tokens"
+        + (f" | token accuracy {acc:.3f}" if acc is not None else "")
+        + (f" | stop rate {stop:.2f}" if stop is not None else "")
+    )
+
+
+def save_best(run_dir: Path, model, best: dict) -> None:
+    """``--keep_best``: the trainable weights of step ``best["step"]`` to ``<run>/best/`` (temp + rename)."""
+    from safetensors.torch import save_file
+
+    tmp = run_dir / "best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainable = {k: p.detach().cpu().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    runs._write_json(tmp / "best.json", best)
+    shutil.rmtree(run_dir / "best", ignore_errors=True)
+    tmp.rename(run_dir / "best")
+
+
+def load_best(run_dir: Path, model) -> dict:
+    """Put ``<run>/best/``'s trainable weights back into ``model``; returns its ``{"step", "eval_loss"}``."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run_dir / "best" / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in weights.items():
+            params[k].copy_(v)
+    return runs._read_json(run_dir / "best" / "best.json")
 
 
 def _greedy(model, ids, max_new, stops, device, autocast, tokenizer) -> list[int]:
@@ -441,10 +513,21 @@ class _Run:
             return distributed.save_checkpoint(self.run_dir, self.state["step"], info=self.info, **kw)
         return runs.save_checkpoint(self.run_dir, self.state["step"], **kw)
 
-    def evaluate(self) -> tuple[float, int]:
-        return evaluate(
-            self.root, self.eval_batches, self.device, self.autocast, self.cfg.loss_chunk, self.info
-        )
+    def held_out(self) -> dict:
+        """One evaluation (loss overall and per source, token accuracy, stop rate): :func:`held_out`."""
+        return held_out(
+            self.root, self.model, self.tokenizer, self.eval_batches, self.prepared, self.cfg, self.device,
+            self.autocast, self.info, forward_hidden,
+        )  # fmt: skip
+
+    def evaluate_and_log(self, step: int) -> dict:
+        """Evaluate, write the eval line of metrics.jsonl, say it, and track the best step (--keep_best)."""
+        ev = self.held_out()
+        self.writer.eval({"step": step, "epoch": self.epoch(step), **ev})
+        log.info(_eval_line(step, ev))
+        if step:  # only trained steps are candidates for --keep_best
+            _track_best(self.state, ev, self.cfg, self.run_dir, self.model, self.info)
+        return ev
 
     def epoch(self, step: int) -> float:
         return round(step * self.cfg.grad_accum * self.info.world / self.stream.per_epoch, 4)
@@ -509,20 +592,25 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_
     if cfg.optimizer != "adamw" and cfg.precision != "bf16":
         raise ConfigError(f"--optimizer={cfg.optimizer} works on bf16 weights: add --precision=bf16")
     check_config(cfg)
+    if cfg.keep_best and info.enabled:
+        raise ConfigError(
+            "--keep_best with FSDP2 (torchrun / --distributed) is not supported yet: use one process"
+        )
     if cfg.lora and info.enabled:
         # the consolidated export and the DCP checkpoints do not know adapters yet (sft/distributed.py)
         raise ConfigError(
             "--lora with FSDP2 (torchrun / --distributed) is not supported yet: use one process"
+        )
+    if cfg.keep_best and info.enabled:
+        raise ConfigError(
+            "--keep_best with FSDP2 (torchrun / --distributed) is not supported yet: use one process"
         )
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
     # ---- inputs, cheapest checks first
     runs.check_writable(cfg.out_dir)
-    from sft.sources import is_local
-
-    if is_local(cfg.data) and not Path(cfg.data).exists():
-        raise DataError("data file does not exist", source=cfg.data)
+    data_sources(cfg)  # a bad --data / --eval_data fails before any model is loaded
     model, tokenizer = load_model_and_tokenizer(cfg)
     resolve_attention(model, cfg, device)  # a backend the model cannot use fails before data preparation
     compiled = resolve_compile(model, cfg, device)
@@ -646,10 +734,7 @@ def _start(run: _Run, before: list[dict] | None) -> None:
         run.n_params / 1e6,
         run.device,
     )
-    run.eval_before, n_eval = run.evaluate()
-    run.state["eval_before"] = run.eval_before
-    run.writer.eval({"step": 0, "epoch": 0.0, "eval_loss": run.eval_before, "eval_tokens_supervised": n_eval})
-    log.info("held-out loss before training: %.4f (%d supervised tokens)", run.eval_before, n_eval)
+    run.eval_before = run.state["eval_before"] = run.evaluate_and_log(0)["eval_loss"]
     if before is not None:
         runs.write_samples(run.run_dir, [{"stage": "before", "step": 0, **s} for s in before])
         _print_samples("before", before)
@@ -744,11 +829,7 @@ def _after_step(run: _Run, step: int, lr: float, res, bar) -> str | None:
         bar.update(1)
     last = state["step"] >= run.total_steps
     if cfg.eval_every and state["step"] % cfg.eval_every == 0 and not last:
-        ev, n_eval = run.evaluate()
-        run.writer.eval(
-            {"step": state["step"], "epoch": epoch, "eval_loss": ev, "eval_tokens_supervised": n_eval}
-        )
-        log.info("step %d: held-out loss %.4f", state["step"], ev)
+        run.evaluate_and_log(state["step"])
     if cfg.save_every and state["step"] % cfg.save_every == 0 and not last:
         run.save_checkpoint()
     if run.stop.get("signal"):
@@ -774,16 +855,11 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
             raise TrainingStopped(msg)
         log.info(msg)
         return run_dir
-    eval_after, n_eval = run.evaluate()
-    run.writer.eval(
-        {
-            "step": state["step"],
-            "epoch": run.epoch(state["step"]),
-            "eval_loss": eval_after,
-            "eval_tokens_supervised": n_eval,
-        }
-    )
+    eval_after = run.evaluate_and_log(state["step"])["eval_loss"]
     run.writer.close()
+    if cfg.keep_best and state.get("best") and state["best"]["step"] != state["step"]:
+        best = load_best(run_dir, run.model)  # final/ (and the samples below) are the best step's weights
+        log.info("--keep_best: final/ is step %d (held-out loss %.4f)", best["step"], best["eval_loss"])
     export = run.model
     if info.enabled and (cfg.num_samples or cfg.save_final):
         # the full weights gathered to rank 0 into an unsharded copy (None on the other ranks)
@@ -811,6 +887,10 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
 
             lora.merge_lora(export)  # in place: the plain architecture again, adapters folded in
         runs.save_final(run_dir, export, run.tokenizer)
+        if cfg.keep_best and state.get("best"):  # which step final/ holds
+            runs._write_json(
+                run_dir / "final" / "keep_best.json", {**state["best"], "last_step": state["step"]}
+            )
     runs.plot_loss(run_dir)
     runs.mark_finished(run_dir, state["step"])  # --resume=latest passes this run by now
     if cfg.export_gguf != "none":  # check_config: save_final is on
@@ -851,6 +931,16 @@ def _log_run_size(run_dir: Path) -> None:
     ]
     total = runs.human_size(runs.folder_size(run_dir))
     log.info("run folder size: %s%s", total, f" ({', '.join(parts)})" if parts else "")
+
+
+def _track_best(state: dict, ev: dict, cfg: TrainConfig, run_dir: Path, model, info: DistInfo) -> None:
+    """``state["best"]``: the step with the lowest held-out loss so far; with ``--keep_best`` its weights are
+    kept in ``<run>/best/`` (sft/evaluation.py's rule)."""
+    from sft.evaluation import update_best
+
+    state["best"], improved = update_best(state.get("best"), state["step"], ev["eval_loss"])
+    if improved and cfg.keep_best and info.is_main:
+        save_best(run_dir, model, state["best"])
 
 
 class _NoWriter:
