@@ -418,3 +418,24 @@ def test_recipe_2023_baseline_quick_runs_on_cpu(tmp_path, shared_data):
     assert r["name"] == "2023_recipe" and r["rows"] == 4
     assert r["tokens_per_s"]["processed"] >= r["tokens_per_s"]["non_pad"] > 0
     assert "2023 recipe:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_fsdp_benchmark_drives_the_recipe_under_torchrun_on_cpu(tmp_path, shared_data):
+    """benchmarks/fsdp_throughput.py: W=1 is the recipe without FSDP, W=2 the same recipe under torchrun
+    (FSDP2, gloo); both read from their run folders, the ratio is against the single-process run."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "fsdp_throughput.py"), "--quick"]
+        + ["--data-dir", str(shared_data), "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    runs = json.loads((tmp_path / "fsdp_throughput.json").read_text())["runs"]
+    assert [(r["name"], r["world"]) for r in runs] == [("tiny_mpt_w1", 1), ("tiny_mpt_w2", 2)]
+    assert "torch.distributed.run" in runs[1]["command"] and "torch.distributed.run" not in runs[0]["command"]
+    assert runs[0]["speedup_vs_1gpu"] == 1.0 and runs[1]["speedup_vs_1gpu"] > 0
+    cfg = json.loads((tmp_path / "runs" / "tiny_mpt_w2" / "config.json").read_text())
+    assert "x 2 (FSDP2)" in cfg["device"]
