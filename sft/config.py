@@ -151,6 +151,13 @@ class TrainConfig:
         "Llama family: llama, mistral, qwen2, qwen3)",
         choices=("auto", "true", "false"),
     )
+    fp8: str = _f(
+        "none",
+        "FP8 training of the linear layers inside the transformer blocks (not the embedding, not the LM head) "
+        "through torchao's float8: 'tensorwise' (one scale per tensor, fastest), 'rowwise' (one scale per "
+        "row, closer to bf16) or 'none'; needs a GPU of compute capability >= 8.9, not with LoRA (sft/fp8.py)",
+        choices=("none", "tensorwise", "rowwise"),
+    )
     mpt_impl: str = _f(
         "hf",
         "MPT implementation: 'hf' (transformers MptForCausalLM) or 'fast' (sft/mpt.py)",

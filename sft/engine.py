@@ -7,10 +7,11 @@ Contracts:
   A backend the model cannot use is a one-line ConfigError naming the model type and the choices.
 - ``resolve_compile(model, cfg, device) -> bool``: ``--compile`` (``auto`` = on CUDA for our MPT and the
   Llama family, :data:`COMPILE_FAMILY`).
-- ``setup_model(model, cfg, device, plan) -> str``: sets the attention backend, checkpoints the first
+- ``setup_model(model, cfg, device, plan) -> dict``: converts the block linears to FP8 (``--fp8``, sft/fp8.py;
+  refused beforehand by ``sft.fp8.check_fp8``), sets the attention backend, checkpoints the first
   ``plan.checkpoint_blocks`` blocks (non-reentrant; the checkpoint wraps the compiled block) and compiles each
   block on its own (``torch.compile(dynamic=False)``: every micro-batch has the row shape, so one graph
-  serves every block and every step). Call after LoRA and before FSDP sharding. Returns the backend.
+  serves every block and every step). Call after LoRA and before FSDP sharding. Returns what it resolved.
 - ``Engine(root, params, optimizer, cfg, device, in_backward, info).step(micro, lr) -> StepResult``: one
   optimizer step over the micro-batches ``micro`` (Batch dicts on the CPU): each backpropagates
   ``W * sum CE / N`` with ``N`` the supervised targets of the whole step over all ``W`` ranks (CONTRACTS.md,
@@ -31,7 +32,7 @@ import time
 
 import torch
 
-from sft import distributed
+from sft import distributed, fp8
 from sft.config import ConfigError, TrainConfig
 from sft.distributed import DistInfo
 from sft.flops import attention_flops_tokens
@@ -135,15 +136,24 @@ def compile_blocks(model) -> None:
 
 
 def setup_model(model, cfg: TrainConfig, device: torch.device, checkpoint_blocks: int) -> dict:
-    """Attention backend, checkpointed blocks and per-block compile (module docstring). Returns
-    ``{"attention", "compile", "checkpoint_blocks"}`` as resolved."""
+    """FP8 block linears, attention backend, checkpointed blocks and per-block compile (module docstring).
+    Returns ``{"attention", "compile", "checkpoint_blocks", "fp8", "fp8_linears"}`` as resolved."""
+    n_fp8 = fp8.convert_blocks(model, cfg.fp8)  # before the compile: the compiled block fuses the casts
     backend = resolve_attention(model, cfg, device)
     set_attention(model, backend)
     set_checkpoint_blocks(model, checkpoint_blocks)
     compiled = resolve_compile(model, cfg, device)
+    if n_fp8 and not compiled:
+        log.warning("--fp8=%s without --compile: the FP8 casts run unfused, likely slower than bf16", cfg.fp8)
     if compiled:
         compile_blocks(model)
-    return {"attention": backend, "compile": compiled, "checkpoint_blocks": checkpoint_blocks}
+    return {
+        "attention": backend,
+        "compile": compiled,
+        "checkpoint_blocks": checkpoint_blocks,
+        "fp8": cfg.fp8,
+        "fp8_linears": n_fp8,
+    }
 
 
 # ----------------------------------------------------------------------------- the step
