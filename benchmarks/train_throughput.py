@@ -14,6 +14,8 @@ rendered and packed by the trainer; ``--max_steps`` steps, no samples, no final/
 | ``llama`` | ``sft/train_llama_guanaco.py`` defaults, Llama-3-8B shape (4 rows of 2,048 x 4 micro-batches) |
 | ``llama8k`` | 1 row of 8,192 x 4 micro-batches |
 | ``llama32k`` | 1 row of 32,768 x 1 (long context; the plan checkpoints what it must) |
+| ``mpt_fp8`` / ``mpt_fp8row`` | ``mpt`` with ``--fp8=tensorwise`` / ``--fp8=rowwise`` (the block linears in FP8, sft/fp8.py) |
+| ``llama_fp8`` / ``llama_fp8row`` | ``llama`` with ``--fp8=tensorwise`` / ``--fp8=rowwise`` |
 | ``mpt_hf`` | the MPT recipe through transformers' MPT (``--mpt_impl=hf``, eager attention): the reference path |
 | ``tiny_llama`` / ``tiny_mpt`` | tiny shapes (``--quick``: on the CPU, to test this script) |
 
@@ -59,7 +61,17 @@ CONFIGS = {
     ),
     "mpt_mb2": ("train_mpt_guanaco.py", ["--model=random:mpt-7b", "--micro_batch=2", "--grad_accum=8"]),
     "mpt_hf": ("train_mpt_guanaco.py", ["--model=random:mpt-7b", "--mpt_impl=hf"]),
+    "mpt_fp8": ("train_mpt_guanaco.py", ["--model=random:mpt-7b", "--fp8=tensorwise"]),
+    "mpt_fp8row": ("train_mpt_guanaco.py", ["--model=random:mpt-7b", "--fp8=rowwise"]),
     "llama": ("train_llama_guanaco.py", ["--model=random:llama-3-8b", "--template=chatml"]),
+    "llama_fp8": (
+        "train_llama_guanaco.py",
+        ["--model=random:llama-3-8b", "--template=chatml", "--fp8=tensorwise"],
+    ),
+    "llama_fp8row": (
+        "train_llama_guanaco.py",
+        ["--model=random:llama-3-8b", "--template=chatml", "--fp8=rowwise"],
+    ),
     "llama8k": (
         "train_llama_guanaco.py",
         [

