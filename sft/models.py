@@ -20,7 +20,8 @@ the final norm) and the LM head weight. Query t attends key s iff ``s <= t`` and
 
 ``without_torchao(needed=False)``: a context in which ``import torchao`` fails as if it were not installed
 (unless ``needed`` or already imported), so transformers' quantizers do not import it: it prints five lines
-of CUDA-extension, triton and pytree warnings that look like a broken install. Only ``--qlora`` needs it.
+of CUDA-extension, triton and pytree warnings that look like a broken install. Only ``--qlora`` and
+``--fp8`` need it.
 """
 
 from __future__ import annotations

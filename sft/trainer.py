@@ -451,7 +451,7 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
             run_log.open(path)
 
     try:
-        with held, without_torchao(needed=cfg.qlora):
+        with held, without_torchao(needed=cfg.qlora or cfg.fp8 != "none"):
             if resume_from is not None:
                 open_run(run_dir)
             return _train(cfg, info, device, resume_from, run_dir, t_start, open_run)

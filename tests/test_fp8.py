@@ -79,6 +79,28 @@ def test_fp8_refused_on_cpu_in_one_line_before_the_run_folder(tmp_path, capsys, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("recipe,hidden", [("tensorwise", False), ("none", True)])
+def test_trainer_hides_torchao_only_without_fp8(monkeypatch, tmp_path, recipe, hidden):
+    """The trainer hides torchao from transformers (sft.models.without_torchao) unless a run needs it:
+    with --fp8 the check (and the conversion) run with torchao importable."""
+    from sft import trainer
+
+    seen = {}
+
+    def probe(model, cfg, device):
+        seen["hidden"] = sys.modules.get("torchao", "absent") is None
+        raise ConfigError("probe")
+
+    import transformers.models.llama.modeling_llama  # noqa: F401  (loaded before torchao is taken away)
+
+    monkeypatch.delitem(sys.modules, "torchao")  # as in a fresh process (restored after the test)
+    monkeypatch.setattr(trainer, "check_fp8", probe)
+    DEFAULTS, SMOKE = _recipe("train_llama_guanaco")
+    argv = ["--smoke", f"--out_dir={tmp_path}", "--progress=false", f"--fp8={recipe}"]
+    assert trainer.main(DEFAULTS, argv, smoke=SMOKE) == 2
+    assert seen == {"hidden": hidden}
+
+
 def test_fp8_option_values():
     assert TrainConfig().fp8 == "none"
     assert parse_args(["--fp8=rowwise"]).fp8 == "rowwise"
