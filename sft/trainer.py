@@ -355,8 +355,9 @@ def _eval_line(step: int, ev: dict) -> str:
         else ""
     )
     acc, stop = ev["eval_token_accuracy"], ev["eval_stop_rate"]
+    head = f"step {step}: held-out loss" if step else "held-out loss before training:"
     return (
-        f"step {step}: held-out loss {ev['eval_loss']:.4f}{srcs} on {ev['eval_tokens_supervised']} tokens"
+        f"{head} {ev['eval_loss']:.4f}{srcs} on {ev['eval_tokens_supervised']} tokens"
         + (f" | token accuracy {acc:.3f}" if acc is not None else "")
         + (f" | stop rate {stop:.2f}" if stop is not None else "")
     )
