@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.iters + 1):
         t = time.perf_counter()
         hidden, head = forward_hidden(model, batch)
-        loss = F.cross_entropy((hidden[0, :-1] @ head.T).float(), targets)
+        loss = F.cross_entropy(head.logits(hidden[0, :-1]), targets)
         loss.backward()
         model.zero_grad(set_to_none=True)
         if i:  # the first step is a warm-up

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from sft.loss import as_head
 from sft.models import forward_hidden
 from sft.schema import IGNORE_INDEX, Conversation
 
@@ -38,12 +39,13 @@ def measure(
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         with autocast():
-            h, w = fwd(model, b)
+            h, head = fwd(model, b)
+        head = as_head(head)  # the model's own head (sft.models.lm_head): bias, scale, soft-capping
         flat_t = b["targets"].reshape(-1)
         keep = (flat_t != IGNORE_INDEX).nonzero(as_tuple=True)[0]
         hs, ts = h.reshape(-1, h.size(-1)).index_select(0, keep), flat_t.index_select(0, keep)
         for a in range(0, hs.size(0), chunk):
-            logits = (hs[a : a + chunk] @ w.t()).float()
+            logits = head.logits(hs[a : a + chunk])
             total += float(F.cross_entropy(logits, ts[a : a + chunk], reduction="sum"))
             correct += int((logits.argmax(-1) == ts[a : a + chunk]).sum())
         n += int(keep.numel())

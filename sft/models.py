@@ -14,14 +14,19 @@
 MPT goes through transformers' ``MptForCausalLM`` (``cfg.mpt_impl="hf"``, no remote code), or through
 ``sft.mpt`` (``"fast"``). A model loaded from GGUF is rebuilt from its config so ``save_pretrained`` works.
 
-``forward_hidden(model, batch) -> (hidden [B, T, d], lm_head_weight [V, d])``: final hidden states (after
-the final norm) and the LM head weight. Query t attends key s iff ``s <= t`` and
+``forward_hidden(model, batch) -> (hidden [B, T, d], head: LMHead)``: final hidden states (after
+the final norm) and the model's output head (``lm_head(model)``). Query t attends key s iff ``s <= t`` and
 ``document_ids[b, s] == document_ids[b, t]``; ``position_ids`` restart per document (rotary models).
 
 ``without_torchao(needed=False)``: a context in which ``import torchao`` fails as if it were not installed
 (unless ``needed`` or already imported), so transformers' quantizers do not import it: it prints five lines
 of CUDA-extension, triton and pytree warnings that look like a broken install. Only ``--qlora`` and
 ``--fp8`` need it.
+
+``lm_head(model) -> sft.loss.LMHead``: the head as the model's forward applies it (bias, Cohere's
+``logit_scale``, Granite's ``1 / logits_scaling``, Gemma-2's ``final_logit_softcapping``, our MPT's
+``logit_scale``); a head it cannot express is refused (:class:`ModelError`) rather than trained on a loss
+that is not the model's.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from sft.loss import LMHead
 
 log = logging.getLogger(__name__)
 
@@ -419,11 +426,52 @@ def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return (causal[None] & same)[:, None]
 
 
-def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states ``[B, T, d]`` and LM head weight ``[V, d]`` with document-masked attention.
+# config keys of transformers models whose forward changes the logits in a way LMHead does not express
+_UNSUPPORTED_HEAD_KEYS = ("logits_mup_width_multiplier", "unpadded_vocab_size", "final_logits_bias")
+
+
+def _set(config, key: str):
+    value = getattr(config, key, None)
+    return None if value is None or isinstance(value, bool) else value
+
+
+def lm_head(model) -> LMHead:
+    """The output head of ``model`` as its forward applies it (see the module docstring).
+
+    Raises ModelError (one line naming the model type and the feature) for a head it cannot express.
+    """
+    config = model.config
+    kind = getattr(config, "model_type", type(model).__name__)
+    if hasattr(model, "forward_hidden"):  # our MPT: tied embedding, then logit_scale
+        return LMHead(model.lm_head_weight, scale=config.logit_scale)
+    unsupported = [k for k in _UNSUPPORTED_HEAD_KEYS if _set(config, k) is not None]
+    if kind == "mpt" and _set(config, "logit_scale") is not None:
+        unsupported.append("logit_scale (transformers' MPT ignores it; --mpt_impl=fast applies it)")
+    if hasattr(model, "logit_softcap"):
+        unsupported.append("a logit_softcap module")
+    out = model.get_output_embeddings()
+    if not isinstance(out, torch.nn.Linear):
+        unsupported.append(f"an output layer of type {type(out).__name__}")
+    if unsupported:
+        raise ModelError(
+            f"model type '{kind}': the loss cannot apply its output head's {', '.join(unsupported)}"
+        )
+    scale = None
+    if kind != "mpt" and _set(config, "logit_scale") is not None:  # Cohere: logits * logit_scale
+        scale = float(config.logit_scale)
+    if _set(config, "logits_scaling") is not None:  # Granite: logits / logits_scaling (MiniCPM3: on h)
+        scale = (scale or 1.0) / float(config.logits_scaling)
+    if _set(config, "lm_head_multiplier") is not None:  # Falcon-H1: logits * lm_head_multiplier
+        scale = (scale or 1.0) * float(config.lm_head_multiplier)
+    softcap = _set(config, "final_logit_softcapping")  # Gemma-2/3: cap * tanh(logits / cap)
+    return LMHead(out.weight, out.bias, scale, None if softcap is None else float(softcap))
+
+
+def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, LMHead]:
+    """Final hidden states ``[B, T, d]`` and the output head (:func:`lm_head`), document-masked attention.
 
     Uses ``batch["input_ids"]``, ``batch["document_ids"]`` and ``batch["position_ids"]`` (all ``[B, T]``).
-    - Our MPT (has ``forward_hidden``): called with ``(input_ids, document_ids)``; head = ``lm_head_weight``.
+    - Our MPT (has ``forward_hidden``): called with ``(input_ids, document_ids)``.
     - transformers MPT (eager only): MPT's attention does ``masked_fill(mask, -inf)``, so True must mean
       *blocked*; a 4-D mask is passed through ``create_causal_mask`` unchanged. ALiBi is a function of
       ``s - t`` up to a per-row constant, so it needs no position reset.
@@ -437,17 +485,17 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     """
     ids, docs = batch["input_ids"], batch["document_ids"]
     if hasattr(model, "forward_hidden"):
-        return model.forward_hidden(ids, docs), model.lm_head_weight
+        return model.forward_hidden(ids, docs), lm_head(model)
     base = model.base_model
     impl = getattr(model.config, "_attn_implementation", "eager")
     if model.config.model_type == "mpt":
         out = base(input_ids=ids, attention_mask=~document_mask(docs), use_cache=False)
-        return out.last_hidden_state, model.get_output_embeddings().weight
+        return out.last_hidden_state, lm_head(model)
     pos = batch["position_ids"]
     if impl == "flash_attention_2":
         B, T = ids.shape
         out = base(input_ids=ids.reshape(1, B * T), position_ids=pos.reshape(1, B * T), use_cache=False)
-        return out.last_hidden_state.reshape(B, T, -1), model.get_output_embeddings().weight
+        return out.last_hidden_state.reshape(B, T, -1), lm_head(model)
     if impl == "flex_attention":
         from sft.mpt import document_block_mask
 
@@ -461,4 +509,4 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     else:
         raise ModelError(f"attention implementation '{impl}' has no document-masked path here")
     out = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
-    return out.last_hidden_state, model.get_output_embeddings().weight
+    return out.last_hidden_state, lm_head(model)

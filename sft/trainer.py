@@ -72,7 +72,7 @@ from sft.engine import Engine, ce_sum, resolve_attention, resolve_compile, set_a
 from sft.flops import layers_and_width, mfu, peak_flops, step_flops
 from sft.fp8 import check_fp8
 from sft.memory import plan_memory
-from sft.models import ModelError, forward_hidden, load_model_and_tokenizer, without_torchao
+from sft.models import ModelError, forward_hidden, lm_head, load_model_and_tokenizer, without_torchao
 from sft.render import TemplateError
 from sft.runs import RunError
 from sft.schema import IGNORE_INDEX, DataError
@@ -614,6 +614,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_
     runs.check_writable(cfg.out_dir)
     data_sources(cfg)  # a bad --data / --eval_data fails before any model is loaded
     model, tokenizer = load_model_and_tokenizer(cfg)
+    lm_head(model)  # refuses (ModelError) an output head the loss cannot apply as the model does
     resolve_attention(model, cfg, device)  # a backend the model cannot use fails before data preparation
     check_fp8(model, cfg, device)  # so does --fp8 where it cannot run
     compiled = resolve_compile(model, cfg, device)

@@ -81,8 +81,8 @@ def packed_batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def logits(model, batch) -> torch.Tensor:
-    h, w = forward_hidden(model, batch)
-    return h @ w.T
+    h, head = forward_hidden(model, batch)
+    return head.logits(h)
 
 
 def loss_of(model, batch) -> torch.Tensor:

@@ -111,3 +111,110 @@ def test_loss_is_the_mean_over_all_supervised_tokens(model):
             n += int((target != IGNORE_INDEX).sum())
     loss, _ = _step(model, [pad_collate(samples[:3], PAD), pad_collate(samples[3:], PAD)])
     assert loss == pytest.approx(total / n, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- the model's own loss
+
+
+def _tiny_hf(kind: str):
+    """A 2-layer fp32 transformers model whose output head does more than ``h @ W.T`` (except Llama/MPT)."""
+    import transformers as tf
+
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    if kind == "gemma2":  # soft-capping small enough to bend these logits
+        cfg = tf.Gemma2Config(**common, head_dim=8, final_logit_softcapping=0.5, sliding_window=64)
+    elif kind == "phi":  # lm_head has a bias; randomised below (init makes it zero)
+        cfg = tf.PhiConfig(**common)
+    elif kind == "cohere":
+        cfg = tf.CohereConfig(**common, logit_scale=0.25)
+    elif kind == "granite":  # transformers divides by logits_scaling
+        cfg = tf.GraniteConfig(**common, logits_scaling=4.0)
+    elif kind == "llama":
+        cfg = tf.LlamaConfig(**common)
+    else:
+        cfg = tf.MptConfig(vocab_size=V, d_model=32, n_heads=4, n_layers=2, max_seq_len=64, no_bias=True)
+    cfg._attn_implementation = "eager"
+    model = tf.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        out = model.get_output_embeddings()
+        out.weight.mul_(20.0)  # logits of a few units, so a scale or a cap changes the loss visibly
+        if out.bias is not None:
+            out.bias.normal_(0.0, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "phi", "cohere", "granite", "llama", "mpt"])
+def test_chunked_loss_is_the_models_own_loss(kind):
+    """Our loss on one unpacked document == transformers' ``model(ids, labels=...).loss`` x N, fp32."""
+    model = _tiny_hf(kind)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (1, 24), generator=g)
+    labels = ids.clone()
+    labels[0, :9] = IGNORE_INDEX  # a prompt
+    targets = torch.cat([labels[:, 1:], torch.full((1, 1), IGNORE_INDEX)], dim=1)  # our shift
+    batch = {"input_ids": ids, "document_ids": torch.zeros_like(ids, dtype=torch.int32),
+             "position_ids": torch.arange(24)[None], "targets": targets}  # fmt: skip
+    n = int((targets != IGNORE_INDEX).sum())
+    with torch.no_grad():
+        theirs = model(input_ids=ids, labels=labels).loss.item()
+        h, head = forward_hidden(model, batch)
+        ours = chunked_cross_entropy_sum(h, head, targets, 5).item()
+        bare = chunked_cross_entropy_sum(h, head.weight, targets, 5).item()
+    assert n == 15 and ours == pytest.approx(theirs * n, rel=1e-5, abs=1e-5)
+    if kind not in ("llama", "mpt"):  # the bare weight (the old loss) is not the model's loss here
+        assert abs(bare - theirs * n) > 0.1 * n
+
+
+def test_our_mpt_loss_applies_logit_scale():
+    from sft.mpt import MPTConfig, MPTForCausalLM
+
+    torch.manual_seed(0)
+    m = MPTForCausalLM(MPTConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=V, max_seq_len=64,
+                                 logit_scale=0.125), attn_impl="sdpa")  # fmt: skip
+    m.init_weights(std=0.5)
+    ids = torch.randint(0, V, (1, 16))
+    t = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE_INDEX)], dim=1)
+    with torch.no_grad():
+        theirs = F.cross_entropy(m(ids)[0], t[0], ignore_index=IGNORE_INDEX, reduction="sum").item()
+        h, head = forward_hidden(m, {"input_ids": ids, "document_ids": torch.zeros_like(ids)})
+        assert head.scale == 0.125
+        assert chunked_cross_entropy_sum(h, head, t, 4).item() == pytest.approx(theirs, rel=1e-5)
+
+
+def test_a_head_the_loss_cannot_apply_is_refused():
+    from sft.models import ModelError, lm_head
+
+    model = _tiny_hf("mpt")
+    model.config.logit_scale = 0.5  # transformers' MPT ignores it: neither choice is safe to train on
+    with pytest.raises(ModelError, match=r"^model type 'mpt': .*logit_scale"):
+        lm_head(model)
+    llama = _tiny_hf("llama")
+    llama.config.unpadded_vocab_size = 50
+    with pytest.raises(ModelError, match=r"^model type 'llama': .*unpadded_vocab_size"):
+        lm_head(llama)
+
+
+def test_the_trainer_refuses_such_a_model_before_any_run_folder(tmp_path, capsys):
+    from sft import trainer
+    from sft.config import TrainConfig
+    from sft.models import byte_tokenizer, tiny_model
+
+    tok = byte_tokenizer()
+    model = tiny_model("tiny-mpt", len(tok), seed=0, max_len=64)
+    model.config.logit_scale = 0.5
+    model.save_pretrained(str(tmp_path / "mpt"))
+    tok.save_pretrained(str(tmp_path / "mpt"))
+    out = tmp_path / "runs"
+    argv = [
+        f"--model={tmp_path / 'mpt'}",
+        "--mpt_impl=hf",
+        f"--out_dir={out}",
+        "--max_steps=1",
+        "--max_len=64",
+    ]
+    assert trainer.main(TrainConfig(), argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "model type 'mpt'" in err[0] and "logit_scale" in err[0]
+    assert not out.exists() or not any(out.iterdir())
