@@ -311,10 +311,25 @@ def _load_smollm2(dtype):
     return model.to(dtype), tok
 
 
-def _load_error(what: str, e: Exception, hint: str = "") -> ModelError:
-    """``cannot load <what> (<type>: <first line of e>)<hint>`` as one ModelError line."""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return ModelError(f"cannot load {what} ({type(e).__name__}: {first[:300]}){hint}")
+def _damaged_file(e: Exception) -> bool:
+    """Whether ``e`` is what a truncated or corrupt weights file raises (not a config or tokenizer fault)."""
+    text = str(e)
+    return (
+        type(e).__name__ in ("SafetensorError", "EOFError", "error")  # "error": struct.error (GGUF header)
+        or isinstance(e, ValueError)
+        and any(k in text for k in ("cannot reshape array", "cannot mmap an empty file", "invalid header"))
+    )
+
+
+def _load_error(what: str, e: Exception) -> ModelError:
+    """``cannot load <what> (<type>: <e's message on one line>)``, plus ``; is the file complete?`` only when
+    ``e`` is what a damaged weights file raises. The message's lines are joined (a validator's first line
+    often only says which check failed), so the real cause is in the one line."""
+    text = " ".join(str(e).split())
+    if len(text) > 400:
+        text = text[:400] + "..."
+    hint = "; is the file complete?" if _damaged_file(e) else ""
+    return ModelError(f"cannot load {what} ({type(e).__name__}: {text}){hint}")
 
 
 def load_model_and_tokenizer(cfg):
@@ -330,9 +345,10 @@ def load_model_and_tokenizer(cfg):
     except ModelError:
         raise
     except Exception as e:
-        # a truncated/corrupt safetensors or GGUF file, a pickle refused by weights_only...: the loaders
-        # raise many types from deep inside; the user gets one line naming the model and the cause
-        raise _load_error(f"model '{cfg.model}'", e, "; is the file complete?") from None
+        # a truncated/corrupt safetensors or GGUF file, a pickle refused by weights_only, a config transformers
+        # rejects...: the loaders raise many types from deep inside; the user gets one line naming the model
+        # and the cause (the original stays chained for a traceback)
+        raise _load_error(f"model '{cfg.model}'", e) from e
     if cfg.tokenizer:
         from sft.prepare import load_tokenizer  # the same roles for a bare tokenizer.json as `sft.preview`
 
@@ -341,7 +357,7 @@ def load_model_and_tokenizer(cfg):
         except ModelError:
             raise
         except Exception as e:
-            raise _load_error(f"tokenizer '{cfg.tokenizer}'", e) from None
+            raise _load_error(f"tokenizer '{cfg.tokenizer}'", e) from e
     vocab = model.get_input_embeddings().weight.size(0)
     if cfg.model.startswith("random:") and len(tok) > vocab:
         raise ModelError(f"model '{cfg.model}' has {vocab} token embeddings; the tokenizer has {len(tok)}")
@@ -379,7 +395,10 @@ def _load(cfg, dtype):
                 use_safetensors=None if cfg.allow_pickle else True,
                 trust_remote_code=False,
             )
-            tok = AutoTokenizer.from_pretrained(str(path))
+            try:
+                tok = AutoTokenizer.from_pretrained(str(path))
+            except Exception as e:
+                raise _load_error(f"the tokenizer of model folder '{path}'", e) from e
         elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise ModelError(f"model '{name}' is neither a model folder nor a .gguf file")
         else:

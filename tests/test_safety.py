@@ -4,6 +4,7 @@ file, chat templates only through transformers' sandboxed jinja.
 Every load goes through the trainer's own loader, ``sft.models.load_model_and_tokenizer(TrainConfig)``.
 """
 
+import json
 import os
 import re
 import shutil
@@ -135,8 +136,44 @@ def test_damaged_safetensors_is_one_clear_error(good_folder, tmp_path, name, mut
     with pytest.raises(ModelError) as e:
         load(d)
     msg = str(e.value)
-    assert "\n" not in msg and str(d) in msg and "is the file complete?" in msg
-    assert e.value.__cause__ is None and e.value.__suppress_context__  # no chained traceback from deep inside
+    assert "\n" not in msg and str(d) in msg and msg.endswith("; is the file complete?")
+    assert isinstance(e.value.__cause__, Exception)  # the loader's own error stays chained for a traceback
+
+
+def _edit_config(good_folder, tmp_path, name, **changes):
+    d = tmp_path / name
+    shutil.copytree(good_folder, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return d
+
+
+@pytest.mark.parametrize(
+    "name,changes,cause",
+    [
+        ("unknown_type", {"model_type": "nosuch"}, "model type `nosuch` but Transformers does not recognize"),
+        # the validator's first line names only the check; the cause is on its second line
+        ("bad_heads", {"num_attention_heads": 5}, "not a multiple of the number of attention heads (5)"),
+    ],
+)
+def test_a_config_fault_names_its_cause_not_a_damaged_file(good_folder, tmp_path, name, changes, cause):
+    d = _edit_config(good_folder, tmp_path, name, **changes)
+    with pytest.raises(ModelError) as e:
+        load(d)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"cannot load model '{d}' (") and cause in msg
+    assert "is the file complete" not in msg
+
+
+def test_a_missing_tokenizer_is_named_as_the_tokenizer(good_folder, tmp_path):
+    d = tmp_path / "no_tokenizer"
+    shutil.copytree(good_folder, d)
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(ModelError) as e:
+        load(d)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot load the tokenizer of model folder '{d}' (ValueError: ")
+    assert "\n" not in msg and "is the file complete" not in msg
 
 
 def test_damaged_safetensors_in_mpt_loader(tmp_path):
