@@ -172,7 +172,11 @@ def test_adapters_raise_only_data_errors(row):
         name = detect_format(row)
         assert name in ADAPTERS
     except DataError as e:
-        assert "\n" not in str(e).strip() or True  # the message is ours; its text may quote the data
+        # one line even when the row's keys hold line breaks: the data is quoted with repr, never raw
+        assert "\n" not in str(e) and "\r" not in str(e), str(e)
+        assert str(e).startswith(
+            ("expected a JSON object, got", "unknown format (keys", "ambiguous format")
+        ), str(e)
     for fmt in [None, *ADAPTERS]:
         try:
             conv = to_conversation(row, fmt, source="rand.jsonl", row_index=7)
@@ -188,6 +192,14 @@ def test_adapters_raise_only_data_errors(row):
                 continue
             assert isinstance(conv, list), fmt
             assert all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in conv), fmt
+
+
+def test_a_key_with_a_line_break_stays_on_one_line():
+    with pytest.raises(DataError) as e:
+        detect_format({"bad\nkey": "x"})
+    assert str(e.value) == "unknown format (keys ['bad\\nkey']); name it with fmt= one of " + str(
+        sorted(ADAPTERS)
+    )
 
 
 def test_lone_surrogate_is_a_data_error():

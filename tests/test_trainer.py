@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import transformers
 
 from sft import engine, trainer
 from sft.config import TrainConfig
@@ -66,9 +67,9 @@ def test_run_folder_holds_every_file(full_run):
         assert (full_run / "final" / f).is_file(), f
     cfg = json.loads((full_run / "config.json").read_text())
     assert cfg["config"]["model"] == "tiny-llama" and cfg["config"]["max_steps"] == 4
-    assert cfg["versions"]["torch"] == torch.__version__.split("+")[0] or cfg["versions"]["torch"].startswith(
-        "2."
-    )
+    # the installed distribution's version (importlib.metadata keeps the local tag, e.g. "2.13.0+cpu")
+    assert cfg["versions"]["torch"] == torch.__version__
+    assert cfg["versions"]["transformers"] == transformers.__version__
     assert len(cfg["data"]["fingerprint"]) >= 8 and cfg["data"]["stats"]
     samples = [json.loads(s) for s in (full_run / "samples.jsonl").read_text().splitlines()]
     assert [s["stage"] for s in samples] == ["before", "after"]
