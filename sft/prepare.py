@@ -19,7 +19,10 @@
 The result is cached on disk (``cache_dir``, else ``$SFT_CACHE``, else ``~/.cache/sft``) under a
 fingerprint of the data (file bytes, bundled sample, or hub id + split), the tokenizer (its full JSON
 and special tokens), the resolved template and every setting, so a re-run skips all of the above.
-A cache file that cannot be read back (truncated, corrupt) is ignored with a warning and rewritten.
+The cache file (``prepared-<fingerprint>.npz``) holds only integer arrays and one JSON document, read
+with ``np.load(allow_pickle=False)``: nothing in it can execute code, whoever wrote it. A cache file that
+cannot be read back (truncated, corrupt, a pickle, another fingerprint's) is ignored with a warning and
+rewritten.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -51,7 +53,7 @@ from sft.sources import is_local, load_rows
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when preparation changes what it produces
+CACHE_VERSION = 2  # bump when preparation changes what it produces (2: npz + JSON instead of a pickle)
 
 
 @dataclass
@@ -131,6 +133,45 @@ def _fingerprint(source, split, tokenizer, template_src, settings) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _save_cache(prepared: Prepared, path: Path) -> None:
+    """Write ``prepared`` as an ``.npz``: per split ``<split>_lengths`` / ``_input_ids`` / ``_labels`` (int64,
+    the samples concatenated) and ``meta`` (UTF-8 JSON bytes: fingerprint, stats, held-out conversations)."""
+    arrays = {}
+    for name, samples in (("train", prepared.train), ("eval", prepared.eval)):
+        arrays[f"{name}_lengths"] = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
+        for key in ("input_ids", "labels"):
+            parts = [np.asarray(getattr(s, key), dtype=np.int64) for s in samples]
+            arrays[f"{name}_{key}"] = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    meta = {
+        "fingerprint": prepared.fingerprint,
+        "stats": prepared.stats,
+        "eval_conversations": prepared.eval_conversations,
+    }
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+
+
+def _load_cache(path: Path, fingerprint: str) -> Prepared:
+    """Read what :func:`_save_cache` wrote; raises (ValueError, OSError, ...) on anything else."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes().decode())
+        if meta["fingerprint"] != fingerprint:
+            raise ValueError(f"holds fingerprint {meta['fingerprint']!r}")
+        splits = {}
+        for name in ("train", "eval"):
+            lengths, ids, labels = (z[f"{name}_{k}"] for k in ("lengths", "input_ids", "labels"))
+            if len(ids) != len(labels) or int(lengths.sum()) != len(ids) or (lengths < 0).any():
+                raise ValueError(f"{name} arrays disagree in length")
+            cuts = np.cumsum(lengths)[:-1]
+            splits[name] = [
+                Sample(a.tolist(), b.tolist()) for a, b in zip(np.split(ids, cuts), np.split(labels, cuts))
+            ][: len(lengths)]
+    return Prepared(splits["train"], splits["eval"], meta["eval_conversations"], meta["stats"], fingerprint)
 
 
 def default_cache_dir() -> Path:
@@ -256,14 +297,11 @@ def prepare_data(
         bad_rows=bad_rows,
     )  # fmt: skip
     fingerprint = _fingerprint(source, split, tokenizer, tmpl, settings)
-    cache_file = Path(cache_dir or default_cache_dir()) / f"prepared-{fingerprint}.pkl"
+    cache_file = Path(cache_dir or default_cache_dir()) / f"prepared-{fingerprint}.npz"
     if use_cache and cache_file.is_file():
         try:
-            with cache_file.open("rb") as f:
-                prepared = pickle.load(f)
-            if not isinstance(prepared, Prepared):
-                raise TypeError(f"holds a {type(prepared).__name__}")
-        except Exception as e:  # truncated or corrupt (a kill mid-write, a full disk): rebuild it
+            prepared = _load_cache(cache_file, fingerprint)
+        except Exception as e:  # truncated or corrupt (a kill mid-write, a full disk), not ours: rebuild it
             log.warning(
                 "ignoring unreadable data cache %s (%s: %s); preparing again", cache_file, type(e).__name__, e
             )
@@ -360,10 +398,7 @@ def prepare_data(
     if use_cache:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            with tmp.open("wb") as f:
-                pickle.dump(prepared, f, protocol=pickle.HIGHEST_PROTOCOL)
-            tmp.replace(cache_file)  # atomic: a concurrent reader never sees half a file
+            _save_cache(prepared, cache_file)
         except OSError as e:  # a read-only home must not stop training
             log.warning("could not write the data cache %s: %s", cache_file, e)
     return prepared

@@ -1,8 +1,11 @@
 """prepare_data on the real Guanaco file and the bundled sample: drops, cuts, split, cache, refusals."""
 
 import json
+import pickle
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sft.packing import pack, packing_efficiency
@@ -176,3 +179,70 @@ def test_bad_inputs_through_prepare(tmp_path, neox_tokenizer):
         prepare_data(str(path), neox_tokenizer, template="chatml", use_cache=False, bad_rows="drop")
     with pytest.raises(DataError, match=r"missing\.jsonl: file not found"):
         prepare_data(str(tmp_path / "missing.jsonl"), neox_tokenizer, template="chatml", use_cache=False)
+
+
+# ----------------------------------------------------------------------------- the cache file
+
+
+def _bundled(tok, cache):
+    return prepare_data("bundled", tok, template="chatml", eval_size=5, seed=0, cache_dir=cache)
+
+
+def _same(a, b):
+    assert [(s.input_ids, s.labels) for s in a.train] == [(s.input_ids, s.labels) for s in b.train]
+    assert [(s.input_ids, s.labels) for s in a.eval] == [(s.input_ids, s.labels) for s in b.eval]
+    assert a.eval_conversations == b.eval_conversations and a.fingerprint == b.fingerprint
+
+
+def test_cache_is_arrays_and_json_and_round_trips(neox_tokenizer, tmp_path):
+    a = _bundled(neox_tokenizer, tmp_path)
+    (f,) = tmp_path.iterdir()
+    assert f.name == f"prepared-{a.fingerprint}.npz"
+    with np.load(f, allow_pickle=False) as z:  # no object array anywhere: pickle-free by construction
+        assert all(z[k].dtype in (np.int64, np.uint8) for k in z.files)
+        assert json.loads(z["meta"].tobytes())["fingerprint"] == a.fingerprint
+    b = _bundled(neox_tokenizer, tmp_path)
+    assert b.stats["cached"] is True and a.stats["cached"] is False
+    _same(a, b)
+    assert {k: v for k, v in b.stats.items() if k not in ("cached", "load_seconds")} == {
+        k: v for k, v in a.stats.items() if k != "cached"
+    }
+
+
+@pytest.mark.parametrize(
+    "name,mutate",
+    [
+        ("truncated", lambda b: b[: len(b) // 2]),
+        ("empty", lambda b: b""),
+        ("random_bytes", lambda b: bytes(range(256)) * 8),
+    ],
+)
+def test_damaged_cache_is_rebuilt(neox_tokenizer, tmp_path, caplog, name, mutate):
+    a = _bundled(neox_tokenizer, tmp_path)
+    (f,) = tmp_path.iterdir()
+    f.write_bytes(mutate(f.read_bytes()))
+    with caplog.at_level("WARNING", logger="sft.prepare"):
+        b = _bundled(neox_tokenizer, tmp_path)
+    assert "ignoring unreadable data cache" in caplog.text and b.stats["cached"] is False
+    _same(a, b)
+    assert _bundled(neox_tokenizer, tmp_path).stats["cached"] is True  # rewritten whole
+
+
+def test_a_pickle_where_the_cache_is_is_never_executed(neox_tokenizer, tmp_path, caplog):
+    a = _bundled(neox_tokenizer, tmp_path)
+    (f,) = tmp_path.iterdir()
+    marker = tmp_path.parent / f"{tmp_path.name}-pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    pickle_bytes = pickle.dumps(Payload())
+    f.write_bytes(pickle_bytes)
+    (tmp_path / f"prepared-{a.fingerprint}.pkl").write_bytes(pickle_bytes)  # where the old cache lived
+    with caplog.at_level("WARNING", logger="sft.prepare"):
+        b = _bundled(neox_tokenizer, tmp_path)
+    assert not marker.exists()
+    assert "ignoring unreadable data cache" in caplog.text and "pickle" in caplog.text
+    assert b.stats["cached"] is False
+    _same(a, b)
