@@ -200,6 +200,11 @@ class TrainConfig:
     resume: str | None = _f(
         None, "'latest' (newest run in out_dir) or a run folder: continue from its latest checkpoint"
     )
+    resume_changed_data: bool = _f(
+        False,
+        "on --resume, continue even if the data, tokenizer, chat template or max_len differ from the run's "
+        "(refused otherwise: the run would silently train on other rows)",
+    )
     stop_after: int = _f(
         0, "stop (with a checkpoint) after this many steps, as if interrupted; 0 = off", minimum=0
     )
@@ -436,6 +441,7 @@ RESUME_CHANGEABLE = (
     "progress",
     "allow_pickle",
     "export_gguf",
+    "resume_changed_data",  # accept a run's changed data / tokenizer / template (sft.runs.check_resume_inputs)
 )
 # never compared with the saved run: where to find it and which run (the saved config's are stale)
 _RESUME_LOCATORS = ("resume", "out_dir", "run_name")
@@ -450,8 +456,9 @@ def resume_config(
     explicitly (``parse_updates(argv)``'s keys); None = the fields where ``new`` differs from
     ``TrainConfig()``'s defaults (a config built in Python). A given field equal to the saved value is fine;
     one that differs is taken if it is in :data:`RESUME_CHANGEABLE`, else ConfigError naming every such
-    field (one line). ``resume``, ``stop_after`` and ``progress`` always come from ``new`` (a saved
-    ``--stop_after`` does not stop the resumed run again). ``--max_steps`` below ``step`` is refused.
+    field (one line). ``resume``, ``stop_after``, ``progress`` and ``resume_changed_data`` always come from
+    ``new`` (a saved ``--stop_after`` does not stop the resumed run again, a saved override does not
+    accept the next change unasked). ``--max_steps`` below ``step`` is refused.
     """
     if given is None:
         base = TrainConfig()
@@ -466,7 +473,7 @@ def resume_config(
             f"--resume continues a run with its own settings; these cannot change: {flags} "
             f"(may change: {', '.join('--' + k for k in RESUME_CHANGEABLE)}); start a new run instead"
         )
-    always = ("resume", "stop_after", "progress")
+    always = ("resume", "stop_after", "progress", "resume_changed_data")
     cfg = dataclasses.replace(saved, **{k: getattr(new, k) for k in (*changed, *always)})
     if cfg.max_steps and cfg.max_steps < step:
         raise ConfigError(f"--max_steps={cfg.max_steps}: the checkpoint is already at step {step}")

@@ -53,7 +53,7 @@ from sft.sources import is_local, load_rows
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when preparation changes what it produces (2: npz + JSON instead of a pickle)
+CACHE_VERSION = 1  # bump when preparation changes what it produces
 
 
 @dataclass
@@ -65,6 +65,9 @@ class Prepared:
     eval_conversations: list[Conversation]
     stats: dict = field(default_factory=dict)
     fingerprint: str = ""
+    # what the fingerprint is made of, by part (data, tokenizer, template, max_len, settings): a run records
+    # it so that --resume can name what changed (sft.runs.check_resume_inputs)
+    inputs: dict = field(default_factory=dict)
 
 
 def load_tokenizer(spec: str | os.PathLike):
@@ -121,18 +124,21 @@ def _tokenizer_key(tokenizer) -> str:
     return hashlib.sha256((body + json.dumps(special)).encode()).hexdigest()
 
 
-def _fingerprint(source, split, tokenizer, template_src, settings) -> str:
+def _fingerprint(source, split, tokenizer, template_src, settings) -> tuple[str, dict]:
+    """``(fingerprint, inputs)``: the cache key, and its parts as a run records them."""
+    data, tok = _data_key(source, split), _tokenizer_key(tokenizer)
     payload = json.dumps(
-        {
-            "v": CACHE_VERSION,
-            "data": _data_key(source, split),
-            "tok": _tokenizer_key(tokenizer),
-            "template": template_src,
-            "settings": settings,
-        },
+        {"v": CACHE_VERSION, "data": data, "tok": tok, "template": template_src, "settings": settings},
         sort_keys=True,
     )
-    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+    inputs = {
+        "data": data,
+        "tokenizer": tok,
+        "template": hashlib.sha256(template_src.encode()).hexdigest(),
+        "max_len": settings["max_len"],
+        "settings": {k: v for k, v in settings.items() if k != "max_len"},
+    }
+    return hashlib.sha256(payload.encode()).hexdigest()[:24], inputs
 
 
 def _save_cache(prepared: Prepared, path: Path) -> None:
@@ -296,7 +302,7 @@ def prepare_data(
         fmt=fmt, fields=fields, max_len=max_len, overlong=overlong, limit=limit, eval_size=eval_size, seed=seed,
         bad_rows=bad_rows,
     )  # fmt: skip
-    fingerprint = _fingerprint(source, split, tokenizer, tmpl, settings)
+    fingerprint, inputs = _fingerprint(source, split, tokenizer, tmpl, settings)
     cache_file = Path(cache_dir or default_cache_dir()) / f"prepared-{fingerprint}.npz"
     if use_cache and cache_file.is_file():
         try:
@@ -306,6 +312,7 @@ def prepare_data(
                 "ignoring unreadable data cache %s (%s: %s); preparing again", cache_file, type(e).__name__, e
             )
         else:
+            prepared.inputs = inputs
             prepared.stats["cached"] = True
             prepared.stats["load_seconds"] = round(time.perf_counter() - t0, 3)
             log.info("prepared data from cache %s", cache_file)
@@ -394,7 +401,7 @@ def prepare_data(
         "cached": False,
     }
     stats["prep_seconds"] = round(time.perf_counter() - t0, 3)
-    prepared = Prepared(train, evals, [convs[k] for k in eval_idx], stats, fingerprint)
+    prepared = Prepared(train, evals, [convs[k] for k in eval_idx], stats, fingerprint, inputs)
     if use_cache:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)

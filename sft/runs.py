@@ -3,7 +3,8 @@
 Layout of ``<out_dir>/<UTC time>_<model>_<dataset>/``:
 
 - ``config.json``: ``{"config": <resolved TrainConfig>, "git_commit", "git_dirty", "versions", "data":
-  {"fingerprint", "stats"}, "model": {...}, "device", "created_utc"}``;
+  {"fingerprint", "inputs", "stats"}, "model": {...}, "device", "created_utc"}``; ``inputs`` are the parts
+  of the data fingerprint (``sft.prepare``), compared on ``--resume`` by :func:`check_resume_inputs`;
 - ``metrics.jsonl``: one JSON object per line. Train lines have exactly :data:`TRAIN_KEYS`; eval lines
   have :data:`EVAL_KEYS` (``eval_loss`` marks them). Plots and reports read this file, never the console;
 - ``tb/``: TensorBoard event files (the same scalars);
@@ -628,6 +629,49 @@ def _written(ckpt: Path) -> float:
         return (ckpt / "state.json").stat().st_mtime
     except OSError:
         return 0.0
+
+
+_INPUT_NAMES = {"data": "the data", "tokenizer": "the tokenizer", "template": "the chat template"}
+
+
+def changed_inputs(saved: dict, fresh: dict) -> list[str]:
+    """What differs between two config.json ``data`` sections (``{"fingerprint", "inputs"}``), by name:
+    ``the data``, ``the tokenizer``, ``the chat template``, ``max_len A -> B``, ``setting K``; a run written
+    before ``inputs`` were recorded has only its fingerprint to compare."""
+    if saved.get("fingerprint") == fresh.get("fingerprint"):
+        return []
+    old, new = saved.get("inputs"), fresh.get("inputs") or {}
+    if not old:
+        return [f"the data fingerprint ({saved.get('fingerprint')} -> {fresh.get('fingerprint')})"]
+    out = [name for key, name in _INPUT_NAMES.items() if old.get(key) != new.get(key)]
+    if old.get("max_len") != new.get("max_len"):
+        out.append(f"max_len {old.get('max_len')} -> {new.get('max_len')}")
+    settings_old, settings_new = old.get("settings") or {}, new.get("settings") or {}
+    out += [
+        f"setting {k}"
+        for k in sorted(set(settings_old) | set(settings_new))
+        if settings_old.get(k) != settings_new.get(k)
+    ]
+    return out or ["the data preparation (same inputs, another fingerprint)"]
+
+
+def check_resume_inputs(run_dir: Path, fingerprint: str, inputs: dict, allow_changed: bool = False) -> None:
+    """On ``--resume``: the data as prepared now must be what ``run_dir`` was trained on (its config.json).
+
+    Raises RunError naming what changed (data file, tokenizer, template, max_len, a setting), unless
+    ``allow_changed`` (``--resume_changed_data=true``), which logs a warning instead. A resumed run reads its
+    rows by position (the data position of a checkpoint is its step), so other rows would be trained on."""
+    saved = _read_json(Path(run_dir) / "config.json").get("data") or {}
+    changed = changed_inputs(saved, {"fingerprint": fingerprint, "inputs": inputs})
+    if not changed:
+        return
+    what = ", ".join(changed)
+    if not allow_changed:
+        raise RunError(
+            f"cannot resume {run_dir}: {what} changed since the run started; "
+            "pass --resume_changed_data=true to resume on the new inputs anyway"
+        )
+    log.warning("resuming %s on changed inputs (--resume_changed_data): %s", run_dir, what)
 
 
 def find_resume(out_dir: str | Path, resume: str) -> tuple[Path, Path]:

@@ -624,6 +624,8 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_
     prepared, train_rows, eval_batches = prepare(cfg, tokenizer)
     if info.is_main:
         distributed.barrier(info)
+    if resume_from is not None:  # the rows of a resumed run are found by position: they must be the same
+        runs.check_resume_inputs(run_dir, prepared.fingerprint, prepared.inputs, cfg.resume_changed_data)
     pad_to = cfg.max_len if (compiled and not cfg.packing) else None  # one shape for the compiled blocks
     stream = MicroBatches(train_rows, cfg, pad_token_id(tokenizer), pad_to)
     A = cfg.grad_accum
@@ -687,7 +689,11 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_
             runs.write_config(
                 run_dir,
                 cfg_dict,
-                data={"fingerprint": prepared.fingerprint, "stats": prepared.stats},
+                data={
+                    "fingerprint": prepared.fingerprint,
+                    "inputs": prepared.inputs,
+                    "stats": prepared.stats,
+                },
                 model=model_info,
                 device=f"{dev_name} x {W} (FSDP2)" if info.enabled else dev_name,
             )

@@ -347,3 +347,95 @@ def test_resume_config_in_python():
     with pytest.raises(ConfigError, match=r"cannot change: --model=tiny-mpt \(run has tiny-llama\)"):
         resume_config(saved, TrainConfig(model="tiny-mpt"), given=["model"])
     assert "lr" not in RESUME_CHANGEABLE and "max_steps" in RESUME_CHANGEABLE
+
+
+# ----------------------------------------------------------------------------- resume on changed inputs
+
+
+def _recipe_module(monkeypatch):
+    """sft/train_smollm2_guanaco.py imported as a module (its top level rewrites sys.path[0]: restored)."""
+    import importlib.util
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = importlib.util.spec_from_file_location("recipe_smollm2", REPO / "sft" / "train_smollm2_guanaco.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write_rows(path, answer):
+    from sft.sample_data import BUNDLED
+
+    rows = [{"messages": c} for c in BUNDLED]
+    rows[5] = {
+        "messages": [{"role": "user", "content": "Say something."}, {"role": "assistant", "content": answer}]
+    }
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_resume_refuses_changed_data_unless_told(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SFT_CACHE", str(tmp_path / "cache"))
+    recipe = _recipe_module(monkeypatch)
+    data, out = tmp_path / "rows.jsonl", tmp_path / "runs"
+    _write_rows(data, "Something.")
+    argv = ["--smoke", f"--data={data}", f"--out_dir={out}", "--run_name=r", "--progress=false"]
+    assert recipe.main(recipe.DEFAULTS, [*argv, "--stop_after=1"], smoke=recipe.SMOKE) == 0
+    run = out / "r"
+    inputs = json.loads((run / "config.json").read_text())["data"]["inputs"]
+    assert (
+        set(inputs) == {"data", "tokenizer", "template", "max_len", "settings"} and inputs["max_len"] == 256
+    )
+    log_before = (run / "train.log").read_text()
+    before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+
+    _write_rows(data, "Something else.")  # one row's text changed, same path
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "SFT_CACHE": str(tmp_path / "cache"),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "sft" / "train_smollm2_guanaco.py"), f"--resume={run}", "--progress=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert errors == [
+        f"error: cannot resume {run}: the data changed since the run started; "
+        "pass --resume_changed_data=true to resume on the new inputs anyway"
+    ]
+    # nothing written but the attempt's lines appended to train.log (a resumed run continues that file)
+    skip = (".lock", "train.log")
+    after = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k.name not in skip} == {
+        k: v for k, v in before.items() if k.name not in skip
+    }
+    assert (run / "train.log").read_text().startswith(log_before)
+
+    with caplog.at_level(logging.WARNING, logger="sft.runs"):
+        rc = recipe.main(
+            recipe.DEFAULTS, [f"--resume={run}", "--resume_changed_data=true", "--progress=false"]
+        )
+    assert rc == 0
+    assert f"resuming {run} on changed inputs (--resume_changed_data): the data" in caplog.text
+    steps = [r["step"] for r in runs.read_metrics(run) if "loss" in r]
+    assert steps == [1, 2, 3]
+
+
+def test_changed_inputs_names_each_part(tmp_path, neox_tokenizer):
+    from sft.models import byte_tokenizer
+    from sft.prepare import prepare_data
+
+    def data(tok=neox_tokenizer, template="chatml", max_len=256, seed=0):
+        p = prepare_data("bundled", tok, template=template, max_len=max_len, seed=seed, use_cache=False)
+        return {"fingerprint": p.fingerprint, "inputs": p.inputs}
+
+    base = data()
+    assert runs.changed_inputs(base, data()) == []
+    assert runs.changed_inputs(base, data(tok=byte_tokenizer())) == ["the tokenizer"]
+    assert runs.changed_inputs(base, data(template="guanaco")) == ["the chat template"]
+    assert runs.changed_inputs(base, data(max_len=512)) == ["max_len 256 -> 512"]
+    assert runs.changed_inputs(base, data(seed=1)) == ["setting seed"]
+    old_run = {"fingerprint": "0123"}  # written before the parts were recorded
+    assert runs.changed_inputs(old_run, base) == [f"the data fingerprint (0123 -> {base['fingerprint']})"]
