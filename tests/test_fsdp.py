@@ -88,6 +88,53 @@ def test_two_ranks_match_one_process_and_resume(runs_2_and_1):
         assert [r[k] for r in rows2] == [r[k] for r in rows1], k
 
 
+KAHAN = ["--optimizer=adamw_kahan", "--precision=bf16"]  # the recipes' default optimizer, on bf16 weights
+
+
+@pytest.fixture(scope="module")
+def kahan_runs(tmp_path_factory):
+    """As runs_2_and_1, with the recipes' default optimizer (adamw_kahan) on bf16 weights."""
+    out = tmp_path_factory.mktemp("fsdp_kahan")
+    p = _torchrun(*COMMON, *KAHAN, "--grad_accum=1", f"--out_dir={out}", "--run_name=two", "--stop_after=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    stopped = _curve(out / "two")
+    p = _torchrun(f"--resume={out / 'two'}", "--progress=false")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming" in p.stderr
+    args = [*COMMON, *KAHAN, "--grad_accum=2", f"--out_dir={out}"]
+    assert trainer.main(MPT_DEFAULTS, [*args, "--run_name=one"], smoke=MPT_SMOKE) == 0
+    return out / "two", out / "one", stopped
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_with_adamw_kahan_in_bf16(kahan_runs):
+    """Tolerances for bf16 weights. Step 1 starts from the same weights on the same rows, so its loss is the
+    same fp32 sum (1e-6). Its gradients are bf16: 2 ranks sum two bf16 micro-batch gradients in the reduce,
+    one process accumulates them into a bf16 .grad, so they may differ by rounding, one bf16 ulp (2^-8 of
+    the value); the grad norm, read from them, to 2 ulps (rel 2^-7; seen: 2.3125 vs 2.296875, one ulp).
+    Adam's update is (almost) invariant to the gradient's scale, so a relative gradient difference of 2^-8
+    moves each update by at most ~2^-8 of itself; the loss falls by ~0.35 over these 3 steps, so the later
+    losses may differ by ~0.35 * 2^-8 = 1.4e-3: tolerance 2e-3 (seen: 9e-5 at step 3, 3e-5 held out)."""
+    two, one, stopped = kahan_runs
+    train2, evals2 = _curve(two)
+    train1, evals1 = _curve(one)
+    assert [s for s, *_ in train1] == [s for s, *_ in train2] == [1, 2, 3]
+    assert train2[0][1] == pytest.approx(train1[0][1], abs=1e-6)
+    for (_, loss2, norm2), (_, loss1, norm1) in zip(train2, train1, strict=True):
+        assert loss2 == pytest.approx(loss1, abs=2e-3)
+        assert norm2 == pytest.approx(norm1, rel=2**-7)
+    _close(evals2, evals1, tol=2e-3)
+    assert stopped == (train2[:2], evals2[:1])  # the resumed launch rewrote none of the first launch's lines
+    # the resumed run restored the Kahan compensation buffers from the sharded checkpoint: they are in it
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ck = two / "checkpoints" / "step_0000003"
+    keys = FileSystemReader(str(ck / "dcp")).read_metadata().state_dict_metadata
+    assert any("compensation" in k for k in keys), sorted(keys)[:20]
+    cfg = json.loads((two / "config.json").read_text())["config"]
+    assert cfg["optimizer"] == "adamw_kahan" and cfg["precision"] == "bf16"
+
+
 @pytest.mark.slow
 def test_sharded_checkpoint_layout_and_rank0_files(runs_2_and_1):
     two, _, _ = runs_2_and_1
