@@ -163,6 +163,11 @@ class LlamaCached(nn.Module):
         self.register_buffer("rope_sin", sin[0].to(dtype), persistent=False)
         self.max_seq_len, self.max_batch_size = max_seq_len, batch_size
 
+    def release_cache(self) -> None:
+        """Drop the K/V caches and RoPE tables of ``setup_cache`` (it allocates them again)."""
+        for name in [n for n in self._buffers if n.startswith(("k_cache_", "v_cache_", "rope_"))]:
+            delattr(self, name)
+
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V cached per token per sequence (all layers)."""
         n_layers = len(self.hf.model.layers)
@@ -254,6 +259,14 @@ class GenerateOutput:
     decode_s: float = 0.0
     steps: int = 0
     extra: dict = field(default_factory=dict)
+
+
+def release_cache(model: nn.Module) -> None:
+    """Free what ``setup_cache`` attached to a cached decoder (its ``release_cache``, if it has one): after
+    this the model holds no KV cache buffers. :func:`generate` calls it when it returns or raises."""
+    release = getattr(model, "release_cache", None)
+    if release is not None:
+        release()
 
 
 def _mark_static_tensors(model: nn.Module) -> None:
@@ -479,12 +492,16 @@ def generate(
     compile: bool | None = None,
 ) -> GenerateOutput:
     """One-shot convenience: wrap ``model`` (:func:`cached_decoder`), build a :class:`Generator`
-    sized for these prompts, and generate."""
+    sized for these prompts, and generate. Leaves nothing behind: the KV caches are released
+    (:func:`release_cache`) whether it returns or raises."""
     dec = cached_decoder(model)
     max_seq_len = max_seq_len or max(len(p) for p in prompts) + max_new_tokens
-    return Generator(dec, max_seq_len=max_seq_len, compile=compile).generate(
-        prompts, max_new_tokens, sampling, stop_ids
-    )
+    try:
+        return Generator(dec, max_seq_len=max_seq_len, compile=compile).generate(
+            prompts, max_new_tokens, sampling, stop_ids
+        )
+    finally:
+        release_cache(dec)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -520,6 +520,15 @@ class MPTForCausalLM(nn.Module):
         self._cache_len = max_seq_len
         self._prefill_masks.clear()
 
+    def release_cache(self) -> None:
+        """Drop the K/V caches and the cached prefill masks (``setup_cache`` allocates them again): a
+        model sampled from during training carries no inference state into the next step."""
+        for block in self.transformer.blocks:
+            block.k_cache = None
+            block.v_cache = None
+        self._cache_len = 0
+        self._prefill_masks.clear()
+
     def _use_flex_prefill(self, t: int, device: torch.device) -> bool:
         """Whether a t-token eager ``forward_cached`` goes through compiled FlexAttention."""
         impl = self.cached_prefill_impl

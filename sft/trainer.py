@@ -406,7 +406,8 @@ def _greedy(model, ids, max_new, stops, device, autocast, tokenizer) -> list[int
         return y[0, len(ids) :].tolist()
     from sft.generate import generate  # our fast MPT
 
-    return list(generate(model, [ids], max_new, stop_ids=stops).tokens[0])
+    # eager (no compiled step, no CUDA graphs kept alive by the training model); generate() frees its caches
+    return list(generate(model, [ids], max_new, stop_ids=stops, compile=False).tokens[0])
 
 
 # ----------------------------------------------------------------------------- the loop

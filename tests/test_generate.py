@@ -310,3 +310,83 @@ def test_cuda_graph_step_equals_eager_on_gpu(name):
     eager = Generator(dec, max_seq_len=140 + 32, compile=False).generate(prompts, 32)
     graphed = Generator(dec, max_seq_len=140 + 32, compile=True).generate(prompts, 32)
     assert graphed.tokens == eager.tokens
+
+
+# ----------------------------------------------------------------------------- sampling leaves nothing behind
+
+
+def _cache_buffers(model):
+    return sorted(n for n, _ in model.named_buffers() if "cache" in n or "rope_" in n)
+
+
+def _our_mpt(device="cpu", d_model=64, seed=0):
+    from sft.mpt import MPTConfig, MPTForCausalLM
+
+    torch.manual_seed(seed)
+    m = MPTForCausalLM(MPTConfig(d_model=d_model, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=512))
+    m.init_weights(std=0.2)
+    return m.to(device).train()
+
+
+def _trainer_sample(model, device):
+    """What the trainer does for a before/after sample of our MPT."""
+    import contextlib
+
+    from sft import trainer
+
+    return trainer._greedy(model, _prompt(20, 3), 12, [], device, contextlib.nullcontext, None)
+
+
+def test_trainer_sampling_leaves_no_cache_on_our_mpt():
+    m = _our_mpt()
+    assert _cache_buffers(m) == []
+    m.setup_cache(1, 32)  # what a sample allocates: the test would see it if it stayed
+    assert _cache_buffers(m) == [
+        f"transformer.blocks.{i}.{k}" for i in (0, 1) for k in ("k_cache", "v_cache")
+    ]
+    m.release_cache()
+    first = _trainer_sample(m, torch.device("cpu"))
+    assert len(first) == 12 and _cache_buffers(m) == [] and m._cache_len == 0 and not m._prefill_masks
+    assert all(b.k_cache is None and b.v_cache is None for b in m.transformer.blocks)
+    assert _trainer_sample(m, torch.device("cpu")) == first  # caches are set up again on the next sample
+
+
+def test_generate_releases_the_cache_when_it_fails(monkeypatch):
+    m = _our_mpt().eval()
+    real, calls = m.forward_cached, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(m, "forward_cached", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate(m, [_prompt(5, 0)], 8, compile=False)
+    assert _cache_buffers(m) == [] and m._cache_len == 0
+
+
+def test_llama_cached_release_drops_its_buffers(tiny_llama):
+    dec = cached_decoder(tiny_llama)
+    out = Generator(dec, max_seq_len=40, compile=False).generate([_prompt(6, 1)], 4)
+    assert len(out.tokens[0]) == 4 and len(_cache_buffers(dec)) == 2 * 2 + 2  # K, V per layer; cos, sin
+    from sft.generate import release_cache
+
+    release_cache(dec)
+    assert _cache_buffers(dec) == [] and _cache_buffers(tiny_llama) == []
+
+
+@pytest.mark.gpu
+def test_trainer_sampling_returns_cuda_memory_to_its_level():
+    import gc
+
+    device = torch.device("cuda")
+    m = _our_mpt("cuda", d_model=256)
+    torch.cuda.synchronize()
+    gc.collect()
+    base = torch.cuda.memory_allocated()
+    assert len(_trainer_sample(m, device)) == 12
+    gc.collect()
+    torch.cuda.synchronize()
+    assert _cache_buffers(m) == [] and torch.cuda.memory_allocated() == base
