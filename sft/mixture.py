@@ -268,6 +268,9 @@ class Mixture:
     stats: dict
     fingerprint: str
     eval_by_source: dict[str, list[Sample]] = field(default_factory=dict)
+    # the parts of the fingerprint, compared on --resume (sft.runs.check_resume_inputs): one source's
+    # Prepared.inputs, or {"sources": {name: inputs}, "eval_sources": {...}, "weights": {...}, "seed"}
+    inputs: dict = field(default_factory=dict)
 
 
 def _prepare_one(spec: SourceSpec, tokenizer, eval_size, **kw):
@@ -340,7 +343,9 @@ def prepare_mixture(
     if len(specs) == 1 and not eval_specs:  # one source: exactly what prepare_data gives
         p = train_p[0]
         stats = dict(p.stats, sources=[_source_stats(specs[0], p, mix([p.train], [1.0], seed)[1][0], 1.0)])
-        return Mixture(p.train, p.eval, p.eval_conversations, stats, p.fingerprint, {specs[0].name: p.eval})
+        return Mixture(
+            p.train, p.eval, p.eval_conversations, stats, p.fingerprint, {specs[0].name: p.eval}, p.inputs
+        )
 
     trains = [list(p.train) for p in train_p]
     eval_by_source: dict[str, list[Sample]] = {}
@@ -400,4 +405,10 @@ def prepare_mixture(
     }
     key = [[p.fingerprint, s.weight] for s, p in zip(specs, train_p)] + [[p.fingerprint] for p in eval_p]
     fingerprint = hashlib.sha256(json.dumps([key, seed]).encode()).hexdigest()[:24]
-    return Mixture(samples, evals, _round_robin(convs), stats, fingerprint, eval_by_source)
+    inputs = {
+        "sources": {s.name: p.inputs for s, p in zip(specs, train_p)},
+        "eval_sources": {s.name: p.inputs for s, p in zip(eval_specs, eval_p)},
+        "weights": {s.name: s.weight for s in specs},
+        "seed": seed,
+    }
+    return Mixture(samples, evals, _round_robin(convs), stats, fingerprint, eval_by_source, inputs)

@@ -634,24 +634,47 @@ def _written(ckpt: Path) -> float:
 _INPUT_NAMES = {"data": "the data", "tokenizer": "the tokenizer", "template": "the chat template"}
 
 
+def _changed_parts(old: dict, new: dict, where: str = "") -> list[str]:
+    """Names of the parts of one source's inputs (``sft.prepare.Prepared.inputs``) that differ."""
+    out = [where + name for key, name in _INPUT_NAMES.items() if old.get(key) != new.get(key)]
+    if old.get("max_len") != new.get("max_len"):
+        out.append(f"{where}max_len {old.get('max_len')} -> {new.get('max_len')}")
+    s_old, s_new = old.get("settings") or {}, new.get("settings") or {}
+    out += [f"{where}setting {k}" for k in sorted(set(s_old) | set(s_new)) if s_old.get(k) != s_new.get(k)]
+    return out
+
+
 def changed_inputs(saved: dict, fresh: dict) -> list[str]:
     """What differs between two config.json ``data`` sections (``{"fingerprint", "inputs"}``), by name:
-    ``the data``, ``the tokenizer``, ``the chat template``, ``max_len A -> B``, ``setting K``; a run written
-    before ``inputs`` were recorded has only its fingerprint to compare."""
+    ``the data``, ``the tokenizer``, ``the chat template``, ``max_len A -> B``, ``setting K`` (each prefixed
+    ``source 'S': `` in a mixture, plus ``the sources`` / ``the weights`` / ``the mixing seed``); a run
+    written before ``inputs`` were recorded has only its fingerprint to compare."""
     if saved.get("fingerprint") == fresh.get("fingerprint"):
         return []
     old, new = saved.get("inputs"), fresh.get("inputs") or {}
     if not old:
         return [f"the data fingerprint ({saved.get('fingerprint')} -> {fresh.get('fingerprint')})"]
-    out = [name for key, name in _INPUT_NAMES.items() if old.get(key) != new.get(key)]
-    if old.get("max_len") != new.get("max_len"):
-        out.append(f"max_len {old.get('max_len')} -> {new.get('max_len')}")
-    settings_old, settings_new = old.get("settings") or {}, new.get("settings") or {}
-    out += [
-        f"setting {k}"
-        for k in sorted(set(settings_old) | set(settings_new))
-        if settings_old.get(k) != settings_new.get(k)
-    ]
+    if "sources" not in old and "sources" not in new:
+        out = _changed_parts(old, new)
+    elif "sources" not in old or "sources" not in new:
+        out = ["the sources (one source <-> a mixture)"]
+    else:
+        out = []
+        for group in ("sources", "eval_sources"):
+            a, b = old.get(group) or {}, new.get(group) or {}
+            if set(a) != set(b):
+                out.append(
+                    f"the {group.replace('_', ' ')} ({', '.join(sorted(a))} -> {', '.join(sorted(b))})"
+                )
+            out += [
+                p
+                for name in sorted(set(a) & set(b))
+                for p in _changed_parts(a[name], b[name], f"source '{name}': ")
+            ]
+        if old.get("weights") != new.get("weights"):
+            out.append("the weights")
+        if old.get("seed") != new.get("seed"):
+            out.append("the mixing seed")
     return out or ["the data preparation (same inputs, another fingerprint)"]
 
 

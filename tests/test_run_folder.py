@@ -439,3 +439,30 @@ def test_changed_inputs_names_each_part(tmp_path, neox_tokenizer):
     assert runs.changed_inputs(base, data(seed=1)) == ["setting seed"]
     old_run = {"fingerprint": "0123"}  # written before the parts were recorded
     assert runs.changed_inputs(old_run, base) == [f"the data fingerprint (0123 -> {base['fingerprint']})"]
+
+
+def test_changed_inputs_names_the_source_of_a_mixture(tmp_path):
+    from sft.mixture import SourceSpec, prepare_mixture
+    from sft.models import byte_tokenizer
+
+    def row(i, tag):
+        return {
+            "messages": [{"role": "user", "content": f"{tag} q {i}"}, {"role": "assistant", "content": "a"}]
+        }
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(row(i, "A")) + "\n" for i in range(8)))
+    b.write_text("".join(json.dumps(row(i, "B")) + "\n" for i in range(8)))
+
+    def data(weight_b=1.0, template="chatml"):
+        specs = [SourceSpec(str(a)), SourceSpec(str(b), weight_b)]
+        m = prepare_mixture(specs, byte_tokenizer(), template=template, max_len=64, use_cache=False)
+        return {"fingerprint": m.fingerprint, "inputs": m.inputs}
+
+    base = data()
+    assert set(base["inputs"]["sources"]) == {str(a), str(b)} and runs.changed_inputs(base, data()) == []
+    b.write_text("".join(json.dumps(row(i, "B")) + "\n" for i in range(1, 9)))
+    assert runs.changed_inputs(base, data()) == [f"source '{b}': the data"]
+    assert runs.changed_inputs(base, data(weight_b=2.0))[-1] == "the weights"
+    both = [f"source '{a}': the chat template", f"source '{b}': the data", f"source '{b}': the chat template"]
+    assert runs.changed_inputs(base, data(template="guanaco")) == both
