@@ -60,7 +60,8 @@ def runs_2_and_1(tmp_path_factory):
     p = _torchrun(*COMMON, *two, "--stop_after=2")
     assert p.returncode == 0, p.stderr[-3000:]
     stopped = _curve(out / "two")
-    p = _torchrun(f"--resume={out / 'two'}", "--progress=false")
+    # --save_every: a finished run keeps an end checkpoint only when checkpoints are asked for
+    p = _torchrun(f"--resume={out / 'two'}", "--progress=false", "--save_every=3")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resuming" in p.stderr
     rc = trainer.main(
@@ -187,7 +188,8 @@ def test_group_of_one_equals_the_plain_path(tmp_path, monkeypatch):
         monkeypatch.setenv(k, "")  # init() sets its own; monkeypatch restores the originals after
     args = ["--smoke", "--progress=false", "--num_samples=0", f"--out_dir={tmp_path}"]
     assert trainer.main(LLAMA_DEFAULTS, [*args, "--run_name=plain"], smoke=LLAMA_SMOKE) == 0
-    assert trainer.main(LLAMA_DEFAULTS, [*args, "--run_name=fsdp", "--distributed"], smoke=LLAMA_SMOKE) == 0
+    fsdp = [*args, "--run_name=fsdp", "--distributed", "--save_every=3"]  # an end checkpoint to look at
+    assert trainer.main(LLAMA_DEFAULTS, fsdp, smoke=LLAMA_SMOKE) == 0
     assert not torch.distributed.is_initialized()  # the group is destroyed at the end of train()
     t1, e1 = _curve(tmp_path / "plain")
     t2, e2 = _curve(tmp_path / "fsdp")
