@@ -162,6 +162,7 @@ COMMITTED = [
     (4, 1, "adamw_kahan", 16, False, 68.03),
     (4, 1, "adamw_kahan", 8, True, 75.54),
     (4, 4, "adamw_kahan", 0, False, 95.36),
+    (4, 4, "adamw_kahan", 20, False, 76.59),  # runs/2026-12-02_h200_engine_1: the recipe, 80 GB profile
 ]
 
 
@@ -177,6 +178,9 @@ def test_committed_peaks_are_in_the_files():
     assert peaks["80gb_kahan"] == 68.03 and peaks["80gb_kahan_inbwd"] == 75.54
     last = (REPO / "runs/20261130-062524_mpt-7b-random_guanaco-1k/metrics.jsonl").read_text().splitlines()
     assert max(json.loads(line).get("peak_mem_gib") or 0 for line in last) == pytest.approx(95.36, abs=0.01)
+    engine_1 = json.loads((REPO / "runs/2026-12-02_h200_engine_1/train_throughput.json").read_text())
+    mpt76 = next(c for c in engine_1["configs"] if c["name"] == "mpt76")
+    assert round(mpt76["peak_mem_gib"], 2) == 76.59 and mpt76["resolved"]["checkpoint_blocks"] == 20
 
 
 @pytest.mark.parametrize("mb,accum,opt,n_ck,inbwd,measured", COMMITTED)
