@@ -40,6 +40,7 @@ from torch import nn
 
 from sft.loss import chunked_cross_entropy_sum
 from sft.models import forward_hidden
+from sft.runs import dcp_checkpoint_problem  # noqa: F401  (re-exported: the sharded-checkpoint check)
 
 log = logging.getLogger(__name__)
 
@@ -262,24 +263,6 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     barrier(info)
     return final
-
-
-def dcp_checkpoint_problem(ckpt: Path) -> str | None:
-    """Why the sharded checkpoint ``ckpt`` cannot be resumed from (a file missing or unreadable), or None."""
-    ckpt = Path(ckpt)
-    try:
-        for name in ("config.json", "state.json"):
-            state = json.loads((ckpt / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        return f"{name} is missing or unreadable ({type(e).__name__})"
-    if state.get("format") != "dcp":
-        return "not a sharded (DCP) checkpoint"
-    if not (ckpt / "dcp" / ".metadata").is_file():
-        return "dcp/.metadata is missing"
-    for r in range(int(state.get("world_size", 1))):
-        if not (ckpt / f"rng_rank{r}.pt").is_file():
-            return f"rng_rank{r}.pt is missing"
-    return None
 
 
 def is_dcp_checkpoint(ckpt: Path) -> bool:

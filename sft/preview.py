@@ -20,8 +20,8 @@ import time
 
 from sft.config import ConfigError
 from sft.mixture import parse_sources, prepare_mixture
+from sft.models import load_tokenizer
 from sft.packing import pack, packing_efficiency
-from sft.prepare import load_tokenizer
 from sft.render import Sample, TemplateError
 from sft.schema import IGNORE_INDEX, DataError
 

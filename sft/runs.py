@@ -507,11 +507,29 @@ def save_checkpoint(
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "config.json", "state.json")
 
 
+def dcp_checkpoint_problem(ckpt: Path) -> str | None:
+    """Why the sharded checkpoint ``ckpt`` cannot be resumed from (a file missing or unreadable), or None."""
+    ckpt = Path(ckpt)
+    try:
+        for name in ("config.json", "state.json"):
+            state = json.loads((ckpt / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"{name} is missing or unreadable ({type(e).__name__})"
+    if state.get("format") != "dcp":
+        return "not a sharded (DCP) checkpoint"
+    if not (ckpt / "dcp" / ".metadata").is_file():
+        return "dcp/.metadata is missing"
+    for r in range(int(state.get("world_size", 1))):
+        if not (ckpt / f"rng_rank{r}.pt").is_file():
+            return f"rng_rank{r}.pt is missing"
+    return None
+
+
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why ``ckpt`` cannot be resumed from (a file missing, truncated or corrupt), or ``None``.
 
     A sharded checkpoint (a ``dcp/`` folder, written under FSDP2) is judged by
-    :func:`sft.distributed.dcp_checkpoint_problem`; the rest of this docstring is about single-process ones.
+    :func:`dcp_checkpoint_problem`; the rest of this docstring is about single-process ones.
 
     Cheap: reads the JSON files, the safetensors header (safetensors itself refuses a file its header
     does not exactly cover, i.e. a truncated one) and the zip directories of the ``torch.save`` files
@@ -523,8 +541,6 @@ def checkpoint_problem(ckpt: Path) -> str | None:
 
     ckpt = Path(ckpt)
     if (ckpt / "dcp").is_dir():  # sharded (FSDP2) checkpoint: its own layout and checks
-        from sft.distributed import dcp_checkpoint_problem
-
         return dcp_checkpoint_problem(ckpt)
     for name in CHECKPOINT_FILES:
         if not (ckpt / name).is_file():

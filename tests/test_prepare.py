@@ -143,7 +143,7 @@ def test_refuses_template_without_end_token(neox_tokenizer):
 
 
 def test_pad_equal_eos_keeps_eos_supervised(shared_data, tmp_path):
-    from sft.prepare import load_tokenizer
+    from sft.models import load_tokenizer
 
     tok = load_tokenizer(shared_data / "gpt-neox-20b-tokenizer.json")
     assert (tok.eos_token_id, tok.pad_token_id) == (0, 1)
