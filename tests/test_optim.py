@@ -394,7 +394,8 @@ def test_benchmark_drives_the_trainer_on_cpu(tmp_path, shared_data):
         tps = r["tokens_per_s"]
         assert tps["processed"] >= tps["non_pad"] >= tps["supervised"] > 0
         assert r["resolved"] == {
-            "attention": "sdpa", "compile": False, "checkpoint_blocks": 0, "optimizer_in_backward": False
+            "attention": "sdpa", "compile": False, "checkpoint_blocks": 0, "optimizer_in_backward": False,
+            "fp8": "none", "fp8_linears": 0,
         }  # fmt: skip
         metrics = (tmp_path / "runs" / r["name"] / "metrics.jsonl").read_text().splitlines()
         steps = [json.loads(x) for x in metrics if '"loss"' in x]
