@@ -336,3 +336,25 @@ def test_gpu_compiled_flex_equals_sdpa_forward_and_backward(kind):
     assert out["flex"][0] == pytest.approx(out["sdpa"][0], rel=1e-4)
     g_flex, g_sdpa = out["flex"][1], out["sdpa"][1]
     assert float((g_flex - g_sdpa).norm() / g_sdpa.norm()) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "max_len,mb,accum,n_ck,measured",
+    [(2048, 4, 4, 0, 112.13), (32768, 1, 1, 17, 132.10)],  # runs/2026-12-02_h200_engine_3 (Llama recipe, 32k)
+)
+def test_memory_estimate_of_the_llama_3_8b_shape_within_10_percent(max_len, mb, accum, n_ck, measured):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sft.models import RANDOM_PRESETS
+    from tests.conftest import REPO
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**RANDOM_PRESETS["llama-3-8b"][1])).to(torch.bfloat16)
+    cfg = TrainConfig(
+        micro_batch=mb, grad_accum=accum, max_len=max_len, optimizer="adamw_kahan", precision="bf16"
+    )
+    est = estimate_memory(model, cfg, autocast=False, checkpoint_blocks=n_ck)
+    assert est["total"] / GIB == pytest.approx(measured, rel=0.10)
+    name = "llama_recipe" if max_len == 2048 else "llama32k"
+    lines = (REPO / f"runs/2026-12-02_h200_engine_3/runs/{name}/metrics.jsonl").read_text().splitlines()
+    assert max(json.loads(x).get("peak_mem_gib") or 0 for x in lines) == pytest.approx(measured, abs=0.01)
