@@ -17,6 +17,8 @@ Contracts:
   no token count). Eval lines take the ``tokens`` of the latest train line at or before their step.
 - ``plot_loss(df, out_png, x="step"|"tokens") -> Figure``: train loss (solid) and eval loss
   (dashed, markers) of every run on one axes, one colour per run; writes a PNG.
+- ``eval_table(df) -> DataFrame`` / ``plot_eval(df, out_png)``: per evaluation, the held-out loss of each
+  source, token accuracy and stop rate; the plot draws per-source loss and stop rate against steps.
 - ``throughput_table(runs) -> DataFrame``: one row per run (index ``run``); medians over train
   steps after the first (the first holds compilation / warm-up), peak memory as the max.
 - ``FIXED_PROMPTS``: project-written conversations answered before and after fine-tuning.
@@ -230,6 +232,54 @@ def plot_loss(df: pd.DataFrame, out_png: str | Path | None = None, x: str = "ste
     if out_png is not None:
         out_png = Path(out_png)
         out_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return fig
+
+
+def eval_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per evaluation of every run in ``df``: ``run, step, eval_loss``, the held-out loss of each
+    source (columns ``loss[<source>]``, from ``eval_loss_by_source``), ``eval_token_accuracy`` and
+    ``eval_stop_rate`` (NaN where a run does not log them, e.g. runs older than these metrics)."""
+    ev = df[df["kind"] == "eval"]
+    rows = []
+    for _, r in ev.iterrows():
+        row = {"run": r["run"], "step": r.get("step"), "eval_loss": r.get("eval_loss")}
+        for k in ("eval_token_accuracy", "eval_stop_rate"):
+            v = r.get(k)
+            row[k] = math.nan if v is None or (isinstance(v, float) and math.isnan(v)) else v
+        by_source = r.get("eval_loss_by_source")
+        if isinstance(by_source, dict):
+            for src, v in by_source.items():
+                row[f"loss[{src}]"] = math.nan if v is None else v
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_eval(df: pd.DataFrame, out_png: str | Path | None = None):
+    """Held-out loss per source (one line per run and source) and the stop rate (the share of held-out
+    prompts whose greedy answer ends with the end-of-turn token) against optimizer steps. Writes ``out_png``
+    when given; returns the Figure (closed for pyplot)."""
+    import matplotlib.pyplot as plt
+
+    table = eval_table(df)
+    fig, (ax_loss, ax_stop) = plt.subplots(1, 2, figsize=(10, 4))
+    for run, g in table.groupby("run", sort=False):
+        sources = [c for c in g.columns if c.startswith("loss[") and g[c].notna().any()]
+        for col in sources or ["eval_loss"]:
+            label = run if col == "eval_loss" or len(sources) < 2 else f"{run} {col[5:-1]}"
+            ax_loss.plot(g["step"], g[col], marker="o", ms=3, label=label)
+        if g["eval_stop_rate"].notna().any():
+            ax_stop.plot(g["step"], g["eval_stop_rate"], marker="o", ms=3, label=run)
+    ax_loss.set(xlabel="optimizer step", ylabel="held-out loss", title="held-out loss per source")
+    ax_stop.set(xlabel="optimizer step", ylabel="stop rate", title="stop rate", ylim=(-0.05, 1.05))
+    for ax in (ax_loss, ax_stop):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    if out_png is not None:
+        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return fig

@@ -114,6 +114,7 @@ def test_runs_report_notebook(tiny_run, tmp_path, monkeypatch):
         tiny_run / "report_loss_tokens.png",
         out / "report_compare_step.png",
         out / "report_compare_tokens.png",
+        out / "report_eval.png",
     ):
         assert png.read_bytes()[:8] == PNG_MAGIC, png
     table = report.pd.read_csv(out / "report_throughput.csv", index_col="run")
@@ -191,6 +192,7 @@ def test_runs_report_defaults_write_no_committed_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == [
         "report_compare_step.png",
         "report_compare_tokens.png",
+        "report_eval.png",
         "report_throughput.csv",
     ]
     assert list(report.pd.read_csv(out / "report_throughput.csv", index_col="run").index) == [real]

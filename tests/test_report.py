@@ -328,3 +328,28 @@ def test_answer_prompts_on_our_fast_mpt_matches_a_full_forward():
                 ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
         assert g["new_tokens"] == len(new)
         assert g["answer"] == tok.decode(new, skip_special_tokens=True).strip()
+
+
+def test_eval_table_per_source_loss_accuracy_and_stop_rate(tmp_path):
+    """eval_table: one row per evaluation, the per-source losses as columns, accuracy and stop rate; a run
+    without those metrics gives NaN; plot_eval writes a PNG."""
+    new, old = tmp_path / "new", tmp_path / "old"
+    for d in (new, old):
+        d.mkdir()
+    lines = [
+        {"step": 0, "eval_loss": 3.0, "eval_tokens_supervised": 10, "eval_token_accuracy": 0.1,
+         "eval_stop_rate": 0.0, "eval_loss_by_source": {"a": 2.0, "b": 4.0}},
+        train_line(1, 2.5, 100, 10.0, 1.0, 1.0),
+        {"step": 1, "eval_loss": 2.0, "eval_tokens_supervised": 10, "eval_token_accuracy": 0.4,
+         "eval_stop_rate": 0.75, "eval_loss_by_source": {"a": 1.5, "b": 2.5}},
+    ]  # fmt: skip
+    (new / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (old / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_loss": 5.0}) + "\n")
+    df = report.load_runs([new, old])
+    t = report.eval_table(df)
+    assert list(t["run"]) == ["new", "new", "old"]
+    assert list(t["loss[a]"][:2]) == [2.0, 1.5] and list(t["loss[b]"][:2]) == [4.0, 2.5]
+    assert list(t["eval_stop_rate"][:2]) == [0.0, 0.75] and list(t["eval_token_accuracy"][:2]) == [0.1, 0.4]
+    assert math.isnan(t["eval_stop_rate"][2]) and math.isnan(t["loss[a]"][2])
+    report.plot_eval(df, tmp_path / "e.png")
+    assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
