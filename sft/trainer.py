@@ -588,30 +588,66 @@ def _build_optimizer(root, cfg: TrainConfig):
 def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_run) -> _Run:
     """Check every input, load and prepare, plan memory, set up the model and engine, make the run folder.
     Every refusal happens before the run folder exists."""
+    _refuse_early(cfg, info, resume_from, run_dir)
+    model, tokenizer, prepared, train_rows, eval_batches, compiled = _load_inputs(
+        cfg, info, device, resume_from, run_dir
+    )
+    pad_to = cfg.max_len if (compiled and not cfg.packing) else None  # one shape for the compiled blocks
+    stream = MicroBatches(train_rows, cfg, pad_token_id(tokenizer), pad_to)
     W = info.world
+    # one optimizer step = A micro-batches on each of the W ranks: micro-batches s*A*W .. s*A*W + A*W - 1
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (cfg.grad_accum * W)))
+    plan, setup, before = _prepare_model(model, tokenizer, prepared, cfg, info, device, resume_from)
+    n_params = sum(p.numel() for p in model.parameters())
+    L, d = layers_and_width(model)
+    cfg_dict = {**cfg.to_dict(), "resolved": {**setup, "optimizer_in_backward": plan.in_backward}}
+    root = model
+    if info.enabled:  # the FSDP root: a LossModule over the sharded model (sft/distributed.py)
+        root = distributed.LossModule(model, cfg.loss_chunk)
+        distributed.shard_model(
+            root, distributed.mixed_precision(device, cfg.precision), device_type=device.type
+        )
+    params, optimizer = _build_optimizer(root, cfg)
+    engine = Engine(root, params, optimizer, cfg, device, in_backward=plan.in_backward, info=info)
+    run_dir, writer = _open_run_folder(
+        cfg, info, device, resume_from, run_dir, open_run, cfg_dict, prepared, model
+    )
+    state = {"step": 0, "tokens_processed": 0, "tokens_nonpad": 0, "tokens_supervised": 0, "skipped_steps": 0}
+    run = _Run(
+        cfg, info, device, model, root, tokenizer, prepared, stream, eval_batches, engine, optimizer, run_dir,
+        writer, state, total_steps, n_params, L, d,
+        None if cfg.lora else peak_flops(device),  # 6N does not apply to LoRA's frozen base: MFU null
+        cfg_dict,
+    )  # fmt: skip
+    if resume_from is not None:
+        _restore(run, resume_from)
+    else:
+        _start(run, before)
+    return run
+
+
+def _refuse_early(cfg: TrainConfig, info: DistInfo, resume_from, run_dir) -> None:
+    """The config-only refusals (one line each), before anything is loaded; seeds the RNGs."""
     if resume_from is not None:
         log.info("resuming %s from %s", run_dir, resume_from.name)
         _check_resume_world(resume_from, info)
     if cfg.optimizer != "adamw" and cfg.precision != "bf16":
         raise ConfigError(f"--optimizer={cfg.optimizer} works on bf16 weights: add --precision=bf16")
     check_config(cfg)
-    if cfg.keep_best and info.enabled:
-        raise ConfigError(
-            "--keep_best with FSDP2 (torchrun / --distributed) is not supported yet: use one process"
-        )
-    if cfg.lora and info.enabled:
-        # the consolidated export and the DCP checkpoints do not know adapters yet (sft/distributed.py)
-        raise ConfigError(
-            "--lora with FSDP2 (torchrun / --distributed) is not supported yet: use one process"
-        )
-    if cfg.keep_best and info.enabled:
-        raise ConfigError(
-            "--keep_best with FSDP2 (torchrun / --distributed) is not supported yet: use one process"
-        )
+    for flag, on in (("--keep_best", cfg.keep_best), ("--lora", cfg.lora)):
+        # LoRA: the consolidated export and the DCP checkpoints do not know adapters yet (sft/distributed.py)
+        if on and info.enabled:
+            raise ConfigError(
+                f"{flag} with FSDP2 (torchrun / --distributed) is not supported yet: use one process"
+            )
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    # ---- inputs, cheapest checks first
+
+def _load_inputs(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir):
+    """Out dir, data spec, model and tokenizer (with the head, attention, FP8 and compile checks), then the
+    prepared data; cheapest checks first. Returns ``(model, tokenizer, prepared, train_rows, eval_batches,
+    compiled)``."""
     runs.check_writable(cfg.out_dir)
     data_sources(cfg)  # a bad --data / --eval_data fails before any model is loaded
     model, tokenizer = load_model_and_tokenizer(cfg)
@@ -627,25 +663,23 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_
         distributed.barrier(info)
     if resume_from is not None:  # the rows of a resumed run are found by position: they must be the same
         runs.check_resume_inputs(run_dir, prepared.fingerprint, prepared.inputs, cfg.resume_changed_data)
-    pad_to = cfg.max_len if (compiled and not cfg.packing) else None  # one shape for the compiled blocks
-    stream = MicroBatches(train_rows, cfg, pad_token_id(tokenizer), pad_to)
-    A = cfg.grad_accum
-    # one optimizer step = A micro-batches on each of the W ranks: micro-batches s*A*W .. s*A*W + A*W - 1
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (A * W)))
+    return model, tokenizer, prepared, train_rows, eval_batches, compiled
 
-    # ---- the memory plan: refused now, in one line, if nothing fits
+
+def _prepare_model(model, tokenizer, prepared, cfg: TrainConfig, info: DistInfo, device, resume_from):
+    """The memory plan (ConfigError now if nothing fits), the model on its device (LoRA applied), the samples
+    answered before training (whole model, before compile and sharding), then the engine's set-up.
+    Returns ``(plan, setup, before)``."""
     use_autocast = device.type == "cuda" and cfg.precision in ("auto", "bf16-autocast")
     backend = resolve_attention(model, cfg, device)
-    plan = plan_memory(model, cfg, device, use_autocast, W, attention=backend)
-
+    plan = plan_memory(model, cfg, device, use_autocast, info.world, attention=backend)
     model.to(device)
     if cfg.lora:
         _apply_lora(model, cfg)
     before = None
-    if resume_from is None and cfg.num_samples and info.is_main:  # whole model, before compile and sharding
-        before = answer_samples(
-            model, tokenizer, prepared.eval_conversations, cfg, device, _autocast(cfg, device)
-        )
+    if resume_from is None and cfg.num_samples and info.is_main:
+        convs = prepared.eval_conversations
+        before = answer_samples(model, tokenizer, convs, cfg, device, _autocast(cfg, device))
     setup = setup_model(model, cfg, device, plan.checkpoint_blocks)  # before sharding
     log.info(
         "engine: attention %s, %s, %d checkpointed blocks%s",
@@ -654,25 +688,13 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_
         plan.checkpoint_blocks,
         ", optimizer step in backward" if plan.in_backward else "",
     )
-    n_params = sum(p.numel() for p in model.parameters())
-    L, d = layers_and_width(model)
-    cfg_dict = {**cfg.to_dict(), "resolved": {**setup, "optimizer_in_backward": plan.in_backward}}
-    model_info = {
-        "class": type(model).__name__,
-        "n_params": n_params,
-        "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "dtype": str(next(model.parameters()).dtype),
-    }
-    root = model
-    if info.enabled:  # the FSDP root: a LossModule over the sharded model (sft/distributed.py)
-        root = distributed.LossModule(model, cfg.loss_chunk)
-        distributed.shard_model(
-            root, distributed.mixed_precision(device, cfg.precision), device_type=device.type
-        )
-    params, optimizer = _build_optimizer(root, cfg)
-    engine = Engine(root, params, optimizer, cfg, device, in_backward=plan.in_backward, info=info)
+    return plan, setup, before
 
-    # ---- the run folder (rank 0 names it and makes it; every rank uses that name)
+
+def _open_run_folder(cfg, info: DistInfo, device, resume_from, run_dir, open_run, cfg_dict, prepared, model):
+    """A new run: rank 0 names and makes the folder (every rank uses that name), locks it and writes
+    config.json; a resumed one: its folder. Returns ``(run_dir, metrics writer)``; a failure removes a
+    folder made here."""
     created = False
     if resume_from is None:
         if info.is_main:  # a generated name gets -2, -3... if taken; a chosen one is never changed
@@ -687,34 +709,21 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_
             open_run(run_dir)  # locked from its creation to the end of the run
         if resume_from is None and info.is_main:
             dev_name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
-            runs.write_config(
-                run_dir,
-                cfg_dict,
-                data={
-                    "fingerprint": prepared.fingerprint,
-                    "inputs": prepared.inputs,
-                    "stats": prepared.stats,
-                },
-                model=model_info,
-                device=f"{dev_name} x {W} (FSDP2)" if info.enabled else dev_name,
-            )
+            model_info = {
+                "class": type(model).__name__,
+                "n_params": sum(p.numel() for p in model.parameters()),
+                "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "dtype": str(next(model.parameters()).dtype),
+            }
+            data = {"fingerprint": prepared.fingerprint, "inputs": prepared.inputs, "stats": prepared.stats}
+            device_name = f"{dev_name} x {info.world} (FSDP2)" if info.enabled else dev_name
+            runs.write_config(run_dir, cfg_dict, data=data, model=model_info, device=device_name)
         writer = runs.MetricsWriter(run_dir) if info.is_main else _NoWriter()
     except BaseException:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    state = {"step": 0, "tokens_processed": 0, "tokens_nonpad": 0, "tokens_supervised": 0, "skipped_steps": 0}
-    run = _Run(
-        cfg, info, device, model, root, tokenizer, prepared, stream, eval_batches, engine, optimizer, run_dir,
-        writer, state, total_steps, n_params, L, d,
-        None if cfg.lora else peak_flops(device),  # 6N does not apply to LoRA's frozen base: MFU null
-        cfg_dict,
-    )  # fmt: skip
-    if resume_from is not None:
-        _restore(run, resume_from)
-    else:
-        _start(run, before)
-    return run
+    return run_dir, writer
 
 
 def _restore(run: _Run, resume_from: Path) -> None:
