@@ -746,7 +746,7 @@ def _start(run: _Run, before: list[dict] | None) -> None:
         "run %s: %d train rows, %d held-out batches, %d steps of %d x %d rows%s, %.1fM parameters, %s",
         run.run_dir,
         run.stream.n_rows,
-        len(run.eval_batches),
+        sum(len(b) for b in run.eval_batches.values()),
         run.total_steps,
         cfg.grad_accum,
         cfg.micro_batch,
