@@ -24,6 +24,7 @@ Contracts:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -159,6 +160,18 @@ def setup_model(model, cfg: TrainConfig, device: torch.device, checkpoint_blocks
 # ----------------------------------------------------------------------------- the step
 
 
+def uses_autocast(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast runs the model: on CUDA under ``--precision=auto`` or ``bf16-autocast``."""
+    return device.type == "cuda" and cfg.precision in ("auto", "bf16-autocast")
+
+
+def autocast_factory(cfg: TrainConfig, device: torch.device):
+    """A no-argument callable giving the run's autocast context (bf16 on CUDA, see :func:`uses_autocast`)."""
+    if uses_autocast(cfg, device):
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def ce_sum(root, batch: dict[str, torch.Tensor], chunk: int = 1024) -> torch.Tensor:
     """Sum of CE over the supervised targets of ``batch`` (0-d fp32). ``root`` is a plain model, or the
     FSDP root :class:`sft.distributed.LossModule` (which runs the head and the loss inside its forward)."""
@@ -198,8 +211,7 @@ class Engine:
             from sft.optim import step_in_backward
 
             self.hooks = step_in_backward(optimizer, params)
-        bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16-autocast")
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else _null
+        self.autocast = autocast_factory(cfg, device)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -252,9 +264,3 @@ class Engine:
             skipped,
             flags,
         )
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()

@@ -68,7 +68,16 @@ from sft.config import (
     resume_config,
 )
 from sft.distributed import DistInfo
-from sft.engine import Engine, ce_sum, resolve_attention, resolve_compile, set_attention, setup_model
+from sft.engine import (
+    Engine,
+    autocast_factory,
+    ce_sum,
+    resolve_attention,
+    resolve_compile,
+    set_attention,
+    setup_model,
+    uses_autocast,
+)
 from sft.flops import layers_and_width, mfu, peak_flops, step_flops
 from sft.fp8 import check_fp8
 from sft.memory import plan_memory
@@ -78,13 +87,6 @@ from sft.runs import RunError
 from sft.schema import IGNORE_INDEX, DataError
 
 log = logging.getLogger("sft")
-
-
-def _autocast(cfg: TrainConfig, device: torch.device):
-    """The autocast context factory of this run (bf16 autocast on CUDA under ``auto``/``bf16-autocast``)."""
-    if device.type == "cuda" and cfg.precision in ("auto", "bf16-autocast"):
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 @contextlib.contextmanager
@@ -670,16 +672,15 @@ def _prepare_model(model, tokenizer, prepared, cfg: TrainConfig, info: DistInfo,
     """The memory plan (ConfigError now if nothing fits), the model on its device (LoRA applied), the samples
     answered before training (whole model, before compile and sharding), then the engine's set-up.
     Returns ``(plan, setup, before)``."""
-    use_autocast = device.type == "cuda" and cfg.precision in ("auto", "bf16-autocast")
-    backend = resolve_attention(model, cfg, device)
-    plan = plan_memory(model, cfg, device, use_autocast, info.world, attention=backend)
+    backend = resolve_attention(model, cfg, device)  # checked already in _load_inputs: no error here
+    plan = plan_memory(model, cfg, device, uses_autocast(cfg, device), info.world, attention=backend)
     model.to(device)
     if cfg.lora:
         _apply_lora(model, cfg)
     before = None
     if resume_from is None and cfg.num_samples and info.is_main:
         convs = prepared.eval_conversations
-        before = answer_samples(model, tokenizer, convs, cfg, device, _autocast(cfg, device))
+        before = answer_samples(model, tokenizer, convs, cfg, device, autocast_factory(cfg, device))
     setup = setup_model(model, cfg, device, plan.checkpoint_blocks)  # before sharding
     log.info(
         "engine: attention %s, %s, %d checkpointed blocks%s",
