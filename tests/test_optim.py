@@ -373,17 +373,18 @@ def test_compiled_step_in_backward_equals_compiled_step_on_cuda():
         assert torch.equal(a, b)
 
 
+def _quick_benchmark(script: str, args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script> --quick <args>`` from the repository root, output captured."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / script), "--quick", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
 @pytest.mark.slow
 def test_benchmark_drives_the_trainer_on_cpu(tmp_path, shared_data):
     """benchmarks/train_throughput.py runs each config through the recipe's entry point and reads the run
     folder: its figures are the trainer's own (same metrics, same resolved engine settings)."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--quick"]
-        + ["--data-dir", str(shared_data), "--out-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
+    proc = _quick_benchmark(
+        "train_throughput.py", ["--data-dir", str(shared_data), "--out-dir", str(tmp_path)], timeout=300
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
     result = json.loads((tmp_path / "train_throughput.json").read_text())
@@ -406,13 +407,8 @@ def test_benchmark_drives_the_trainer_on_cpu(tmp_path, shared_data):
 @pytest.mark.slow
 def test_recipe_2023_baseline_quick_runs_on_cpu(tmp_path, shared_data):
     out = tmp_path / "r.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "recipe_2023.py"), "--quick"]
-        + ["--data-dir", str(shared_data), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
+    proc = _quick_benchmark(
+        "recipe_2023.py", ["--data-dir", str(shared_data), "--out", str(out)], timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())["result"]
@@ -425,13 +421,8 @@ def test_recipe_2023_baseline_quick_runs_on_cpu(tmp_path, shared_data):
 def test_fsdp_benchmark_drives_the_recipe_under_torchrun_on_cpu(tmp_path, shared_data):
     """benchmarks/fsdp_throughput.py: W=1 is the recipe without FSDP, W=2 the same recipe under torchrun
     (FSDP2, gloo); both read from their run folders, the ratio is against the single-process run."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "fsdp_throughput.py"), "--quick"]
-        + ["--data-dir", str(shared_data), "--out-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=REPO,
+    proc = _quick_benchmark(
+        "fsdp_throughput.py", ["--data-dir", str(shared_data), "--out-dir", str(tmp_path)], timeout=400
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
     runs = json.loads((tmp_path / "fsdp_throughput.json").read_text())["runs"]
