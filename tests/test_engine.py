@@ -358,3 +358,50 @@ def test_memory_estimate_of_the_llama_3_8b_shape_within_10_percent(max_len, mb, 
     name = "llama_recipe" if max_len == 2048 else "llama32k"
     lines = (REPO / f"runs/2026-12-02_h200_engine_3/runs/{name}/metrics.jsonl").read_text().splitlines()
     assert max(json.loads(x).get("peak_mem_gib") or 0 for x in lines) == pytest.approx(measured, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--model=random:llama-3-8b", "--tokenizer="],
+            "is a random-init shape without a tokenizer: give --tokenizer",
+        ),
+        (
+            ["--model=random:gpt-9", "--tokenizer=x.json"],
+            "unknown random preset 'random:gpt-9' (have: mpt-7b, ",
+        ),
+    ],
+)
+def test_random_presets_refuse_bad_input_in_one_line(tmp_path, capsys, args, message):
+    """A random-init shape needs a tokenizer and a known name: one line, exit 2, no run folder (and no 8B
+    model is built first)."""
+    from sft.trainer import main
+
+    DEFAULTS, SMOKE = _recipe("train_llama_guanaco")
+    rc = main(DEFAULTS, [*args, f"--out_dir={tmp_path}", "--progress=false", "--data=bundled"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_random_preset_tokenizer_larger_than_the_embedding_is_refused(tmp_path, capsys, shared_data):
+    """The tiny random Llama has 50,432 rows: the NeoX tokenizer (50,277 + specials) fits; a head smaller than
+    the tokenizer would index out of range, so it is refused by name."""
+    from sft import models
+    from sft.trainer import main
+
+    DEFAULTS, SMOKE = _recipe("train_llama_guanaco")
+    tok = shared_data / "gpt-neox-20b-tokenizer.json"
+    small = dict(models.RANDOM_PRESETS)
+    small["tiny-llama"] = ("LlamaConfig", {**small["tiny-llama"][1], "vocab_size": 1000})
+    args = ["--model=random:tiny-llama", f"--tokenizer={tok}", f"--out_dir={tmp_path}", "--data=bundled"]
+    import unittest.mock
+
+    with unittest.mock.patch.object(models, "RANDOM_PRESETS", small):
+        rc = main(DEFAULTS, args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [
+        f"error: model 'random:tiny-llama' has 1000 token embeddings; the tokenizer has {len(models.load_tokenizer(str(tok)))}"
+    ]
+    assert list(tmp_path.iterdir()) == []
