@@ -1,9 +1,9 @@
 """Forward+backward time of a model through the trainer's document-masked forward, no optimizer step.
 
 What one training row costs the model itself, to compare with the trainer's tokens/s on the same
-machine (RESULTS.md §6): ``--model`` loaded as the trainer loads it (``sft.models``), fp32, one row of
+machine (RESULTS.md §6): ``--model`` loaded as the trainer loads it (``sft.model.models``), fp32, one row of
 ``--seq_len`` random token ids split into ``--docs`` equal documents (position ids restart, attention
-never crosses a document: ``sft.models.forward_hidden``), mean cross-entropy over the row's next-token
+never crosses a document: ``sft.model.models.forward_hidden``), mean cross-entropy over the row's next-token
 targets, ``loss.backward()``. Median wall time of ``--iters`` steps after one warm-up step; gradients
 are dropped after each step, weights never change.
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sft.config import TrainConfig
-from sft.models import forward_hidden, load_model_and_tokenizer
+from sft.model.models import forward_hidden, load_model_and_tokenizer
 
 
 def row(seq_len: int, docs: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sft.runs import read_metrics  # noqa: E402
+from sft.training.runs import read_metrics  # noqa: E402
 
 
 def summary(run_dir: Path, last: int) -> dict:

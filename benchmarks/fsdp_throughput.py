@@ -3,7 +3,7 @@
 recipe's entry point, measured from its run folder (``benchmarks/train_throughput.py``'s ``summarize``).
 
 For W in ``--gpus`` (default 1,2): W = 1 runs the recipe in one process without FSDP (the memory plan of
-sft/memory.py decides its checkpointing); W > 1 runs it under torchrun with NVLink multicast kept off
+sft/training/memory.py decides its checkpointing); W > 1 runs it under torchrun with NVLink multicast kept off
 (``NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1``, set for the children).
 The global batch grows with W (same micro-batch and accumulation per GPU); the table gives tokens/s of all
 GPUs and the ratio to the single-GPU run, the figure to hold against the 0.92 W target.

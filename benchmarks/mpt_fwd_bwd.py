@@ -1,4 +1,4 @@
-"""Forward+backward time of sft.mpt (FlexAttention, compiled blocks) vs transformers' MptForCausalLM.
+"""Forward+backward time of sft.model.mpt (FlexAttention, compiled blocks) vs transformers' MptForCausalLM.
 
 MPT-7B shape by default (d_model 4096, 32 heads, 32 layers, vocab 50432), random init, bf16 weights,
 one row of T=2048 tokens, loss = mean cross-entropy over all next-token targets (logits upcast to fp32),
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import transformers  # noqa: E402
 
-from sft.mpt import MPTConfig, MPTForCausalLM, hf_config  # noqa: E402
+from sft.model.mpt import MPTConfig, MPTForCausalLM, hf_config  # noqa: E402
 
 log = logging.getLogger("mpt_fwd_bwd")
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
     params = list(ours.parameters())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    log.info("sft.mpt causal (%s, compiled=%s)", args.attn, not args.no_compile)
+    log.info("sft.model.mpt causal (%s, compiled=%s)", args.attn, not args.no_compile)
     times, loss = time_steps(make_step(ours, params, ids, targets), args.warmup, args.iters, device)
     rows.append(record("sft_mpt_causal", times, loss, T))
 
@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
         doc_ids = (torch.arange(T, device=device) * args.docs // T).to(torch.int32).expand(B, T).contiguous()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        log.info("sft.mpt packed, %d documents per row", args.docs)
+        log.info("sft.model.mpt packed, %d documents per row", args.docs)
         step = make_step(lambda x: ours(x, doc_ids), params, ids, targets)
         times, loss_packed = time_steps(step, args.warmup, args.iters, device)
         rows.append(record("sft_mpt_packed", times, loss_packed, T // args.docs))
@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
             f"{mfu:>6} {mem:>9} {r['loss']:>9.4f}"
         )
     if speedup is not None:
-        print(f"speed-up of sft.mpt (causal) over transformers: {speedup:.2f}x")
+        print(f"speed-up of sft.model.mpt (causal) over transformers: {speedup:.2f}x")
     out = Path(args.out) if args.out else Path(os.environ.get("OUT", ".")) / "mpt_fwd_bwd.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -1,6 +1,6 @@
 """The 2023 recipe's training step on one GPU, reproduced as the baseline the trainer is compared with.
 
-This is NOT the project's step (that is ``sft.engine``, driven by ``benchmarks/train_throughput.py``): it is
+This is NOT the project's step (that is ``sft.training.engine``, driven by ``benchmarks/train_throughput.py``): it is
 what the 2023 demo did with TRL's ``SFTTrainer``, kept as the reference point of the speed-up, so it has its
 own forward/backward. Random-init MPT-7B shape (d_model 4096, 32 heads, 32 layers, vocabulary 50,432) in
 transformers' ``MptForCausalLM`` (eager attention), bf16 weights; the first exchange of each conversation of
@@ -8,7 +8,7 @@ transformers' ``MptForCausalLM`` (eager attention), bf16 weights; the first exch
 out of the labels, batches of 4 in data order padded to their longest, torch AdamW (foreach, bf16 state), no
 checkpointing, no clipping. Its peak is also measured on the data's longest batch (``peak_worst_batch_gib``).
 
-Per run: tokens/s processed, non-pad and supervised; MFU of each (``sft.flops``: ``6N + 12 L d T_attn``, T_attn
+Per run: tokens/s processed, non-pad and supervised; MFU of each (``sft.training.flops``: ``6N + 12 L d T_attn``, T_attn
 the padded row for processed tokens since eager attention computes all of it, the real documents otherwise);
 step time median after warm-up; peak ``torch.cuda.max_memory_allocated``; the time of one Guanaco epoch
 (9,846 conversations, first exchanges only) at its non-pad rate.
@@ -35,11 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from sft.flops import PEAK_FLOPS, flops_per_token  # noqa: E402
-from sft.formats import guanaco  # noqa: E402
-from sft.packing import pad_collate  # noqa: E402
-from sft.render import Sample  # noqa: E402
-from sft.schema import IGNORE_INDEX  # noqa: E402
+from sft.data.formats import guanaco  # noqa: E402
+from sft.data.packing import pad_collate  # noqa: E402
+from sft.data.render import Sample  # noqa: E402
+from sft.data.schema import IGNORE_INDEX  # noqa: E402
+from sft.training.flops import PEAK_FLOPS, flops_per_token  # noqa: E402
 
 log = logging.getLogger("recipe_2023")
 PEAK = PEAK_FLOPS["H200"]

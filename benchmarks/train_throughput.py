@@ -14,13 +14,13 @@ rendered and packed by the trainer; ``--max_steps`` steps, no samples, no final/
 | ``llama`` | ``sft/train_llama_guanaco.py`` defaults, Llama-3-8B shape (4 rows of 2,048 x 4 micro-batches) |
 | ``llama8k`` | 1 row of 8,192 x 4 micro-batches |
 | ``llama32k`` | 1 row of 32,768 x 1 (long context; the plan checkpoints what it must) |
-| ``mpt_fp8`` / ``mpt_fp8row`` | ``mpt`` with ``--fp8=tensorwise`` / ``--fp8=rowwise`` (the block linears in FP8, sft/fp8.py) |
+| ``mpt_fp8`` / ``mpt_fp8row`` | ``mpt`` with ``--fp8=tensorwise`` / ``--fp8=rowwise`` (the block linears in FP8, sft/model/fp8.py) |
 | ``llama_fp8`` / ``llama_fp8row`` | ``llama`` with ``--fp8=tensorwise`` / ``--fp8=rowwise`` |
 | ``mpt_hf`` | the MPT recipe through transformers' MPT (``--mpt_impl=hf``, eager attention): the reference path |
 | ``tiny_llama`` / ``tiny_mpt`` | tiny shapes (``--quick``: on the CPU, to test this script) |
 
 Per config (medians over the steps after the first two, which hold compilation and warm-up): tokens/s
-processed, non-pad and supervised; MFU on processed and on non-pad tokens (``sft.flops``); peak
+processed, non-pad and supervised; MFU on processed and on non-pad tokens (``sft.training.flops``); peak
 allocated memory (max over steps); the first step's time (compilation included); the resolved engine
 settings (attention, compile, checkpointed blocks, in-backward step) from the run's config.json. The 2023
 recipe, the baseline these are compared with, is ``benchmarks/recipe_2023.py`` (its own step: it is not ours).

@@ -9,9 +9,9 @@ named random-init shape: ``mpt-7b``, ``llama-7b``, ``tiny-mpt``, ``tiny-llama``.
 
 Paths, measured in the same process on the same weights:
 - ``hf``: transformers ``generate`` (greedy, dynamic cache): the baseline.
-- ``fast``: ``sft.generate.Generator``: static KV cache, prefill in one forward, the t=1 step
+- ``fast``: ``sft.model.generate.Generator``: static KV cache, prefill in one forward, the t=1 step
   compiled with ``mode="reduce-overhead"`` (CUDA graphs) on CUDA, eager on CPU. MPT runs through
-  ``sft.mpt`` (weights shared with the HF model), Llama-family through ``LlamaCached``.
+  ``sft.model.mpt`` (weights shared with the HF model), Llama-family through ``LlamaCached``.
 
 What is measured (seconds are wall time around device-synchronised work):
 - TTFT: batch 1, a random prompt of each ``--prompt_lens`` length -> first token.
@@ -54,7 +54,7 @@ if __package__ in (None, ""):  # run as a file: make `sft` importable
 
 import torch
 
-from sft.generate import Generator, cached_decoder, hf_generate_baseline
+from sft.model.generate import Generator, cached_decoder, hf_generate_baseline
 
 log = logging.getLogger("latency")
 
@@ -94,8 +94,11 @@ def named_shape(name: str, dtype: torch.dtype, device: torch.device):
                 max_position_embeddings=4096,
             ),
         )
-    elif name in ("tiny-mpt", "tiny-llama"):  # the trainer's tiny presets (sft/models.py), vocabulary 512
-        from sft.models import tiny_model
+    elif name in (
+        "tiny-mpt",
+        "tiny-llama",
+    ):  # the trainer's tiny presets (sft/model/models.py), vocabulary 512
+        from sft.model.models import tiny_model
 
         cls, cfg = None, None
     else:
@@ -118,8 +121,8 @@ def load(spec: str, dtype: torch.dtype, device: torch.device):
     from dataclasses import replace
 
     from sft.config import TrainConfig
-    from sft.models import load_model_and_tokenizer
-    from sft.runs import check_not_run_folder
+    from sft.model.models import load_model_and_tokenizer
+    from sft.training.runs import check_not_run_folder
 
     check_not_run_folder(spec)  # a run folder: "did you mean <run>/final?"
 
@@ -599,9 +602,9 @@ def cli(argv=None) -> int:
     """``python -m inf_tests.latency``: :func:`main`, with bad input (a model that cannot be found or loaded,
     a run folder instead of its ``final/``) as one ``error:`` line on stderr and exit status 2, Ctrl-C as
     exit status 130, instead of a traceback. Returns the exit status."""
-    from sft.models import ModelError
-    from sft.render import TemplateError
-    from sft.runs import RunError
+    from sft.data.render import TemplateError
+    from sft.model.models import ModelError
+    from sft.training.runs import RunError
 
     try:
         main(argv)

@@ -99,14 +99,14 @@ def results_chart(out: str | Path, csv_path: str | Path = ASSETS / "results.csv"
 
 
 FLOW = (
-    ("source", "hub id | local jsonl/parquet\n| bundled sample", "sft/sources.py"),
-    ("adapter", "rows -> Conversation\n[{role, content}]", "sft/formats.py"),
-    ("render", "chat template ->\n(input_ids, labels)", "sft/render.py"),
-    ("packer", "rows of max_len,\ndocument ids kept", "sft/packing.py"),
-    ("model", "attention inside\neach document", "sft/models.py, mpt.py"),
-    ("loss", "mean CE over the step's\nsupervised tokens", "sft/loss.py"),
-    ("optimizer", "AdamW (fp32 / bf16\nKahan / SR)", "sft/optim.py"),
-    ("run folder", "config, metrics, samples,\ncheckpoints, final/", "sft/runs.py"),
+    ("source", "hub id | local jsonl/parquet\n| bundled sample", "sft/data/sources.py"),
+    ("adapter", "rows -> Conversation\n[{role, content}]", "sft/data/formats.py"),
+    ("render", "chat template ->\n(input_ids, labels)", "sft/data/render.py"),
+    ("packer", "rows of max_len,\ndocument ids kept", "sft/data/packing.py"),
+    ("model", "attention inside\neach document", "sft/model/models.py, mpt.py"),
+    ("loss", "mean CE over the step's\nsupervised tokens", "sft/model/loss.py"),
+    ("optimizer", "AdamW (fp32 / bf16\nKahan / SR)", "sft/training/optim.py"),
+    ("run folder", "config, metrics, samples,\ncheckpoints, final/", "sft/training/runs.py"),
 )
 
 

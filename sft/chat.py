@@ -4,14 +4,14 @@
                        [--top_k=50] [--top_p=0.9] [--seed=0] [--system="..."] [--once "prompt"]
                        [--allow_pickle]
 
-MODEL is anything ``sft.models.load_model_and_tokenizer`` takes: a run's ``final/`` folder, a local
+MODEL is anything ``sft.model.models.load_model_and_tokenizer`` takes: a run's ``final/`` folder, a local
 Hugging Face folder, a ``.gguf`` file, ``smollm2-135m-instruct``, a cached hub id, a tiny preset.
 
 Template: by default the tokenizer's own chat template, which for a run's ``final/`` is the
 training template (the trainer attaches it to the tokenizer before saving); ``--template`` names one
-of ``sft.render.TEMPLATES`` or gives jinja. Every turn is rendered with ``sft.render.render_prompt``
+of ``sft.data.render.TEMPLATES`` or gives jinja. Every turn is rendered with ``sft.data.render.render_prompt``
 over the whole conversation so far, so the model sees exactly the token layout it was trained on.
-Decoding stops at EOS and at the template's end-of-turn token (``sft.render.stop_token_ids``); when
+Decoding stops at EOS and at the template's end-of-turn token (``sft.data.render.stop_token_ids``); when
 that marker is several tokens of this tokenizer, the reply is cut at its text instead.
 
 REPL: one line per user turn; ``/reset`` starts a new conversation, ``/quit`` (or EOF) ends.
@@ -31,9 +31,9 @@ from dataclasses import replace
 
 import torch
 
-from sft.generate import Generator, SamplingConfig, cached_decoder
-from sft.render import end_of_turn_text, render_prompt, stop_token_ids
-from sft.schema import Conversation
+from sft.data.render import end_of_turn_text, render_prompt, stop_token_ids
+from sft.data.schema import Conversation
+from sft.model.generate import Generator, SamplingConfig, cached_decoder
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ChatSession:
     """A multi-turn conversation with one model.
 
     ``reply(text)`` appends the user turn, renders the whole conversation with ``render_prompt``
-    (kept as ``last_prompt_ids``), decodes with :class:`sft.generate.Generator` (static KV cache,
+    (kept as ``last_prompt_ids``), decodes with :class:`sft.model.generate.Generator` (static KV cache,
     batch 1, ``max_seq_len`` positions), appends the assistant turn and returns its text (special
     tokens and the end-of-turn marker removed, surrounding whitespace stripped).
     """
@@ -107,13 +107,13 @@ class ChatSession:
 
 
 def load(model: str, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False):
-    """``(model in eval mode on the device, tokenizer)`` through ``sft.models.load_model_and_tokenizer``.
+    """``(model in eval mode on the device, tokenizer)`` through ``sft.model.models.load_model_and_tokenizer``.
 
-    A run folder given instead of its ``final/`` is a RunError saying so (:func:`sft.runs.check_not_run_folder`).
+    A run folder given instead of its ``final/`` is a RunError saying so (:func:`sft.training.runs.check_not_run_folder`).
     """
     from sft.config import TrainConfig
-    from sft.models import load_model_and_tokenizer
-    from sft.runs import check_not_run_folder
+    from sft.model.models import load_model_and_tokenizer
+    from sft.training.runs import check_not_run_folder
 
     check_not_run_folder(model)
 
@@ -204,10 +204,10 @@ def cli(argv=None, stdin=None, stdout=None) -> int:
     """``python -m sft.chat``: :func:`main`, with bad input as one ``error:`` line on stderr (exit 2) and
     Ctrl-C as ``interrupted`` (exit 130) instead of a traceback. Returns the exit status."""
     from sft.config import ConfigError
-    from sft.models import ModelError
-    from sft.render import TemplateError
-    from sft.runs import RunError
-    from sft.schema import DataError
+    from sft.data.render import TemplateError
+    from sft.data.schema import DataError
+    from sft.model.models import ModelError
+    from sft.training.runs import RunError
 
     try:
         main(argv, stdin, stdout)

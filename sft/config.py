@@ -51,7 +51,7 @@ class TrainConfig:
     data: str = _f(
         "bundled",
         "'bundled', a local .jsonl/.json/.parquet file, or a hub dataset id; several as "
-        "'SRC:weight=1.0:fmt=...,SRC2:weight=0.5' or '@mix.yaml' (weight = share of the tokens; sft/mixture.py)",
+        "'SRC:weight=1.0:fmt=...,SRC2:weight=0.5' or '@mix.yaml' (weight = share of the tokens; sft/data/mixture.py)",
     )
     fmt: str | None = _f(None, "data format (adapter name); None = detect from the data")
     fields: str | None = _f(
@@ -98,10 +98,10 @@ class TrainConfig:
     optimizer: str = _f(
         "adamw",
         "'adamw' (torch AdamW, fused on CUDA), 'adamw_bf16' (the same on bf16 weights), 'adamw_kahan' "
-        "(bf16 weights with Kahan-compensated updates) or 'adamw_sr' (stochastic rounding); see sft/optim.py",
+        "(bf16 weights with Kahan-compensated updates) or 'adamw_sr' (stochastic rounding); see sft/training/optim.py",
         choices=("adamw", "adamw_bf16", "adamw_kahan", "adamw_sr"),
     )
-    # LoRA (sft/lora.py): train low-rank adapters on a frozen base instead of every weight
+    # LoRA (sft/model/lora.py): train low-rank adapters on a frozen base instead of every weight
     lora: bool = _f(False, "train LoRA adapters only (base frozen); final/ holds the merged weights")
     lora_rank: int = _f(16, "LoRA rank r", minimum=1)
     lora_alpha: float = _f(32.0, "LoRA alpha: the update is scaled by alpha / rank", minimum=0)
@@ -109,7 +109,7 @@ class TrainConfig:
     lora_targets: str | None = _f(
         None,
         "module-name suffixes to adapt, comma-separated (e.g. 'q_proj,v_proj'); None = every linear "
-        "layer of the blocks (sft/lora.py LORA_DEFAULT_TARGETS)",
+        "layer of the blocks (sft/model/lora.py LORA_DEFAULT_TARGETS)",
     )
     qlora: bool = _f(False, "QLoRA: NF4-quantize the targeted base weights (needs --lora and torchao)")
     loss_chunk: int = _f(1024, "tokens per chunk of the chunked cross-entropy", minimum=1)
@@ -126,7 +126,7 @@ class TrainConfig:
     checkpoint_blocks: str = _f(
         "auto",
         "the first N blocks recompute their activations in backward; 'auto' = the fewest that fit "
-        "--memory_limit_gib on a GPU (0 on CPU); see sft/memory.py",
+        "--memory_limit_gib on a GPU (0 on CPU); see sft/training/memory.py",
     )
     optimizer_in_backward: str = _f(
         "auto",
@@ -155,12 +155,12 @@ class TrainConfig:
         "none",
         "FP8 training of the linear layers inside the transformer blocks (not the embedding, not the LM head) "
         "through torchao's float8: 'tensorwise' (one scale per tensor, fastest), 'rowwise' (one scale per "
-        "row, closer to bf16) or 'none'; needs a GPU of compute capability >= 8.9, not with LoRA (sft/fp8.py)",
+        "row, closer to bf16) or 'none'; needs a GPU of compute capability >= 8.9, not with LoRA (sft/model/fp8.py)",
         choices=("none", "tensorwise", "rowwise"),
     )
     mpt_impl: str = _f(
         "hf",
-        "MPT implementation: 'hf' (transformers MptForCausalLM) or 'fast' (sft/mpt.py)",
+        "MPT implementation: 'hf' (transformers MptForCausalLM) or 'fast' (sft/model/mpt.py)",
         choices=("hf", "fast"),
     )
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'", choices=("auto", "cpu", "cuda"))
@@ -308,7 +308,7 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def _check_run_name(name: str) -> None:
-    from sft.runs import RunError, check_run_name  # the run folder's rule, in one place
+    from sft.training.runs import RunError, check_run_name  # the run folder's rule, in one place
 
     try:
         check_run_name(name)
@@ -441,7 +441,7 @@ RESUME_CHANGEABLE = (
     "progress",
     "allow_pickle",
     "export_gguf",
-    "resume_changed_data",  # accept a run's changed data / tokenizer / template (sft.runs.check_resume_inputs)
+    "resume_changed_data",  # accept a run's changed data / tokenizer / template (sft.training.runs.check_resume_inputs)
 )
 # never compared with the saved run: where to find it and which run (the saved config's are stale)
 _RESUME_LOCATORS = ("resume", "out_dir", "run_name")

@@ -107,7 +107,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _run_info(final: Path) -> dict:
-    """The run's provenance (``final/../config.json`` written by ``sft.runs.write_config``), or ``{}``."""
+    """The run's provenance (``final/../config.json`` written by ``sft.training.runs.write_config``), or ``{}``."""
     cfg = final.parent / "config.json"
     if final.name != "final" or not cfg.is_file():
         return {}
@@ -306,7 +306,7 @@ def _tokenizer_meta(final: Path, n_vocab: int, arch: str) -> _TokenizerMeta:
     from gguf import TokenType
     from transformers import AutoTokenizer
 
-    from sft.render import TemplateError, bos_to_add, end_of_turn_text
+    from sft.data.render import TemplateError, bos_to_add, end_of_turn_text
 
     try:
         tok = AutoTokenizer.from_pretrained(str(final))

@@ -7,7 +7,7 @@ then packing). A ``DataError`` (or an unusable template) prints one line on stde
 
 ``--tokenizer`` (alias ``--model``) is a ``tokenizer.json`` file, a ``.gguf`` file, or a folder / hub id.
 ``--no_cache`` forces a fresh preparation (to measure it); otherwise a cached result is reused.
-``--data`` takes several weighted sources as the trainer does (sft/mixture.py); then the statistics end with
+``--data`` takes several weighted sources as the trainer does (sft/data/mixture.py); then the statistics end with
 the mix: per source its weight, target and actual share of the tokens, samples, passes and drops.
 """
 
@@ -19,11 +19,11 @@ import sys
 import time
 
 from sft.config import ConfigError
-from sft.mixture import parse_sources, prepare_mixture
-from sft.models import load_tokenizer
-from sft.packing import pack, packing_efficiency
-from sft.render import Sample, TemplateError
-from sft.schema import IGNORE_INDEX, DataError
+from sft.data.mixture import parse_sources, prepare_mixture
+from sft.data.packing import pack, packing_efficiency
+from sft.data.render import Sample, TemplateError
+from sft.data.schema import IGNORE_INDEX, DataError
+from sft.model.models import load_tokenizer
 
 OPEN, CLOSE = "⟦", "⟧"
 

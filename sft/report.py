@@ -1,6 +1,6 @@
 """Postprocessing of run folders: the plain functions behind ``sft/runs_report.ipynb`` and ``sft/samples.ipynb``.
 
-A run folder (written by ``sft/runs.py``) holds ``config.json`` and ``metrics.jsonl``: one JSON
+A run folder (written by ``sft/training/runs.py``) holds ``config.json`` and ``metrics.jsonl``: one JSON
 object per line. A *train* line is one logged optimizer step (``step``, ``epoch``, ``loss``, ``lr``,
 ``grad_norm``, token counts, ``tokens_per_s``, ``mfu``, ``peak_mem_gib``, ``step_time_s``); an
 *eval* line carries ``eval_loss`` (and ``step``). Nothing here writes to a run except PNG plots and
@@ -24,7 +24,7 @@ Contracts:
 - ``FIXED_PROMPTS``: project-written conversations answered before and after fine-tuning.
 - ``answer_prompts(model_dir, prompts, ...)``: greedy answers, one dict per prompt, from any model the
   trainer makes (a transformers model through ``generate``; our fast MPT, which has none, through
-  ``sft.generate.generate``, as the trainer's own samples are).
+  ``sft.model.generate.generate``, as the trainer's own samples are).
 """
 
 from __future__ import annotations
@@ -337,7 +337,7 @@ def throughput_table(runs: pd.DataFrame | str | Path | Iterable[str | Path]) -> 
     return pd.DataFrame(rows).set_index("run")
 
 
-# Written for this project. Each is a Conversation (sft.schema): the last message is the user's turn
+# Written for this project. Each is a Conversation (sft.data.schema): the last message is the user's turn
 # to answer. The last one is a follow-up: the model must use the earlier exchange.
 FIXED_PROMPTS: list[dict[str, Any]] = [
     {
@@ -392,7 +392,7 @@ FIXED_PROMPTS: list[dict[str, Any]] = [
 def load_model_and_tokenizer(model: str | Path | dict[str, Any]):
     """A causal LM (eval mode, on the first GPU if there is one, else CPU) and its tokenizer.
 
-    ``model`` is what ``sft.models.load_model_and_tokenizer`` loads: a Hugging Face folder (a run's
+    ``model`` is what ``sft.model.models.load_model_and_tokenizer`` loads: a Hugging Face folder (a run's
     ``final/``), a ``.gguf`` file, ``"smollm2-135m-instruct"``, a cached hub id or a tiny preset; or
     a run's resolved config as a dict (see ``run_config``), so a run's base model comes back exactly
     as the run started from it (a tiny preset is re-made from the run's seed). Safetensors/GGUF only.
@@ -400,7 +400,7 @@ def load_model_and_tokenizer(model: str | Path | dict[str, Any]):
     import torch
 
     from sft.config import TrainConfig
-    from sft.models import load_model_and_tokenizer as load
+    from sft.model.models import load_model_and_tokenizer as load
 
     cfg = TrainConfig.from_dict(model) if isinstance(model, dict) else TrainConfig(model=str(model))
     lm, tok = load(cfg)
@@ -431,7 +431,7 @@ def answer_prompts(
     (what the model saw), ``answer`` (decoded new tokens, special tokens dropped, stripped) and
     ``new_tokens`` (how many were generated, the stopping EOS included).
 
-    A model without ``generate`` (our fast MPT, ``sft/mpt.py``) decodes through ``sft.generate.generate``
+    A model without ``generate`` (our fast MPT, ``sft/model/mpt.py``) decodes through ``sft.model.generate.generate``
     (static KV cache, greedy, the same stop at EOS), as the trainer's ``samples.jsonl`` answers do.
     """
     import torch
@@ -465,7 +465,7 @@ def answer_prompts(
                 )
             new = gen[0, ids.shape[1] :]
         else:  # our fast MPT: no transformers generate
-            from sft.generate import generate
+            from sft.model.generate import generate
 
             stops = [] if eos is None else [eos]
             new = torch.tensor(generate(model, [ids[0].tolist()], max_new_tokens, stop_ids=stops).tokens[0])
@@ -518,7 +518,7 @@ def read_samples(run_dir: str | Path) -> pd.DataFrame:
 def run_config(run_dir: str | Path) -> dict[str, Any]:
     """The resolved training config a run saved in ``config.json`` (the dict holding ``model``).
 
-    ``sft/runs.py`` may store it at the top level or under ``config`` / ``train_config`` beside the
+    ``sft/training/runs.py`` may store it at the top level or under ``config`` / ``train_config`` beside the
     git commit and package versions; either way the training fields come back as a flat dict.
     """
     saved = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))

@@ -7,9 +7,9 @@
     python sft/train_llama_guanaco.py --smoke                          # tiny random Llama, bundled sample (CPU)
     torchrun --standalone --nproc_per_node 8 sft/train_llama_guanaco.py --grad_accum=1   # FSDP2 on 8 GPUs
 
-Defaults: bf16 weights with Kahan-compensated AdamW (sft/optim.py), packed rows of 2,048 tokens, the model's
+Defaults: bf16 weights with Kahan-compensated AdamW (sft/training/optim.py), packed rows of 2,048 tokens, the model's
 own chat template (ChatML if it has none) with loss on the assistant replies and their end-of-turn token,
-every turn kept. The engine's defaults (sft/engine.py, sft/memory.py): FlexAttention with a causal +
+every turn kept. The engine's defaults (sft/training/engine.py, sft/training/memory.py): FlexAttention with a causal +
 same-document BlockMask on CUDA (``--attention``), decoder layers compiled one by one (``--compile``), and
 the fewest checkpointed layers that fit the GPU's free memory or ``--memory_limit_gib``
 (``--checkpoint_blocks``), all chosen before step 0.
@@ -23,7 +23,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # repository root instea
 import dataclasses  # noqa: E402
 
 from sft.config import TrainConfig  # noqa: E402
-from sft.trainer import main  # noqa: E402
+from sft.training.trainer import main  # noqa: E402
 
 DEFAULTS = dataclasses.replace(
     TrainConfig(),

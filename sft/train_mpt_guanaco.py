@@ -5,11 +5,11 @@
     python sft/train_mpt_guanaco.py --smoke                  # tiny random MPT on the bundled sample (CPU)
     torchrun --standalone --nproc_per_node 8 sft/train_mpt_guanaco.py --grad_accum=1   # FSDP2 on 8 GPUs
 
-Defaults: bf16 weights with Kahan-compensated AdamW (sft/optim.py: no lost updates, 8 bytes of
+Defaults: bf16 weights with Kahan-compensated AdamW (sft/training/optim.py: no lost updates, 8 bytes of
 optimizer state per parameter), packed rows of 2,048 tokens with document-masked attention, our MPT
 (``--mpt_impl=fast``: FlexAttention + ALiBi; ``--mpt_impl=hf`` for transformers' eager MPT), loss on the
 assistant replies only, every conversation turn kept (Guanaco template). The engine's defaults
-(sft/engine.py, sft/memory.py): blocks compiled one by one on CUDA, and the fewest checkpointed blocks that
+(sft/training/engine.py, sft/training/memory.py): blocks compiled one by one on CUDA, and the fewest checkpointed blocks that
 fit the GPU's free memory or ``--memory_limit_gib``, chosen before step 0 (refused before the run folder
 exists if nothing fits).
 """
@@ -22,7 +22,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # repository root instea
 import dataclasses  # noqa: E402
 
 from sft.config import TrainConfig  # noqa: E402
-from sft.trainer import main  # noqa: E402
+from sft.training.trainer import main  # noqa: E402
 
 DEFAULTS = dataclasses.replace(
     TrainConfig(),

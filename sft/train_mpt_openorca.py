@@ -18,10 +18,10 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # repository root instea
 import dataclasses  # noqa: E402
 
 from sft.config import TrainConfig  # noqa: E402
-from sft.sample_data import OPENORCA_SAMPLE  # noqa: E402
+from sft.data.sample_data import OPENORCA_SAMPLE  # noqa: E402
 from sft.train_mpt_guanaco import DEFAULTS as MPT_DEFAULTS  # noqa: E402
 from sft.train_mpt_guanaco import SMOKE as MPT_SMOKE  # noqa: E402
-from sft.trainer import main  # noqa: E402
+from sft.training.trainer import main  # noqa: E402
 
 DEFAULTS: TrainConfig = dataclasses.replace(
     MPT_DEFAULTS,

@@ -18,7 +18,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import dataclasses  # noqa: E402
 
 from sft.config import TrainConfig  # noqa: E402
-from sft.trainer import main  # noqa: E402
+from sft.training.trainer import main  # noqa: E402
 
 DEFAULTS = dataclasses.replace(
     TrainConfig(),

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft import trainer
 from sft.config import ConfigError, TrainConfig, check_config, parse_args
-from sft.schema import DataError
-from sft.sources import load_rows
+from sft.data.schema import DataError
+from sft.data.sources import load_rows
+from sft.training import trainer
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -43,8 +43,8 @@ def _one_error_line(err: str) -> str:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run-like folder: metrics.jsonl and a final/ (tiny Llama + byte tokenizer, guanaco template)."""
-    from sft.models import byte_tokenizer, tiny_model
-    from sft.render import attach_template
+    from sft.data.render import attach_template
+    from sft.model.models import byte_tokenizer, tiny_model
 
     tok = byte_tokenizer()
     attach_template(tok, "guanaco")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sft.chat import ChatSession, main
-from sft.generate import GenerateOutput
-from sft.render import render_prompt, stop_token_ids
+from sft.data.render import render_prompt, stop_token_ids
+from sft.model.generate import GenerateOutput
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -21,8 +21,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def final_dir(tmp_path_factory):
     """A run-like final/ folder: tiny Llama + byte tokenizer carrying the guanaco training template."""
-    from sft.models import byte_tokenizer, tiny_model
-    from sft.render import attach_template
+    from sft.data.render import attach_template
+    from sft.model.models import byte_tokenizer, tiny_model
 
     tok = byte_tokenizer()
     attach_template(tok, "guanaco")
@@ -71,7 +71,7 @@ def test_second_turn_prompt_contains_the_first_exchange(final_dir):
 
 
 def test_reply_stops_at_end_of_turn_and_strips_it(final_dir, monkeypatch):
-    from sft.models import byte_tokenizer, tiny_model
+    from sft.model.models import byte_tokenizer, tiny_model
 
     tok = byte_tokenizer()
     model = tiny_model("tiny-llama", len(tok), seed=0, max_len=256).eval()

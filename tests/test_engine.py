@@ -1,4 +1,4 @@
-"""The one training engine (sft/engine.py) and the memory plan (sft/memory.py): attention backends agree,
+"""The one training engine (sft/training/engine.py) and the memory plan (sft/training/memory.py): attention backends agree,
 per-block checkpointing and the in-backward step change no number, the estimate matches the committed GPU
 peaks, and what cannot run is refused in one line before the run folder exists."""
 
@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from sft import engine
 from sft.config import ConfigError, TrainConfig, parse_args
-from sft.memory import estimate_memory, plan_memory
-from sft.models import forward_hidden
-from sft.mpt import MPTConfig, MPTForCausalLM
-from sft.packing import collate_rows, pack
-from sft.render import Sample
-from sft.trainer import MicroBatches
+from sft.data.packing import collate_rows, pack
+from sft.data.render import Sample
+from sft.model.models import forward_hidden
+from sft.model.mpt import MPTConfig, MPTForCausalLM
+from sft.training import engine
+from sft.training.memory import estimate_memory, plan_memory
+from sft.training.trainer import MicroBatches
 
 GIB = 2**30
 
@@ -231,7 +231,7 @@ def test_auto_plan_picks_the_fewest_checkpointed_blocks_that_fit():
     ],
 )
 def test_refusals_are_one_line_before_the_run_folder(tmp_path, capsys, args, message):
-    from sft.trainer import main
+    from sft.training.trainer import main
 
     DEFAULTS, SMOKE = _recipe("train_llama_guanaco")
     rc = main(DEFAULTS, ["--smoke", f"--out_dir={tmp_path}", "--progress=false", *args], smoke=SMOKE)
@@ -241,7 +241,7 @@ def test_refusals_are_one_line_before_the_run_folder(tmp_path, capsys, args, mes
 
 
 def test_hf_mpt_refuses_flex_and_sdpa(tmp_path, capsys):
-    from sft.trainer import main
+    from sft.training.trainer import main
 
     DEFAULTS, SMOKE = _recipe("train_mpt_guanaco")
 
@@ -256,7 +256,7 @@ def test_hf_mpt_refuses_flex_and_sdpa(tmp_path, capsys):
 def test_optimizer_in_backward_equals_the_ordinary_step():
     """adamw_kahan with fp32 moments: stepping each parameter inside backward gives bit-identical weights
     and losses to the ordinary step (one micro-batch, no clipping), over 3 steps on bf16 weights."""
-    from sft.optim import build_optimizer
+    from sft.training.optim import build_optimizer
 
     batch = _packed_batch(97)
     result = {}
@@ -276,7 +276,7 @@ def test_optimizer_in_backward_equals_the_ordinary_step():
 
 
 def test_resolved_engine_settings_in_config_json(tmp_path):
-    from sft.trainer import main
+    from sft.training.trainer import main
 
     DEFAULTS, SMOKE = _recipe("train_llama_guanaco")
 
@@ -345,7 +345,7 @@ def test_gpu_compiled_flex_equals_sdpa_forward_and_backward(kind):
 def test_memory_estimate_of_the_llama_3_8b_shape_within_10_percent(max_len, mb, accum, n_ck, measured):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sft.models import RANDOM_PRESETS
+    from sft.model.models import RANDOM_PRESETS
     from tests.conftest import REPO
 
     with torch.device("meta"):
@@ -376,7 +376,7 @@ def test_memory_estimate_of_the_llama_3_8b_shape_within_10_percent(max_len, mb, 
 def test_random_presets_refuse_bad_input_in_one_line(tmp_path, capsys, args, message):
     """A random-init shape needs a tokenizer and a known name: one line, exit 2, no run folder (and no 8B
     model is built first)."""
-    from sft.trainer import main
+    from sft.training.trainer import main
 
     DEFAULTS, SMOKE = _recipe("train_llama_guanaco")
     rc = main(DEFAULTS, [*args, f"--out_dir={tmp_path}", "--progress=false", "--data=bundled"])
@@ -388,8 +388,8 @@ def test_random_presets_refuse_bad_input_in_one_line(tmp_path, capsys, args, mes
 def test_random_preset_tokenizer_larger_than_the_embedding_is_refused(tmp_path, capsys, shared_data):
     """The tiny random Llama has 50,432 rows: the NeoX tokenizer (50,277 + specials) fits; a head smaller than
     the tokenizer would index out of range, so it is refused by name."""
-    from sft import models
-    from sft.trainer import main
+    from sft.model import models
+    from sft.training.trainer import main
 
     DEFAULTS, SMOKE = _recipe("train_llama_guanaco")
     tok = shared_data / "gpt-neox-20b-tokenizer.json"

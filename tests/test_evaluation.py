@@ -1,4 +1,4 @@
-"""Evaluation (sft/evaluation.py): loss and token accuracy, per-source combination, stop rate, keep-best."""
+"""Evaluation (sft/training/evaluation.py): loss and token accuracy, per-source combination, stop rate, keep-best."""
 
 import contextlib
 import math
@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from sft import evaluation, trainer
-from sft.loss import chunked_cross_entropy_sum, count_supervised
-from sft.models import byte_tokenizer, forward_hidden, tiny_model
-from sft.packing import pad_collate
-from sft.render import render_batch, stop_token_ids
-from sft.schema import IGNORE_INDEX
+from sft.data.packing import pad_collate
+from sft.data.render import render_batch, stop_token_ids
+from sft.data.schema import IGNORE_INDEX
+from sft.model.loss import chunked_cross_entropy_sum, count_supervised
+from sft.model.models import byte_tokenizer, forward_hidden, tiny_model
+from sft.training import evaluation, trainer
 
 CPU = torch.device("cpu")
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from sft import export
+from sft.data.render import CHATML, render
+from sft.data.sample_data import BUNDLED
 from sft.export import ExportError, export_gguf, main
-from sft.render import CHATML, render
-from sft.sample_data import BUNDLED
 
 CONV = [
     {"role": "system", "content": "You are a concise assistant."},
@@ -247,7 +247,7 @@ def test_template_writing_eos_keeps_the_tokenizer_eos(llama_run, tmp_path):
     """Guanaco-style templates close a reply with ``eos_token`` itself: EOS and EOT are then that token."""
     import shutil
 
-    from sft.render import GUANACO
+    from sft.data.render import GUANACO
 
     run, _, tok = llama_run
     final = tmp_path / "final"
@@ -387,7 +387,7 @@ def sentencepiece_style_tokenizer():
     [("bytes", "no BPE merges"), ("sentencepiece", "only byte-level BPE tokenizers (GPT-2 style) export")],
 )
 def test_tokenizers_gguf_runtimes_cannot_use_are_refused(kind, message, tmp_path, capsys):
-    from sft.models import byte_tokenizer, tiny_model
+    from sft.model.models import byte_tokenizer, tiny_model
 
     tok = byte_tokenizer() if kind == "bytes" else sentencepiece_style_tokenizer()
     final = tmp_path / "final"
@@ -469,9 +469,9 @@ def test_cli_entry_point_one_line_exit_2(llama_run):
 def test_smollm2_f16_round_trip_same_greedy_answer(tmp_path):
     """SmolLM2-135M-Instruct (the quickstart's model) through final/ -> f16 GGUF -> transformers."""
     from sft.config import TrainConfig
-    from sft.models import load_model_and_tokenizer
-    from sft.render import render_prompt
-    from sft.runs import save_final
+    from sft.data.render import render_prompt
+    from sft.model.models import load_model_and_tokenizer
+    from sft.training.runs import save_final
 
     try:
         model, tok = load_model_and_tokenizer(TrainConfig(model="smollm2-135m-instruct"))
@@ -503,8 +503,8 @@ def test_smollm2_f16_round_trip_same_greedy_answer(tmp_path):
 def test_trainer_exports_gguf_at_the_end_of_a_run(llama_run, tmp_path, capsys):
     """``--export_gguf=q8_0``: a tiny Llama fine-tuned through the entry point leaves ``final/model-q8_0.gguf``
     whose tensors are final/'s weights (Q8_0, read back by transformers' GGUF loader) and named after the run."""
-    from sft import trainer
     from sft.config import TrainConfig
+    from sft.training import trainer
 
     run, _, _ = llama_run
     argv = [f"--model={run / 'final'}", "--data=bundled", "--limit=12", "--max_len=256", "--eval_size=2",
@@ -531,8 +531,8 @@ def test_trainer_exports_gguf_at_the_end_of_a_run(llama_run, tmp_path, capsys):
 
 
 def test_trainer_export_needs_final(tmp_path, capsys):
-    from sft import trainer
     from sft.config import TrainConfig
+    from sft.training import trainer
 
     rc = trainer.main(TrainConfig(), ["--model=tiny-llama", "--export_gguf=f16", "--no-save_final",
                                       f"--out_dir={tmp_path}"])  # fmt: skip

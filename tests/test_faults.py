@@ -16,7 +16,7 @@ Scenarios (each a test below):
 11. unwritable out_dir -> one RunError line, no run folder.
 
 The subprocess runs go through ``sft/train_smollm2_guanaco.py``'s ``main`` (the recipe's entry point) with
-a driver that only wraps ``sft.runs.save_checkpoint`` to print a line after each checkpoint and, for
+a driver that only wraps ``sft.training.runs.save_checkpoint`` to print a line after each checkpoint and, for
 scenario 4, to slow the write down (a window in which to kill it).
 """
 
@@ -32,12 +32,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import sft.engine as engine
-import sft.trainer as trainer
-from sft import runs
+import sft.training.engine as engine
+import sft.training.trainer as trainer
 from sft.config import parse_args
-from sft.runs import RunError, checkpoint_problem, list_checkpoints
-from sft.trainer import TrainingStopped, train
+from sft.training import runs
+from sft.training.runs import RunError, checkpoint_problem, list_checkpoints
+from sft.training.trainer import TrainingStopped, train
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -54,7 +54,7 @@ sys.path[0] = {repo!r}
 import torch
 torch.set_num_threads(1)
 import safetensors.torch as st
-import sft.runs as runs
+import sft.training.runs as runs
 delay = float(os.environ.get("FAULT_SAVE_DELAY", "0"))
 if delay:
     real_save_file = st.save_file
@@ -70,7 +70,7 @@ def save(*a, **k):
     return path
 runs.save_checkpoint = save
 from sft.config import TrainConfig
-from sft.trainer import main
+from sft.training.trainer import main
 sys.exit(main(TrainConfig(), sys.argv[1:]))
 """
 
@@ -363,8 +363,8 @@ def test_read_only_out_dir(tmp_path, cache):
 
 def test_config_that_cannot_fit_is_refused_before_the_first_step(tmp_path, cache, monkeypatch):
     """Issue 8: a run that cannot fit is said before the first step, with the remedies, and no run folder."""
-    from sft import memory
     from sft.config import ConfigError
+    from sft.training import memory
 
     steps, real_count = [], engine.count_supervised
     monkeypatch.setattr(engine, "count_supervised", lambda b: steps.append(1) or 1)  # no step may start
@@ -385,9 +385,9 @@ def test_config_that_cannot_fit_is_refused_before_the_first_step(tmp_path, cache
 
 def test_memory_estimate_is_pinned_and_checked_against_the_gpu(monkeypatch):
     """The estimate's parts (bytes) for tiny-llama, and the CUDA rule: the total against the free memory."""
-    from sft import memory
     from sft.config import ConfigError
-    from sft.models import byte_tokenizer, tiny_model
+    from sft.model.models import byte_tokenizer, tiny_model
+    from sft.training import memory
 
     model = tiny_model("tiny-llama", len(byte_tokenizer()), 0, 256)  # 90,688 fp32 parameters, L=2, d=64
     base = ["--max_len=256", "--micro_batch=2"]

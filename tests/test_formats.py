@@ -5,10 +5,10 @@ import json
 import pandas as pd
 import pytest
 
-from sft.formats import ADAPTERS, detect_format, to_conversation
-from sft.sample_data import BUNDLED
-from sft.schema import DataError
-from sft.sources import load_rows
+from sft.data.formats import ADAPTERS, detect_format, to_conversation
+from sft.data.sample_data import BUNDLED
+from sft.data.schema import DataError
+from sft.data.sources import load_rows
 
 SYS, Q1, A1, Q2, A2 = "Be brief.", "What is 2+2?", "4.", "And 3+3?", "6, of course."
 MULTI = [

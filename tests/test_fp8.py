@@ -1,4 +1,4 @@
-"""--fp8 (sft/fp8.py): refusals, the layers converted, and FP8 numerics against bf16/fp32.
+"""--fp8 (sft/model/fp8.py): refusals, the layers converted, and FP8 numerics against bf16/fp32.
 
 Tolerances of the numerics tests. e4m3 keeps 3 mantissa bits: rounding a value costs up to 2^-4 = 6.25%
 of it, about 2-3% RMS; e5m2 (tensorwise's output gradients) keeps 2 bits: up to 12.5%, about 5% RMS.
@@ -21,9 +21,10 @@ import pytest
 import torch
 from torch import nn
 
-from sft import engine, fp8
 from sft.config import ConfigError, TrainConfig, parse_args
-from sft.mpt import MPTConfig, MPTForCausalLM
+from sft.model import fp8
+from sft.model.mpt import MPTConfig, MPTForCausalLM
+from sft.training import engine
 from tests.test_engine import _packed_batch, _recipe
 
 pytest.importorskip("torchao.float8")
@@ -66,7 +67,7 @@ def _gpu(monkeypatch, capability=(9, 0), name="NVIDIA H200"):
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_fp8_refused_on_cpu_in_one_line_before_the_run_folder(tmp_path, capsys, recipe):
-    from sft.trainer import main
+    from sft.training.trainer import main
 
     DEFAULTS, SMOKE = _recipe("train_llama_guanaco")
     rc = main(
@@ -81,9 +82,9 @@ def test_fp8_refused_on_cpu_in_one_line_before_the_run_folder(tmp_path, capsys, 
 
 @pytest.mark.parametrize("recipe,hidden", [("tensorwise", False), ("none", True)])
 def test_trainer_hides_torchao_only_without_fp8(monkeypatch, tmp_path, recipe, hidden):
-    """The trainer hides torchao from transformers (sft.models.without_torchao) unless a run needs it:
+    """The trainer hides torchao from transformers (sft.model.models.without_torchao) unless a run needs it:
     with --fp8 the check (and the conversion) run with torchao importable."""
-    from sft import trainer
+    from sft.training import trainer
 
     seen = {}
 
@@ -316,7 +317,7 @@ def test_gpu_fp8_block_within_tolerance_of_bf16(recipe):
 def test_gpu_fp8_trainer_steps_lower_the_loss(tmp_path):
     """The Llama recipe's smoke run with --fp8=tensorwise on the GPU (compiled blocks, flex attention):
     config.json records the recipe and 14 converted layers, the loss falls over 8 steps."""
-    from sft.trainer import main
+    from sft.training.trainer import main
 
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no FP8 tensor cores")

@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from sft import distributed, trainer
 from sft.config import TrainConfig
 from sft.train_mpt_guanaco import DEFAULTS as MPT_DEFAULTS
 from sft.train_mpt_guanaco import SMOKE as MPT_SMOKE
 from sft.train_smollm2_guanaco import DEFAULTS as LLAMA_DEFAULTS
 from sft.train_smollm2_guanaco import SMOKE as LLAMA_SMOKE
+from sft.training import distributed, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the recipe's --smoke model (tiny random MPT, our FlexAttention/SDPA implementation), with activation
@@ -207,14 +207,14 @@ def test_group_of_one_equals_the_plain_path(tmp_path, monkeypatch):
 
 
 def test_transformer_blocks_of_each_architecture():
-    from sft.models import tiny_model
+    from sft.model.models import tiny_model
 
     llama = tiny_model("tiny-llama", 300, seed=0)
     mpt_hf = tiny_model("tiny-mpt", 300, seed=0)
     assert distributed.transformer_blocks(llama) == list(llama.model.layers)
     assert distributed.transformer_blocks(mpt_hf) == list(mpt_hf.transformer.blocks)
     assert distributed.transformer_blocks(distributed.LossModule(llama)) == list(llama.model.layers)
-    from sft import mpt
+    from sft.model import mpt
 
     ours = mpt.from_hf_model(mpt_hf)
     assert len(distributed.transformer_blocks(ours)) == 2

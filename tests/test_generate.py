@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sft.generate import (
+from sft.model.generate import (
     Generator,
     LlamaCached,
     SamplingConfig,
@@ -67,9 +67,9 @@ def tiny_llama():
 
 @pytest.fixture(scope="module")
 def tiny_mpt():
-    mpt = pytest.importorskip("sft.mpt")
+    mpt = pytest.importorskip("sft.model.mpt")
     if not hasattr(mpt, "from_hf_model"):
-        pytest.skip("sft.mpt.from_hf_model not there yet")
+        pytest.skip("sft.model.mpt.from_hf_model not there yet")
     from transformers import MptConfig, MptForCausalLM
 
     torch.manual_seed(0)
@@ -160,7 +160,7 @@ def test_failing_compiled_step_falls_back_to_eager(tiny_llama, caplog):
         raise RuntimeError("simulated graph failure")
 
     gen._step = broken
-    with caplog.at_level("WARNING", logger="sft.generate"):
+    with caplog.at_level("WARNING", logger="sft.model.generate"):
         out = gen.generate([prompt], 10)
     assert out.tokens[0] == _ref_generate(tiny_llama, prompt, n=10)
     assert not gen.compiled
@@ -302,7 +302,7 @@ def test_latency_suite_entry_point_on_tiny_model(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mpt"])
 def test_cuda_graph_step_equals_eager_on_gpu(name):
-    from sft.models import tiny_model
+    from sft.model.models import tiny_model
 
     hf = tiny_model(name, VOCAB, seed=0, max_len=256).cuda().eval()
     dec = cached_decoder(hf)
@@ -320,7 +320,7 @@ def _cache_buffers(model):
 
 
 def _our_mpt(device="cpu", d_model=64, seed=0):
-    from sft.mpt import MPTConfig, MPTForCausalLM
+    from sft.model.mpt import MPTConfig, MPTForCausalLM
 
     torch.manual_seed(seed)
     m = MPTForCausalLM(MPTConfig(d_model=d_model, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=512))
@@ -332,7 +332,7 @@ def _trainer_sample(model, device):
     """What the trainer does for a before/after sample of our MPT."""
     import contextlib
 
-    from sft import trainer
+    from sft.training import trainer
 
     return trainer._greedy(model, _prompt(20, 3), 12, [], device, contextlib.nullcontext, None)
 
@@ -371,7 +371,7 @@ def test_llama_cached_release_drops_its_buffers(tiny_llama):
     dec = cached_decoder(tiny_llama)
     out = Generator(dec, max_seq_len=40, compile=False).generate([_prompt(6, 1)], 4)
     assert len(out.tokens[0]) == 4 and len(_cache_buffers(dec)) == 2 * 2 + 2  # K, V per layer; cos, sin
-    from sft.generate import release_cache
+    from sft.model.generate import release_cache
 
     release_cache(dec)
     assert _cache_buffers(dec) == [] and _cache_buffers(tiny_llama) == []

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from sft import render
-from sft.models import byte_tokenizer
-from sft.prepare import prepare_data
-from sft.render import render_batch
+from sft.data import render
+from sft.data.prepare import prepare_data
+from sft.data.render import render_batch
+from sft.model.models import byte_tokenizer
 
 HUGE_CHARS = 20_000_000  # a 20 MB line
 

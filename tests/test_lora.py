@@ -1,6 +1,6 @@
-"""LoRA (sft/lora.py): only adapters train; merge == base + adapter; save/load, export and resume round-trip.
+"""LoRA (sft/model/lora.py): only adapters train; merge == base + adapter; save/load, export and resume round-trip.
 
-Two tiny models: a transformers ``LlamaForCausalLM`` (tied head, GQA) and our MPT (``sft.mpt``, SDPA path),
+Two tiny models: a transformers ``LlamaForCausalLM`` (tied head, GQA) and our MPT (``sft.model.mpt``, SDPA path),
 plus transformers' ``MptForCausalLM`` as the loader of what our MPT exports. All fp32 on CPU.
 """
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sft import lora
-from sft.models import forward_hidden
+from sft.model import lora
+from sft.model.models import forward_hidden
 
 V, T = 64, 16
 
@@ -46,7 +46,7 @@ def tiny_llama(seed: int = 0):
 
 
 def tiny_mpt(seed: int = 0):
-    from sft.mpt import MPTConfig, MPTForCausalLM
+    from sft.model.mpt import MPTConfig, MPTForCausalLM
 
     model = MPTForCausalLM(
         MPTConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=V, max_seq_len=64), attn_impl="sdpa"
@@ -315,7 +315,7 @@ def test_fast_mpt_adapter_loads_into_transformers_mpt():
     """Same module names: an adapter trained on our MPT is a peft adapter for transformers' MptForCausalLM."""
     from peft import PeftModel
 
-    from sft.mpt import save_hf
+    from sft.model.mpt import save_hf
 
     model, base = trained("mpt")
     import tempfile
@@ -336,7 +336,7 @@ def test_fast_mpt_adapter_loads_into_transformers_mpt():
 def test_merge_and_export_loads_in_transformers(kind, tmp_path):
     from transformers import AutoModelForCausalLM, MptForCausalLM
 
-    from sft.models import byte_tokenizer
+    from sft.model.models import byte_tokenizer
 
     model, _ = trained(kind)
     ids = packed_batch(8)["input_ids"]
@@ -382,7 +382,7 @@ def test_resume_from_adapter_state_is_identical(kind):
 
 
 def _nf4_mpt(device="cpu", dtype=torch.float32, d=128, layers=2):
-    from sft.mpt import MPTConfig, MPTForCausalLM
+    from sft.model.mpt import MPTConfig, MPTForCausalLM
 
     model = MPTForCausalLM(MPTConfig(d_model=d, n_heads=4, n_layers=layers, vocab_size=V, max_seq_len=64))
     model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
@@ -455,7 +455,7 @@ def _recipe_main(*args) -> int:
     spec = importlib.util.spec_from_file_location("_recipe_smollm2", path)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)  # its __main__ block does not run
-    from sft.trainer import main
+    from sft.training.trainer import main
 
     return main(recipe.DEFAULTS, list(args), smoke=recipe.SMOKE)
 
@@ -484,7 +484,7 @@ def lora_runs(tmp_path_factory):
 
 
 def _train_losses(run_dir):
-    from sft.runs import read_metrics
+    from sft.training.runs import read_metrics
 
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
 
@@ -507,7 +507,7 @@ def test_trainer_lora_checkpoints_hold_only_adapters(lora_runs):
     # r * (in + out) summed over the targeted layers of the d=64, ffn=128, 4 heads / 2 kv-heads model
     per_layer = 16 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
     assert info["model"]["n_trainable"] == 2 * per_layer
-    from sft.runs import read_metrics
+    from sft.training.runs import read_metrics
 
     train = [r for r in read_metrics(full) if "loss" in r]
     assert len(train) == 3 and all(r["mfu"] is None for r in train)  # null with LoRA (and on CPU)
@@ -517,7 +517,7 @@ def test_trainer_lora_adapter_plus_base_reproduces_final(lora_runs):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from sft.models import byte_tokenizer, tiny_model
+    from sft.model.models import byte_tokenizer, tiny_model
 
     full, _ = lora_runs
     final = AutoModelForCausalLM.from_pretrained(str(full / "final")).eval()

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sft.loss import chunked_cross_entropy_sum, count_supervised, cross_entropy_sum, step_loss
-from sft.models import forward_hidden, tiny_model
-from sft.packing import collate_rows, pack, pad_collate
-from sft.render import Sample
-from sft.schema import IGNORE_INDEX
+from sft.data.packing import collate_rows, pack, pad_collate
+from sft.data.render import Sample
+from sft.data.schema import IGNORE_INDEX
+from sft.model.loss import chunked_cross_entropy_sum, count_supervised, cross_entropy_sum, step_loss
+from sft.model.models import forward_hidden, tiny_model
 
 V = 64
 PAD = 0
@@ -168,7 +168,7 @@ def test_chunked_loss_is_the_models_own_loss(kind):
 
 
 def test_our_mpt_loss_applies_logit_scale():
-    from sft.mpt import MPTConfig, MPTForCausalLM
+    from sft.model.mpt import MPTConfig, MPTForCausalLM
 
     torch.manual_seed(0)
     m = MPTForCausalLM(MPTConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=V, max_seq_len=64,
@@ -184,7 +184,7 @@ def test_our_mpt_loss_applies_logit_scale():
 
 
 def test_a_head_the_loss_cannot_apply_is_refused():
-    from sft.models import ModelError, lm_head
+    from sft.model.models import ModelError, lm_head
 
     model = _tiny_hf("mpt")
     model.config.logit_scale = 0.5  # transformers' MPT ignores it: neither choice is safe to train on
@@ -197,9 +197,9 @@ def test_a_head_the_loss_cannot_apply_is_refused():
 
 
 def test_the_trainer_refuses_such_a_model_before_any_run_folder(tmp_path, capsys):
-    from sft import trainer
     from sft.config import TrainConfig
-    from sft.models import byte_tokenizer, tiny_model
+    from sft.model.models import byte_tokenizer, tiny_model
+    from sft.training import trainer
 
     tok = byte_tokenizer()
     model = tiny_model("tiny-mpt", len(tok), seed=0, max_len=64)

@@ -1,4 +1,4 @@
-"""Several sources in one run (sft/mixture.py): the --data grammar, its errors, the weighted mix, --eval_data."""
+"""Several sources in one run (sft/data/mixture.py): the --data grammar, its errors, the weighted mix, --eval_data."""
 
 import json
 import random
@@ -6,10 +6,10 @@ import random
 import pytest
 
 from sft.config import ConfigError
-from sft.mixture import SourceSpec, mix, parse_sources, prepare_mixture
-from sft.models import byte_tokenizer
-from sft.render import Sample
-from sft.schema import DataError
+from sft.data.mixture import SourceSpec, mix, parse_sources, prepare_mixture
+from sft.data.render import Sample
+from sft.data.schema import DataError
+from sft.model.models import byte_tokenizer
 
 WORDS = (
     "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -199,7 +199,7 @@ def test_eval_data_never_trains_and_total_overlap_is_refused(two_files, tmp_path
 
 
 def test_one_source_is_exactly_prepare_data(tmp_path):
-    from sft.prepare import prepare_data
+    from sft.data.prepare import prepare_data
 
     p = prepare_data("bundled", byte_tokenizer(), max_len=512, eval_size=3, cache_dir=tmp_path)
     m = prep(parse_sources("bundled"), tmp_path, eval_size=3)
@@ -265,9 +265,9 @@ def test_trainer_mix_eval_data_resume_and_keep_best(two_files, tmp_path, monkeyp
     import torch
     from safetensors.torch import load_file
 
-    from sft import evaluation, runs
     from sft.config import parse_args
-    from sft.trainer import train
+    from sft.training import evaluation, runs
+    from sft.training.trainer import train
 
     monkeypatch.setenv("SFT_CACHE", str(tmp_path / "cache"))
     a, b = two_files

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sft.models import (
+from sft.model.models import (
     ModelError,
     byte_tokenizer,
     forward_hidden,
@@ -62,7 +62,7 @@ def test_packed_documents_do_not_see_each_other(name, impl):
     if impl == "eager":
         model.config._attn_implementation = "eager"
     if impl == "fast":
-        from sft.mpt import from_hf_model
+        from sft.model.mpt import from_hf_model
 
         model = from_hf_model(model).eval()
     g = torch.Generator().manual_seed(0)
@@ -124,7 +124,7 @@ def test_smollm2_gguf_is_found_in_the_package():
 def test_tokenizer_override_from_a_bare_tokenizer_json(shared_data):
     """`--tokenizer=<tokenizer.json>` gives the trainer the roles preview gives (the guanaco template's
     `eos_token` is defined): found when the MPT-7B recipe first ran on a GPU with MPT's bare tokenizer file."""
-    from sft.render import render
+    from sft.data.render import render
 
     _, tok = load_model_and_tokenizer(
         _cfg(model="tiny-mpt", tokenizer=str(shared_data / "gpt-neox-20b-tokenizer.json"))

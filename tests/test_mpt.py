@@ -1,4 +1,4 @@
-"""sft.mpt against transformers' MptForCausalLM (the numerical reference), on CPU in fp32, tiny sizes."""
+"""sft.model.mpt against transformers' MptForCausalLM (the numerical reference), on CPU in fp32, tiny sizes."""
 
 import copy
 import json
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import save_file
 
-from sft.mpt import (
+from sft.model.mpt import (
     MPTConfig,
     MPTForCausalLM,
     alibi_slopes,
@@ -252,7 +252,7 @@ def test_logits_to_keep_is_the_last_rows_of_full_logits():
 
 
 def test_flex_prefill_failure_falls_back_to_math_path(monkeypatch, caplog):
-    import sft.mpt as mpt_mod
+    import sft.model.mpt as mpt_mod
 
     def broken(*a, **k):
         raise RuntimeError("simulated kernel failure\nsecond line")
@@ -264,7 +264,7 @@ def test_flex_prefill_failure_falls_back_to_math_path(monkeypatch, caplog):
     with torch.no_grad():
         full = ours(ids)
         ours.setup_cache(1, 12)
-        with caplog.at_level("WARNING", logger="sft.mpt"):
+        with caplog.at_level("WARNING", logger="sft.model.mpt"):
             got = ours.forward_cached(ids, torch.arange(10))
     torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
     assert ours._prefill_flex_failed

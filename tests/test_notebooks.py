@@ -34,7 +34,7 @@ def recipe_smoke_run(script: str, root: Path, run_name: str) -> Path:
     ``main(DEFAULTS, argv, smoke=SMOKE)`` call its ``__main__`` block makes) to spare a second
     interpreter start; the recipe's own sys.path edit is undone afterwards.
     """
-    from sft import trainer
+    from sft.training import trainer
 
     saved = list(sys.path)
     try:

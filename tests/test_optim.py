@@ -1,4 +1,4 @@
-"""sft/optim.py: Kahan-compensated bf16 AdamW keeps fp32 quality; pure bf16 AdamW does not.
+"""sft/training/optim.py: Kahan-compensated bf16 AdamW keeps fp32 quality; pure bf16 AdamW does not.
 
 The small model is a 3-layer tanh MLP whose forward runs in fp32 on upcast weights, so the only
 difference between the runs is how the weights are stored and updated. The learning rate (3e-5)
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft.optim import KahanAdamW, _round_stochastic_bf16, build_optimizer, step_in_backward
+from sft.training.optim import KahanAdamW, _round_stochastic_bf16, build_optimizer, step_in_backward
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(128, 32), (128,), (128, 128), (128,), (1, 128), (1,)]

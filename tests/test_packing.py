@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sft.packing import KEYS, best_fit_decreasing, collate_rows, pack, packing_efficiency, pad_collate
-from sft.render import Sample
-from sft.schema import IGNORE_INDEX as X
+from sft.data.packing import KEYS, best_fit_decreasing, collate_rows, pack, packing_efficiency, pad_collate
+from sft.data.render import Sample
+from sft.data.schema import IGNORE_INDEX as X
 
 A = Sample([10, 11, 12, 13], [X, X, 12, 13])
 B = Sample([20, 21, 22], [X, 21, 22])

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sft.packing import pack, packing_efficiency
-from sft.prepare import prepare_data
-from sft.render import TEMPLATES, render
-from sft.sample_data import BUNDLED
-from sft.schema import IGNORE_INDEX, DataError
+from sft.data.packing import pack, packing_efficiency
+from sft.data.prepare import prepare_data
+from sft.data.render import TEMPLATES, render
+from sft.data.sample_data import BUNDLED
+from sft.data.schema import IGNORE_INDEX, DataError
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +114,8 @@ def test_overlong_cut_and_drop(neox_tokenizer, tmp_path):
 
 def test_validate_sample_reasons():
     """Masks derived from rendered prefixes cannot leave the EOS out, so the checks are pinned on hand-made samples."""
-    from sft.prepare import validate_sample
-    from sft.render import Sample
+    from sft.data.prepare import validate_sample
+    from sft.data.render import Sample
 
     X = IGNORE_INDEX
     kw = dict(bos_id=0, stop_ids=[0], marker_id=0)
@@ -143,7 +143,7 @@ def test_refuses_template_without_end_token(neox_tokenizer):
 
 
 def test_pad_equal_eos_keeps_eos_supervised(shared_data, tmp_path):
-    from sft.models import load_tokenizer
+    from sft.model.models import load_tokenizer
 
     tok = load_tokenizer(shared_data / "gpt-neox-20b-tokenizer.json")
     assert (tok.eos_token_id, tok.pad_token_id) == (0, 1)
@@ -221,7 +221,7 @@ def test_damaged_cache_is_rebuilt(neox_tokenizer, tmp_path, caplog, name, mutate
     a = _bundled(neox_tokenizer, tmp_path)
     (f,) = tmp_path.iterdir()
     f.write_bytes(mutate(f.read_bytes()))
-    with caplog.at_level("WARNING", logger="sft.prepare"):
+    with caplog.at_level("WARNING", logger="sft.data.prepare"):
         b = _bundled(neox_tokenizer, tmp_path)
     assert "ignoring unreadable data cache" in caplog.text and b.stats["cached"] is False
     _same(a, b)
@@ -240,7 +240,7 @@ def test_a_pickle_where_the_cache_is_is_never_executed(neox_tokenizer, tmp_path,
     pickle_bytes = pickle.dumps(Payload())
     f.write_bytes(pickle_bytes)
     (tmp_path / f"prepared-{a.fingerprint}.pkl").write_bytes(pickle_bytes)  # where the old cache lived
-    with caplog.at_level("WARNING", logger="sft.prepare"):
+    with caplog.at_level("WARNING", logger="sft.data.prepare"):
         b = _bundled(neox_tokenizer, tmp_path)
     assert not marker.exists()
     assert "ignoring unreadable data cache" in caplog.text and "pickle" in caplog.text

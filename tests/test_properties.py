@@ -2,10 +2,10 @@
 
 What is asserted, for every generated input:
 
-- adapters (``sft.formats.ADAPTERS``, ``to_conversation``, ``detect_format``): the only exception is
+- adapters (``sft.data.formats.ADAPTERS``, ``to_conversation``, ``detect_format``): the only exception is
   ``DataError``; whatever is returned by ``to_conversation`` is a valid canonical conversation;
-- sources (``sft.sources.load_rows``) on files of random bytes / random JSON lines: only ``DataError``;
-- render (``sft.render.render`` with the ``chatml`` and ``guanaco`` templates, on MPT's NeoX tokenizer
+- sources (``sft.data.sources.load_rows``) on files of random bytes / random JSON lines: only ``DataError``;
+- render (``sft.data.render.render`` with the ``chatml`` and ``guanaco`` templates, on MPT's NeoX tokenizer
   and on the tiny byte tokenizer): only ``DataError`` / ``TemplateError``; every sample keeps the mask
   contract: same lengths, supervised labels equal their ids, and the maximal supervised runs decode to
   exactly ``lead + reply + end-of-turn text``, one run per assistant turn;
@@ -27,12 +27,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sft.formats import ADAPTERS, detect_format, to_conversation
-from sft.models import byte_tokenizer
-from sft.prepare import prepare_data, validate_sample
-from sft.render import TemplateError, end_of_turn_text, render, stop_token_ids
-from sft.schema import IGNORE_INDEX, ROLES, DataError
-from sft.sources import load_rows
+from sft.data.formats import ADAPTERS, detect_format, to_conversation
+from sft.data.prepare import prepare_data, validate_sample
+from sft.data.render import TemplateError, end_of_turn_text, render, stop_token_ids
+from sft.data.schema import IGNORE_INDEX, ROLES, DataError
+from sft.data.sources import load_rows
+from sft.model.models import byte_tokenizer
 
 N = int(os.environ.get("SFT_HYPOTHESIS_EXAMPLES", "150"))  # per test; the total is printed at the end
 PROFILE = settings(
@@ -151,7 +151,7 @@ def valid_conversation(text):
 
 
 def check_canonical(conv):
-    """The canonical shape ``to_conversation`` promises (see ``sft.formats``)."""
+    """The canonical shape ``to_conversation`` promises (see ``sft.data.formats``)."""
     assert isinstance(conv, list) and conv
     for i, m in enumerate(conv):
         assert set(m) == {"role", "content"}

@@ -14,7 +14,7 @@ DRIVER = textwrap.dedent(
     """
     import runpy, sys, warnings
     sys.argv = [sys.argv[0], *sys.argv[1:]]
-    import sft.prepare as prepare
+    import sft.data.prepare as prepare
     real = prepare.prepare_data
     def noisy(*a, **k):
         warnings.warn("somepackage.thing is deprecated and will be removed", FutureWarning)
@@ -48,8 +48,8 @@ def test_recipe_console_is_the_runs_own_lines_and_no_checkpoint_without_save_eve
 
 
 def test_an_early_stop_still_leaves_a_checkpoint_to_resume(tmp_path):
-    from sft import runs, trainer
     from sft.config import TrainConfig
+    from sft.training import runs, trainer
 
     argv = ["--model=tiny-llama", "--limit=12", "--max_len=256", "--overlong=drop", "--eval_size=2",
             "--max_steps=3", "--stop_after=1", "--num_samples=0", "--no-save_final", "--no-progress",

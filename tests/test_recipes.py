@@ -36,10 +36,10 @@ def test_smoke_mode_trains_a_tiny_model_of_the_recipes_architecture(recipe, mode
 
 
 def test_openorca_smoke_trains_on_openorca_rows_with_their_system_prompts(tmp_path):
-    from sft.formats import openorca
-    from sft.models import byte_tokenizer
-    from sft.prepare import prepare_data
-    from sft.sample_data import OPENORCA_SAMPLE
+    from sft.data.formats import openorca
+    from sft.data.prepare import prepare_data
+    from sft.data.sample_data import OPENORCA_SAMPLE
+    from sft.model.models import byte_tokenizer
 
     out = _recipe("train_mpt_openorca.py", "--smoke", f"--out_dir={tmp_path}", "--progress=false")
     assert out.returncode == 0, out.stderr[-2000:]

@@ -4,8 +4,8 @@ import pytest
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
-from sft.formats import to_conversation
-from sft.render import (
+from sft.data.formats import to_conversation
+from sft.data.render import (
     TEMPLATES,
     TemplateError,
     attach_template,
@@ -16,7 +16,7 @@ from sft.render import (
     resolve_template,
     stop_token_ids,
 )
-from sft.schema import IGNORE_INDEX
+from sft.data.schema import IGNORE_INDEX
 
 EOS = "<|endoftext|>"
 SYS, Q1, A1, Q2, A2 = "Be brief", "What is two plus two", "Four", "And three plus three", "Six\n\n  of course"

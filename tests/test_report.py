@@ -1,4 +1,4 @@
-"""sft/report.py against small synthetic run folders (metrics keys as sft/runs.py writes them)."""
+"""sft/report.py against small synthetic run folders (metrics keys as sft/training/runs.py writes them)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def write_run(root: Path, name: str, lines: list[dict], config: dict | None = No
 
 
 def train_line(step, loss, tok, tps, mem, dt, mfu=None):
-    """A train line with exactly the keys sft/runs.py writes (step_* are per step, tokens_* cumulative)."""
+    """A train line with exactly the keys sft/training/runs.py writes (step_* are per step, tokens_* cumulative)."""
     return {
         "step": step,
         "epoch": step / 4,
@@ -45,7 +45,7 @@ def train_line(step, loss, tok, tps, mem, dt, mfu=None):
 
 
 def test_synthetic_lines_match_the_writer():
-    from sft import runs
+    from sft.training import runs
 
     assert tuple(train_line(1, 1.0, 1, 1.0, 1.0, 1.0)) == runs.TRAIN_KEYS
     assert set(runs.EVAL_KEYS) >= {"step", "eval_loss"}
@@ -125,7 +125,7 @@ def test_missing_and_unmatched(tmp_path, caplog):
 
 
 def test_null_losses_keep_their_kind(tmp_path):
-    # sft/runs.py writes a non-finite loss as null: the line stays what it was
+    # sft/training/runs.py writes a non-finite loss as null: the line stays what it was
     write_run(tmp_path, "r", [{"step": 1, "loss": None}, {"step": 1, "eval_loss": None}])
     df = report.load_runs(tmp_path / "r")
     assert list(df["kind"]) == ["train", "eval"]
@@ -304,11 +304,11 @@ def test_select_runs_leaves_smoke_runs_out_unless_asked(tmp_path):
 
 
 def test_answer_prompts_on_our_fast_mpt_matches_a_full_forward():
-    """Our MPT (sft/mpt.py) has no ``generate``: answers come from sft.generate, greedy, stopping at EOS."""
+    """Our MPT (sft/model/mpt.py) has no ``generate``: answers come from sft.model.generate, greedy, stopping at EOS."""
     import torch
 
     from sft.config import TrainConfig
-    from sft.models import load_model_and_tokenizer
+    from sft.model.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(TrainConfig(model="tiny-mpt", mpt_impl="fast"))
     model.eval()

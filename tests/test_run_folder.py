@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from sft import runs, trainer
 from sft.config import ConfigError, TrainConfig, check_config, parse_args
-from sft.runs import RunError, create_run_dir, find_resume, hold_run_lock, is_finished, mark_finished
+from sft.training import runs, trainer
+from sft.training.runs import RunError, create_run_dir, find_resume, hold_run_lock, is_finished, mark_finished
 
 REPO = Path(__file__).resolve().parents[1]
 
 HOLD = textwrap.dedent(
     """
     import sys, time
-    from sft.runs import RunError, hold_run_lock
+    from sft.training.runs import RunError, hold_run_lock
     try:
         with hold_run_lock(sys.argv[1]):
             print("held", flush=True)
@@ -182,7 +182,7 @@ def test_latest_is_the_newest_unfinished_checkpoint_by_time_not_by_name(tmp_path
     done, _ = _fake_run(tmp_path, "20250102-000000_tiny_bundled", [4], now - 10)  # newest of all, finished
     mark_finished(done, 4)
     (tmp_path / "not-a-run").mkdir()
-    with caplog.at_level(logging.INFO, logger="sft.runs"):
+    with caplog.at_level(logging.INFO, logger="sft.training.runs"):
         assert find_resume(tmp_path, "latest") == (newest, newest_ckpt)
     said = caplog.text
     assert (
@@ -364,7 +364,7 @@ def _recipe_module(monkeypatch):
 
 
 def _write_rows(path, answer):
-    from sft.sample_data import BUNDLED
+    from sft.data.sample_data import BUNDLED
 
     rows = [{"messages": c} for c in BUNDLED]
     rows[5] = {
@@ -413,7 +413,7 @@ def test_resume_refuses_changed_data_unless_told(tmp_path, monkeypatch, caplog):
     }
     assert (run / "train.log").read_text().startswith(log_before)
 
-    with caplog.at_level(logging.WARNING, logger="sft.runs"):
+    with caplog.at_level(logging.WARNING, logger="sft.training.runs"):
         rc = recipe.main(
             recipe.DEFAULTS, [f"--resume={run}", "--resume_changed_data=true", "--progress=false"]
         )
@@ -424,8 +424,8 @@ def test_resume_refuses_changed_data_unless_told(tmp_path, monkeypatch, caplog):
 
 
 def test_changed_inputs_names_each_part(tmp_path, neox_tokenizer):
-    from sft.models import byte_tokenizer
-    from sft.prepare import prepare_data
+    from sft.data.prepare import prepare_data
+    from sft.model.models import byte_tokenizer
 
     def data(tok=neox_tokenizer, template="chatml", max_len=256, seed=0):
         p = prepare_data("bundled", tok, template=template, max_len=max_len, seed=seed, use_cache=False)
@@ -442,8 +442,8 @@ def test_changed_inputs_names_each_part(tmp_path, neox_tokenizer):
 
 
 def test_changed_inputs_names_the_source_of_a_mixture(tmp_path):
-    from sft.mixture import SourceSpec, prepare_mixture
-    from sft.models import byte_tokenizer
+    from sft.data.mixture import SourceSpec, prepare_mixture
+    from sft.model.models import byte_tokenizer
 
     def row(i, tag):
         return {

@@ -1,7 +1,7 @@
 """Safety defaults: no remote code, no pickle weights unless asked, one clear error for a damaged weights
 file, chat templates only through transformers' sandboxed jinja.
 
-Every load goes through the trainer's own loader, ``sft.models.load_model_and_tokenizer(TrainConfig)``.
+Every load goes through the trainer's own loader, ``sft.model.models.load_model_and_tokenizer(TrainConfig)``.
 """
 
 import json
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft import mpt
 from sft.config import TrainConfig
-from sft.models import ModelError, byte_tokenizer, load_model_and_tokenizer, smollm2_gguf, tiny_model
-from sft.render import TemplateError, render, render_prompt
+from sft.data.render import TemplateError, render, render_prompt
+from sft.model import mpt
+from sft.model.models import ModelError, byte_tokenizer, load_model_and_tokenizer, smollm2_gguf, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONV = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]

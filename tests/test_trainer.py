@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from sft import engine, trainer
 from sft.config import TrainConfig
-from sft.runs import EVAL_KEYS, TRAIN_KEYS
+from sft.training import engine, trainer
+from sft.training.runs import EVAL_KEYS, TRAIN_KEYS
 
 TINY = [
     "--model=tiny-llama",
@@ -125,7 +125,7 @@ def test_final_loads_with_automodel_and_gives_the_same_logits(full_run):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft.models import byte_tokenizer, tiny_model
+    from sft.model.models import byte_tokenizer, tiny_model
 
     final = AutoModelForCausalLM.from_pretrained(str(full_run / "final"))
     trained = tiny_model("tiny-llama", len(byte_tokenizer()), seed=0)
@@ -241,7 +241,7 @@ def test_unwritable_out_dir(tmp_path, capsys):
 
 
 def _fake_dcp_checkpoint(ckpt, world=2):
-    """The layout sft.distributed.save_checkpoint leaves (dcp/.metadata, rng per rank, state last)."""
+    """The layout sft.training.distributed.save_checkpoint leaves (dcp/.metadata, rng per rank, state last)."""
     (ckpt / "dcp").mkdir(parents=True)
     (ckpt / "dcp" / ".metadata").write_bytes(b"x")
     for r in range(world):
@@ -251,7 +251,7 @@ def _fake_dcp_checkpoint(ckpt, world=2):
 
 
 def test_find_resume_accepts_sharded_checkpoints_and_skips_damaged_ones(tmp_path, caplog):
-    from sft.runs import RunError, checkpoint_problem, find_resume
+    from sft.training.runs import RunError, checkpoint_problem, find_resume
 
     run = tmp_path / "r"
     _fake_dcp_checkpoint(run / "checkpoints" / "step_0000002")

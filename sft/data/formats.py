@@ -1,6 +1,6 @@
 """Adapters: one raw data row (a dict) -> one canonical ``Conversation``.
 
-A ``Conversation`` (see ``sft.schema``) is a list of ``{"role", "content"}`` messages: an optional
+A ``Conversation`` (see ``sft.data.schema``) is a list of ``{"role", "content"}`` messages: an optional
 single ``system`` message first, then ``user`` / ``assistant`` turns, ending with an ``assistant``
 turn (the thing we train on). Every content is a non-empty ``str``.
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 
-from sft.schema import ROLES, Conversation, DataError
+from sft.data.schema import ROLES, Conversation, DataError
 
 _GUANACO_MARK = re.compile(r"### (Human|Assistant):")
 _GUANACO_ROLES = {"Human": "user", "Assistant": "assistant"}

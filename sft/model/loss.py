@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sft.schema import IGNORE_INDEX
+from sft.data.schema import IGNORE_INDEX
 
 
 def count_supervised(batches: Iterable[dict[str, torch.Tensor]]) -> int:
@@ -89,7 +89,7 @@ def chunked_cross_entropy_sum(
 ) -> torch.Tensor:
     """Sum of CE over targets != IGNORE_INDEX, computed ``chunk_size`` tokens at a time.
 
-    hidden: [B, T, d]; head: the model's :class:`LMHead` (``sft.models.lm_head``) or a plain weight [V, d];
+    hidden: [B, T, d]; head: the model's :class:`LMHead` (``sft.model.models.lm_head``) or a plain weight [V, d];
     targets: [B, T] long, already shifted.
     Only supervised positions are gathered, then each chunk's logits ([chunk, V], fp32) are made,
     reduced and dropped; each chunk is checkpointed so backward recomputes its logits instead of

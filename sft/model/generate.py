@@ -10,7 +10,7 @@ The decode loop works over any *cached decoder*: a module exposing
   and attend, for query position ``p``, to every cached position ``s <= p``. Optionally a keyword
   ``logits_to_keep: int`` (logits of the last positions only), which the prefill then uses.
 
-Our MPT (``sft.mpt``) implements it natively; :class:`LlamaCached` gives any Llama-family
+Our MPT (``sft.model.mpt``) implements it natively; :class:`LlamaCached` gives any Llama-family
 transformers causal LM (Llama, SmolLM2, Mistral without sliding window, Qwen2/3) the same interface.
 
 Why our own Llama forward instead of transformers' ``StaticCache``: its API moved between the
@@ -229,12 +229,12 @@ class LlamaCached(nn.Module):
 
 def cached_decoder(model: nn.Module) -> nn.Module:
     """The cached decoder for ``model``: itself if it has ``forward_cached``; our MPT built from a
-    transformers ``MptForCausalLM`` (``sft.mpt.from_hf_model``); or :class:`LlamaCached`."""
+    transformers ``MptForCausalLM`` (``sft.model.mpt.from_hf_model``); or :class:`LlamaCached`."""
     if hasattr(model, "forward_cached"):
         return model
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type == "mpt":
-        from sft.mpt import from_hf_model
+        from sft.model.mpt import from_hf_model
 
         return from_hf_model(model)
     return LlamaCached(model)

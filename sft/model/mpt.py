@@ -82,7 +82,7 @@ _ATTN_KEYS = frozenset(
 
 
 def _refuse(key: str, value: Any, why: str) -> None:
-    raise ValueError(f"MPT config: {key}={value!r} is not supported by sft.mpt ({why})")
+    raise ValueError(f"MPT config: {key}={value!r} is not supported by sft.model.mpt ({why})")
 
 
 @dataclass
@@ -407,7 +407,7 @@ class MPTForCausalLM(nn.Module):
 
     ``attn_impl``: see the module docstring. ``gradient_checkpointing``: recompute each block in backward
     (non-reentrant ``torch.utils.checkpoint``) when training; ``checkpoint_blocks = N``: only the first N
-    blocks (selective; the memory plan of sft/memory.py chooses N). ``cached_prefill_impl``: attention of an
+    blocks (selective; the memory plan of sft/training/memory.py chooses N). ``cached_prefill_impl``: attention of an
     eager multi-token ``forward_cached`` (the prefill): ``"auto"`` (compiled flex on CUDA when
     ``head_dim >= 16``, else ``"math"``), ``"flex"``, ``"flex_eager"`` (uncompiled; CPU tests of the flex
     prefill), ``"math"`` (float32 bias materialised over the filled keys).

@@ -28,7 +28,7 @@ from itertools import chain
 
 import numpy as np
 
-from sft.schema import IGNORE_INDEX, ROLES, Conversation, DataError
+from sft.data.schema import IGNORE_INDEX, ROLES, Conversation, DataError
 
 # ChatML (SmolLM2, MPT-chat, Qwen...). Turn end: "<|im_end|>".
 CHATML = (
@@ -239,7 +239,7 @@ def _encode_bounded(
 def check_messages(conv, index: int | None = None) -> None:
     """Raise ``DataError`` unless ``conv`` is a list of ``{"role": one of ROLES, "content": str}`` whose
     texts UTF-8 can encode: what the templates and the tokenizer need. (The full canonical rules, such as
-    a final assistant turn, are ``sft.formats.validate_conversation``'s; render only needs the shape.)"""
+    a final assistant turn, are ``sft.data.formats.validate_conversation``'s; render only needs the shape.)"""
     where = "" if index is None else f"conversation {index}: "
     if not isinstance(conv, list | tuple):
         raise DataError(f"{where}expected a list of messages, got {type(conv).__name__}")

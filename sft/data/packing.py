@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from sft.render import Sample
-from sft.schema import IGNORE_INDEX
+from sft.data.render import Sample
+from sft.data.schema import IGNORE_INDEX
 
 KEYS = ("input_ids", "targets", "position_ids", "document_ids", "attention_mask")
 

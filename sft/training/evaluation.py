@@ -1,15 +1,15 @@
 """Evaluation a user can act on: held-out loss per source, token accuracy, stop rate, best checkpoint.
 
 - :func:`measure` -> ``(ce_sum, n, correct)`` over held-out batches of a plain model: the sum of CE over the
-  supervised targets (equal to ``sft.loss.chunked_cross_entropy_sum`` summed over the batches), their
+  supervised targets (equal to ``sft.model.loss.chunked_cross_entropy_sum`` summed over the batches), their
   number ``n``, and how many of them are the model's argmax (token accuracy = ``correct / n``). Logits are
   made ``chunk`` supervised tokens at a time, as in training.
 - :func:`combine` -> the metrics of one evaluation from per-source sums: ``eval_loss`` (sum CE / sum n over
   every source: each token counts once), ``eval_token_accuracy`` (None when a source had no accuracy, e.g.
   under FSDP), ``eval_tokens_supervised`` and ``eval_loss_by_source`` (source name -> its loss).
 - :func:`answer` -> greedy answers to held-out prompts (the conversation up to its last user turn,
-  ``sft.render.render_prompt``), each with ``stopped``: the answer ended with a stop token
-  (``sft.render.stop_token_ids``: EOS or the template's end-of-turn token) within ``max_new_tokens``.
+  ``sft.data.render.render_prompt``), each with ``stopped``: the answer ended with a stop token
+  (``sft.data.render.stop_token_ids``: EOS or the template's end-of-turn token) within ``max_new_tokens``.
   :func:`stop_rate` is the fraction stopped: a model that never learned to end its turn scores 0.
 - :func:`update_best` is ``--keep_best``'s rule: the lowest finite held-out loss wins, ties keep the earlier
   step.
@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from sft.loss import as_head
-from sft.models import forward_hidden
-from sft.schema import IGNORE_INDEX, Conversation
+from sft.data.schema import IGNORE_INDEX, Conversation
+from sft.model.loss import as_head
+from sft.model.models import forward_hidden
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def measure(
         b = {k: v.to(device) for k, v in b.items()}
         with autocast():
             h, head = fwd(model, b)
-        head = as_head(head)  # the model's own head (sft.models.lm_head): bias, scale, soft-capping
+        head = as_head(head)  # the model's own head (sft.model.models.lm_head): bias, scale, soft-capping
         flat_t = b["targets"].reshape(-1)
         keep = (flat_t != IGNORE_INDEX).nonzero(as_tuple=True)[0]
         hs, ts = h.reshape(-1, h.size(-1)).index_select(0, keep), flat_t.index_select(0, keep)
@@ -78,7 +78,7 @@ def answer(
     Each answer: ``prompt`` (the last user message), ``reference``, ``answer`` (decoded, stop token
     removed), ``new_tokens`` and ``stopped`` (the answer ended with a stop token).
     """
-    from sft.render import render_prompt, stop_token_ids
+    from sft.data.render import render_prompt, stop_token_ids
 
     stops = list(stop_token_ids(tokenizer, template))
     was_training = model.training

@@ -2,12 +2,12 @@
 
 ``prepare_data`` runs, in order:
 
-1. load rows (``sft.sources.load_rows``) and adapt them (``sft.formats.to_conversation``), in
+1. load rows (``sft.data.sources.load_rows``) and adapt them (``sft.data.formats.to_conversation``), in
    :func:`load_conversations`; the format
    is detected on the first row and then required of every row. A bad row raises ``DataError``
    (``bad_rows="error"``, the default) or is dropped and counted (``bad_rows="drop"``);
 2. split a held-out set off the conversations (seeded, deterministic, before any rendering);
-3. render (``sft.render.render_batch``) with the template;
+3. render (``sft.data.render.render_batch``) with the template;
 4. limits: a sample over ``max_len`` tokens is cut after the last assistant reply that fits
    (``overlong="cut"``) or dropped (``overlong="drop"``); a sample with no supervised token is dropped.
    Every drop is counted by reason in ``stats["drops"]``; cuts in ``stats["cut"]``;
@@ -38,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sft.formats import detect_format, to_conversation
-from sft.packing import best_fit_decreasing
-from sft.render import (
+from sft.data.formats import detect_format, to_conversation
+from sft.data.packing import best_fit_decreasing
+from sft.data.render import (
     Sample,
     bos_to_add,
     end_of_turn_text,
@@ -48,8 +48,8 @@ from sft.render import (
     resolve_template,
     stop_token_ids,
 )
-from sft.schema import IGNORE_INDEX, Conversation, DataError
-from sft.sources import is_local, load_rows
+from sft.data.schema import IGNORE_INDEX, Conversation, DataError
+from sft.data.sources import is_local, load_rows
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,13 @@ class Prepared:
     stats: dict = field(default_factory=dict)
     fingerprint: str = ""
     # what the fingerprint is made of, by part (data, tokenizer, template, max_len, settings): a run records
-    # it so that --resume can name what changed (sft.runs.check_resume_inputs)
+    # it so that --resume can name what changed (sft.training.runs.check_resume_inputs)
     inputs: dict = field(default_factory=dict)
 
 
 def _data_key(source: str, split: str) -> str:
     if source == "bundled":
-        from sft.sample_data import BUNDLED
+        from sft.data.sample_data import BUNDLED
 
         return "bundled:" + hashlib.sha256(json.dumps(BUNDLED, sort_keys=True).encode()).hexdigest()
     if is_local(source) and Path(source).is_file():

@@ -1,8 +1,8 @@
 """LoRA through peft: inject adapters, train only them, checkpoint them, save them, merge and export.
 
 Works on transformers causal LMs (Llama family, ``MptForCausalLM``, ...) and on our MPT
-(``sft.mpt.MPTForCausalLM``, a plain ``nn.Module``). Adapters are injected in place with
-``peft.inject_adapter_in_model``: the model keeps its class, so ``sft.models.forward_hidden``, our MPT's
+(``sft.model.mpt.MPTForCausalLM``, a plain ``nn.Module``). Adapters are injected in place with
+``peft.inject_adapter_in_model``: the model keeps its class, so ``sft.model.models.forward_hidden``, our MPT's
 ``forward_hidden(input_ids, document_ids)`` / ``lm_head_weight``, ``compile_blocks``, gradient checkpointing
 and ``fully_shard`` see the same model as before, with each targeted ``nn.Linear`` replaced by a
 ``peft.tuners.lora.Linear`` that holds the original layer as ``base_layer``. Attention masks and document
@@ -68,7 +68,7 @@ LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
 
 def model_type(model: nn.Module) -> str:
     """``"mpt"`` for our MPT, else ``model.config.model_type`` (``""`` when there is none)."""
-    from sft.mpt import MPTForCausalLM
+    from sft.model.mpt import MPTForCausalLM
 
     if isinstance(model, MPTForCausalLM):
         return "mpt"
@@ -98,7 +98,7 @@ def is_lora(model: nn.Module) -> bool:
 
 
 def _embedding(model: nn.Module) -> nn.Module | None:
-    from sft.mpt import MPTForCausalLM
+    from sft.model.mpt import MPTForCausalLM
 
     if isinstance(model, MPTForCausalLM):
         return model.transformer.wte
@@ -314,9 +314,9 @@ def quantize_nf4(
 
 def save_merged(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     """Write an already merged (or never adapted) model as a transformers folder: our MPT through
-    ``sft.mpt.save_hf`` (loads as ``transformers.MptForCausalLM``), transformers models through
+    ``sft.model.mpt.save_hf`` (loads as ``transformers.MptForCausalLM``), transformers models through
     ``save_pretrained`` (a GGUF-loaded model, which refuses saving, is first rebuilt from its config)."""
-    from sft.mpt import MPTForCausalLM, save_hf
+    from sft.model.mpt import MPTForCausalLM, save_hf
 
     if is_lora(model):
         raise ValueError("model still has LoRA layers: merge_lora(model) first")
@@ -327,7 +327,7 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     try:
         model.save_pretrained(str(out))
     except (ValueError, NotImplementedError) as e:  # GGUF-loaded models refuse save_pretrained
-        from sft.models import _rebuild
+        from sft.model.models import _rebuild
 
         log.info("save_pretrained refused (%s); saving a rebuilt copy", e)
         _rebuild(model).save_pretrained(str(out))

@@ -4,7 +4,7 @@ Layout of ``<out_dir>/<UTC time>_<model>_<dataset>/``:
 
 - ``config.json``: ``{"config": <resolved TrainConfig>, "git_commit", "git_dirty", "versions", "data":
   {"fingerprint", "inputs", "stats"}, "model": {...}, "device", "created_utc"}``; ``inputs`` are the parts
-  of the data fingerprint (``sft.prepare``), compared on ``--resume`` by :func:`check_resume_inputs`;
+  of the data fingerprint (``sft.data.prepare``), compared on ``--resume`` by :func:`check_resume_inputs`;
 - ``metrics.jsonl``: one JSON object per line. Train lines have exactly :data:`TRAIN_KEYS`; eval lines
   have :data:`EVAL_KEYS` (``eval_loss`` marks them). Plots and reports read this file, never the console;
 - ``tb/``: TensorBoard event files (the same scalars);
@@ -12,7 +12,7 @@ Layout of ``<out_dir>/<UTC time>_<model>_<dataset>/``:
 - ``samples.jsonl``: held-out prompts answered greedily before and after training;
 - ``checkpoints/step_XXXXXXX/``: ``model.safetensors`` (the adapter weights alone for a LoRA run),
   ``optimizer.pt``, ``rng.pt``, ``state.json`` (step, data position, token counters), ``config.json``
-  (sharded FSDP2 runs: ``dcp/`` + ``rng_rank{r}.pt`` instead, see sft/distributed.py). Written to a temporary folder and renamed
+  (sharded FSDP2 runs: ``dcp/`` + ``rng_rank{r}.pt`` instead, see sft/training/distributed.py). Written to a temporary folder and renamed
   with ``os.replace``, so a folder named ``step_*`` is always complete; the newest ``keep_last`` are kept;
 - ``final/``: Hugging Face format (safetensors, config, tokenizer with the training chat template); for a
   LoRA run the adapters merged into the base;
@@ -51,7 +51,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TRAIN_KEYS = (
     "step",
@@ -72,7 +72,7 @@ TRAIN_KEYS = (
     "step_time_s",
 )
 # eval_loss over every held-out token; per source in eval_loss_by_source (name -> loss); token accuracy
-# and stop rate as in sft/evaluation.py (None when not measured)
+# and stop rate as in sft/training/evaluation.py (None when not measured)
 EVAL_KEYS = (
     "step",
     "epoch",
@@ -442,11 +442,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def _has_lora(model) -> bool:
-    # peft_config is set by peft's injection and removed by sft.lora.merge_lora; checking it first spares
+    # peft_config is set by peft's injection and removed by sft.model.lora.merge_lora; checking it first spares
     # importing peft for every full fine-tuning checkpoint
     if getattr(model, "peft_config", None) is None:
         return False
-    from sft.lora import is_lora
+    from sft.model.lora import is_lora
 
     return is_lora(model)
 
@@ -455,7 +455,7 @@ def _state_dict_for_save(model) -> dict[str, torch.Tensor]:
     """What ``model.safetensors`` of a checkpoint holds: the adapter weights alone for a LoRA model (the
     frozen base is reloaded from its source at resume), else every tensor of the state dict."""
     if _has_lora(model):
-        from sft.lora import lora_state_dict
+        from sft.model.lora import lora_state_dict
 
         return lora_state_dict(model)
     # safetensors refuses tensors that share storage (tied embeddings): save a copy of each
@@ -576,7 +576,7 @@ def load_checkpoint(ckpt: Path, *, model, optimizer) -> dict:
 
     sd = load_file(str(ckpt / "model.safetensors"), device=str(next(model.parameters()).device))
     if _has_lora(model):  # adapter weights only (strict: every adapter weight, nothing else)
-        from sft.lora import load_lora_state_dict
+        from sft.model.lora import load_lora_state_dict
 
         try:
             load_lora_state_dict(model, sd)
@@ -651,7 +651,7 @@ _INPUT_NAMES = {"data": "the data", "tokenizer": "the tokenizer", "template": "t
 
 
 def _changed_parts(old: dict, new: dict, where: str = "") -> list[str]:
-    """Names of the parts of one source's inputs (``sft.prepare.Prepared.inputs``) that differ."""
+    """Names of the parts of one source's inputs (``sft.data.prepare.Prepared.inputs``) that differ."""
     out = [where + name for key, name in _INPUT_NAMES.items() if old.get(key) != new.get(key)]
     if old.get("max_len") != new.get("max_len"):
         out.append(f"{where}max_len {old.get('max_len')} -> {new.get('max_len')}")
@@ -776,7 +776,7 @@ def find_resume(out_dir: str | Path, resume: str) -> tuple[Path, Path]:
 def save_final(run_dir: Path, model, tokenizer) -> Path:
     """Write ``final/`` in Hugging Face format (safetensors, config, tokenizer); returns its path.
 
-    The tokenizer must already carry the training chat template. Our fast MPT (sft/mpt.py) is written
+    The tokenizer must already carry the training chat template. Our fast MPT (sft/model/mpt.py) is written
     with its ``save_hf``; a transformers model with ``save_pretrained``; one that refuses (GGUF-loaded) is
     first rebuilt from its config with the same weights.
     """
@@ -785,14 +785,14 @@ def save_final(run_dir: Path, model, tokenizer) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     if hasattr(model, "forward_hidden") and not hasattr(model, "save_pretrained"):
-        from sft import mpt
+        from sft.model import mpt
 
         mpt.save_hf(model, tmp)
     else:
         try:
             model.save_pretrained(str(tmp))
         except (ValueError, NotImplementedError):
-            from sft.models import _rebuild
+            from sft.model.models import _rebuild
 
             _rebuild(model).save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))

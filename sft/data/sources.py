@@ -2,7 +2,7 @@
 
 ``load_rows(source)`` yields ``(row_number, row_dict)`` pairs. ``source`` is one of:
 
-- ``"bundled"``: the project's own sample (``sft.sample_data.BUNDLED``) as ``{"messages": [...]}`` rows;
+- ``"bundled"``: the project's own sample (``sft.data.sample_data.BUNDLED``) as ``{"messages": [...]}`` rows;
 - a local ``.jsonl`` / ``.json`` / ``.parquet`` file;
 - a hub dataset id, through ``datasets.load_dataset`` (``streaming=True`` and the first ``limit``
   rows when ``limit`` is given, so OpenOrca's 4 M rows are never downloaded whole).
@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from sft.schema import DataError
+from sft.data.schema import DataError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 _BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark: skipped at the start of a JSON / JSONL file
@@ -115,7 +115,7 @@ def _parquet(path: Path, limit: int | None) -> Iterator[tuple[int, dict]]:
 
 
 def _bundled(limit: int | None) -> Iterator[tuple[int, dict]]:
-    from sft.sample_data import BUNDLED
+    from sft.data.sample_data import BUNDLED
 
     for i, conv in enumerate(BUNDLED[:limit] if limit is not None else BUNDLED, start=1):
         yield i, {"messages": [dict(m) for m in conv]}

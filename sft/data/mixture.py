@@ -47,9 +47,9 @@ from pathlib import Path
 import numpy as np
 
 from sft.config import ConfigError, parse_fields
-from sft.render import Sample
-from sft.schema import Conversation, DataError
-from sft.sources import is_local
+from sft.data.render import Sample
+from sft.data.schema import Conversation, DataError
+from sft.data.sources import is_local
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def mix(sources: list[list[Sample]], weights: list[float], seed: int) -> tuple[l
 
 @dataclass
 class Mixture:
-    """What the trainer needs, like :class:`sft.prepare.Prepared`, plus the held-out samples per source."""
+    """What the trainer needs, like :class:`sft.data.prepare.Prepared`, plus the held-out samples per source."""
 
     train: list[Sample]
     eval: list[Sample]
@@ -268,13 +268,13 @@ class Mixture:
     stats: dict
     fingerprint: str
     eval_by_source: dict[str, list[Sample]] = field(default_factory=dict)
-    # the parts of the fingerprint, compared on --resume (sft.runs.check_resume_inputs): one source's
+    # the parts of the fingerprint, compared on --resume (sft.training.runs.check_resume_inputs): one source's
     # Prepared.inputs, or {"sources": {name: inputs}, "eval_sources": {...}, "weights": {...}, "seed"}
     inputs: dict = field(default_factory=dict)
 
 
 def _prepare_one(spec: SourceSpec, tokenizer, eval_size, **kw):
-    from sft.prepare import prepare_data
+    from sft.data.prepare import prepare_data
 
     return prepare_data(
         spec.source,
@@ -332,10 +332,10 @@ def prepare_mixture(
     seed: int = 0,
     **prepare_kw,
 ) -> Mixture:
-    """Prepare every source on its own (``sft.prepare.prepare_data``, cached per source), remove the eval
+    """Prepare every source on its own (``sft.data.prepare.prepare_data``, cached per source), remove the eval
     sources' samples from training, and mix (see the module docstring). ``prepare_kw``: ``template``,
     ``max_len``, ``overlong``, ``cache_dir``, ``use_cache``, passed to every ``prepare_data`` call."""
-    from sft.prepare import load_conversations
+    from sft.data.prepare import load_conversations
 
     eval_specs = list(eval_specs or [])
     kw = dict(prepare_kw, seed=seed)

@@ -1,6 +1,6 @@
 """The project's own bundled sample: short conversations written for this repository.
 
-``BUNDLED`` is a list of ``Conversation`` (see ``sft.schema``): several dozen, some multi-turn, some
+``BUNDLED`` is a list of ``Conversation`` (see ``sft.data.schema``): several dozen, some multi-turn, some
 with a system prompt, varied tasks (facts, arithmetic, rewriting, code, lists, refusing to guess).
 They are short (well under 512 tokens each with common tokenizers) so that a 135 M model fine-tunes
 on all of them on a CPU in a couple of minutes. Written by the project authors; same licence as the
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sft.schema import Conversation
+from sft.data.schema import Conversation
 
 OPENORCA_SAMPLE = Path(__file__).resolve().with_name("openorca-sample.jsonl")
 

@@ -12,7 +12,7 @@
 - a hub id: taken from the local HF cache if there; otherwise, offline (``HF_HUB_OFFLINE=1``) or with the
   hub unreachable, :class:`ModelError` is raised at once (no long hub time-out).
 MPT goes through transformers' ``MptForCausalLM`` (``cfg.mpt_impl="hf"``, no remote code), or through
-``sft.mpt`` (``"fast"``). A model loaded from GGUF is rebuilt from its config so ``save_pretrained`` works.
+``sft.model.mpt`` (``"fast"``). A model loaded from GGUF is rebuilt from its config so ``save_pretrained`` works.
 
 ``forward_hidden(model, batch) -> (hidden [B, T, d], head: LMHead)``: final hidden states (after
 the final norm) and the model's output head (``lm_head(model)``). Query t attends key s iff ``s <= t`` and
@@ -23,7 +23,7 @@ the final norm) and the model's output head (``lm_head(model)``). Query t attend
 of CUDA-extension, triton and pytree warnings that look like a broken install. Only ``--qlora`` and
 ``--fp8`` need it.
 
-``lm_head(model) -> sft.loss.LMHead``: the head as the model's forward applies it (bias, Cohere's
+``lm_head(model) -> sft.model.loss.LMHead``: the head as the model's forward applies it (bias, Cohere's
 ``logit_scale``, Granite's ``1 / logits_scaling``, Gemma-2's ``final_logit_softcapping``, our MPT's
 ``logit_scale``); a head it cannot express is refused (:class:`ModelError`) rather than trained on a loss
 that is not the model's.
@@ -43,11 +43,11 @@ from pathlib import Path
 
 import torch
 
-from sft.loss import LMHead
+from sft.model.loss import LMHead
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_PRESETS = ("tiny-llama", "tiny-mpt")
@@ -443,12 +443,12 @@ def _load(cfg, dtype):
 
 
 def _to_fast_mpt(hf_model):
-    """Our MPT (sft/mpt.py) with the weights of a transformers MptForCausalLM."""
+    """Our MPT (sft/model/mpt.py) with the weights of a transformers MptForCausalLM."""
     try:
-        from sft import mpt
+        from sft.model import mpt
     except ImportError:
         raise ModelError(
-            "--mpt_impl=fast needs sft/mpt.py, which is not in this tree; use --mpt_impl=hf"
+            "--mpt_impl=fast needs sft/model/mpt.py, which is not in this tree; use --mpt_impl=hf"
         ) from None
     try:
         return mpt.from_hf_model(hf_model)
@@ -544,7 +544,7 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         out = base(input_ids=ids.reshape(1, B * T), position_ids=pos.reshape(1, B * T), use_cache=False)
         return out.last_hidden_state.reshape(B, T, -1), lm_head(model)
     if impl == "flex_attention":
-        from sft.mpt import document_block_mask
+        from sft.model.mpt import document_block_mask
 
         mask = document_block_mask(docs, ids.size(0), ids.size(1), ids.device)
     elif impl == "sdpa":

@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 
 from sft.config import ConfigError, TrainConfig, parse_targets
-from sft.flops import layers_and_width
+from sft.training.flops import layers_and_width
 
 log = logging.getLogger("sft")
 
 GIB = 2**30
-# optimizer state in units of the trainable parameter's own element size (sft/optim.py's table)
+# optimizer state in units of the trainable parameter's own element size (sft/training/optim.py's table)
 OPTIMIZER_STATE_ELEMENTS = {"adamw": 2, "adamw_bf16": 2, "adamw_sr": 2, "adamw_kahan": 3}
 # elements of d per token kept by an un-checkpointed block beyond its projections (see the module docstring)
 ACT_BASE = 5.1
@@ -51,7 +51,7 @@ ACT_BASE = 5.1
 OVERHEAD_BYTES = 2**30
 NF4_BYTES_PER_PARAM = 0.516  # 4 bits + one 8-bit scale per 64 values + the scales' own scales
 IN_BACKWARD_OPTIMIZERS = ("adamw_kahan", "adamw_sr")
-FREE_MEMORY_HEADROOM = 0.04  # of the device's free memory, when no --memory_limit_gib is given  # sft.optim.KahanAdamW: has step_parameter
+FREE_MEMORY_HEADROOM = 0.04  # of the device's free memory, when no --memory_limit_gib is given  # sft.training.optim.KahanAdamW: has step_parameter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,7 @@ def activation_elements_per_layer(model) -> float:
 
 def _lora_params(model, cfg: TrainConfig) -> tuple[int, int]:
     """``(adapter elements, base elements of the targeted linears)`` for ``--lora``."""
-    from sft import lora
+    from sft.model import lora
 
     try:
         suffixes = tuple(parse_targets(cfg.lora_targets) or lora.default_targets(model))

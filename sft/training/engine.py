@@ -7,8 +7,8 @@ Contracts:
   A backend the model cannot use is a one-line ConfigError naming the model type and the choices.
 - ``resolve_compile(model, cfg, device) -> bool``: ``--compile`` (``auto`` = on CUDA for our MPT and the
   Llama family, :data:`COMPILE_FAMILY`).
-- ``setup_model(model, cfg, device, plan) -> dict``: converts the block linears to FP8 (``--fp8``, sft/fp8.py;
-  refused beforehand by ``sft.fp8.check_fp8``), sets the attention backend, checkpoints the first
+- ``setup_model(model, cfg, device, plan) -> dict``: converts the block linears to FP8 (``--fp8``, sft/model/fp8.py;
+  refused beforehand by ``sft.model.fp8.check_fp8``), sets the attention backend, checkpoints the first
   ``plan.checkpoint_blocks`` blocks (non-reentrant; the checkpoint wraps the compiled block) and compiles each
   block on its own (``torch.compile(dynamic=False)``: every micro-batch has the row shape, so one graph
   serves every block and every step). Call after LoRA and before FSDP sharding. Returns what it resolved.
@@ -33,12 +33,13 @@ import time
 
 import torch
 
-from sft import distributed, fp8
 from sft.config import ConfigError, TrainConfig
-from sft.distributed import DistInfo
-from sft.flops import attention_flops_tokens
-from sft.loss import chunked_cross_entropy_sum, count_supervised
-from sft.models import forward_hidden
+from sft.model import fp8
+from sft.model.loss import chunked_cross_entropy_sum, count_supervised
+from sft.model.models import forward_hidden
+from sft.training import distributed
+from sft.training.distributed import DistInfo
+from sft.training.flops import attention_flops_tokens
 
 log = logging.getLogger("sft")
 
@@ -49,7 +50,7 @@ _FLEX_MIN_HEAD_DIM = 16  # inductor's flex kernel needs head_dim >= 16 (triton's
 
 
 def _is_ours(model) -> bool:
-    return hasattr(model, "forward_hidden")  # sft/mpt.py (LoRA keeps the attribute)
+    return hasattr(model, "forward_hidden")  # sft/model/mpt.py (LoRA keeps the attribute)
 
 
 def _model_type(model) -> str:
@@ -174,7 +175,7 @@ def autocast_factory(cfg: TrainConfig, device: torch.device):
 
 def ce_sum(root, batch: dict[str, torch.Tensor], chunk: int = 1024) -> torch.Tensor:
     """Sum of CE over the supervised targets of ``batch`` (0-d fp32). ``root`` is a plain model, or the
-    FSDP root :class:`sft.distributed.LossModule` (which runs the head and the loss inside its forward)."""
+    FSDP root :class:`sft.training.distributed.LossModule` (which runs the head and the loss inside its forward)."""
     if isinstance(root, distributed.LossModule):
         return root(batch["input_ids"], batch["targets"], batch["document_ids"], batch["position_ids"])
     h, w = forward_hidden(root, batch)
@@ -208,7 +209,7 @@ class Engine:
         self.device, self.info = device, info or DistInfo()
         self.in_backward = in_backward
         if in_backward:
-            from sft.optim import step_in_backward
+            from sft.training.optim import step_in_backward
 
             self.hooks = step_in_backward(optimizer, params)
         self.autocast = autocast_factory(cfg, device)

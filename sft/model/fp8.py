@@ -5,7 +5,7 @@ Contracts:
   (``Float8LinearConfig.from_recipe_name``). ``tensorwise``: one dynamic scale per tensor, e4m3 inputs and
   weights, e5m2 output gradients, cuBLAS FP8 GEMMs. ``rowwise``: one scale per row (power of 2), e4m3
   everywhere, CUTLASS row-wise GEMMs; slower, closer to bf16.
-- Only the ``nn.Linear`` layers inside the transformer blocks (:func:`sft.distributed.transformer_blocks`)
+- Only the ``nn.Linear`` layers inside the transformer blocks (:func:`sft.training.distributed.transformer_blocks`)
   are converted: never the embedding nor the LM head (the logits and the loss stay in bf16/fp32).
   The converted layers are ``Float8Linear``, an ``nn.Linear`` subclass holding the same high-precision
   ``weight`` parameter: state dicts, checkpoints, ``final/`` and the optimizer see the same tensors as
@@ -15,14 +15,14 @@ Contracts:
   adapters and NF4 base are other linear types), a device that is not CUDA, a GPU of compute capability
   below 8.9 (no FP8 tensor cores), torchao not installed, a block linear whose in/out features are not
   multiples of 16 (FP8 GEMMs cannot take it; the layer is named).
-- :func:`convert_blocks` swaps the layers in place and returns how many; :func:`sft.engine.setup_model`
+- :func:`convert_blocks` swaps the layers in place and returns how many; :func:`sft.training.engine.setup_model`
   calls it before checkpointing and the per-block compile (the compiled block then fuses the casts), and
   before FSDP2 sharding. ``enable_fsdp_float8_all_gather`` stays False: FSDP2 all-gathers the
   high-precision (bf16) weights and each layer casts them to FP8 itself. The FP8 all-gather only halves
   the all-gather volume (it matters across nodes, not on one NVLink host), works only for tensorwise,
   needs ``precompute_float8_dynamic_scale_for_fsdp`` after each optimizer step, and turns every weight
   into a tensor subclass that our checkpoints and consolidated export would have to learn.
-- MFU stays computed against the bf16 dense peak (:mod:`sft.flops`): an FP8 run's MFU is comparable with
+- MFU stays computed against the bf16 dense peak (:mod:`sft.training.flops`): an FP8 run's MFU is comparable with
   a bf16 run's, and tokens/s is the headline.
 """
 
@@ -34,8 +34,8 @@ import logging
 import torch
 from torch import nn
 
-from sft import distributed
 from sft.config import ConfigError, TrainConfig
+from sft.training import distributed
 
 log = logging.getLogger("sft")
 

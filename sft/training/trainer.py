@@ -10,7 +10,7 @@ What one call does, in order:
    (``--lora``), then creates the run folder;
 3. evaluates the held-out loss and answers a few held-out prompts (before);
 4. trains: each optimizer step takes ``grad_accum`` micro-batches of ``micro_batch`` rows, each
-   backpropagating ``sum CE / N_step`` (N_step = supervised targets of the whole step, see sft/loss.py),
+   backpropagating ``sum CE / N_step`` (N_step = supervised targets of the whole step, see sft/model/loss.py),
    clips the gradient norm, sets the learning rate (linear warm-up, then cosine/linear decay to
    ``lr * min_lr_ratio``), and steps AdamW; logs one line per ``log_every`` steps;
 5. checkpoints every ``save_every`` steps and at the end (only when ``save_every`` > 0), and on
@@ -24,13 +24,13 @@ endless stream. So the data position of a checkpoint is just its step, and ``--r
 losses of an uninterrupted run exactly (on CPU, bit for bit).
 
 Several processes (``torchrun --nproc_per_node W``, or ``--distributed`` for a group of one): the model is
-sharded with FSDP2 (sft/distributed.py). Rank r takes micro-batches ``(s*A + j)*W + r`` of the same seeded
+sharded with FSDP2 (sft/training/distributed.py). Rank r takes micro-batches ``(s*A + j)*W + r`` of the same seeded
 stream, so W ranks with ``grad_accum=A`` see exactly what one process with ``grad_accum=A*W`` sees; N_step
 and the step's sums are all-reduced, so the losses are that process's. Rank 0 alone writes the run folder
 (its name broadcast to all), metrics, samples and ``final/`` (consolidated from the shards); checkpoints
 are sharded (``torch.distributed.checkpoint``) and resume at the same world size.
 
-LoRA (``--lora``, sft/lora.py): adapters are injected after the model is on its device and before
+LoRA (``--lora``, sft/model/lora.py): adapters are injected after the model is on its device and before
 checkpointing, sharding or compiling; only they train (fp32 under ``--optimizer=adamw``, else the base
 dtype), with ``--qlora`` over an NF4-quantized base. Checkpoints hold the adapter weights alone (the base is
 reloaded from its source at resume); at the end ``adapter/`` holds the adapter in peft's format and
@@ -58,7 +58,6 @@ from pathlib import Path
 
 import torch
 
-from sft import distributed, runs
 from sft.config import (
     ConfigError,
     TrainConfig,
@@ -67,8 +66,13 @@ from sft.config import (
     parse_updates,
     resume_config,
 )
-from sft.distributed import DistInfo
-from sft.engine import (
+from sft.data.render import TemplateError
+from sft.data.schema import IGNORE_INDEX, DataError
+from sft.model.fp8 import check_fp8
+from sft.model.models import ModelError, forward_hidden, lm_head, load_model_and_tokenizer, without_torchao
+from sft.training import distributed, runs
+from sft.training.distributed import DistInfo
+from sft.training.engine import (
     Engine,
     autocast_factory,
     ce_sum,
@@ -78,13 +82,9 @@ from sft.engine import (
     setup_model,
     uses_autocast,
 )
-from sft.flops import layers_and_width, mfu, peak_flops, step_flops
-from sft.fp8 import check_fp8
-from sft.memory import plan_memory
-from sft.models import ModelError, forward_hidden, lm_head, load_model_and_tokenizer, without_torchao
-from sft.render import TemplateError
-from sft.runs import RunError
-from sft.schema import IGNORE_INDEX, DataError
+from sft.training.flops import layers_and_width, mfu, peak_flops, step_flops
+from sft.training.memory import plan_memory
+from sft.training.runs import RunError
 
 log = logging.getLogger("sft")
 
@@ -158,9 +158,9 @@ def _install_stop_handlers(flag: dict) -> dict:
 
 
 def data_sources(cfg: TrainConfig):
-    """``(train specs, eval specs)`` parsed from ``--data`` / ``--eval_data`` (sft/mixture.py); one-line
+    """``(train specs, eval specs)`` parsed from ``--data`` / ``--eval_data`` (sft/data/mixture.py); one-line
     ConfigError / DataError for a bad spec or a missing file."""
-    from sft.mixture import parse_sources
+    from sft.data.mixture import parse_sources
 
     defaults = {"fmt": cfg.fmt, "fields": cfg.fields, "limit": cfg.limit, "bad_rows": cfg.bad_rows}
     specs = parse_sources(cfg.data, what="--data", defaults=defaults)
@@ -173,14 +173,14 @@ def data_sources(cfg: TrainConfig):
 
 
 def prepare(cfg: TrainConfig, tokenizer):
-    """Render, split, mix and return ``(Mixture, train_rows, eval_batches)`` (sft/mixture.py).
+    """Render, split, mix and return ``(Mixture, train_rows, eval_batches)`` (sft/data/mixture.py).
 
     ``train_rows``: a Batch dict of ``[R, T]`` tensors (packed) or the list of training Samples (padded
     per micro-batch). ``eval_batches``: held-out source name -> a list of Batch dicts of at most
     ``micro_batch`` rows, fixed order (``--eval_batches`` caps each source).
     """
-    from sft.mixture import prepare_mixture
-    from sft.packing import pack, pad_collate
+    from sft.data.mixture import prepare_mixture
+    from sft.data.packing import pack, pad_collate
 
     specs, eval_specs = data_sources(cfg)
     eval_size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
@@ -231,7 +231,7 @@ def _as_batch(x) -> dict[str, torch.Tensor]:
     """A Batch dict from ``pack``'s output (a Batch already, or a list of rows for ``collate_rows``)."""
     if isinstance(x, dict):
         return x
-    from sft.packing import collate_rows
+    from sft.data.packing import collate_rows
 
     return collate_rows(list(x))
 
@@ -265,7 +265,7 @@ class MicroBatches:
             idx.extend(self.order(epoch)[j : j + min(mb - len(idx), n - j)].tolist())
         if isinstance(self.rows, dict):
             return {k: v[idx] for k, v in self.rows.items()}
-        from sft.packing import pad_collate
+        from sft.data.packing import pad_collate
 
         return _as_batch(pad_collate([self.rows[k] for k in idx], self.pad_id, self.pad_to))
 
@@ -303,8 +303,8 @@ def evaluate(model, batches, device, autocast, chunk: int, info: DistInfo | None
 
 def answer_samples(model, tokenizer, conversations, cfg: TrainConfig, device, autocast, n=None) -> list[dict]:
     """Greedy answers to the first ``n`` (default ``num_samples``) held-out conversations' last user turn
-    (reference = the data's answer; ``stopped``: ended with the end-of-turn token; sft/evaluation.py)."""
-    from sft.evaluation import answer
+    (reference = the data's answer; ``stopped``: ended with the end-of-turn token; sft/training/evaluation.py)."""
+    from sft.training.evaluation import answer
 
     def greedy(ids, max_new, stops):
         with _for_generation(model):
@@ -319,9 +319,9 @@ def answer_samples(model, tokenizer, conversations, cfg: TrainConfig, device, au
 
 def held_out(root, model, tokenizer, eval_batches, prepared, cfg, device, autocast, info, fwd) -> dict:
     """One evaluation's metrics (the eval keys of metrics.jsonl after step and epoch): loss overall and per
-    held-out source, token accuracy, stop rate over ``--eval_prompts`` held-out prompts (sft/evaluation.py).
+    held-out source, token accuracy, stop rate over ``--eval_prompts`` held-out prompts (sft/training/evaluation.py).
     Under FSDP the loss alone (the sharded loss module gives no logits and no generation): the rest is None."""
-    from sft import evaluation
+    from sft.training import evaluation
 
     per = {}
     for name, batches in eval_batches.items():
@@ -406,7 +406,7 @@ def _greedy(model, ids, max_new, stops, device, autocast, tokenizer) -> list[int
                 else (stops or [0])[0],
             )
         return y[0, len(ids) :].tolist()
-    from sft.generate import generate  # our fast MPT
+    from sft.model.generate import generate  # our fast MPT
 
     # eager (no compiled step, no CUDA graphs kept alive by the training model); generate() frees its caches
     return list(generate(model, [ids], max_new, stop_ids=stops, compile=False).tokens[0])
@@ -419,8 +419,8 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
     """Run (or resume) one training run; return its run folder. See the module docstring.
 
     Under ``torchrun`` (WORLD_SIZE > 1) or with ``--distributed``, the model is sharded with FSDP2
-    (sft/distributed.py) and every rank runs this same function; rank 0 alone writes the run folder.
-    Rank 0 holds the run folder's lock (:func:`sft.runs.hold_run_lock`) from the moment it exists (or, on
+    (sft/training/distributed.py) and every rank runs this same function; rank 0 alone writes the run folder.
+    Rank 0 holds the run folder's lock (:func:`sft.training.runs.hold_run_lock`) from the moment it exists (or, on
     ``--resume``, before its checkpoint is loaded) to the end: a second process on the same folder gets RunError
     naming this one's PID. Every log record of the run also goes to ``<run>/train.log``.
     ``given``: the fields set on the command line; on ``--resume`` they decide what may change
@@ -556,7 +556,7 @@ def _check_resume_world(resume_from: Path, info: DistInfo) -> None:
 
 def _apply_lora(model, cfg: TrainConfig) -> None:
     """LoRA adapters after ``.to(device)`` (NF4 quantizes on the device), before checkpointing/sharding/compile."""
-    from sft import lora
+    from sft.model import lora
 
     targets = parse_targets(cfg.lora_targets)
     try:
@@ -576,7 +576,7 @@ def _apply_lora(model, cfg: TrainConfig) -> None:
 
 
 def _build_optimizer(root, cfg: TrainConfig):
-    from sft.optim import build_optimizer
+    from sft.training.optim import build_optimizer
 
     params = [p for p in root.parameters() if p.requires_grad]
     groups = [
@@ -604,7 +604,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_
     L, d = layers_and_width(model)
     cfg_dict = {**cfg.to_dict(), "resolved": {**setup, "optimizer_in_backward": plan.in_backward}}
     root = model
-    if info.enabled:  # the FSDP root: a LossModule over the sharded model (sft/distributed.py)
+    if info.enabled:  # the FSDP root: a LossModule over the sharded model (sft/training/distributed.py)
         root = distributed.LossModule(model, cfg.loss_chunk)
         distributed.shard_model(
             root, distributed.mixed_precision(device, cfg.precision), device_type=device.type
@@ -637,7 +637,7 @@ def _refuse_early(cfg: TrainConfig, info: DistInfo, resume_from, run_dir) -> Non
         raise ConfigError(f"--optimizer={cfg.optimizer} works on bf16 weights: add --precision=bf16")
     check_config(cfg)
     for flag, on in (("--keep_best", cfg.keep_best), ("--lora", cfg.lora)):
-        # LoRA: the consolidated export and the DCP checkpoints do not know adapters yet (sft/distributed.py)
+        # LoRA: the consolidated export and the DCP checkpoints do not know adapters yet (sft/training/distributed.py)
         if on and info.enabled:
             raise ConfigError(
                 f"{flag} with FSDP2 (torchrun / --distributed) is not supported yet: use one process"
@@ -896,15 +896,15 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
         runs.write_samples(run_dir, [{"stage": "after", "step": state["step"], **s} for s in after])
         _print_samples("after", after)
     if cfg.lora:
-        from sft import lora
+        from sft.model import lora
 
         lora.save_adapter(export, run_dir / "adapter")
     if cfg.save_final:
-        from sft.render import attach_template
+        from sft.data.render import attach_template
 
         attach_template(run.tokenizer, cfg.template)  # inference renders exactly as training did
         if cfg.lora:
-            from sft import lora
+            from sft.model import lora
 
             lora.merge_lora(export)  # in place: the plain architecture again, adapters folded in
         runs.save_final(run_dir, export, run.tokenizer)
@@ -956,8 +956,8 @@ def _log_run_size(run_dir: Path) -> None:
 
 def _track_best(state: dict, ev: dict, cfg: TrainConfig, run_dir: Path, model, info: DistInfo) -> None:
     """``state["best"]``: the step with the lowest held-out loss so far; with ``--keep_best`` its weights are
-    kept in ``<run>/best/`` (sft/evaluation.py's rule)."""
-    from sft.evaluation import update_best
+    kept in ``<run>/best/`` (sft/training/evaluation.py's rule)."""
+    from sft.training.evaluation import update_best
 
     state["best"], improved = update_best(state.get("best"), state["step"], ev["eval_loss"])
     if improved and cfg.keep_best and info.is_main:
@@ -965,7 +965,7 @@ def _track_best(state: dict, ev: dict, cfg: TrainConfig, run_dir: Path, model, i
 
 
 class _NoWriter:
-    """Stands in for :class:`sft.runs.MetricsWriter` on ranks other than 0 (they write nothing)."""
+    """Stands in for :class:`sft.training.runs.MetricsWriter` on ranks other than 0 (they write nothing)."""
 
     def train(self, row) -> None:
         pass
@@ -1011,7 +1011,7 @@ def setup_logging() -> None:
     (or ``2> log``) captures them all; other packages' warnings off the console.
 
     Python warnings are routed into logging (``logging.captureWarnings``) and, like other packages'
-    log records below ERROR, kept off the console: they reach the run's ``train.log`` (:class:`sft.runs.RunLog`,
+    log records below ERROR, kept off the console: they reach the run's ``train.log`` (:class:`sft.training.runs.RunLog`,
     attached by :func:`train`). transformers' progress bars (loading and writing weights) are off."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

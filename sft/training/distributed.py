@@ -38,9 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sft.loss import chunked_cross_entropy_sum
-from sft.models import forward_hidden
-from sft.runs import dcp_checkpoint_problem  # noqa: F401  (re-exported: the sharded-checkpoint check)
+from sft.model.loss import chunked_cross_entropy_sum
+from sft.model.models import forward_hidden
+from sft.training.runs import dcp_checkpoint_problem  # noqa: F401  (re-exported: the sharded-checkpoint check)
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def save_checkpoint(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from sft import runs
+    from sft.training import runs
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:07d}"
@@ -279,7 +279,7 @@ def load_checkpoint(ckpt: Path, *, model, optimizer, info: DistInfo) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from sft.runs import RunError
+    from sft.training.runs import RunError
 
     state = json.loads((Path(ckpt) / "state.json").read_text())
     saved_world = int(state.pop("world_size", 1))
