@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from sft.config import ConfigError, TrainConfig, parse_targets
-from sft.training.flops import layers_and_width
+from sft.model.family import is_ours, shape
 
 log = logging.getLogger("sft")
 
@@ -65,22 +65,10 @@ class MemoryPlan:
     limit_bytes: int | None
 
 
-def _block_shape(model) -> tuple[int, int, int, int, bool, int]:
-    """``(L, d, qkv_width, ffn_width, gated, n_heads)`` of a transformers model or our MPT."""
-    c = model.config
-    L, d = layers_and_width(model)
-    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_heads", 1)
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or d // heads
-    ffn = getattr(c, "intermediate_size", None) or int(getattr(c, "expansion_ratio", 4) * d)
-    gated = any(name.endswith("gate_proj") for name, _ in model.named_modules())
-    return L, d, (heads + 2 * kv) * head_dim, int(ffn), gated, int(heads)
-
-
 def activation_elements_per_layer(model) -> float:
     """Elements of ``d`` per token an un-checkpointed block keeps for backward (module docstring)."""
-    _, d, qkv, ffn, gated, _ = _block_shape(model)
-    return ACT_BASE + qkv / d + (3 if gated else 2) * ffn / d
+    s = shape(model)
+    return ACT_BASE + s.qkv_width / s.width + (3 if s.gated else 2) * s.ffn / s.width
 
 
 def _lora_params(model, cfg: TrainConfig) -> tuple[int, int]:
@@ -104,12 +92,12 @@ def _lora_params(model, cfg: TrainConfig) -> tuple[int, int]:
 def _attention_extra(model, cfg: TrainConfig, attention: str, elem: int) -> int:
     """Bytes the attention path adds beyond the block activations (materialised masks and scores)."""
     B, T = cfg.micro_batch, cfg.max_len
-    L, _, _, _, _, H = _block_shape(model)
+    s = shape(model)
+    L, H = s.layers, s.heads
     if attention == "eager":  # scores and probabilities per layer, kept for backward
         return L * B * H * T * T * elem * 2
     if attention == "sdpa":
-        ours_mpt = hasattr(model, "forward_hidden")
-        return B * H * T * T * 4 if ours_mpt else B * T * T  # MPT's fp32 ALiBi bias; else a bool mask
+        return B * H * T * T * 4 if is_ours(model) else B * T * T  # MPT's fp32 ALiBi bias; else a bool mask
     return 0
 
 
@@ -139,7 +127,7 @@ def estimate_memory(
     grads = n_train * train_elem // W
     optimizer = n_train * train_elem * OPTIMIZER_STATE_ELEMENTS[cfg.optimizer] // W
     weights //= W
-    L, d = layers_and_width(model)
+    L, d = shape(model).layers, shape(model).width
     elem = 2 if (autocast or base_elem == 2) else 4
     n_ck = min(max(checkpoint_blocks, 0), L)
     per_layer = activation_elements_per_layer(model)
@@ -232,7 +220,7 @@ def plan_memory(
 ):
     """The :class:`MemoryPlan` of this run, or ConfigError (one line) when nothing fits; see the module
     docstring. CPU runs are refused only when the weights alone exceed the available memory."""
-    L, _ = layers_and_width(model)
+    L = shape(model).layers
     limit = int(cfg.memory_limit_gib * GIB) if cfg.memory_limit_gib > 0 else free_memory_bytes(device)
     if cfg.memory_limit_gib <= 0 and limit is not None and device.type == "cuda":
         # weights already on the GPU (a random-init preset is built there) are in the estimate, not free
