@@ -99,8 +99,17 @@ class TrainConfig:
     optimizer: str = _f(
         "adamw",
         "'adamw' (torch AdamW, fused on CUDA), 'adamw_bf16' (the same on bf16 weights), 'adamw_kahan' "
-        "(bf16 weights with Kahan-compensated updates) or 'adamw_sr' (stochastic rounding); see sft/training/optim.py",
-        choices=("adamw", "adamw_bf16", "adamw_kahan", "adamw_sr"),
+        "(bf16 weights with Kahan-compensated updates, 6 B/param of state), 'adamw_sr' (stochastic rounding, "
+        "4 B/param), 'adamw_8bit' (FP8 moments with block scales + stochastic rounding, ~2 B/param) or 'auto' "
+        "(bf16 weights: the most precise of kahan / sr / 8bit that lets the memory plan run without recomputing "
+        "blocks; fp32 weights: adamw); see sft/training/optim.py and sft/training/memory.py",
+        choices=("auto", "adamw", "adamw_bf16", "adamw_kahan", "adamw_sr", "adamw_8bit"),
+    )
+    micro_batch_split: str = _f(
+        "auto",
+        "'auto': on a GPU the memory plan may split each micro-batch into smaller ones with more accumulation "
+        "(the same rows per optimizer step) when that avoids recomputing blocks; 'off': keep --micro_batch",
+        choices=("auto", "off"),
     )
     # LoRA (sft/model/lora.py): train low-rank adapters on a frozen base instead of every weight
     lora: bool = _f(False, "train LoRA adapters only (base frozen); final/ holds the merged weights")
@@ -132,7 +141,7 @@ class TrainConfig:
     optimizer_in_backward: str = _f(
         "auto",
         "step each parameter as soon as its gradient is ready (frees the gradients; needs --grad_accum=1, "
-        "--grad_clip=0 and adamw_kahan/adamw_sr): 'true', 'false' or 'auto' (only where it is needed to fit)",
+        "--grad_clip=0 and adamw_kahan/adamw_sr/adamw_8bit): 'true', 'false' or 'auto' (only where it is needed to fit)",
         choices=("auto", "true", "false"),
     )
     memory_limit_gib: float = _f(

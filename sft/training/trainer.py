@@ -320,15 +320,23 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_
     model, tokenizer, prepared, train_rows, eval_batches, compiled = _load_inputs(
         cfg, info, device, resume_from, run_dir
     )
+    # the memory plan resolves --optimizer=auto and the micro-batch split (same rows per step): from here on
+    # cfg holds what this run does, and config.json records it (a resume continues with the same choices)
+    asked = {"optimizer": cfg.optimizer, "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum}
+    plan = _plan(model, cfg, info, device)
+    cfg = dataclasses.replace(
+        cfg, optimizer=plan.optimizer, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum
+    )
     pad_to = cfg.max_len if (compiled and not cfg.packing) else None  # one shape for the compiled blocks
     stream = MicroBatches(train_rows, cfg, pad_token_id(tokenizer), pad_to)
     W = info.world
     # one optimizer step = A micro-batches on each of the W ranks: micro-batches s*A*W .. s*A*W + A*W - 1
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (cfg.grad_accum * W)))
-    plan, setup, before = _prepare_model(model, tokenizer, prepared, cfg, info, device, resume_from)
+    setup, before = _prepare_model(model, tokenizer, prepared, cfg, info, device, resume_from, plan)
     n_params = sum(p.numel() for p in model.parameters())
     L, d = shape(model).layers, shape(model).width
-    cfg_dict = {**cfg.to_dict(), "resolved": {**setup, "optimizer_in_backward": plan.in_backward}}
+    resolved = {**setup, "optimizer_in_backward": plan.in_backward, "plan_why": plan.why, "asked": asked}
+    cfg_dict = {**cfg.to_dict(), "resolved": resolved}
     root = model
     if info.enabled:  # the FSDP root: a LossModule over the sharded model (sft/training/distributed.py)
         root = distributed.LossModule(model, cfg.loss_chunk)
@@ -359,7 +367,7 @@ def _refuse_early(cfg: TrainConfig, info: DistInfo, resume_from, run_dir) -> Non
     if resume_from is not None:
         log.info("resuming %s from %s", run_dir, resume_from.name)
         _check_resume_world(resume_from, info)
-    if cfg.optimizer != "adamw" and cfg.precision != "bf16":
+    if cfg.optimizer not in ("adamw", "auto") and cfg.precision != "bf16":
         raise ConfigError(f"--optimizer={cfg.optimizer} works on bf16 weights: add --precision=bf16")
     check_config(cfg)
     for flag, on in (("--keep_best", cfg.keep_best), ("--lora", cfg.lora)):
@@ -396,12 +404,16 @@ def _load_inputs(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir)
     return model, tokenizer, prepared, train_rows, eval_batches, compiled
 
 
-def _prepare_model(model, tokenizer, prepared, cfg: TrainConfig, info: DistInfo, device, resume_from):
-    """The memory plan (ConfigError now if nothing fits), the model on its device (LoRA applied), the samples
-    answered before training (whole model, before compile and sharding), then the engine's set-up.
-    Returns ``(plan, setup, before)``."""
+def _plan(model, cfg: TrainConfig, info: DistInfo, device):
+    """The memory plan (sft/training/memory.py): optimizer, micro-batch split, checkpointed blocks, step in
+    backward; ConfigError now if nothing fits (before the run folder exists)."""
     backend = resolve_attention(model, cfg, device)  # checked already in _load_inputs: no error here
-    plan = plan_memory(model, cfg, device, uses_autocast(cfg, device), info.world, attention=backend)
+    return plan_memory(model, cfg, device, uses_autocast(cfg, device), info.world, attention=backend)
+
+
+def _prepare_model(model, tokenizer, prepared, cfg: TrainConfig, info: DistInfo, device, resume_from, plan):
+    """The model on its device (LoRA applied), the samples answered before training (whole model, before
+    compile and sharding), then the engine's set-up for ``plan``. Returns ``(setup, before)``."""
     model.to(device)
     if cfg.lora:
         _apply_lora(model, cfg)
@@ -417,7 +429,7 @@ def _prepare_model(model, tokenizer, prepared, cfg: TrainConfig, info: DistInfo,
         plan.checkpoint_blocks,
         ", optimizer step in backward" if plan.in_backward else "",
     )
-    return plan, setup, before
+    return setup, before
 
 
 def _open_run_folder(cfg, info: DistInfo, device, resume_from, run_dir, open_run, cfg_dict, prepared, model):
