@@ -325,11 +325,7 @@ def plan_memory(
     fixes = _fixes(model, cfg, device, autocast, world, attention, limit, L)
     raise ConfigError(
         f"{what} {_fmt(est)} even with the most economical plan, {limit / GIB:.1f} GiB {where}: "
-        + (
-            f"try {' or '.join(fixes)}"
-            if fixes
-            else "no single change fits (a larger GPU, or FSDP2 over several)"
-        )
+        + (f"try {' or '.join(fixes)}" if fixes else "no single change fits (more memory, or FSDP2)")
     )
 
 
