@@ -55,7 +55,7 @@ sys.path[0] = {repo!r}
 import torch
 torch.set_num_threads(1)
 import safetensors.torch as st
-import sft.training.runs as runs
+import sft.training.checkpoints as checkpoints
 delay = float(os.environ.get("FAULT_SAVE_DELAY", "0"))
 if delay:
     real_save_file = st.save_file
