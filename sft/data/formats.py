@@ -123,7 +123,9 @@ def _reasoning(m: Mapping, i: int) -> str | None:
         if not isinstance(v, str):
             raise DataError(f"expected a string, got {type(v).__name__}", field=f"messages[{i}].{k}")
     if len({v.strip() for v in found.values()}) > 1:
-        raise DataError(f"the reasoning aliases {sorted(found)} disagree", field=f"messages[{i}].{next(iter(found))}")
+        raise DataError(
+            f"the reasoning aliases {sorted(found)} disagree", field=f"messages[{i}].{next(iter(found))}"
+        )
     return next(iter(found.values())).strip() if found else None
 
 
@@ -317,7 +319,8 @@ def check_chat_fields(conv) -> None:
         for key in REASONING_ALIASES:
             if m.get(key) is not None and role != "assistant":
                 raise DataError(
-                    f"reasoning on a {role!r} message (only assistant messages reason)", field=f"messages[{i}].{key}"
+                    f"reasoning on a {role!r} message (only assistant messages reason)",
+                    field=f"messages[{i}].{key}",
                 )
         if TEMPLATE_KWARGS in m and i != 0:
             raise DataError("template keyword arguments belong to the first message", field=f"messages[{i}]")
@@ -332,7 +335,8 @@ def check_chat_fields(conv) -> None:
                 name = fn.get("name") if isinstance(fn, Mapping) else None
                 if not isinstance(name, str) or not name:
                     raise DataError(
-                        "a tool call needs a function name", field=f"messages[{i}].tool_calls[{j}].function.name"
+                        "a tool call needs a function name",
+                        field=f"messages[{i}].tool_calls[{j}].function.name",
                     )
             calls, call_at, answered = tc, i, [False] * len(tc)
             continue
