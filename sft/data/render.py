@@ -294,8 +294,8 @@ def _plan(
 def _check_fields(convs: Sequence[Conversation], tokenizer, tmpl: str, plan) -> None:
     """Refuse a field the template does not render (module docstring): ``DataError`` with ``.index``.
 
-    Checked, each in one sample: a supervised turn's reasoning and tool calls (in the sample that
-    supervises it), a tool message's content (in the first sample that holds it), each template keyword
+    Checked, each in one sample: a supervised turn's reasoning, tool calls and the text beside its tool
+    calls (in the sample that supervises it), a tool message's content (in the first sample that holds it), each template keyword
     argument (in the last sample: its text and its last turn's prompt, since ``enable_thinking`` only
     changes the generation prompt). Plain conversations cost nothing.
     """
@@ -312,6 +312,9 @@ def _check_fields(convs: Sequence[Conversation], tokenizer, tmpl: str, plan) -> 
                 if key in m:
                     var = [*conv[:i], {a: b for a, b in m.items() if a != key}, *conv[i + 1 : n]]
                     jobs.append((k, f"messages[{i}].{key}", var, False, text))
+            if "tool_calls" in m and m.get("content"):  # Llama-3.1 drops the text beside a tool call
+                var = [*conv[:i], {**m, "content": ""}, *conv[i + 1 : n]]
+                jobs.append((k, f"messages[{i}].content", var, False, text))
         for j in range(n):
             m = conv[j]
             if m.get("role") == "tool" and m.get("content") and (k, j) not in seen_tool:
