@@ -99,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bad_rows", default="error", choices=["error", "drop"])
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--no_cache", action="store_true", help="prepare afresh (and do not write the cache)")
+    p.add_argument(
+        "--supervise",
+        default="all",
+        choices=["all", "last"],
+        help="assistant turns trained on: every one, or only each conversation's last",
+    )
     return p
 
 
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             max_len=args.max_len,
             overlong=args.overlong,
             use_cache=not args.no_cache,
+            supervise=args.supervise,
         )
         t_prep = time.perf_counter() - t0
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -318,3 +318,16 @@ def test_preview_shows_the_fields_and_marks_what_is_supervised(tmp_path, capsys)
     assert "<tool_response>\nsunny, 21 C\n</tool_response>" in out and "⟦sunny" not in out
     assert "chat fields: tool calls 1, tool results 1, reasoning 3, rows with tools/template kwargs 1" in out
     assert "per-turn samples: 1 conversations gave 1 extra samples, 316 extra tokens" in out
+
+
+def test_preview_supervise_last(tmp_path, capsys):
+    from sft import preview
+
+    path = _write(tmp_path, [weather_row()])
+    folder = tmp_path / "tok"
+    tokenizer_for("qwen3").save_pretrained(folder)
+    assert preview.main([f"--data={path}", f"--tokenizer={folder}", "--no_cache", "--supervise=last"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        out.count("⟦") == 2 and "per-turn samples" not in out
+    )  # the header's ⟦marked⟧ and one turn and "train samples: 1," in out
