@@ -331,3 +331,17 @@ def test_preview_supervise_last(tmp_path, capsys):
     assert (
         out.count("⟦") == 2 and "per-turn samples" not in out
     )  # the header's ⟦marked⟧ and one turn and "train samples: 1," in out
+
+
+@pytest.mark.parametrize("row,field", [(BAD_ROWS[0][0], BAD_ROWS[0][2]), (BAD_ROWS[5][0], "tools")])
+def test_trainer_exits_2_without_a_run_folder(tmp_path, capsys, row, field):
+    """The trainer's entry point (tiny-llama: ChatML, which has no tools): one error line, exit 2, nothing written."""
+    from sft.config import TrainConfig
+    from sft.training import trainer
+
+    path = _write(tmp_path, [row])
+    out = tmp_path / "runs"
+    assert trainer.main(TrainConfig(), ["--model=tiny-llama", f"--data={path}", f"--out_dir={out}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and f"row 1, field '{field}'" in err[0], err
+    assert not any(out.glob("*"))
