@@ -250,12 +250,22 @@ def _plan(
     """
     if supervise not in SUPERVISE:
         raise ValueError(f"supervise must be one of {SUPERVISE}, got {supervise!r}")
-    fulls = _apply(tokenizer, convs, tmpl, gen=False)
+
+    def apply(which: list[int], parts: list, gen: bool) -> list[str]:
+        try:
+            return _apply(tokenizer, parts, tmpl, gen=gen)
+        except DataError as e:  # the index of a part -> the index of its conversation
+            e.index = which[e.index]
+            raise
+
+    fulls = apply(list(range(len(convs))), list(convs), False)
     jobs = [(k, i) for k, c in enumerate(convs) for i, m in enumerate(c) if m["role"] == "assistant"]
-    prompts = _apply(tokenizer, [convs[k][:i] for k, i in jobs], tmpl, gen=True)
+    prompts = apply([k for k, _ in jobs], [convs[k][:i] for k, i in jobs], True)
     # the conversation closed after its last message is the full text: render only the earlier ones
     inner = [j for j, (k, i) in enumerate(jobs) if i + 1 < len(convs[k])]
-    closed_inner = _apply(tokenizer, [convs[jobs[j][0]][: jobs[j][1] + 1] for j in inner], tmpl, gen=False)
+    closed_inner = apply(
+        [jobs[j][0] for j in inner], [convs[jobs[j][0]][: jobs[j][1] + 1] for j in inner], False
+    )
     closed = [fulls[k] for k, _ in jobs]
     for j, f in zip(inner, closed_inner):
         closed[j] = f
