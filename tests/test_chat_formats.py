@@ -345,3 +345,21 @@ def test_trainer_exits_2_without_a_run_folder(tmp_path, capsys, row, field):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and f"row 1, field '{field}'" in err[0], err
     assert not any(out.glob("*"))
+
+
+def test_reasoning_goes_under_the_name_the_template_reads():
+    """A template reading ``message.thinking`` (gpt-oss style) gets the reasoning there, whatever the row's alias."""
+    tok = tokenizer_for("qwen2_5_instruct")
+    tmpl = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.thinking %}<think>{{ m.thinking }}</think>{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    row = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yo", "reasoning": "hm"},
+        ]
+    }
+    (r,) = render_samples([to_conversation(row)], tok, tmpl)
+    assert decoded_runs(tok, r.sample) == ["<think>hm</think>Yo<|im_end|>"]

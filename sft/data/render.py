@@ -129,9 +129,10 @@ def attach_template(tokenizer, template: str | None) -> None:
 
 
 def _reasoning_key(tmpl: str) -> str:
-    """The name under which ``tmpl`` reads an assistant's reasoning (the first alias it mentions)."""
+    """The name under which ``tmpl`` reads an assistant's reasoning: the first alias it reads as a message
+    field (``message.thinking``, ``m['reasoning']``...), else ``reasoning_content``."""
     for key in REASONING_ALIASES:
-        if re.search(rf"\b{key}\b", tmpl):
+        if re.search(rf"\.{key}\b|\[\s*['\"]{key}['\"]\s*\]", tmpl):
             return key
     return REASONING
 
