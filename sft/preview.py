@@ -102,8 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--supervise",
         default="all",
-        choices=["all", "last"],
-        help="assistant turns trained on: every one, or only each conversation's last",
+        choices=["all", "once", "last"],
+        help="assistant turns trained on: every one (a sample per turn where the template rewrites history), "
+        "every one as the whole conversation renders it, or only each conversation's last",
     )
     return p
 

@@ -363,3 +363,29 @@ def test_reasoning_goes_under_the_name_the_template_reads():
     }
     (r,) = render_samples([to_conversation(row)], tok, tmpl)
     assert decoded_runs(tok, r.sample) == ["<think>hm</think>Yo<|im_end|>"]
+
+
+def test_supervise_once_trains_every_turn_as_the_whole_conversation_renders_it(tmp_path):
+    """supervise='once': one sample, Qwen3's earlier turns supervised where and as it renders them (their
+    reasoning dropped as the template drops it, so not refused), no extra tokens."""
+    tok = tokenizer_for("qwen3")
+    conv = to_conversation(weather_row())
+    (r,) = render_samples([conv], tok, supervise="once")
+    assert r.turns == [2, 4, 6] and r.n_messages == 7
+    assert decoded_runs(tok, r.sample) == [
+        CALL_QWEN,
+        "It is sunny and 21 degrees.<|im_end|>",
+        EXPECTED["qwen3"][1][0],
+    ]
+    assert r.sample.input_ids == render_samples([conv], tok)[-1].sample.input_ids  # the whole rendering
+    p = prepare_data(
+        str(_write(tmp_path, [weather_row()])), tok, max_len=1024, use_cache=False, supervise="once"
+    )
+    assert len(p.train) == 1 and p.stats["per_turn"]["extra_tokens"] == 0
+    # prefix-stable templates: the same as 'all'
+    for name in ("qwen2_5_instruct", "llama3_1_instruct"):
+        tok = tokenizer_for(name)
+        conv = to_conversation(weather_row(reasoning=False))
+        assert (
+            render_samples([conv], tok, supervise="once")[0].sample == render_samples([conv], tok)[0].sample
+        )

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from sft.data.formats import ADAPTERS, detect_format, to_conversation
 from sft.data.prepare import prepare_data, validate_sample
-from sft.data.render import TemplateError, end_of_turn_text, render, stop_token_ids
+from sft.data.render import SUPERVISE, TemplateError, end_of_turn_text, render, render_samples, stop_token_ids
 from sft.data.schema import IGNORE_INDEX, ROLES, DataError
 from sft.data.sources import load_rows
 from sft.model.models import byte_tokenizer
@@ -392,6 +392,10 @@ def chat_rows(draw):
     return {"messages": msgs}
 
 
+def last_query(conv) -> int:
+    return max(i for i, m in enumerate(conv) if m["role"] == "user")
+
+
 @pytest.fixture(scope="module")
 def chat_toks():
     from tests.chat_fixtures import tokenizer_for
@@ -400,24 +404,26 @@ def chat_toks():
 
 
 @PROFILE
-@given(row=chat_rows(), name=st.sampled_from(["qwen2_5_instruct", "qwen3"]), last=st.booleans())
-def test_chat_fields_keep_the_mask_contract(chat_toks, row, name, last):
-    """Through the real Qwen templates: every assistant turn is supervised exactly once (or only the last),
-    each supervised run is one turn ending in ``<|im_end|>`` and holding its reply and its calls' names;
-    no tool result is ever supervised. Qwen2.5 refuses reasoning (it ignores it) in one DataError."""
-    from sft.data.render import render_samples
-
+@given(
+    row=chat_rows(), name=st.sampled_from(["qwen2_5_instruct", "qwen3"]), policy=st.sampled_from(SUPERVISE)
+)
+def test_chat_fields_keep_the_mask_contract(chat_toks, row, name, policy):
+    """Through the real Qwen templates, for each ``supervise`` policy: every assistant turn is supervised
+    exactly once (or only the last; one sample unless 'all'), each supervised run is one turn ending in
+    ``<|im_end|>`` and holding its reply, its calls' names and (Qwen3, where rendered) its reasoning; no tool
+    result is ever supervised. Qwen2.5 refuses reasoning (it ignores it) in one DataError."""
     COUNT["chat rows"] += 1
     tok = chat_toks[name]
     conv = to_conversation(row, "messages")
     try:
-        out = render_samples([conv], tok, supervise="last" if last else "all")
+        out = render_samples([conv], tok, supervise=policy)
     except DataError as e:
         assert name == "qwen2_5_instruct" and "ignores this field" in str(e) and "reasoning" in str(e), str(e)
         return
     asst = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
     turns = sorted(t for r in out for t in r.turns)
-    assert turns == (asst[-1:] if last else asst)
+    assert turns == (asst[-1:] if policy == "last" else asst)
+    assert len(out) == 1 or policy == "all"
     for r in out:
         runs = supervised_runs(r.sample)
         assert len(runs) == len(r.turns)
@@ -427,5 +433,5 @@ def test_chat_fields_keep_the_mask_contract(chat_toks, row, name, last):
             assert text.endswith("<|im_end|>") and text.count("<|im_end|>") == 1, text
             assert m["content"] in text and "RESULT" not in text
             assert all(f'"name": "{c["function"]["name"]}"' in text for c in m.get("tool_calls", []))
-            if name == "qwen3" and m.get("reasoning_content"):
+            if name == "qwen3" and m.get("reasoning_content") and (policy != "once" or i > last_query(conv)):
                 assert f"<think>\n{m['reasoning_content']}\n</think>" in text

@@ -9,7 +9,8 @@
 2. split a held-out set off the conversations (seeded, deterministic, before any rendering);
 3. render (``sft.data.render.render_samples``) with the template: one sample per conversation, or more for
    a template that rewrites history (``stats["per_turn"]`` counts the conversations, extra samples and
-   extra tokens); ``supervise`` picks every assistant turn (``"all"``) or only the last (``"last"``). A row
+   extra tokens); ``supervise`` picks every assistant turn (``"all"``; ``"once"``: as the whole
+   conversation renders them, no extra samples) or only the last (``"last"``). A row
    whose fields the template ignores or refuses raises ``DataError`` naming the row (or is dropped, counted
    as ``bad_row``, with ``bad_rows="drop"``);
 4. limits: a sample over ``max_len`` tokens is cut after the last assistant reply that fits
@@ -275,7 +276,8 @@ def prepare_data(
     """Prepare ``source`` for training with ``tokenizer`` and ``template`` (see the module docstring).
 
     ``eval_size``: a count, or a fraction in (0, 1) of the conversations, held out before rendering.
-    ``supervise``: ``"all"`` assistant turns (default) or only the ``"last"`` of each conversation.
+    ``supervise``: ``"all"`` assistant turns (default), ``"once"`` (each as the whole conversation renders it:
+    one sample per conversation) or only the ``"last"`` of each conversation (``sft.data.render.SUPERVISE``).
     Returns ``Prepared``; ``stats`` has ``drops`` (reason -> count), ``cut``, lengths, ``prep_seconds``.
     """
     if overlong not in ("cut", "drop"):
@@ -386,7 +388,9 @@ def prepare_data(
             # cut after the last reply that fits; re-render that prefix so its tokens are exact
             for j in reversed(fitting):
                 turn = r.turns[j]
-                (rr,) = render_samples([convs[k][: turn + 1]], tokenizer, tmpl, only=[r.turns[: j + 1]])
+                (rr,) = render_samples(
+                    [convs[k][: turn + 1]], tokenizer, tmpl, supervise=supervise, only=[r.turns[: j + 1]]
+                )
                 s = rr.sample
                 if len(s.input_ids) <= max_len:
                     break

@@ -32,8 +32,11 @@ it**: the whole conversation is rendered once and supervises every turn whose ow
 prefix of it; each remaining turn (latest first) ends a sample ``conversation[:i+1]`` of its own, which
 supervises it and every other remaining turn that is stable there. A prefix-stable template (every plain
 ChatML / Llama / Qwen2.5 conversation) gives exactly one sample, the same as before; the extra samples
-repeat their prefix (unsupervised), and ``sft.data.prepare`` counts their tokens. ``supervise="last"``
-supervises only the final assistant turn (earlier turns are context, as the template renders them).
+repeat their prefix (unsupervised), and ``sft.data.prepare`` counts their tokens. ``supervise="once"``
+makes one sample of the whole rendering instead and supervises each turn where and as it appears there
+(Qwen3: earlier turns without their reasoning, dropped as the template drops it; no extra tokens).
+``supervise="last"`` supervises only the final assistant turn (earlier turns are context, as the template
+renders them).
 
 A field the row carries that the template does not render (a ``tools`` list given to a template without
 tools, reasoning given to a template without reasoning, ...) is refused: ``DataError`` naming the message
@@ -82,7 +85,10 @@ GUANACO = (
 TEMPLATES: dict[str, str] = {"chatml": CHATML, "guanaco": GUANACO}
 
 _PROBE_Q, _PROBE_A = "PROBE_QUESTION_7Q", "PROBE_ANSWER_7A"
-SUPERVISE = ("all", "last")  # render_samples(supervise=...): every assistant turn, or only the final one
+# render_samples(supervise=...): every assistant turn as the template renders it when it is the newest (one
+# more sample per turn that changes later), every turn as the whole conversation renders it (one sample;
+# earlier reasoning dropped as the template drops it), or only the final turn
+SUPERVISE = ("all", "once", "last")
 
 
 @dataclass
@@ -242,8 +248,9 @@ class Rendered:
 
 def _plan(
     convs: Sequence[Conversation], tokenizer, tmpl: str, supervise: str, only=None
-) -> list[tuple[int, int, list[int], str, list[tuple[int, int, int]], list[str]]]:
-    """Which samples to make: ``(conversation, n_messages, turns, text, spans, prompts)`` each, in order.
+) -> list[tuple[int, int, list[int], str, list[tuple[int, int, int]], list[str], list[int]]]:
+    """Which samples to make: ``(conversation, n_messages, turns, text, spans, prompts, history)`` each, in
+    order; ``history``: the turns supervised as the whole conversation renders them (``supervise="once"``).
 
     ``spans`` are ``(start, end, turn_end)`` char spans of each supervised reply in ``text`` (``end`` excludes
     trailing whitespace after the end-of-turn marker; ``turn_end = len(F)`` is where the sample may be cut
@@ -278,6 +285,8 @@ def _plan(
                 "give a prefix of the rendered text, so reply spans cannot be located"
             )
         turns[k].append((i, p, f))
+    if supervise == "once":
+        return _plan_once(convs, tokenizer, tmpl, fulls, turns, only, apply)
     plan = []
     for k, conv in enumerate(convs):
         remaining = turns[k]
@@ -298,7 +307,58 @@ def _plan(
             n = i + 1
         for n, text, stable in reversed(pieces):
             spans = [(len(p), len(p) + len(f[len(p) :].rstrip()), len(f)) for _, p, f in stable]
-            plan.append((k, n, [t[0] for t in stable], text, spans, [p for _, p, _ in stable]))
+            plan.append((k, n, [t[0] for t in stable], text, spans, [p for _, p, _ in stable], []))
+    return plan
+
+
+# what replaces a turn to find where the template put it (invisible separators: no reply starts or ends so)
+_PROBE_TURN = "\u2063PROBE_TURN_7T\u2063"
+
+
+def _plan_once(convs, tokenizer, tmpl, fulls, turns, only, apply):
+    """``supervise="once"``: one sample per conversation, its whole rendering; a turn the template renders
+    differently once later turns follow is supervised where and as it appears there (Qwen3: without its
+    reasoning). Such a turn is found by rendering the conversation with that turn replaced by a probe reply:
+    the texts differ exactly over the turn; its span ends after the end-of-turn marker that follows."""
+    jobs = []
+    for k, conv in enumerate(convs):
+        for i, _, f in turns[k]:
+            if not fulls[k].startswith(f) and (only is None or i in only[k]):
+                probe = {"role": "assistant", "content": _PROBE_TURN}
+                jobs.append((k, i, [*conv[:i], probe, *conv[i + 1 :]]))
+    probed = dict(
+        zip([(k, i) for k, i, _ in jobs], apply([k for k, _, _ in jobs], [c for _, _, c in jobs], False))
+    )
+    marker = end_of_turn_text(tokenizer, tmpl) if jobs else ""
+    plan = []
+    for k, conv in enumerate(convs):
+        text, spans, sup, prompts, history = fulls[k], [], [], [], []
+        for i, p, f in turns[k]:
+            if only is not None and i not in only[k]:
+                continue
+            if (k, i) not in probed:
+                spans.append((len(p), len(p) + len(f[len(p) :].rstrip()), len(f)))
+            else:
+                other = probed[(k, i)]
+                a = 0
+                while a < min(len(text), len(other)) and text[a] == other[a]:
+                    a += 1
+                b = 0
+                while b < min(len(text), len(other)) - a and text[-1 - b] == other[-1 - b]:
+                    b += 1
+                end = len(text) - b
+                if not marker or not text.startswith(marker, end) or end <= a:
+                    raise TemplateError(
+                        f"cannot locate message {i} in the rendered conversation (supervise='once'); "
+                        "supervise='all' renders each such turn as a sample of its own"
+                    )
+                end += len(marker)
+                turn_end = end + len(text[end:]) - len(text[end:].lstrip())
+                spans.append((a, end, turn_end))
+                history.append(i)
+            sup.append(i)
+            prompts.append(p)
+        plan.append((k, len(conv), sup, text, spans, prompts, history))
     return plan
 
 
@@ -312,15 +372,17 @@ def _check_fields(convs: Sequence[Conversation], tokenizer, tmpl: str, plan) -> 
     """
     jobs = []  # (k, field, variant conversation, gen, original text)
     seen_tool: set[tuple[int, int]] = set()
-    last_piece = {k: (n, sup, text, prompts) for k, n, sup, text, _, prompts in plan}
-    for k, n, sup, text, _, _ in plan:
+    last_piece = {k: (n, sup, text, prompts) for k, n, sup, text, _, prompts, _ in plan}
+    for k, n, sup, text, _, _, history in plan:
         conv = convs[k]
         if _is_plain(conv):
             continue
         for i in sup:
             m = conv[i]
             for key in (REASONING, "tool_calls"):
-                if key in m:
+                if key in m and not (
+                    key == REASONING and i in history
+                ):  # "once": dropped as the template does
                     var = [*conv[:i], {a: b for a, b in m.items() if a != key}, *conv[i + 1 : n]]
                     jobs.append((k, f"messages[{i}].{key}", var, False, text))
             if "tool_calls" in m and m.get("content"):  # Llama-3.1 drops the text beside a tool call
@@ -524,7 +586,7 @@ def render_samples(
     _check_fields(conversations, tokenizer, tmpl, plan)
     bos = bos_to_add(tokenizer)
     out = []
-    for (k, n, turns, _, sp, _), (ids, offsets) in zip(
+    for (k, n, turns, _, sp, _, _), (ids, offsets) in zip(
         plan, _encode_bounded(tokenizer, [p[3] for p in plan], max_len)
     ):
         labels, cuts = _labels_from_offsets(ids, offsets, sp)
@@ -586,7 +648,7 @@ def end_of_turn_text(tokenizer, template: str | None = None) -> str:
     """The text the template puts after an assistant reply (whitespace-stripped), e.g. ``<|im_end|>``."""
     tmpl = resolve_template(tokenizer, template)
     conv = [{"role": "user", "content": _PROBE_Q}, {"role": "assistant", "content": _PROBE_A}]
-    ((_, _, _, full, spans, _),) = _plan([conv], tokenizer, tmpl, "all")
+    ((_, _, _, full, spans, _, _),) = _plan([conv], tokenizer, tmpl, "all")
     start, end, _ = spans[0]
     seg = full[start:end]
     return seg[seg.rfind(_PROBE_A) + len(_PROBE_A) :].strip()
