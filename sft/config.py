@@ -71,6 +71,14 @@ class TrainConfig:
     limit: int | None = _f(None, "use only the first N conversations of the source (streamed for hub sets)")
     max_len: int = _f(2048, "maximum tokens per sample and per packed row", minimum=8)
     overlong: str = _f("cut", "what to do with samples longer than max_len", choices=("cut", "drop"))
+    supervise: str = _f(
+        "all",
+        "assistant turns trained on: 'all' (each as the template renders it when it is the newest turn; a "
+        "template that rewrites history, e.g. Qwen3, gets one more sample per such turn), 'once' (each where "
+        "and as the whole conversation renders it: one sample, earlier reasoning dropped as the template drops "
+        "it) or 'last' (only each conversation's final assistant turn); sft/data/render.py",
+        choices=("all", "once", "last"),
+    )
     packing: bool = _f(True, "pack samples into rows of max_len (document-masked); else pad each batch")
     eval_size: float = _f(
         0.05,
