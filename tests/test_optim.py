@@ -9,6 +9,7 @@ are pinned further down: against fp32 AdamW, quantisation error, unbiased roundi
 the step in backward, and kernel vs torch reference (interpreter on CPU, CUDA under -m gpu).
 """
 
+import copy
 import io
 import json
 import os
@@ -713,8 +714,11 @@ def _check_bounds(stats: dict) -> None:
 @pytest.mark.skipif(not fused_adamw.triton_available(), reason="triton is not importable")
 def test_triton_kernels_match_the_torch_reference_in_the_interpreter():
     """TRITON_INTERPRET=1 (set before triton is imported: a subprocess) runs the kernels on CPU tensors,
-    element counts 1, 300, 4,096 and 70,001 (partial blocks and several programs)."""
-    code = "import json; from sft.training import fused_adamw; print(json.dumps(fused_adamw.check_kernels('cpu')))"
+    element counts 1, 300, 4,096 and 20,001 (partial blocks and several programs)."""
+    code = (
+        "import json; from sft.training import fused_adamw; "
+        "print(json.dumps(fused_adamw.check_kernels('cpu', (1, 300, 4096, 20_001))))"
+    )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO, env=env
@@ -732,14 +736,15 @@ def test_triton_kernels_match_the_torch_reference_on_cuda():
 @pytest.mark.parametrize("name", MODES)
 def test_triton_modes_track_fp32_and_resume_bit_exactly_on_cuda(name):
     """On CUDA the default kernel is Triton: it follows fp32 AdamW on the MLP as the CPU reference does
-    (lr 1e-3: 2%), runs the step in backward, and resumes bit-exactly on the device."""
+    (lr 1e-3: 2%), resumes bit-exactly on the device, and the step in backward equals step()."""
     x, y = (t.cuda() for t in _data())
 
-    def run(opt_name, dtype, steps, state=None, params=None):
-        params = params or [p.detach().to(dtype).cuda().requires_grad_() for p in _init_params(dtype)]
-        opt = build_optimizer(params, opt_name, lr=1e-3, betas=(0.9, 0.999), seed=3)
-        if state is not None:
-            opt.load_state_dict(state)
+    def make(opt_name, dtype):
+        params = [p.detach().cuda().requires_grad_() for p in _init_params(dtype)]
+        kw = {} if opt_name == "adamw" else {"seed": 3}
+        return params, build_optimizer(params, opt_name, lr=1e-3, betas=(0.9, 0.999), **kw)
+
+    def train(params, opt, steps):
         losses = []
         for s in range(steps):
             i = (s * 128) % 1024
@@ -747,20 +752,25 @@ def test_triton_modes_track_fp32_and_resume_bit_exactly_on_cuda(name):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(((_forward(params, x) - y) ** 2).mean().item())
-        return params, opt, torch.tensor(losses)
+            with torch.no_grad():
+                losses.append(((_forward(params, x) - y) ** 2).mean().item())
+        return torch.tensor(losses)
 
-    _, _, ref = run("adamw", torch.float32, 100)
-    params, opt, ours = run(name, torch.bfloat16, 100)
+    ref = train(*make("adamw", torch.float32), 100)
+    params, opt = make(name, torch.bfloat16)
     assert opt.kernel == "triton"
+    ours = train(params, opt, 100)
     assert ((ours - ref).abs() / ref).max().item() < 0.02
-    # resume: 100 steps == 50 + save/load + 50 (the loop restarts at s = 0: same batches both ways)
-    p50, o50, _ = run(name, torch.bfloat16, 50)
-    saved = ([p.detach().clone() for p in p50], o50.state_dict())
-    run(name, torch.bfloat16, 50, params=p50)
-    p_b = [p.clone().requires_grad_() for p in saved[0]]
-    run(name, torch.bfloat16, 50, state=saved[1], params=p_b)
-    for a, b in zip(p50, p_b):
+    # resume: 50 steps, save, 50 more == load the saved state into a fresh optimizer, 50 steps
+    params, opt = make(name, torch.bfloat16)
+    train(params, opt, 50)
+    saved = ([p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()))  # not live tensors
+    train(params, opt, 50)
+    params_b = [p.clone().requires_grad_() for p in saved[0]]
+    opt_b = build_optimizer(params_b, name, lr=1e-3, betas=(0.9, 0.999), seed=99)
+    opt_b.load_state_dict(saved[1])
+    train(params_b, opt_b, 50)
+    for a, b in zip(params, params_b):
         assert torch.equal(a, b)
     # step in backward == step, bit for bit
     runs = []
