@@ -29,6 +29,10 @@ What goes in:
 - ``general.name`` (the run folder's name) and, from the run's ``config.json``, the git commit, dirty
   flag and base model (``sft.git_commit``, ``sft.git_dirty``, ``sft.base_model``, ``general.description``).
 
+Never over what exists: inside a run folder (or a bare model folder) the output may only be a new
+``*.gguf`` name outside ``checkpoints/`` (:func:`check_output`, ``--force`` included), so an export cannot
+replace the weights, config or checkpoints it reads; elsewhere an existing file needs ``--force``.
+
 Failure: :class:`ExportError`, one line (the CLI prints ``error: ...`` and exits 2). Nothing partial is
 left: the file is written as a hidden temporary in the output folder and renamed at the very end.
 """
@@ -79,9 +83,52 @@ def resolve_final_dir(path: str | os.PathLike) -> Path:
         raise ExportError(f"{p} is not a folder (give a run folder or its final/)")
     if (p / "final" / "config.json").is_file():
         return p / "final"
+    if _is_run_folder(p):  # its config.json is the run's, not a model's: say what is missing
+        ckpts = sorted((p / "checkpoints").glob("step_*")) if (p / "checkpoints").is_dir() else []
+        where = f"; its newest checkpoint is {ckpts[-1].name}" if ckpts else ""
+        raise ExportError(
+            f"{p} is a run folder with no final/ model (the run has not finished, or ran with "
+            f"--no-save_final{where}); finish it with --resume, then export"
+        )
     if (p / "config.json").is_file():
         return p
     raise ExportError(f"no model in {p} (no config.json there nor in {p / 'final'})")
+
+
+def _is_run_folder(p: Path) -> bool:
+    from sft.training.runs import is_run_folder
+
+    return is_run_folder(p)
+
+
+def _protected_zone(final: Path) -> Path:
+    """The folder an output may not write into except as a new ``*.gguf``: the run folder when ``final`` is
+    a run's ``final/`` (its model, checkpoints, config and metrics), else the model folder itself."""
+    final = final.resolve()
+    if final.name == "final" and _is_run_folder(final.parent):
+        return final.parent
+    return final
+
+
+def check_output(final: Path, out_path: Path) -> None:
+    """ExportError (one line) when ``out_path`` would write over what the export reads or what a run keeps:
+    inside the run folder (or the model folder) only a ``*.gguf`` name is allowed, and never under
+    ``checkpoints/``; a folder is refused."""
+    if out_path.is_dir():
+        raise ExportError(f"output {out_path} is a folder; give a file name")
+    zone = _protected_zone(final)
+    target = out_path.parent.resolve() / out_path.name
+    if target.is_symlink() or target.exists():
+        target = target.resolve()
+    if target != zone and zone not in target.parents:
+        return
+    inside = "run folder" if zone != final.resolve() else "model folder"
+    if (zone / "checkpoints") in target.parents or target.suffix.lower() != ".gguf":
+        raise ExportError(
+            f"output {out_path} is inside the {inside} {zone} and would write over its model, "
+            f"checkpoints or records; give a new *.gguf name (default: {default_output(final, 'TYPE')}) "
+            "or a path outside it"
+        )
 
 
 def default_output(final_dir: Path, qtype: str) -> Path:
@@ -564,14 +611,15 @@ def export_gguf(
         raise ExportError(f"unknown GGUF type '{qtype}' (have: {', '.join(QTYPES)})")
     final = resolve_final_dir(final_dir)
     out_path = Path(out).expanduser() if out is not None else default_output(final, qtype)
-    if out_path.is_dir():
-        raise ExportError(f"output {out_path} is a folder; give a file name")
+    check_output(final, out_path)
     if out_path.exists() and not force:
         raise ExportError(f"{out_path} already exists; pass --force to overwrite it")
     if not out_path.parent.is_dir():
         raise ExportError(f"output folder {out_path.parent} does not exist")
 
     model_type = _read_json(final / "config.json").get("model_type")
+    if model_type is None:
+        raise ExportError(f"{final / 'config.json'} has no model_type: not a Hugging Face model folder")
     if model_type not in ARCHS:
         raise ExportError(f"architecture '{model_type}' does not export to GGUF; exportable: {EXPORTABLE}")
     arch = ARCHS[model_type]

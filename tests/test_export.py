@@ -451,6 +451,54 @@ def test_full_disk_leaves_nothing(llama_run, tmp_path, capsys, monkeypatch):
     assert calls["n"] == 5 and list(tmp_path.iterdir()) == []
 
 
+def test_output_inside_the_run_never_overwrites_it(llama_run, tmp_path, capsys):
+    """Issue 26's data-loss case: ``--out=<run>/final/model.safetensors --force`` replaced the fine-tuned
+    weights with a GGUF. Inside a run folder only a *.gguf name is allowed, never under checkpoints/,
+    even with --force, and a symlink pointing into the run is followed."""
+    import shutil
+
+    src, _, _ = llama_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "checkpoints" / "step_0000001").mkdir(parents=True)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "link.gguf").symlink_to(run / "final" / "model.safetensors")
+    for out in (
+        run / "final" / "model.safetensors",
+        run / "final" / "config.json",
+        run / "config.json",
+        run / "metrics.jsonl",
+        run / "checkpoints" / "step_0000001" / "model.gguf",
+        outside / "link.gguf",
+    ):
+        for target in (run, run / "final"):
+            one_error_line(
+                capsys, [str(target), "--gguf=q8_0", f"--out={out}", "--force"], contains="would write over"
+            )
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # a new *.gguf beside the model (the default) or at the run's top level is what export is for
+    assert main([str(run), "--gguf=f16"]) == 0 and (run / "final" / "model-f16.gguf").is_file()
+    assert main([str(run), "--gguf=f16", f"--out={run / 'm.gguf'}"]) == 0
+
+
+def test_run_folder_without_final_says_so(tmp_path, capsys):
+    """A run folder whose final/ was never written: the run's own config.json is not a model
+    ("architecture 'None'" before)."""
+    run = tmp_path / "20260101-000000_tiny-llama_bundled"
+    (run / "checkpoints" / "step_0000003").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"config": {"model": "tiny-llama"}, "created_utc": "x"}))
+    (run / "metrics.jsonl").write_text("")
+    err = one_error_line(capsys, [str(run), "--gguf=f16"], contains="is a run folder with no final/ model")
+    assert "step_0000003" in err and "None" not in err
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    one_error_line(capsys, [str(plain), "--gguf=f16"], contains="has no model_type")
+
+
 def test_cli_entry_point_one_line_exit_2(llama_run):
     run, _, _ = llama_run
     p = subprocess.run(
