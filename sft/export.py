@@ -374,7 +374,7 @@ def _tokenizer_meta(final: Path, n_vocab: int, arch: str) -> _TokenizerMeta:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     if not merges:
         raise ExportError(
-            "the tokenizer has no BPE merges (a bare byte tokenizer such as the tiny presets'); "
+            "the tokenizer has no BPE merges (a bare byte tokenizer); "
             "GGUF runtimes need a merges list"
         )
     vocab = tok.get_vocab()

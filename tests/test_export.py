@@ -578,6 +578,56 @@ def test_trainer_exports_gguf_at_the_end_of_a_run(llama_run, tmp_path, capsys):
     assert not torch.equal(trained.state_dict()[name], llama_run[1].state_dict()[name])
 
 
+@pytest.mark.parametrize("script", ["train_llama_guanaco.py", "train_mpt_guanaco.py"])
+def test_recipe_smoke_runs_export_and_read_back(script, tmp_path):
+    """Issue 26 item 6: a recipe's ``--smoke`` run (tiny preset with the committed byte-level BPE,
+    sft/model/tiny_tokenizer.json) exports to GGUF, and the file reads back: the tokenizer (tokens, merges,
+    ChatML template, <|im_end|> as EOS/EOT) and the weights (f16-exact); the Llama file also through
+    transformers' GGUF loader, same logits and same prompt ids. (Qwen2 is covered by the round trip above.)"""
+    import runpy
+    from pathlib import Path
+
+    from gguf import GGMLQuantizationType as T
+
+    from sft.data.render import render_prompt
+    from sft.training import trainer
+
+    repo = Path(__file__).resolve().parents[1]
+    saved = list(sys.path)
+    try:
+        recipe = runpy.run_path(str(repo / "sft" / script), run_name="recipe")
+    finally:
+        sys.path[:] = saved
+    argv = ["--smoke", f"--out_dir={tmp_path}", "--run_name=smoke", "--no-progress", "--num_samples=0"]
+    assert trainer.main(recipe["DEFAULTS"], argv, smoke=recipe["SMOKE"]) == 0
+    final = tmp_path / "smoke" / "final"
+    assert main([str(tmp_path / "smoke"), "--gguf=f16"]) == 0
+    out = final / "model-f16.gguf"
+    reader, f = read_fields(out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(final))
+    model = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32).eval()
+    arch = "mpt" if "mpt" in script else "llama"
+    assert f["general.architecture"] == arch and f["general.name"] == "smoke"
+    assert f["tokenizer.ggml.pre"] == ("mpt" if arch == "mpt" else "gpt-2") and len(f["tokenizer.ggml.merges"]) > 500
+    assert f["tokenizer.ggml.tokens"][: len(tok)] == [tok.convert_ids_to_tokens(i) for i in range(len(tok))]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert f["tokenizer.ggml.eos_token_id"] == im_end and f["tokenizer.ggml.eot_token_id"] == im_end
+    assert f["tokenizer.chat_template"] == tok.chat_template
+    emb = model.get_input_embeddings().weight.detach().numpy()
+    t = {t.name: t for t in reader.tensors}["token_embd.weight"]
+    assert t.tensor_type == T.F16 and np.array_equal(t.data, emb.astype(np.float16))
+    if arch == "llama":
+        (tmp_path / "g").mkdir()
+        (tmp_path / "g" / out.name).symlink_to(out)
+        gmodel, gtok = load_gguf(tmp_path / "g" / out.name)
+        conv = CONV[:3]
+        ids = render_prompt(conv, tok)
+        assert render_prompt(conv, gtok) == ids
+        torch.testing.assert_close(logits(gmodel, ids), logits(rounded_copy(model, "f16"), ids), rtol=0, atol=1e-4)
+
+
 def test_trainer_export_needs_final(tmp_path, capsys):
     from sft.config import TrainConfig
     from sft.training import trainer

@@ -125,10 +125,10 @@ def test_final_loads_with_automodel_and_gives_the_same_logits(full_run):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft.model.models import byte_tokenizer, tiny_model
+    from sft.model.models import tiny_model, tiny_tokenizer
 
     final = AutoModelForCausalLM.from_pretrained(str(full_run / "final"))
-    trained = tiny_model("tiny-llama", len(byte_tokenizer()), seed=0)
+    trained = tiny_model("tiny-llama", len(tiny_tokenizer()), seed=0)
     trained.load_state_dict(load_file(str(full_run / "checkpoints" / "step_0000004" / "model.safetensors")))
     x = torch.tensor([[257, 84, 82, 68, 81, 198, 71, 72, 258]])
     with torch.no_grad():
