@@ -98,7 +98,9 @@ def config_field(name: str) -> Callable[[str], object]:
         except ConfigError as e:
             msg = str(e)
             prefix = f"--{name}={text}: "
-            raise argparse.ArgumentTypeError(msg[len(prefix) :] if msg.startswith(prefix) else msg) from None
+            if msg.startswith(prefix):  # "--max_len=0: must be >= 8" -> "must be >= 8, got 0"
+                msg = f"{msg[len(prefix) :]}, got {text}"
+            raise argparse.ArgumentTypeError(msg) from None
 
     parse.__name__ = name
     return parse
