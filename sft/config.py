@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -98,8 +99,17 @@ class TrainConfig:
     optimizer: str = _f(
         "adamw",
         "'adamw' (torch AdamW, fused on CUDA), 'adamw_bf16' (the same on bf16 weights), 'adamw_kahan' "
-        "(bf16 weights with Kahan-compensated updates) or 'adamw_sr' (stochastic rounding); see sft/training/optim.py",
-        choices=("adamw", "adamw_bf16", "adamw_kahan", "adamw_sr"),
+        "(bf16 weights with Kahan-compensated updates, 6 B/param of state), 'adamw_sr' (stochastic rounding, "
+        "4 B/param), 'adamw_8bit' (FP8 moments with block scales + stochastic rounding, ~2 B/param) or 'auto' "
+        "(bf16 weights: the most precise of kahan / sr / 8bit that lets the memory plan run without recomputing "
+        "blocks; fp32 weights: adamw); see sft/training/optim.py and sft/training/memory.py",
+        choices=("auto", "adamw", "adamw_bf16", "adamw_kahan", "adamw_sr", "adamw_8bit"),
+    )
+    micro_batch_split: str = _f(
+        "auto",
+        "'auto': on a GPU the memory plan may split each micro-batch into smaller ones with more accumulation "
+        "(the same rows per optimizer step) when that avoids recomputing blocks; 'off': keep --micro_batch",
+        choices=("auto", "off"),
     )
     # LoRA (sft/model/lora.py): train low-rank adapters on a frozen base instead of every weight
     lora: bool = _f(False, "train LoRA adapters only (base frozen); final/ holds the merged weights")
@@ -131,7 +141,7 @@ class TrainConfig:
     optimizer_in_backward: str = _f(
         "auto",
         "step each parameter as soon as its gradient is ready (frees the gradients; needs --grad_accum=1, "
-        "--grad_clip=0 and adamw_kahan/adamw_sr): 'true', 'false' or 'auto' (only where it is needed to fit)",
+        "--grad_clip=0 and adamw_kahan/adamw_sr/adamw_8bit): 'true', 'false' or 'auto' (only where it is needed to fit)",
         choices=("auto", "true", "false"),
     )
     memory_limit_gib: float = _f(
@@ -270,26 +280,17 @@ def parse_targets(text: str | None) -> list[str] | None:
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Checks that involve several fields or the installed packages (one-line ConfigError each).
-
-    Called by the trainer before any model is loaded: ``--qlora`` needs ``--lora`` and the ``torchao``
-    package; ``--lora_dropout`` must be below 1; ``--lora_targets`` must parse. Also the single-field
-    rules of :func:`_convert`, for a config built in Python rather than parsed: every float finite,
-    ``epochs > 0`` unless ``max_steps`` is set, ``limit`` at least 1 (or None), ``run_name`` one folder name.
+    """Every rule of the config (one-line ConfigError each), for a config built in Python exactly as for one
+    parsed from the command line: first each field's own rule (:func:`check_value`: choices, minimum,
+    finite numbers, the formats of ``--fields`` / ``--lora_targets`` / ``--checkpoint_blocks`` /
+    ``--run_name``), then the rules between fields and installed packages: ``--qlora`` needs ``--lora``
+    and the ``torchao`` package; ``--lora_dropout`` below 1; ``--export_gguf`` needs ``--save_final``.
+    Called by the trainer before any model is loaded.
     """
     for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        vals = v if isinstance(v, tuple | list) else (v,)
-        if any(isinstance(x, float) and not math.isfinite(x) for x in vals):
-            raise ConfigError(f"--{f.name}={v}: must be a finite number")
-    if cfg.checkpoint_blocks != "auto" and not str(cfg.checkpoint_blocks).isdigit():
-        raise ConfigError(f"--checkpoint_blocks={cfg.checkpoint_blocks}: expected 'auto' or a number >= 0")
+        check_value(f.name, getattr(cfg, f.name))
     if cfg.max_steps == 0 and cfg.epochs <= 0:
         raise ConfigError(f"--epochs={cfg.epochs}: must be > 0 (or give --max_steps)")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise ConfigError(f"--limit={cfg.limit}: must be >= 1 (leave it out to use every row)")
-    if cfg.run_name is not None:
-        _check_run_name(cfg.run_name)
     if cfg.export_gguf != "none" and not cfg.save_final:
         raise ConfigError(f"--export_gguf={cfg.export_gguf} exports final/: it needs --save_final")
     if cfg.qlora and not cfg.lora:
@@ -307,13 +308,24 @@ def check_config(cfg: TrainConfig) -> None:
             )
 
 
-def _check_run_name(name: str) -> None:
-    from sft.training.runs import RunError, check_run_name  # the run folder's rule, in one place
-
-    try:
-        check_run_name(name)
-    except RunError as e:
-        raise ConfigError(str(e)) from None
+def run_name_problem(name) -> str | None:
+    """Why ``name`` cannot name a run folder (None if it can): one path component, so the run stays inside
+    ``out_dir``; not empty, ``.``/``..``, hidden, with a separator or control character, or over 200 bytes."""
+    if not isinstance(name, str) or not name.strip():
+        return "it is empty"
+    if name in (".", ".."):
+        return "it names a folder above or at out_dir"
+    if "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        return "it has a path separator (a run name is one folder name, not a path)"
+    if name.startswith("."):
+        return "it starts with '.' (a hidden folder)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "it has a control character"
+    if len(name.encode("utf-8", "surrogatepass")) > 200:
+        return "it is longer than 200 bytes"
+    if name != name.strip():
+        return "it starts or ends with white space"
+    return None
 
 
 _HINTS = typing.get_type_hints(TrainConfig)
@@ -355,27 +367,41 @@ def _convert(name: str, raw: str) -> Any:
     except ValueError:
         want = {bool: "true/false", int: "an integer", float: "a number"}.get(hint, "two numbers 'a,b'")
         raise ConfigError(f"--{name}={raw}: expected {want}") from None
-    parts = value if isinstance(value, tuple) else (value,)
+    check_value(name, value, raw)
+    return value
+
+
+def check_value(name: str, value: Any, raw: str | None = None) -> None:
+    """The rule of field ``name`` alone (one place for it: the command line and :func:`check_config` both call
+    this); ConfigError ``--name=<raw>: why`` (``raw`` defaults to the value as Python shows it)."""
+    shown = (
+        raw if raw is not None else (",".join(map(str, value)) if isinstance(value, tuple | list) else value)
+    )
+    if value is None:
+        return
+    parts = value if isinstance(value, tuple | list) else (value,)
     if any(isinstance(x, float) and not math.isfinite(x) for x in parts):
-        raise ConfigError(f"--{name}={raw}: must be a finite number")
-    if name == "epochs" and value <= 0:
-        raise ConfigError(f"--{name}={raw}: must be > 0 (to run a fixed number of steps, use --max_steps)")
+        raise ConfigError(f"--{name}={shown}: must be a finite number")
+    # epochs=0 is ignored when max_steps is set (check_config's rule); typed on the command line it is a mistake
+    if name == "epochs" and (value < 0 or (value == 0 and raw is not None)):
+        raise ConfigError(f"--{name}={shown}: must be > 0 (to run a fixed number of steps, use --max_steps)")
     if name == "limit" and value < 1:
-        raise ConfigError(f"--{name}={raw}: must be >= 1 (leave it out to use every row)")
+        raise ConfigError(f"--{name}={shown}: must be >= 1 (leave it out to use every row)")
     if name == "run_name":
-        _check_run_name(value)
+        why = run_name_problem(value)
+        if why:
+            raise ConfigError(f"--run_name={value!r} cannot name a run folder: {why}")
     meta = _FIELDS[name].metadata
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"--{name}={raw}: expected one of {', '.join(meta['choices'])}")
+        raise ConfigError(f"--{name}={shown}: expected one of {', '.join(meta['choices'])}")
     if "min" in meta and isinstance(value, int | float) and value < meta["min"]:
-        raise ConfigError(f"--{name}={raw}: must be >= {meta['min']}")
-    if name == "checkpoint_blocks" and value != "auto" and not value.isdigit():
-        raise ConfigError(f"--{name}={raw}: expected 'auto' or a number >= 0")
+        raise ConfigError(f"--{name}={shown}: must be >= {meta['min']}")
+    if name == "checkpoint_blocks" and value != "auto" and not str(value).isdigit():
+        raise ConfigError(f"--{name}={shown}: expected 'auto' or a number >= 0")
     if name == "fields":
         parse_fields(value)  # checked now: a typo fails before any model is loaded
     if name == "lora_targets":
         parse_targets(value)
-    return value
 
 
 def parse_args(argv: list[str] | None = None, defaults: TrainConfig | None = None) -> TrainConfig:
@@ -441,7 +467,7 @@ RESUME_CHANGEABLE = (
     "progress",
     "allow_pickle",
     "export_gguf",
-    "resume_changed_data",  # accept a run's changed data / tokenizer / template (sft.training.runs.check_resume_inputs)
+    "resume_changed_data",  # accept a run's changed data / tokenizer / template (sft.training.checkpoints.check_resume_inputs)
 )
 # never compared with the saved run: where to find it and which run (the saved config's are stale)
 _RESUME_LOCATORS = ("resume", "out_dir", "run_name")

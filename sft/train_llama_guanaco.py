@@ -7,7 +7,8 @@
     python sft/train_llama_guanaco.py --smoke                          # tiny random Llama, bundled sample (CPU)
     torchrun --standalone --nproc_per_node 8 sft/train_llama_guanaco.py --grad_accum=1   # FSDP2 on 8 GPUs
 
-Defaults: bf16 weights with Kahan-compensated AdamW (sft/training/optim.py), packed rows of 2,048 tokens, the model's
+Defaults: bf16 weights with ``--optimizer=auto`` (the memory plan picks the most precise state that runs
+without recomputing blocks: Kahan-compensated, stochastic-rounding or 8-bit AdamW, sft/training/optim.py), packed rows of 2,048 tokens, the model's
 own chat template (ChatML if it has none) with loss on the assistant replies and their end-of-turn token,
 every turn kept. The engine's defaults (sft/training/engine.py, sft/training/memory.py): FlexAttention with a causal +
 same-document BlockMask on CUDA (``--attention``), decoder layers compiled one by one (``--compile``), and
@@ -44,7 +45,7 @@ DEFAULTS = dataclasses.replace(
     betas=(0.9, 0.95),
     grad_clip=1.0,
     precision="bf16",
-    optimizer="adamw_kahan",
+    optimizer="auto",
     eval_size=200,
     eval_every=50,
     save_every=200,

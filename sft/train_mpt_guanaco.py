@@ -5,8 +5,8 @@
     python sft/train_mpt_guanaco.py --smoke                  # tiny random MPT on the bundled sample (CPU)
     torchrun --standalone --nproc_per_node 8 sft/train_mpt_guanaco.py --grad_accum=1   # FSDP2 on 8 GPUs
 
-Defaults: bf16 weights with Kahan-compensated AdamW (sft/training/optim.py: no lost updates, 8 bytes of
-optimizer state per parameter), packed rows of 2,048 tokens with document-masked attention, our MPT
+Defaults: bf16 weights with ``--optimizer=auto`` (the memory plan picks the most precise state that runs
+without recomputing blocks: Kahan-compensated, stochastic-rounding or 8-bit AdamW; sft/training/optim.py), packed rows of 2,048 tokens with document-masked attention, our MPT
 (``--mpt_impl=fast``: FlexAttention + ALiBi; ``--mpt_impl=hf`` for transformers' eager MPT), loss on the
 assistant replies only, every conversation turn kept (Guanaco template). The engine's defaults
 (sft/training/engine.py, sft/training/memory.py): blocks compiled one by one on CUDA, and the fewest checkpointed blocks that
@@ -45,7 +45,7 @@ DEFAULTS = dataclasses.replace(
     betas=(0.9, 0.95),
     grad_clip=1.0,
     precision="bf16",
-    optimizer="adamw_kahan",
+    optimizer="auto",
     eval_size=200,
     eval_every=50,
     log_every=1,

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from sft.config import ConfigError, TrainConfig, parse_args
+from sft.data.batches import MicroBatches
 from sft.data.packing import collate_rows, pack
 from sft.data.render import Sample
 from sft.model.models import forward_hidden
 from sft.model.mpt import MPTConfig, MPTForCausalLM
 from sft.training import engine
 from sft.training.memory import estimate_memory, plan_memory
-from sft.training.trainer import MicroBatches
 
 GIB = 2**30
 

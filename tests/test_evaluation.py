@@ -11,7 +11,7 @@ from sft.data.render import render_batch, stop_token_ids
 from sft.data.schema import IGNORE_INDEX
 from sft.model.loss import chunked_cross_entropy_sum, count_supervised
 from sft.model.models import byte_tokenizer, forward_hidden, tiny_model
-from sft.training import evaluation, trainer
+from sft.training import evaluation
 
 CPU = torch.device("cpu")
 
@@ -49,7 +49,7 @@ def trained(mask_end_of_turn: bool, steps: int = 40):
 
 def answers(model, tok, words, max_new=8):
     def greedy(ids, m, stops):
-        return trainer._greedy(model, ids, m, stops, CPU, contextlib.nullcontext, tok)
+        return evaluation._greedy(model, ids, m, stops, CPU, contextlib.nullcontext, tok)
 
     return evaluation.answer(model, tok, convs(words), template=None, max_new_tokens=max_new, greedy=greedy)
 
@@ -73,7 +73,7 @@ def test_measure_equals_the_trainers_held_out_loss_and_counts_correct_tokens():
     samples, _ = render_batch(convs(["a", "bb", "ccc"]), tok, None)
     batches = [pad_collate(samples[:2], tok.pad_token_id), pad_collate(samples[2:], tok.pad_token_id)]
     ce, n, correct = evaluation.measure(model, batches, device=CPU, autocast=contextlib.nullcontext, chunk=7)
-    loss, n_ref = trainer.evaluate(model, batches, CPU, contextlib.nullcontext, 1024)
+    loss, n_ref = evaluation.evaluate(model, batches, CPU, contextlib.nullcontext, 1024)
     assert n == n_ref == sum(s.n_supervised for s in samples) and ce / n == pytest.approx(loss, rel=1e-6)
     with torch.no_grad():  # accuracy by hand from full logits
         ref = 0

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from sft import export
 from sft.data.render import CHATML, render
 from sft.data.sample_data import BUNDLED
-from sft.export import ExportError, export_gguf, main
+from sft.export import main
+from sft.model import gguf as export
+from sft.model.gguf import ExportError, export_gguf
 
 CONV = [
     {"role": "system", "content": "You are a concise assistant."},

@@ -16,7 +16,7 @@ Scenarios (each a test below):
 11. unwritable out_dir -> one RunError line, no run folder.
 
 The subprocess runs go through ``sft/train_smollm2_guanaco.py``'s ``main`` (the recipe's entry point) with
-a driver that only wraps ``sft.training.runs.save_checkpoint`` to print a line after each checkpoint and, for
+a driver that only wraps ``sft.training.checkpoints.save_checkpoint`` to print a line after each checkpoint and, for
 scenario 4, to slow the write down (a window in which to kill it).
 """
 
@@ -36,7 +36,8 @@ import sft.training.engine as engine
 import sft.training.trainer as trainer
 from sft.config import parse_args
 from sft.training import runs
-from sft.training.runs import RunError, checkpoint_problem, list_checkpoints
+from sft.training.checkpoints import checkpoint_problem, list_checkpoints
+from sft.training.runs import RunError
 from sft.training.trainer import TrainingStopped, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,12 +64,12 @@ if delay:
         print("WRITING", flush=True)
         time.sleep(delay)  # the checkpoint folder is half-written now
     st.save_file = slow_save_file
-real_save = runs.save_checkpoint
+real_save = checkpoints.save_checkpoint
 def save(*a, **k):
     path = real_save(*a, **k)
     print("CKPT", path.name, flush=True)
     return path
-runs.save_checkpoint = save
+checkpoints.save_checkpoint = save
 from sft.config import TrainConfig
 from sft.training.trainer import main
 sys.exit(main(TrainConfig(), sys.argv[1:]))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sft.config import TrainConfig
+from sft.model.family import transformer_blocks
 from sft.train_mpt_guanaco import DEFAULTS as MPT_DEFAULTS
 from sft.train_mpt_guanaco import SMOKE as MPT_SMOKE
 from sft.train_smollm2_guanaco import DEFAULTS as LLAMA_DEFAULTS
@@ -211,15 +212,15 @@ def test_transformer_blocks_of_each_architecture():
 
     llama = tiny_model("tiny-llama", 300, seed=0)
     mpt_hf = tiny_model("tiny-mpt", 300, seed=0)
-    assert distributed.transformer_blocks(llama) == list(llama.model.layers)
-    assert distributed.transformer_blocks(mpt_hf) == list(mpt_hf.transformer.blocks)
-    assert distributed.transformer_blocks(distributed.LossModule(llama)) == list(llama.model.layers)
+    assert transformer_blocks(llama) == list(llama.model.layers)
+    assert transformer_blocks(mpt_hf) == list(mpt_hf.transformer.blocks)
+    assert transformer_blocks(distributed.LossModule(llama)) == list(llama.model.layers)
     from sft.model import mpt
 
     ours = mpt.from_hf_model(mpt_hf)
-    assert len(distributed.transformer_blocks(ours)) == 2
+    assert len(transformer_blocks(ours)) == 2
     with pytest.raises(ValueError, match="Linear: no transformer blocks at any of model.layers"):
-        distributed.transformer_blocks(nn.Linear(2, 2))
+        transformer_blocks(nn.Linear(2, 2))
 
 
 def test_mixed_precision_policy():

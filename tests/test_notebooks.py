@@ -173,7 +173,7 @@ def test_runs_report_defaults_write_no_committed_file(tmp_path, monkeypatch):
     for f in (
         REPO / "sft"
     ).iterdir():  # the package itself, linked file by file so the kernel's cwd is fake/sft
-        if f.suffix in (".py", ".ipynb"):
+        if f.suffix in (".py", ".ipynb") or (f / "__init__.py").is_file():  # modules, notebooks and the wings
             (fake / "sft" / f.name).symlink_to(f)
     real = "20261130-060358_smollm2-135m-instruct_guanaco-1k"  # a committed CPU run
     (fake / "runs" / real).mkdir(parents=True)

@@ -49,15 +49,15 @@ def test_recipe_console_is_the_runs_own_lines_and_no_checkpoint_without_save_eve
 
 def test_an_early_stop_still_leaves_a_checkpoint_to_resume(tmp_path):
     from sft.config import TrainConfig
-    from sft.training import runs, trainer
+    from sft.training import checkpoints, trainer
 
     argv = ["--model=tiny-llama", "--limit=12", "--max_len=256", "--overlong=drop", "--eval_size=2",
             "--max_steps=3", "--stop_after=1", "--num_samples=0", "--no-save_final", "--no-progress",
             f"--out_dir={tmp_path}", "--run_name=r"]  # fmt: skip
     assert trainer.main(TrainConfig(), argv) == 0
-    assert [p.name for p in runs.list_checkpoints(tmp_path / "r")] == ["step_0000001"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "r")] == ["step_0000001"]
     assert not (tmp_path / "r" / "finished.json").exists()
     assert trainer.main(TrainConfig(), [*argv[:-1], "--resume=r", "--stop_after=0"]) == 0
     # finished: the early stop's checkpoint is left as it was (no new one), and the run counts as finished
-    assert [p.name for p in runs.list_checkpoints(tmp_path / "r")] == ["step_0000001"]
-    assert runs.is_finished(tmp_path / "r")
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "r")] == ["step_0000001"]
+    assert checkpoints.is_finished(tmp_path / "r")

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from sft.config import ConfigError, TrainConfig, check_config, parse_args
-from sft.training import runs, trainer
-from sft.training.runs import RunError, create_run_dir, find_resume, hold_run_lock, is_finished, mark_finished
+from sft.training import checkpoints, runs, trainer
+from sft.training.checkpoints import find_resume, is_finished, mark_finished
+from sft.training.runs import RunError, create_run_dir, hold_run_lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -332,7 +333,7 @@ def test_resume_takes_the_flags_that_may_change_and_refuses_the_rest(tmp_path, c
     assert rc == 0 and _steps(tmp_path / "r") == [1, 2, 3, 4]
     evals = [r["step"] for r in runs.read_metrics(tmp_path / "r") if "eval_loss" in r]
     assert evals == [0, 2, 3, 4]  # the first run's end at step 2, then every step (the new cadence)
-    saved = json.loads((runs.list_checkpoints(tmp_path / "r")[-1] / "config.json").read_text())
+    saved = json.loads((checkpoints.list_checkpoints(tmp_path / "r")[-1] / "config.json").read_text())
     assert (saved["max_steps"], saved["eval_every"], saved["lr"]) == (4, 1, 1e-3)
     assert json.loads((tmp_path / "r" / "finished.json").read_text())["step"] == 4
 
@@ -432,13 +433,15 @@ def test_changed_inputs_names_each_part(tmp_path, neox_tokenizer):
         return {"fingerprint": p.fingerprint, "inputs": p.inputs}
 
     base = data()
-    assert runs.changed_inputs(base, data()) == []
-    assert runs.changed_inputs(base, data(tok=byte_tokenizer())) == ["the tokenizer"]
-    assert runs.changed_inputs(base, data(template="guanaco")) == ["the chat template"]
-    assert runs.changed_inputs(base, data(max_len=512)) == ["max_len 256 -> 512"]
-    assert runs.changed_inputs(base, data(seed=1)) == ["setting seed"]
+    assert checkpoints.changed_inputs(base, data()) == []
+    assert checkpoints.changed_inputs(base, data(tok=byte_tokenizer())) == ["the tokenizer"]
+    assert checkpoints.changed_inputs(base, data(template="guanaco")) == ["the chat template"]
+    assert checkpoints.changed_inputs(base, data(max_len=512)) == ["max_len 256 -> 512"]
+    assert checkpoints.changed_inputs(base, data(seed=1)) == ["setting seed"]
     old_run = {"fingerprint": "0123"}  # written before the parts were recorded
-    assert runs.changed_inputs(old_run, base) == [f"the data fingerprint (0123 -> {base['fingerprint']})"]
+    assert checkpoints.changed_inputs(old_run, base) == [
+        f"the data fingerprint (0123 -> {base['fingerprint']})"
+    ]
 
 
 def test_changed_inputs_names_the_source_of_a_mixture(tmp_path):
@@ -460,9 +463,11 @@ def test_changed_inputs_names_the_source_of_a_mixture(tmp_path):
         return {"fingerprint": m.fingerprint, "inputs": m.inputs}
 
     base = data()
-    assert set(base["inputs"]["sources"]) == {str(a), str(b)} and runs.changed_inputs(base, data()) == []
+    assert (
+        set(base["inputs"]["sources"]) == {str(a), str(b)} and checkpoints.changed_inputs(base, data()) == []
+    )
     b.write_text("".join(json.dumps(row(i, "B")) + "\n" for i in range(1, 9)))
-    assert runs.changed_inputs(base, data()) == [f"source '{b}': the data"]
-    assert runs.changed_inputs(base, data(weight_b=2.0))[-1] == "the weights"
+    assert checkpoints.changed_inputs(base, data()) == [f"source '{b}': the data"]
+    assert checkpoints.changed_inputs(base, data(weight_b=2.0))[-1] == "the weights"
     both = [f"source '{a}': the chat template", f"source '{b}': the data", f"source '{b}': the chat template"]
-    assert runs.changed_inputs(base, data(template="guanaco")) == both
+    assert checkpoints.changed_inputs(base, data(template="guanaco")) == both

@@ -58,12 +58,12 @@ def test_no_trust_remote_code_anywhere():
             if m.group(1) != "False":
                 hits.append(f"{path.relative_to(REPO)}: {m.group(0)}")
     assert hits == []
-    assert "trust_remote_code=False" in (REPO / "sft" / "models.py").read_text()
+    assert "trust_remote_code=False" in (REPO / "sft" / "model" / "models.py").read_text()
 
 
 def test_no_other_jinja_renderer_in_sft():
     """Templates are rendered only by tokenizer.apply_chat_template (sandboxed), never by our own jinja."""
-    for path in sorted((REPO / "sft").glob("*.py")):
+    for path in sorted((REPO / "sft").rglob("*.py")):
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"jinja2\.(Environment|Template)\b|from jinja2 import", text), path.name
 

@@ -251,7 +251,8 @@ def _fake_dcp_checkpoint(ckpt, world=2):
 
 
 def test_find_resume_accepts_sharded_checkpoints_and_skips_damaged_ones(tmp_path, caplog):
-    from sft.training.runs import RunError, checkpoint_problem, find_resume
+    from sft.training.checkpoints import checkpoint_problem, find_resume
+    from sft.training.runs import RunError
 
     run = tmp_path / "r"
     _fake_dcp_checkpoint(run / "checkpoints" / "step_0000002")

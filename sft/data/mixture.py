@@ -268,7 +268,7 @@ class Mixture:
     stats: dict
     fingerprint: str
     eval_by_source: dict[str, list[Sample]] = field(default_factory=dict)
-    # the parts of the fingerprint, compared on --resume (sft.training.runs.check_resume_inputs): one source's
+    # the parts of the fingerprint, compared on --resume (sft.training.checkpoints.check_resume_inputs): one source's
     # Prepared.inputs, or {"sources": {name: inputs}, "eval_sources": {...}, "weights": {...}, "seed"}
     inputs: dict = field(default_factory=dict)
 

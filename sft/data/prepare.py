@@ -66,7 +66,7 @@ class Prepared:
     stats: dict = field(default_factory=dict)
     fingerprint: str = ""
     # what the fingerprint is made of, by part (data, tokenizer, template, max_len, settings): a run records
-    # it so that --resume can name what changed (sft.training.runs.check_resume_inputs)
+    # it so that --resume can name what changed (sft.training.checkpoints.check_resume_inputs)
     inputs: dict = field(default_factory=dict)
 
 

@@ -5,7 +5,7 @@ Contracts:
   (``Float8LinearConfig.from_recipe_name``). ``tensorwise``: one dynamic scale per tensor, e4m3 inputs and
   weights, e5m2 output gradients, cuBLAS FP8 GEMMs. ``rowwise``: one scale per row (power of 2), e4m3
   everywhere, CUTLASS row-wise GEMMs; slower, closer to bf16.
-- Only the ``nn.Linear`` layers inside the transformer blocks (:func:`sft.training.distributed.transformer_blocks`)
+- Only the ``nn.Linear`` layers inside the transformer blocks (:func:`sft.model.family.transformer_blocks`)
   are converted: never the embedding nor the LM head (the logits and the loss stay in bf16/fp32).
   The converted layers are ``Float8Linear``, an ``nn.Linear`` subclass holding the same high-precision
   ``weight`` parameter: state dicts, checkpoints, ``final/`` and the optimizer see the same tensors as
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from sft.config import ConfigError, TrainConfig
-from sft.training import distributed
+from sft.model.family import transformer_blocks
 
 log = logging.getLogger("sft")
 
@@ -47,7 +47,7 @@ INSTALL = "pip install torchao==0.18.0 (the pinned version; FP8 training is pure
 
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """``{qualified name: layer}`` of every ``nn.Linear`` inside the transformer blocks of ``model``."""
-    inside = {id(m) for block in distributed.transformer_blocks(model) for m in block.modules()}
+    inside = {id(m) for block in transformer_blocks(model) for m in block.modules()}
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside}
 
 

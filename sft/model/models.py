@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from sft.model.family import is_ours
 from sft.model.loss import LMHead
 
 log = logging.getLogger(__name__)
@@ -538,7 +539,7 @@ def lm_head(model) -> LMHead:
     """
     config = model.config
     kind = getattr(config, "model_type", type(model).__name__)
-    if hasattr(model, "forward_hidden"):  # our MPT: tied embedding, then logit_scale
+    if is_ours(model):  # our MPT: tied embedding, then logit_scale
         return LMHead(model.lm_head_weight, scale=config.logit_scale)
     unsupported = [k for k in _UNSUPPORTED_HEAD_KEYS if _set(config, k) is not None]
     if kind == "mpt" and _set(config, "logit_scale") is not None:
@@ -580,7 +581,7 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
       padding tail of a row restarts its positions too, so it stays a document of its own).
     """
     ids, docs = batch["input_ids"], batch["document_ids"]
-    if hasattr(model, "forward_hidden"):
+    if is_ours(model):
         return model.forward_hidden(ids, docs), lm_head(model)
     base = model.base_model
     impl = getattr(model.config, "_attn_implementation", "eager")

@@ -38,13 +38,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sft.model.family import transformer_blocks
 from sft.model.loss import chunked_cross_entropy_sum
 from sft.model.models import forward_hidden
-from sft.training.runs import dcp_checkpoint_problem  # noqa: F401  (re-exported: the sharded-checkpoint check)
+from sft.training.checkpoints import dcp_checkpoint_problem  # noqa: F401  (re-exported: the sharded-checkpoint check)
 
 log = logging.getLogger(__name__)
-
-BLOCK_PATHS = ("model.layers", "transformer.blocks", "blocks")
 
 
 @dataclass(frozen=True)
@@ -158,28 +157,15 @@ class LossModule(nn.Module):
         self.model = model
         self.loss_chunk = loss_chunk
 
+    @property
+    def inner_model(self) -> nn.Module:
+        """The wrapped model (sft.model.family.transformer_blocks finds its blocks through this)."""
+        return self.model
+
     def forward(self, input_ids, targets, document_ids, position_ids) -> torch.Tensor:
         batch = {"input_ids": input_ids, "document_ids": document_ids, "position_ids": position_ids}
         h, w = forward_hidden(self.model, batch)
         return chunked_cross_entropy_sum(h, w, targets, self.loss_chunk)
-
-
-def _get(module: nn.Module, path: str):
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of ``model`` (or of ``LossModule.model``): the units ``fully_shard`` wraps."""
-    inner = model.model if isinstance(model, LossModule) else model
-    for path in BLOCK_PATHS:
-        found = _get(inner, path)
-        if isinstance(found, nn.ModuleList) and len(found):
-            return list(found)
-    raise ValueError(f"{type(inner).__name__}: no transformer blocks at any of {', '.join(BLOCK_PATHS)}")
 
 
 def mixed_precision(device: torch.device, precision: str):
@@ -235,7 +221,7 @@ def save_checkpoint(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from sft.training import runs
+    from sft.training import checkpoints, runs
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:07d}"
@@ -259,7 +245,7 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in runs.list_checkpoints(run_dir)[:-keep_last]:
+        for old in checkpoints.list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(info)
     return final

@@ -6,7 +6,7 @@ Contracts:
   (``flex`` | ``sdpa`` | ``eager``; ``auto`` = flex on CUDA, sdpa on CPU; transformers' MPT only has eager).
   A backend the model cannot use is a one-line ConfigError naming the model type and the choices.
 - ``resolve_compile(model, cfg, device) -> bool``: ``--compile`` (``auto`` = on CUDA for our MPT and the
-  Llama family, :data:`COMPILE_FAMILY`).
+  Llama family, :data:`sft.model.family.COMPILE_FAMILY`).
 - ``setup_model(model, cfg, device, plan) -> dict``: converts the block linears to FP8 (``--fp8``, sft/model/fp8.py;
   refused beforehand by ``sft.model.fp8.check_fp8``), sets the attention backend, checkpoints the first
   ``plan.checkpoint_blocks`` blocks (non-reentrant; the checkpoint wraps the compiled block) and compiles each
@@ -35,6 +35,7 @@ import torch
 
 from sft.config import ConfigError, TrainConfig
 from sft.model import fp8
+from sft.model.family import family, is_ours, transformer_blocks
 from sft.model.loss import chunked_cross_entropy_sum, count_supervised
 from sft.model.models import forward_hidden
 from sft.training import distributed
@@ -43,25 +44,15 @@ from sft.training.flops import attention_flops_tokens
 
 log = logging.getLogger("sft")
 
-# transformers model types whose decoder layers compile one by one with FlexAttention inside
-COMPILE_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 _HF_BACKEND = {"flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}
 _FLEX_MIN_HEAD_DIM = 16  # inductor's flex kernel needs head_dim >= 16 (triton's tl.dot)
-
-
-def _is_ours(model) -> bool:
-    return hasattr(model, "forward_hidden")  # sft/model/mpt.py (LoRA keeps the attribute)
-
-
-def _model_type(model) -> str:
-    return "mpt (ours)" if _is_ours(model) else getattr(model.config, "model_type", type(model).__name__)
 
 
 def resolve_attention(model, cfg: TrainConfig, device: torch.device) -> str:
     """The attention backend of this run (module docstring); ConfigError for one the model cannot use."""
     want = cfg.attention
-    kind = _model_type(model)
-    if not _is_ours(model) and model.config.model_type == "mpt":
+    kind = family(model).name
+    if not is_ours(model) and model.config.model_type == "mpt":
         if want not in ("auto", "eager"):
             raise ConfigError(
                 f"--attention={want}: transformers' MPT has eager attention only (choices: eager, auto); "
@@ -70,7 +61,7 @@ def resolve_attention(model, cfg: TrainConfig, device: torch.device) -> str:
         return "eager"
     if want == "auto":
         return "flex" if device.type == "cuda" else "sdpa"
-    if want == "eager" and _is_ours(model):
+    if want == "eager" and is_ours(model):
         raise ConfigError("--attention=eager: our MPT has flex and sdpa (choices: flex, sdpa, auto)")
     if want == "flex":
         if device.type != "cuda":
@@ -85,7 +76,7 @@ def resolve_attention(model, cfg: TrainConfig, device: torch.device) -> str:
                 f"--attention=flex: {kind} has head_dim {head_dim} < {_FLEX_MIN_HEAD_DIM}, which compiled "
                 "FlexAttention cannot run on CUDA (choices: sdpa, eager)"
             )
-        if not _is_ours(model) and not getattr(model, "_supports_flex_attn", False):
+        if not is_ours(model) and not getattr(model, "_supports_flex_attn", False):
             raise ConfigError(
                 f"--attention=flex: transformers' {kind} has no FlexAttention path (choices: sdpa, eager)"
             )
@@ -96,13 +87,12 @@ def resolve_compile(model, cfg: TrainConfig, device: torch.device) -> bool:
     """Whether to compile the blocks one by one (module docstring)."""
     if cfg.compile != "auto":
         return cfg.compile == "true"
-    family = _is_ours(model) or getattr(model.config, "model_type", "") in COMPILE_FAMILY
-    return device.type == "cuda" and family
+    return device.type == "cuda" and family(model).compiles
 
 
 def set_attention(model, backend: str) -> None:
     """Point ``model`` at ``backend`` (our MPT: its ``attn_impl``; transformers: its attention interface)."""
-    if _is_ours(model):
+    if is_ours(model):
         model.attn_impl = backend
         return
     impl = _HF_BACKEND[backend]
@@ -116,15 +106,15 @@ def set_attention(model, backend: str) -> None:
 
 def set_checkpoint_blocks(model, n: int) -> None:
     """Recompute the first ``n`` blocks in backward (non-reentrant checkpoint), the others not."""
-    if _is_ours(model):
+    if is_ours(model):
         model.gradient_checkpointing = False
         model.checkpoint_blocks = n
         return
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    blocks = distributed.transformer_blocks(model)
+    blocks = transformer_blocks(model)
     if n and not all(isinstance(b, GradientCheckpointingLayer) for b in blocks):
-        raise ConfigError(f"{_model_type(model)}: its blocks cannot be checkpointed one by one")
+        raise ConfigError(f"{family(model).name}: its blocks cannot be checkpointed one by one")
     ckpt = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     for i, block in enumerate(blocks):
         block.gradient_checkpointing = i < n
@@ -133,7 +123,7 @@ def set_checkpoint_blocks(model, n: int) -> None:
 
 def compile_blocks(model) -> None:
     """``torch.compile`` each transformer block in place (static shapes)."""
-    for block in distributed.transformer_blocks(model):
+    for block in transformer_blocks(model):
         block.compile(dynamic=False)
 
 

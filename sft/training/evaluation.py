@@ -12,20 +12,35 @@
   (``sft.data.render.stop_token_ids``: EOS or the template's end-of-turn token) within ``max_new_tokens``.
   :func:`stop_rate` is the fraction stopped: a model that never learned to end its turn scores 0.
 - :func:`update_best` is ``--keep_best``'s rule: the lowest finite held-out loss wins, ties keep the earlier
-  step.
+  step; :func:`track_best`, :func:`save_best` and :func:`load_best` apply it to a run (``<run>/best/``).
+
+What the trainer calls: :func:`held_out` (one evaluation's metrics, the eval keys of metrics.jsonl),
+:func:`answer_samples` (greedy answers, the model's blocks run uncompiled: :func:`for_generation`),
+:func:`evaluate` (the loss alone, the FSDP path), :func:`eval_line` / :func:`print_samples` (the console).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from sft.config import TrainConfig
 from sft.data.schema import IGNORE_INDEX, Conversation
+from sft.model.family import is_ours
 from sft.model.loss import as_head
 from sft.model.models import forward_hidden
+from sft.training import distributed, runs
+from sft.training.distributed import DistInfo
+from sft.training.engine import ce_sum, set_attention
+
+log = logging.getLogger("sft")
 
 
 @torch.no_grad()
@@ -118,3 +133,182 @@ def update_best(best: dict | None, step: int, loss: float) -> tuple[dict | None,
     if not math.isfinite(loss) or (best is not None and loss >= best["eval_loss"]):
         return best, False
     return {"step": int(step), "eval_loss": float(loss)}, True
+
+
+# ----------------------------------------------------------------------------- what the trainer calls
+
+
+@contextlib.contextmanager
+def for_generation(model):
+    """Generation runs the blocks uncompiled (the compiled graphs are for the training row shape: a new
+    length each token would recompile) and, for transformers models, with SDPA attention."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    hf = not is_ours(model) and impl not in (None, "sdpa", "eager")
+    if hf:
+        set_attention(model, "sdpa")
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        if hf:
+            model.config._attn_implementation = impl
+            if hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation(impl)
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, autocast, chunk: int, info: DistInfo | None = None) -> tuple[float, int]:
+    """Held-out loss: sum of CE over all supervised targets / their number; returns ``(loss, N)``.
+
+    Distributed: rank r takes batches r, r + W, ...; ranks with one batch fewer run a batch with every
+    target ignored (FSDP needs the same number of forwards on every rank); sums are all-reduced.
+    """
+    if not batches:
+        return float("nan"), 0
+    if info is not None and info.enabled:
+        W = info.world
+        dummy = {**batches[0], "targets": torch.full_like(batches[0]["targets"], IGNORE_INDEX)}
+        mine = batches[info.rank :: W]
+        batches = mine + [dummy] * (math.ceil(len(batches) / W) - len(mine))
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        with autocast():
+            total += float(ce_sum(model, b, chunk))
+        n += int((b["targets"] != IGNORE_INDEX).sum())
+    model.train(was_training)
+    if info is not None and info.enabled:
+        total, n = distributed.all_reduce_sum(total, info), distributed.all_reduce_sum(n, info)
+    return total / max(n, 1), n
+
+
+def answer_samples(model, tokenizer, conversations, cfg: TrainConfig, device, autocast, n=None) -> list[dict]:
+    """Greedy answers to the first ``n`` (default ``num_samples``) held-out conversations' last user turn
+    (reference = the data's answer; ``stopped``: ended with the end-of-turn token; sft/training/evaluation.py)."""
+
+    def greedy(ids, max_new, stops):
+        with for_generation(model):
+            return _greedy(model, ids, max_new, stops, device, autocast, tokenizer)
+
+    n = cfg.num_samples if n is None else n
+    return answer(
+        model, tokenizer, conversations[:n], template=cfg.template, max_new_tokens=cfg.samples_max_new_tokens,
+        greedy=greedy,
+    )  # fmt: skip
+
+
+def held_out(root, model, tokenizer, eval_batches, prepared, cfg, device, autocast, info, fwd) -> dict:
+    """One evaluation's metrics (the eval keys of metrics.jsonl after step and epoch): loss overall and per
+    held-out source, token accuracy, stop rate over ``--eval_prompts`` held-out prompts (sft/training/evaluation.py).
+    Under FSDP the loss alone (the sharded loss module gives no logits and no generation): the rest is None."""
+    per = {}
+    for name, batches in eval_batches.items():
+        if info.enabled:
+            loss, n = evaluate(root, batches, device, autocast, cfg.loss_chunk, info)
+            per[name] = (loss * n, n, None)
+        else:
+            per[name] = measure(
+                root, batches, device=device, autocast=autocast, chunk=cfg.loss_chunk, fwd=fwd
+            )
+    m = combine(per)
+    rate = None
+    if cfg.eval_prompts and not info.enabled and prepared.eval_conversations:
+        convs = prepared.eval_conversations
+        rate = stop_rate(answer_samples(model, tokenizer, convs, cfg, device, autocast, cfg.eval_prompts))
+    return {
+        "eval_loss": m["eval_loss"],
+        "eval_tokens_supervised": m["eval_tokens_supervised"],
+        "eval_token_accuracy": m["eval_token_accuracy"],
+        "eval_stop_rate": rate,
+        "eval_loss_by_source": m["eval_loss_by_source"],
+    }
+
+
+def eval_line(step: int, ev: dict) -> str:
+    """The console line of one evaluation: loss, per source when several, token accuracy, stop rate."""
+    per = ev["eval_loss_by_source"]
+    srcs = (
+        " (" + ", ".join(f"{k} {v:.4f}" for k, v in per.items() if v is not None) + ")"
+        if len(per) > 1
+        else ""
+    )
+    acc, stop = ev["eval_token_accuracy"], ev["eval_stop_rate"]
+    head = f"step {step}: held-out loss" if step else "held-out loss before training:"
+    return (
+        f"{head} {ev['eval_loss']:.4f}{srcs} on {ev['eval_tokens_supervised']} tokens"
+        + (f" | token accuracy {acc:.3f}" if acc is not None else "")
+        + (f" | stop rate {stop:.2f}" if stop is not None else "")
+    )
+
+
+def save_best(run_dir: Path, model, best: dict) -> None:
+    """``--keep_best``: the trainable weights of step ``best["step"]`` to ``<run>/best/`` (temp + rename)."""
+    from safetensors.torch import save_file
+
+    tmp = run_dir / "best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainable = {k: p.detach().cpu().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    runs._write_json(tmp / "best.json", best)
+    shutil.rmtree(run_dir / "best", ignore_errors=True)
+    tmp.rename(run_dir / "best")
+
+
+def load_best(run_dir: Path, model) -> dict:
+    """Put ``<run>/best/``'s trainable weights back into ``model``; returns its ``{"step", "eval_loss"}``."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run_dir / "best" / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in weights.items():
+            params[k].copy_(v)
+    return runs._read_json(run_dir / "best" / "best.json")
+
+
+def _greedy(model, ids, max_new, stops, device, autocast, tokenizer) -> list[int]:
+    if hasattr(model, "generate") and hasattr(model, "generation_config"):
+        x = torch.tensor([ids], device=device)
+        with autocast():
+            y = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=stops or None,
+                pad_token_id=tokenizer.pad_token_id
+                if tokenizer.pad_token_id is not None
+                else (stops or [0])[0],
+            )
+        return y[0, len(ids) :].tolist()
+    from sft.model.generate import generate  # our fast MPT
+
+    # eager (no compiled step, no CUDA graphs kept alive by the training model); generate() frees its caches
+    return list(generate(model, [ids], max_new, stop_ids=stops, compile=False).tokens[0])
+
+
+def track_best(state: dict, ev: dict, cfg: TrainConfig, run_dir: Path, model, info: DistInfo) -> None:
+    """``state["best"]``: the step with the lowest held-out loss so far; with ``--keep_best`` its weights are
+    kept in ``<run>/best/`` (sft/training/evaluation.py's rule)."""
+    state["best"], improved = update_best(state.get("best"), state["step"], ev["eval_loss"])
+    if improved and cfg.keep_best and info.is_main:
+        save_best(run_dir, model, state["best"])
+
+
+def print_samples(stage: str, samples: list[dict]) -> None:
+    for i, s in enumerate(samples):
+        log.info(
+            "[%s] sample %d\n  prompt: %s\n  answer: %s",
+            stage,
+            i + 1,
+            _short(s["prompt"]),
+            _short(s["answer"]),
+        )
+
+
+def _short(text: str, n: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 3] + "..."

@@ -25,14 +25,6 @@ def peak_flops(device: torch.device | str) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def layers_and_width(model) -> tuple[int, int]:
-    """``(L, d)`` of a transformers model or our MPT, from its config."""
-    c = model.config
-    L = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layers", 0)
-    d = getattr(c, "hidden_size", None) or getattr(c, "d_model", 0)
-    return int(L), int(d)
-
-
 def attention_flops_tokens(document_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
     """``sum over documents of n_doc^2`` for a ``[B, T]`` document-id tensor: padding counts as a document of
     its own, unless ``attention_mask`` (1 = real token) is given, then only the real documents count."""

@@ -31,18 +31,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 
 import torch
 
 from sft.config import ConfigError, TrainConfig, parse_targets
-from sft.training.flops import layers_and_width
+from sft.model.family import is_ours, shape
 
 log = logging.getLogger("sft")
 
 GIB = 2**30
-# optimizer state in units of the trainable parameter's own element size (sft/training/optim.py's table)
+# optimizer state in units of the trainable parameter's own element size (sft/training/optim.py's table);
+# adamw_8bit keeps FP8 moments with one fp32 scale per 256 values whatever the parameter's dtype
 OPTIMIZER_STATE_ELEMENTS = {"adamw": 2, "adamw_bf16": 2, "adamw_sr": 2, "adamw_kahan": 3}
+STATE_BYTES_8BIT = 2 + 8 / 256
+# --optimizer=auto on bf16 weights: the most precise first (sft/training/optim.py)
+AUTO_OPTIMIZERS = ("adamw_kahan", "adamw_sr", "adamw_8bit")
+# the speed model that ranks plans (time per token relative to the plan with nothing recomputed): a
+# checkpointed block runs its forward twice (~1/3 of its forward + backward); a micro-batch under 8,192 tokens
+# loses ~1.5% per halving (smaller matmuls; measured 2026-12-02, H200: MPT-7B at 2 rows of 2,048 vs 4)
+RECOMPUTE_COST = 1 / 3
+SMALL_MICRO_BATCH_COST = 0.015
 # elements of d per token kept by an un-checkpointed block beyond its projections (see the module docstring)
 ACT_BASE = 5.1
 # kernels' workspaces and temporaries beyond the model (cuBLAS, compiled-kernel buffers, the fused optimizer's
@@ -50,7 +60,7 @@ ACT_BASE = 5.1
 # added for GPU-sized steps (>= 2^24 token x width elements), so tiny CPU runs keep their exact estimate
 OVERHEAD_BYTES = 2**30
 NF4_BYTES_PER_PARAM = 0.516  # 4 bits + one 8-bit scale per 64 values + the scales' own scales
-IN_BACKWARD_OPTIMIZERS = ("adamw_kahan", "adamw_sr")
+IN_BACKWARD_OPTIMIZERS = ("adamw_kahan", "adamw_sr", "adamw_8bit")
 FREE_MEMORY_HEADROOM = 0.04  # of the device's free memory, when no --memory_limit_gib is given  # sft.training.optim.KahanAdamW: has step_parameter
 
 
@@ -63,24 +73,16 @@ class MemoryPlan:
     in_backward: bool
     estimate: dict
     limit_bytes: int | None
-
-
-def _block_shape(model) -> tuple[int, int, int, int, bool, int]:
-    """``(L, d, qkv_width, ffn_width, gated, n_heads)`` of a transformers model or our MPT."""
-    c = model.config
-    L, d = layers_and_width(model)
-    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_heads", 1)
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or d // heads
-    ffn = getattr(c, "intermediate_size", None) or int(getattr(c, "expansion_ratio", 4) * d)
-    gated = any(name.endswith("gate_proj") for name, _ in model.named_modules())
-    return L, d, (heads + 2 * kv) * head_dim, int(ffn), gated, int(heads)
+    optimizer: str = "adamw"
+    micro_batch: int = 1
+    grad_accum: int = 1
+    why: str = ""
 
 
 def activation_elements_per_layer(model) -> float:
     """Elements of ``d`` per token an un-checkpointed block keeps for backward (module docstring)."""
-    _, d, qkv, ffn, gated, _ = _block_shape(model)
-    return ACT_BASE + qkv / d + (3 if gated else 2) * ffn / d
+    s = shape(model)
+    return ACT_BASE + s.qkv_width / s.width + (3 if s.gated else 2) * s.ffn / s.width
 
 
 def _lora_params(model, cfg: TrainConfig) -> tuple[int, int]:
@@ -104,12 +106,12 @@ def _lora_params(model, cfg: TrainConfig) -> tuple[int, int]:
 def _attention_extra(model, cfg: TrainConfig, attention: str, elem: int) -> int:
     """Bytes the attention path adds beyond the block activations (materialised masks and scores)."""
     B, T = cfg.micro_batch, cfg.max_len
-    L, _, _, _, _, H = _block_shape(model)
+    s = shape(model)
+    L, H = s.layers, s.heads
     if attention == "eager":  # scores and probabilities per layer, kept for backward
         return L * B * H * T * T * elem * 2
     if attention == "sdpa":
-        ours_mpt = hasattr(model, "forward_hidden")
-        return B * H * T * T * 4 if ours_mpt else B * T * T  # MPT's fp32 ALiBi bias; else a bool mask
+        return B * H * T * T * 4 if is_ours(model) else B * T * T  # MPT's fp32 ALiBi bias; else a bool mask
     return 0
 
 
@@ -137,9 +139,9 @@ def estimate_memory(
         n_train, train_elem = sum(p.numel() for p in model.parameters()), base_elem
     W = max(world, 1)
     grads = n_train * train_elem // W
-    optimizer = n_train * train_elem * OPTIMIZER_STATE_ELEMENTS[cfg.optimizer] // W
+    optimizer = int(n_train * state_bytes_per_param(cfg.optimizer, train_elem)) // W
     weights //= W
-    L, d = layers_and_width(model)
+    L, d = shape(model).layers, shape(model).width
     elem = 2 if (autocast or base_elem == 2) else 4
     n_ck = min(max(checkpoint_blocks, 0), L)
     per_layer = activation_elements_per_layer(model)
@@ -205,8 +207,32 @@ def _fmt(est: dict) -> str:
     )
 
 
+def state_bytes_per_param(optimizer: str, elem: int) -> float:
+    """Optimizer state bytes per trainable parameter of ``elem`` bytes (``auto`` must be resolved first)."""
+    if optimizer == "adamw_8bit":
+        return STATE_BYTES_8BIT
+    return OPTIMIZER_STATE_ELEMENTS[optimizer] * elem
+
+
+def _optimizers(cfg: TrainConfig) -> list[str]:
+    """The optimizers the plan may choose, most precise first: ``--optimizer`` itself unless it is ``auto``."""
+    if cfg.optimizer != "auto":
+        return [cfg.optimizer]
+    if cfg.precision != "bf16" or cfg.lora:  # fp32 / autocast weights, or small adapters: plain AdamW
+        return ["adamw"] if cfg.precision != "bf16" else ["adamw_kahan"]
+    return list(AUTO_OPTIMIZERS)
+
+
+def _splits(cfg: TrainConfig, device: torch.device) -> list[tuple[int, int]]:
+    """(micro_batch, grad_accum) with the same rows per optimizer step, largest micro-batch first."""
+    if cfg.micro_batch_split == "off" or device.type != "cuda":
+        return [(cfg.micro_batch, cfg.grad_accum)]
+    rows = cfg.micro_batch * cfg.grad_accum
+    return [(mb, rows // mb) for mb in range(cfg.micro_batch, 0, -1) if rows % mb == 0]
+
+
 def _candidates(cfg: TrainConfig, L: int, world: int, device: torch.device) -> list[tuple[int, bool]]:
-    """(checkpoint_blocks, in_backward) settings to try, fastest first."""
+    """(checkpoint_blocks, in_backward) settings to try for one optimizer and split, fastest first."""
     if cfg.optimizer_in_backward == "true":
         why = in_backward_refusal(cfg, world)
         if why:
@@ -227,12 +253,13 @@ def _candidates(cfg: TrainConfig, L: int, world: int, device: torch.device) -> l
     return [(n, b) for n in blocks for b in ib]
 
 
-def plan_memory(
-    model, cfg: TrainConfig, device: torch.device, autocast: bool, world: int = 1, attention="flex"
-):
-    """The :class:`MemoryPlan` of this run, or ConfigError (one line) when nothing fits; see the module
-    docstring. CPU runs are refused only when the weights alone exceed the available memory."""
-    L, _ = layers_and_width(model)
+def relative_time(n_ck: int, layers: int, micro_tokens: int) -> float:
+    """The speed model's time per token of a plan relative to one with nothing recomputed (module constants)."""
+    small = max(0.0, math.log2(8192 / max(micro_tokens, 1)))
+    return (1 + RECOMPUTE_COST * n_ck / max(layers, 1)) * (1 + SMALL_MICRO_BATCH_COST * small)
+
+
+def _limit(cfg: TrainConfig, device: torch.device, model) -> int | None:
     limit = int(cfg.memory_limit_gib * GIB) if cfg.memory_limit_gib > 0 else free_memory_bytes(device)
     if cfg.memory_limit_gib <= 0 and limit is not None and device.type == "cuda":
         # weights already on the GPU (a random-init preset is built there) are in the estimate, not free
@@ -240,24 +267,103 @@ def plan_memory(
         # the whole card: keep FREE_MEMORY_HEADROOM of it for the allocator's fragmentation (seen: a plan
         # estimated at 138.2 of 139.2 GiB ran out of memory at 32k tokens, H200, 2026-12-02)
         limit = int(limit * (1 - FREE_MEMORY_HEADROOM))
-    est = None
-    for n_ck, ib in _candidates(cfg, L, world, device):
-        est = estimate_memory(model, cfg, autocast, world, n_ck, ib, attention)
-        need = est["total"] if device.type == "cuda" else est["weights"]
-        if limit is None or need <= limit:
-            plan = MemoryPlan(n_ck, ib, est, limit)
-            log.info(
-                "memory plan: %d of %d blocks checkpointed%s; estimate %s%s",
-                n_ck,
-                L,
-                ", optimizer step in backward" if ib else "",
-                _fmt(est),
-                f" against {limit / GIB:.1f} GiB" if limit is not None else "",
-            )
-            return plan
+    return limit
+
+
+def _best_for(model, cfg, device, autocast, world, attention, limit, L):
+    """The fastest fitting ``(relative time, MemoryPlan)`` for ``cfg``'s optimizer over splits and blocks, or
+    ``(None, last estimate)`` when nothing fits."""
+    best, est = None, None
+    for mb, ga in _splits(cfg, device):
+        c = dataclasses.replace(cfg, micro_batch=mb, grad_accum=ga)
+        for n_ck, ib in _candidates(c, L, world, device):
+            est = estimate_memory(model, c, autocast, world, n_ck, ib, attention)
+            need = est["total"] if device.type == "cuda" else est["weights"]
+            if limit is not None and need > limit:
+                continue
+            t = relative_time(n_ck, L, mb * cfg.max_len)
+            if best is None or t < best[0] - 1e-9:
+                best = (t, MemoryPlan(n_ck, ib, est, limit, cfg.optimizer, mb, ga))
+            break  # more blocks checkpointed at this split only costs more
+    return (best, None) if best else (None, est)
+
+
+def plan_memory(
+    model, cfg: TrainConfig, device: torch.device, autocast: bool, world: int = 1, attention="flex"
+) -> MemoryPlan:
+    """The :class:`MemoryPlan` of this run, or ConfigError (one line) when nothing fits; see the module
+    docstring. Per optimizer (``--optimizer=auto``: kahan, sr, 8bit, most precise first), the fastest fitting
+    (micro-batch split, checkpointed blocks, step in backward) by :func:`relative_time`; the first optimizer
+    whose best plan recomputes nothing wins, else the fastest plan of all (the more precise on a tie).
+    CPU runs are refused only when the weights alone exceed the available memory."""
+    L = shape(model).layers
+    limit = _limit(cfg, device, model)
+    found, notes, est = [], [], None
+    for opt in _optimizers(cfg):
+        best, est_o = _best_for(
+            model, dataclasses.replace(cfg, optimizer=opt), device, autocast, world, attention, limit, L
+        )
+        est = est_o or est
+        if best is None:
+            notes.append(f"{opt} does not fit")
+            continue
+        found.append(best)
+        if best[1].checkpoint_blocks == 0:  # full speed: the most precise such optimizer wins
+            break
+        notes.append(f"{opt} needs {best[1].checkpoint_blocks} blocks recomputed")
+    if found:
+        full = found[-1][1].checkpoint_blocks == 0
+        t, plan = found[-1] if full else min(found, key=lambda f: f[0])
+        why = "; ".join(notes)
+        plan = dataclasses.replace(plan, why=why)
+        log.info(
+            "memory plan: %s, %d x %d rows, %d of %d blocks checkpointed%s; estimate %s%s%s",
+            plan.optimizer, plan.grad_accum, plan.micro_batch, plan.checkpoint_blocks, L,
+            ", optimizer step in backward" if plan.in_backward else "", _fmt(plan.estimate),
+            f" against {limit / GIB:.1f} GiB" if limit is not None else "",
+            f" (why: {why})" if why else "",
+        )  # fmt: skip
+        return plan
     where = "--memory_limit_gib" if cfg.memory_limit_gib > 0 else "free on the device"
     what = "this run needs" if device.type == "cuda" else "the weights alone need"
+    fixes = _fixes(model, cfg, device, autocast, world, attention, limit, L)
     raise ConfigError(
-        f"{what} {_fmt(est)} even with the most economical plan, {limit / GIB:.1f} GiB {where}: try "
-        "--lora / --optimizer=adamw_kahan / --grad_checkpointing / smaller --micro_batch or --max_len"
+        f"{what} {_fmt(est)} even with the most economical plan, {limit / GIB:.1f} GiB {where}: "
+        + (
+            f"try {' or '.join(fixes)}"
+            if fixes
+            else "no single change fits (a larger GPU, or FSDP2 over several)"
+        )
     )
+
+
+def _fixes(model, cfg, device, autocast, world, attention, limit, L) -> list[str]:
+    """The single changes that would fit (checked with the same estimate), for the refusal message."""
+    tries = []
+    if cfg.optimizer not in ("auto", "adamw_8bit") and cfg.precision == "bf16":
+        tries.append(("--optimizer=adamw_8bit", dict(optimizer="adamw_8bit")))
+    if cfg.micro_batch > 1:
+        tries.append(
+            (
+                f"--micro_batch=1 --grad_accum={cfg.micro_batch * cfg.grad_accum}",
+                dict(micro_batch=1, grad_accum=cfg.micro_batch * cfg.grad_accum),
+            )
+        )
+    if cfg.max_len > 512:
+        tries.append((f"--max_len={cfg.max_len // 2}", dict(max_len=cfg.max_len // 2)))
+    if not cfg.lora:
+        tries.append(("--lora", dict(lora=True)))
+    out = []
+    for flag, change in tries:
+        c = dataclasses.replace(cfg, **change)
+        for opt in _optimizers(c):
+            try:
+                best, _ = _best_for(
+                    model, dataclasses.replace(c, optimizer=opt), device, autocast, world, attention, limit, L
+                )
+            except ConfigError:
+                best = None
+            if best is not None:
+                out.append(flag)
+                break
+    return out

@@ -66,45 +66,29 @@ from sft.config import (
     parse_updates,
     resume_config,
 )
+from sft.data.batches import MicroBatches, data_sources, pad_token_id, prepare
 from sft.data.render import TemplateError
-from sft.data.schema import IGNORE_INDEX, DataError
+from sft.data.schema import DataError
+from sft.model.family import shape
 from sft.model.fp8 import check_fp8
 from sft.model.models import ModelError, forward_hidden, lm_head, load_model_and_tokenizer, without_torchao
-from sft.training import distributed, runs
+from sft.training import checkpoints, distributed, runs
+from sft.training.console import NoWriter, setup_logging, step_line
 from sft.training.distributed import DistInfo
 from sft.training.engine import (
     Engine,
     autocast_factory,
-    ce_sum,
     resolve_attention,
     resolve_compile,
-    set_attention,
     setup_model,
     uses_autocast,
 )
-from sft.training.flops import layers_and_width, mfu, peak_flops, step_flops
+from sft.training.evaluation import answer_samples, eval_line, held_out, load_best, print_samples, track_best
+from sft.training.flops import mfu, peak_flops, step_flops
 from sft.training.memory import plan_memory
 from sft.training.runs import RunError
 
 log = logging.getLogger("sft")
-
-
-@contextlib.contextmanager
-def _for_generation(model):
-    """Generation runs the blocks uncompiled (the compiled graphs are for the training row shape: a new
-    length each token would recompile) and, for transformers models, with SDPA attention."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    hf = not hasattr(model, "forward_hidden") and impl not in (None, "sdpa", "eager")
-    if hf:
-        set_attention(model, "sdpa")
-    try:
-        with torch.compiler.set_stance("force_eager"):
-            yield
-    finally:
-        if hf:
-            model.config._attn_implementation = impl
-            if hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation(impl)
 
 
 class TrainingStopped(RuntimeError):
@@ -154,264 +138,6 @@ def _install_stop_handlers(flag: dict) -> dict:
     return previous
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def data_sources(cfg: TrainConfig):
-    """``(train specs, eval specs)`` parsed from ``--data`` / ``--eval_data`` (sft/data/mixture.py); one-line
-    ConfigError / DataError for a bad spec or a missing file."""
-    from sft.data.mixture import parse_sources
-
-    defaults = {"fmt": cfg.fmt, "fields": cfg.fields, "limit": cfg.limit, "bad_rows": cfg.bad_rows}
-    specs = parse_sources(cfg.data, what="--data", defaults=defaults)
-    evals = (
-        parse_sources(cfg.eval_data, what="--eval_data", defaults=defaults, weighted=False)
-        if cfg.eval_data
-        else []
-    )
-    return specs, evals
-
-
-def prepare(cfg: TrainConfig, tokenizer):
-    """Render, split, mix and return ``(Mixture, train_rows, eval_batches)`` (sft/data/mixture.py).
-
-    ``train_rows``: a Batch dict of ``[R, T]`` tensors (packed) or the list of training Samples (padded
-    per micro-batch). ``eval_batches``: held-out source name -> a list of Batch dicts of at most
-    ``micro_batch`` rows, fixed order (``--eval_batches`` caps each source).
-    """
-    from sft.data.mixture import prepare_mixture
-    from sft.data.packing import pack, pad_collate
-
-    specs, eval_specs = data_sources(cfg)
-    eval_size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
-    prepared = prepare_mixture(
-        specs,
-        tokenizer,
-        eval_specs=eval_specs,
-        template=cfg.template,
-        max_len=cfg.max_len,
-        overlong=cfg.overlong,
-        eval_size=eval_size,
-        seed=cfg.seed,
-    )
-    if not prepared.train:
-        raise DataError("no training sample left after the held-out split", source=cfg.data)
-
-    pad_id = pad_token_id(tokenizer)
-
-    def packed(samples):
-        return _as_batch(pack(samples, cfg.max_len, pad_id))
-
-    train_rows = packed(prepared.train) if cfg.packing else list(prepared.train)
-    eval_batches = {}
-    for name, samples in prepared.eval_by_source.items():
-        if not samples:
-            continue
-        if cfg.packing:
-            ev = packed(samples)
-            n = ev["input_ids"].size(0)
-            batches = [
-                {k: v[i : i + cfg.micro_batch] for k, v in ev.items()} for i in range(0, n, cfg.micro_batch)
-            ]
-        else:
-            batches = [
-                _as_batch(pad_collate(samples[i : i + cfg.micro_batch], pad_id))
-                for i in range(0, len(samples), cfg.micro_batch)
-            ]
-        eval_batches[name] = batches[: cfg.eval_batches] if cfg.eval_batches else batches
-    return prepared, train_rows, eval_batches
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id padding uses: the tokenizer's pad id, else 0 (never a target: targets are IGNORE_INDEX there)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def _as_batch(x) -> dict[str, torch.Tensor]:
-    """A Batch dict from ``pack``'s output (a Batch already, or a list of rows for ``collate_rows``)."""
-    if isinstance(x, dict):
-        return x
-    from sft.data.packing import collate_rows
-
-    return collate_rows(list(x))
-
-
-class MicroBatches:
-    """Micro-batch ``i`` of the endless, seeded, epoch-shuffled stream over the training rows.
-
-    Epoch ``e`` visits the rows in the order ``torch.randperm(R, generator=seed + e)``; the epochs are
-    concatenated and micro-batch ``i`` is rows ``i*mb .. i*mb + mb - 1`` of that stream, so every micro-batch
-    is full (the last one of an epoch takes the first rows of the next): one shape for the compiled blocks.
-    ``pad_to``: padded (unpacked) micro-batches are padded to this length instead of their longest row.
-    """
-
-    def __init__(self, rows, cfg: TrainConfig, pad_id: int = 0, pad_to: int | None = None):
-        self.rows, self.cfg, self.pad_id, self.pad_to = rows, cfg, pad_id, pad_to
-        self.n_rows = rows["input_ids"].size(0) if isinstance(rows, dict) else len(rows)
-        self.per_epoch = self.n_rows / cfg.micro_batch  # micro-batches per epoch (fractional)
-        self._order: tuple[int, torch.Tensor] | None = None
-
-    def order(self, epoch: int) -> torch.Tensor:
-        if self._order is None or self._order[0] != epoch:
-            g = torch.Generator().manual_seed(self.cfg.seed + epoch)
-            self._order = (epoch, torch.randperm(self.n_rows, generator=g))
-        return self._order[1]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        mb, n = self.cfg.micro_batch, self.n_rows
-        idx: list[int] = []
-        while len(idx) < mb:
-            epoch, j = divmod(i * mb + len(idx), n)
-            idx.extend(self.order(epoch)[j : j + min(mb - len(idx), n - j)].tolist())
-        if isinstance(self.rows, dict):
-            return {k: v[idx] for k, v in self.rows.items()}
-        from sft.data.packing import pad_collate
-
-        return _as_batch(pad_collate([self.rows[k] for k in idx], self.pad_id, self.pad_to))
-
-
-# ----------------------------------------------------------------------------- eval and samples
-
-
-@torch.no_grad()
-def evaluate(model, batches, device, autocast, chunk: int, info: DistInfo | None = None) -> tuple[float, int]:
-    """Held-out loss: sum of CE over all supervised targets / their number; returns ``(loss, N)``.
-
-    Distributed: rank r takes batches r, r + W, ...; ranks with one batch fewer run a batch with every
-    target ignored (FSDP needs the same number of forwards on every rank); sums are all-reduced.
-    """
-    if not batches:
-        return float("nan"), 0
-    if info is not None and info.enabled:
-        W = info.world
-        dummy = {**batches[0], "targets": torch.full_like(batches[0]["targets"], IGNORE_INDEX)}
-        mine = batches[info.rank :: W]
-        batches = mine + [dummy] * (math.ceil(len(batches) / W) - len(mine))
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for b in batches:
-        b = {k: v.to(device) for k, v in b.items()}
-        with autocast():
-            total += float(ce_sum(model, b, chunk))
-        n += int((b["targets"] != IGNORE_INDEX).sum())
-    model.train(was_training)
-    if info is not None and info.enabled:
-        total, n = distributed.all_reduce_sum(total, info), distributed.all_reduce_sum(n, info)
-    return total / max(n, 1), n
-
-
-def answer_samples(model, tokenizer, conversations, cfg: TrainConfig, device, autocast, n=None) -> list[dict]:
-    """Greedy answers to the first ``n`` (default ``num_samples``) held-out conversations' last user turn
-    (reference = the data's answer; ``stopped``: ended with the end-of-turn token; sft/training/evaluation.py)."""
-    from sft.training.evaluation import answer
-
-    def greedy(ids, max_new, stops):
-        with _for_generation(model):
-            return _greedy(model, ids, max_new, stops, device, autocast, tokenizer)
-
-    n = cfg.num_samples if n is None else n
-    return answer(
-        model, tokenizer, conversations[:n], template=cfg.template, max_new_tokens=cfg.samples_max_new_tokens,
-        greedy=greedy,
-    )  # fmt: skip
-
-
-def held_out(root, model, tokenizer, eval_batches, prepared, cfg, device, autocast, info, fwd) -> dict:
-    """One evaluation's metrics (the eval keys of metrics.jsonl after step and epoch): loss overall and per
-    held-out source, token accuracy, stop rate over ``--eval_prompts`` held-out prompts (sft/training/evaluation.py).
-    Under FSDP the loss alone (the sharded loss module gives no logits and no generation): the rest is None."""
-    from sft.training import evaluation
-
-    per = {}
-    for name, batches in eval_batches.items():
-        if info.enabled:
-            loss, n = evaluate(root, batches, device, autocast, cfg.loss_chunk, info)
-            per[name] = (loss * n, n, None)
-        else:
-            per[name] = evaluation.measure(
-                root, batches, device=device, autocast=autocast, chunk=cfg.loss_chunk, fwd=fwd
-            )
-    m = evaluation.combine(per)
-    rate = None
-    if cfg.eval_prompts and not info.enabled and prepared.eval_conversations:
-        convs = prepared.eval_conversations
-        rate = evaluation.stop_rate(
-            answer_samples(model, tokenizer, convs, cfg, device, autocast, cfg.eval_prompts)
-        )
-    return {
-        "eval_loss": m["eval_loss"],
-        "eval_tokens_supervised": m["eval_tokens_supervised"],
-        "eval_token_accuracy": m["eval_token_accuracy"],
-        "eval_stop_rate": rate,
-        "eval_loss_by_source": m["eval_loss_by_source"],
-    }
-
-
-def _eval_line(step: int, ev: dict) -> str:
-    """The console line of one evaluation: loss, per source when several, token accuracy, stop rate."""
-    per = ev["eval_loss_by_source"]
-    srcs = (
-        " (" + ", ".join(f"{k} {v:.4f}" for k, v in per.items() if v is not None) + ")"
-        if len(per) > 1
-        else ""
-    )
-    acc, stop = ev["eval_token_accuracy"], ev["eval_stop_rate"]
-    head = f"step {step}: held-out loss" if step else "held-out loss before training:"
-    return (
-        f"{head} {ev['eval_loss']:.4f}{srcs} on {ev['eval_tokens_supervised']} tokens"
-        + (f" | token accuracy {acc:.3f}" if acc is not None else "")
-        + (f" | stop rate {stop:.2f}" if stop is not None else "")
-    )
-
-
-def save_best(run_dir: Path, model, best: dict) -> None:
-    """``--keep_best``: the trainable weights of step ``best["step"]`` to ``<run>/best/`` (temp + rename)."""
-    from safetensors.torch import save_file
-
-    tmp = run_dir / "best.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    trainable = {k: p.detach().cpu().contiguous() for k, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    runs._write_json(tmp / "best.json", best)
-    shutil.rmtree(run_dir / "best", ignore_errors=True)
-    tmp.rename(run_dir / "best")
-
-
-def load_best(run_dir: Path, model) -> dict:
-    """Put ``<run>/best/``'s trainable weights back into ``model``; returns its ``{"step", "eval_loss"}``."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(run_dir / "best" / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in weights.items():
-            params[k].copy_(v)
-    return runs._read_json(run_dir / "best" / "best.json")
-
-
-def _greedy(model, ids, max_new, stops, device, autocast, tokenizer) -> list[int]:
-    if hasattr(model, "generate") and hasattr(model, "generation_config"):
-        x = torch.tensor([ids], device=device)
-        with autocast():
-            y = model.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=max_new,
-                do_sample=False,
-                eos_token_id=stops or None,
-                pad_token_id=tokenizer.pad_token_id
-                if tokenizer.pad_token_id is not None
-                else (stops or [0])[0],
-            )
-        return y[0, len(ids) :].tolist()
-    from sft.model.generate import generate  # our fast MPT
-
-    # eager (no compiled step, no CUDA graphs kept alive by the training model); generate() frees its caches
-    return list(generate(model, [ids], max_new, stop_ids=stops, compile=False).tokens[0])
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -429,7 +155,7 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
     t_start = time.time()
     resume_from, run_dir = None, None
     if cfg.resume:
-        run_dir, resume_from = runs.find_resume(cfg.out_dir, cfg.resume)  # plain or sharded (DCP)
+        run_dir, resume_from = checkpoints.find_resume(cfg.out_dir, cfg.resume)  # plain or sharded (DCP)
         saved = TrainConfig.from_dict(runs._read_json(resume_from / "config.json"))
         step = int(runs._read_json(resume_from / "state.json").get("step", 0))
         # the run continues with its own config; only some knobs may change on resume (the rest: refused)
@@ -516,7 +242,7 @@ class _Run:
         )
         if self.info.enabled:
             return distributed.save_checkpoint(self.run_dir, self.state["step"], info=self.info, **kw)
-        return runs.save_checkpoint(self.run_dir, self.state["step"], **kw)
+        return checkpoints.save_checkpoint(self.run_dir, self.state["step"], **kw)
 
     def held_out(self) -> dict:
         """One evaluation (loss overall and per source, token accuracy, stop rate): :func:`held_out`."""
@@ -529,9 +255,9 @@ class _Run:
         """Evaluate, write the eval line of metrics.jsonl, say it, and track the best step (--keep_best)."""
         ev = self.held_out()
         self.writer.eval({"step": step, "epoch": self.epoch(step), **ev})
-        log.info(_eval_line(step, ev))
+        log.info(eval_line(step, ev))
         if step:  # only trained steps are candidates for --keep_best
-            _track_best(self.state, ev, self.cfg, self.run_dir, self.model, self.info)
+            track_best(self.state, ev, self.cfg, self.run_dir, self.model, self.info)
         return ev
 
     def epoch(self, step: int) -> float:
@@ -594,15 +320,23 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_
     model, tokenizer, prepared, train_rows, eval_batches, compiled = _load_inputs(
         cfg, info, device, resume_from, run_dir
     )
+    # the memory plan resolves --optimizer=auto and the micro-batch split (same rows per step): from here on
+    # cfg holds what this run does, and config.json records it (a resume continues with the same choices)
+    asked = {"optimizer": cfg.optimizer, "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum}
+    plan = _plan(model, cfg, info, device)
+    cfg = dataclasses.replace(
+        cfg, optimizer=plan.optimizer, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum
+    )
     pad_to = cfg.max_len if (compiled and not cfg.packing) else None  # one shape for the compiled blocks
     stream = MicroBatches(train_rows, cfg, pad_token_id(tokenizer), pad_to)
     W = info.world
     # one optimizer step = A micro-batches on each of the W ranks: micro-batches s*A*W .. s*A*W + A*W - 1
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (cfg.grad_accum * W)))
-    plan, setup, before = _prepare_model(model, tokenizer, prepared, cfg, info, device, resume_from)
+    setup, before = _prepare_model(model, tokenizer, prepared, cfg, info, device, resume_from, plan)
     n_params = sum(p.numel() for p in model.parameters())
-    L, d = layers_and_width(model)
-    cfg_dict = {**cfg.to_dict(), "resolved": {**setup, "optimizer_in_backward": plan.in_backward}}
+    L, d = shape(model).layers, shape(model).width
+    resolved = {**setup, "optimizer_in_backward": plan.in_backward, "plan_why": plan.why, "asked": asked}
+    cfg_dict = {**cfg.to_dict(), "resolved": resolved}
     root = model
     if info.enabled:  # the FSDP root: a LossModule over the sharded model (sft/training/distributed.py)
         root = distributed.LossModule(model, cfg.loss_chunk)
@@ -633,7 +367,7 @@ def _refuse_early(cfg: TrainConfig, info: DistInfo, resume_from, run_dir) -> Non
     if resume_from is not None:
         log.info("resuming %s from %s", run_dir, resume_from.name)
         _check_resume_world(resume_from, info)
-    if cfg.optimizer != "adamw" and cfg.precision != "bf16":
+    if cfg.optimizer not in ("adamw", "auto") and cfg.precision != "bf16":
         raise ConfigError(f"--optimizer={cfg.optimizer} works on bf16 weights: add --precision=bf16")
     check_config(cfg)
     for flag, on in (("--keep_best", cfg.keep_best), ("--lora", cfg.lora)):
@@ -664,16 +398,22 @@ def _load_inputs(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir)
     if info.is_main:
         distributed.barrier(info)
     if resume_from is not None:  # the rows of a resumed run are found by position: they must be the same
-        runs.check_resume_inputs(run_dir, prepared.fingerprint, prepared.inputs, cfg.resume_changed_data)
+        checkpoints.check_resume_inputs(
+            run_dir, prepared.fingerprint, prepared.inputs, cfg.resume_changed_data
+        )
     return model, tokenizer, prepared, train_rows, eval_batches, compiled
 
 
-def _prepare_model(model, tokenizer, prepared, cfg: TrainConfig, info: DistInfo, device, resume_from):
-    """The memory plan (ConfigError now if nothing fits), the model on its device (LoRA applied), the samples
-    answered before training (whole model, before compile and sharding), then the engine's set-up.
-    Returns ``(plan, setup, before)``."""
+def _plan(model, cfg: TrainConfig, info: DistInfo, device):
+    """The memory plan (sft/training/memory.py): optimizer, micro-batch split, checkpointed blocks, step in
+    backward; ConfigError now if nothing fits (before the run folder exists)."""
     backend = resolve_attention(model, cfg, device)  # checked already in _load_inputs: no error here
-    plan = plan_memory(model, cfg, device, uses_autocast(cfg, device), info.world, attention=backend)
+    return plan_memory(model, cfg, device, uses_autocast(cfg, device), info.world, attention=backend)
+
+
+def _prepare_model(model, tokenizer, prepared, cfg: TrainConfig, info: DistInfo, device, resume_from, plan):
+    """The model on its device (LoRA applied), the samples answered before training (whole model, before
+    compile and sharding), then the engine's set-up for ``plan``. Returns ``(setup, before)``."""
     model.to(device)
     if cfg.lora:
         _apply_lora(model, cfg)
@@ -689,7 +429,7 @@ def _prepare_model(model, tokenizer, prepared, cfg: TrainConfig, info: DistInfo,
         plan.checkpoint_blocks,
         ", optimizer step in backward" if plan.in_backward else "",
     )
-    return plan, setup, before
+    return setup, before
 
 
 def _open_run_folder(cfg, info: DistInfo, device, resume_from, run_dir, open_run, cfg_dict, prepared, model):
@@ -719,7 +459,7 @@ def _open_run_folder(cfg, info: DistInfo, device, resume_from, run_dir, open_run
             data = {"fingerprint": prepared.fingerprint, "inputs": prepared.inputs, "stats": prepared.stats}
             device_name = f"{dev_name} x {info.world} (FSDP2)" if info.enabled else dev_name
             runs.write_config(run_dir, cfg_dict, data=data, model=model_info, device=device_name)
-        writer = runs.MetricsWriter(run_dir) if info.is_main else _NoWriter()
+        writer = runs.MetricsWriter(run_dir) if info.is_main else NoWriter()
     except BaseException:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -734,7 +474,7 @@ def _restore(run: _Run, resume_from: Path) -> None:
             resume_from, model=run.root, optimizer=run.optimizer, info=run.info
         )
     else:
-        run.state = runs.load_checkpoint(resume_from, model=run.model, optimizer=run.optimizer)
+        run.state = checkpoints.load_checkpoint(resume_from, model=run.model, optimizer=run.optimizer)
     if run.info.is_main:
         runs.truncate_metrics(run.run_dir, run.state["step"])
     run.eval_before = run.state.get("eval_before")
@@ -758,7 +498,7 @@ def _start(run: _Run, before: list[dict] | None) -> None:
     run.eval_before = run.state["eval_before"] = run.evaluate_and_log(0)["eval_loss"]
     if before is not None:
         runs.write_samples(run.run_dir, [{"stage": "before", "step": 0, **s} for s in before])
-        _print_samples("before", before)
+        print_samples("before", before)
 
 
 def _loop(run: _Run) -> str | None:
@@ -894,7 +634,7 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
             export, run.tokenizer, run.prepared.eval_conversations, cfg, run.device, run.autocast
         )
         runs.write_samples(run_dir, [{"stage": "after", "step": state["step"], **s} for s in after])
-        _print_samples("after", after)
+        print_samples("after", after)
     if cfg.lora:
         from sft.model import lora
 
@@ -913,7 +653,7 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
                 run_dir / "final" / "keep_best.json", {**state["best"], "last_step": state["step"]}
             )
     runs.plot_loss(run_dir)
-    runs.mark_finished(run_dir, state["step"])  # --resume=latest passes this run by now
+    checkpoints.mark_finished(run_dir, state["step"])  # --resume=latest passes this run by now
     if cfg.export_gguf != "none":  # check_config: save_final is on
         _export_gguf(run_dir, cfg.export_gguf)
     log.info(
@@ -931,7 +671,7 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
 
 def _export_gguf(run_dir: Path, qtype: str) -> None:
     """``--export_gguf``: final/ as one GGUF file; a failure is one RunError line (the run stays finished)."""
-    from sft.export import ExportError, export_gguf
+    from sft.model.gguf import ExportError, export_gguf
 
     try:
         gguf = export_gguf(run_dir / "final", qtype, force=True)
@@ -954,84 +694,7 @@ def _log_run_size(run_dir: Path) -> None:
     log.info("run folder size: %s%s", total, f" ({', '.join(parts)})" if parts else "")
 
 
-def _track_best(state: dict, ev: dict, cfg: TrainConfig, run_dir: Path, model, info: DistInfo) -> None:
-    """``state["best"]``: the step with the lowest held-out loss so far; with ``--keep_best`` its weights are
-    kept in ``<run>/best/`` (sft/training/evaluation.py's rule)."""
-    from sft.training.evaluation import update_best
-
-    state["best"], improved = update_best(state.get("best"), state["step"], ev["eval_loss"])
-    if improved and cfg.keep_best and info.is_main:
-        save_best(run_dir, model, state["best"])
-
-
-class _NoWriter:
-    """Stands in for :class:`sft.training.runs.MetricsWriter` on ranks other than 0 (they write nothing)."""
-
-    def train(self, row) -> None:
-        pass
-
-    def eval(self, row) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def step_line(step, total, loss, lr, dt, tok_s, mfu, mem) -> str:
-    """The fixed-format console line: ``step | loss | lr | dt | tok/s | MFU | mem``."""
-    mfu_s = f"{100 * mfu:5.1f}%" if mfu is not None else "    -"
-    mem_s = f"{mem:6.2f} GiB" if mem is not None else "     - GiB"
-    return (
-        f"step {step:>6}/{total} | loss {loss:8.4f} | lr {lr:.3e} | dt {dt * 1000:8.1f} ms | "
-        f"tok/s {tok_s:9.0f} | MFU {mfu_s} | mem {mem_s}"
-    )
-
-
-def _print_samples(stage: str, samples: list[dict]) -> None:
-    for i, s in enumerate(samples):
-        log.info(
-            "[%s] sample %d\n  prompt: %s\n  answer: %s",
-            stage,
-            i + 1,
-            _short(s["prompt"]),
-            _short(s["answer"]),
-        )
-
-
-def _short(text: str, n: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
 # ----------------------------------------------------------------------------- command line
-
-
-def setup_logging() -> None:
-    """Console logging for scripts: the run's own lines (INFO) on stderr, one stream, so ``> log 2>&1``
-    (or ``2> log``) captures them all; other packages' warnings off the console.
-
-    Python warnings are routed into logging (``logging.captureWarnings``) and, like other packages'
-    log records below ERROR, kept off the console: they reach the run's ``train.log`` (:class:`sft.training.runs.RunLog`,
-    attached by :func:`train`). transformers' progress bars (loading and writing weights) are off."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_own_records)
-    logging.captureWarnings(True)
-    for noisy in ("httpx", "huggingface_hub", "transformers", "datasets", "matplotlib", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    with contextlib.suppress(ImportError):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-
-
-OWN_LOGGERS = ("sft", "inf_tests", "__main__", "root")
-
-
-def _own_records(record: logging.LogRecord) -> bool:
-    """Console filter: this project's records, and errors of anyone; the rest goes to the run's log only."""
-    return record.name.split(".")[0] in OWN_LOGGERS or record.levelno >= logging.ERROR
 
 
 def main(defaults: TrainConfig, argv: list[str] | None = None, smoke: dict | None = None) -> int:

@@ -1,0 +1,62 @@
+"""The console: logging set-up for scripts, the fixed step line, and the metrics writer of ranks other than 0.
+
+Contract: the run's own records (loggers ``sft.*``, ``inf_tests.*``, ``__main__``) at INFO and above go to
+stderr, one stream; other packages' records below ERROR go only to the run's ``train.log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+
+
+def setup_logging() -> None:
+    """Console logging for scripts: the run's own lines (INFO) on stderr, one stream, so ``> log 2>&1``
+    (or ``2> log``) captures them all; other packages' warnings off the console.
+
+    Python warnings are routed into logging (``logging.captureWarnings``) and, like other packages'
+    log records below ERROR, kept off the console: they reach the run's ``train.log`` (:class:`sft.training.runs.RunLog`,
+    attached by :func:`train`). transformers' progress bars (loading and writing weights) are off."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_own_records)
+    logging.captureWarnings(True)
+    for noisy in ("httpx", "huggingface_hub", "transformers", "datasets", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+OWN_LOGGERS = ("sft", "inf_tests", "__main__", "root")
+
+
+def _own_records(record: logging.LogRecord) -> bool:
+    """Console filter: this project's records, and errors of anyone; the rest goes to the run's log only."""
+    return record.name.split(".")[0] in OWN_LOGGERS or record.levelno >= logging.ERROR
+
+
+def step_line(step, total, loss, lr, dt, tok_s, mfu, mem) -> str:
+    """The fixed-format console line: ``step | loss | lr | dt | tok/s | MFU | mem``."""
+    mfu_s = f"{100 * mfu:5.1f}%" if mfu is not None else "    -"
+    mem_s = f"{mem:6.2f} GiB" if mem is not None else "     - GiB"
+    return (
+        f"step {step:>6}/{total} | loss {loss:8.4f} | lr {lr:.3e} | dt {dt * 1000:8.1f} ms | "
+        f"tok/s {tok_s:9.0f} | MFU {mfu_s} | mem {mem_s}"
+    )
+
+
+class NoWriter:
+    """Stands in for :class:`sft.training.runs.MetricsWriter` on ranks other than 0 (they write nothing)."""
+
+    def train(self, row) -> None:
+        pass
+
+    def eval(self, row) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
