@@ -160,6 +160,7 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
         step = int(runs._read_json(resume_from / "state.json").get("step", 0))
         # the run continues with its own config; only some knobs may change on resume (the rest: refused)
         cfg = resume_config(saved, cfg, given, step=step)
+        _refuse_finished(run_dir, resume_from, saved, cfg, step)
     device = resolve_device(cfg)
     info = DistInfo()
     if distributed.wanted(cfg):
@@ -191,6 +192,21 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
         sft_log.setLevel(level)
         if info.enabled:
             distributed.destroy()
+
+
+def _refuse_finished(run_dir: Path, resume_from: Path, saved: TrainConfig, cfg: TrainConfig, step: int) -> None:
+    """RunError (before the run folder is touched: no lock, no train.log line, final/ and metrics.jsonl as
+    they are) when ``--resume`` names a run that reached its end and the command does not lengthen it."""
+    if not checkpoints.is_finished(run_dir):
+        return
+    done = checkpoints.finished_step(run_dir)
+    done = step if done is None else done
+    longer = (cfg.max_steps or 0) > done or (not cfg.max_steps and cfg.epochs > saved.epochs)
+    if not longer:
+        raise RunError(
+            f"--resume: {run_dir} finished at step {done} (final/ written): nothing to resume, nothing "
+            f"changed; to train it further give --max_steps above {done} (or a larger --epochs)"
+        )
 
 
 def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_start, open_run) -> Path:
@@ -476,7 +492,7 @@ def _restore(run: _Run, resume_from: Path) -> None:
     else:
         run.state = checkpoints.load_checkpoint(resume_from, model=run.model, optimizer=run.optimizer)
     if run.info.is_main:
-        runs.truncate_metrics(run.run_dir, run.state["step"])
+        runs.truncate_metrics(run.run_dir, run.state["step"], at_end=run.state["step"] >= run.total_steps)
     run.eval_before = run.state.get("eval_before")
 
 
@@ -603,9 +619,18 @@ def _after_step(run: _Run, step: int, lr: float, res, bar) -> str | None:
 def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
     """Checkpoint; then, unless stopped early: evaluate, answer the prompts again, write final/ and the plot."""
     cfg, info, state, run_dir = run.cfg, run.info, run.state, run.run_dir
-    # a run that finished needs a checkpoint only if checkpoints were asked for (--save_every): final/ holds
-    # its weights; one stopped early always gets one, to resume from
-    ckpt = run.save_checkpoint() if (stopped_reason is not None or cfg.save_every) else None
+    # a run that finished keeps a checkpoint only if checkpoints were asked for (--save_every): final/ holds
+    # its weights; one stopped early always gets one, to resume from. Before final/ is written there is
+    # always one (removed again once final/ is in place if none was asked for): a failure while writing
+    # final/ (full disk, a second Ctrl-C) then leaves a run that --resume finishes
+    safety_only = stopped_reason is None and not cfg.save_every and cfg.save_final
+    try:
+        ckpt = run.save_checkpoint() if (stopped_reason is not None or cfg.save_every or safety_only) else None
+    except KeyboardInterrupt:
+        raise TrainingStopped(
+            f"interrupted while writing the last checkpoint (step {state['step']}); the checkpoints already "
+            f"there are intact: continue with --resume={run_dir}"
+        ) from None
     if stopped_reason is not None:
         run.writer.close()
         if info.is_main:
@@ -647,13 +672,23 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
             from sft.model import lora
 
             lora.merge_lora(export)  # in place: the plain architecture again, adapters folded in
-        runs.save_final(run_dir, export, run.tokenizer)
+        resume_hint = f"checkpoint {ckpt.name} is complete: --resume={run_dir} writes final/"
+        try:
+            runs.save_final(run_dir, export, run.tokenizer)
+        except RunError as e:  # "could not write .../final (no space left on <run folder>); ..."
+            raise RunError(f"{e}; {resume_hint}") from None
+        except KeyboardInterrupt:
+            raise TrainingStopped(f"interrupted while writing final/ (nothing half-written left); {resume_hint}") from None
         if cfg.keep_best and state.get("best"):  # which step final/ holds
             runs._write_json(
                 run_dir / "final" / "keep_best.json", {**state["best"], "last_step": state["step"]}
             )
     runs.plot_loss(run_dir)
     checkpoints.mark_finished(run_dir, state["step"])  # --resume=latest passes this run by now
+    if safety_only and ckpt is not None:  # final/ is in place: the checkpoint nobody asked for goes
+        shutil.rmtree(ckpt, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (run_dir / "checkpoints").rmdir()  # only when empty
     if cfg.export_gguf != "none":  # check_config: save_final is on
         _export_gguf(run_dir, cfg.export_gguf)
     log.info(
