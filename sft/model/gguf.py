@@ -353,20 +353,12 @@ class _TokenizerMeta:
     chat_template: str | list | None = None
 
 
-def _tokenizer_meta(final: Path, n_vocab: int, arch: str) -> _TokenizerMeta:
-    from gguf import TokenType
-    from transformers import AutoTokenizer
-
-    from sft.data.render import TemplateError, bos_to_add, end_of_turn_text
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(final))
-    except Exception as e:  # missing/corrupt tokenizer files raise many types
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise ExportError(f"cannot load the tokenizer in {final} ({type(e).__name__}: {first})") from None
+def _exportable_tokenizer(tok, where) -> tuple[dict, list[str]]:
+    """``(tokenizer.json as a dict, merges)`` of a tokenizer GGUF runtimes can use (byte-level BPE with
+    merges), else ExportError naming why not."""
     backend_tok = getattr(tok, "backend_tokenizer", None)
     if backend_tok is None:
-        raise ExportError(f"the tokenizer in {final} is not a fast (tokenizer.json) tokenizer")
+        raise ExportError(f"the tokenizer in {where} is not a fast (tokenizer.json) tokenizer")
     backend = json.loads(backend_tok.to_str())
     model = backend.get("model") or {}
     byte_level = any("ByteLevel" in json.dumps(backend.get(k) or {}) for k in ("pre_tokenizer", "decoder"))
@@ -381,6 +373,31 @@ def _tokenizer_meta(final: Path, n_vocab: int, arch: str) -> _TokenizerMeta:
             "the tokenizer has no BPE merges (a bare byte tokenizer); "
             "GGUF runtimes need a merges list"
         )
+    return backend, merges
+
+
+def check_exportable(model, tokenizer) -> None:
+    """ExportError (one line) when ``model`` (its ``config.model_type``) or ``tokenizer`` could not be
+    written as GGUF: what the trainer checks for ``--export_gguf`` before training, not after."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHS:
+        raise ExportError(f"architecture '{model_type}' does not export to GGUF; exportable: {EXPORTABLE}")
+    _exportable_tokenizer(tokenizer, "this run")
+
+
+def _tokenizer_meta(final: Path, n_vocab: int, arch: str) -> _TokenizerMeta:
+    from gguf import TokenType
+    from transformers import AutoTokenizer
+
+    from sft.data.render import TemplateError, bos_to_add, end_of_turn_text
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(final))
+    except Exception as e:  # missing/corrupt tokenizer files raise many types
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ExportError(f"cannot load the tokenizer in {final} ({type(e).__name__}: {first})") from None
+    backend, merges = _exportable_tokenizer(tok, final)
+    model = backend.get("model") or {}
     vocab = tok.get_vocab()
     if max(vocab.values()) >= n_vocab:
         raise ExportError(

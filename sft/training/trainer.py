@@ -348,6 +348,11 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_
     W = info.world
     # one optimizer step = A micro-batches on each of the W ranks: micro-batches s*A*W .. s*A*W + A*W - 1
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (cfg.grad_accum * W)))
+    if resume_from is None and cfg.warmup_steps > total_steps:  # check_config caught it when --max_steps is set
+        raise ConfigError(
+            f"--warmup_steps={cfg.warmup_steps} is longer than the run ({total_steps} steps from "
+            f"--epochs={cfg.epochs:g}): the learning rate would never reach --lr"
+        )
     setup, before = _prepare_model(model, tokenizer, prepared, cfg, info, device, resume_from, plan)
     n_params = sum(p.numel() for p in model.parameters())
     L, d = shape(model).layers, shape(model).width
@@ -407,6 +412,13 @@ def _load_inputs(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir)
     resolve_attention(model, cfg, device)  # a backend the model cannot use fails before data preparation
     check_fp8(model, cfg, device)  # so does --fp8 where it cannot run
     compiled = resolve_compile(model, cfg, device)
+    if cfg.export_gguf != "none":  # refused now, not after the whole run
+        from sft.model.gguf import ExportError, check_exportable
+
+        try:
+            check_exportable(model, tokenizer)
+        except ExportError as e:
+            raise ConfigError(f"--export_gguf={cfg.export_gguf}: {e}") from None
     # distributed: rank 0 prepares (and caches) the data first, the other ranks then read its cache
     if not info.is_main:
         distributed.barrier(info)
