@@ -31,8 +31,9 @@ TINY = [
     "--progress=false",
     "--seed=0",
 ]
-# First losses of the seeded run above (torch 2.13 CPU, fp32); a change here means the math changed.
-PINNED_LOSSES = [5.557226, 5.377757, 5.225455, 5.185571]
+# First losses of the seeded run above (torch 2.13 CPU, fp32; the tiny preset's 1,024-token BPE since issue 26:
+# about ln 1024 = 6.93 at the start); a change here means the math changed.
+PINNED_LOSSES = [6.942524, 6.778241, 6.651005, 6.584251]
 
 
 def _run(tmp_path, *extra, name="run"):

@@ -73,7 +73,7 @@ from sft.model.family import shape
 from sft.model.fp8 import check_fp8
 from sft.model.models import ModelError, forward_hidden, lm_head, load_model_and_tokenizer, without_torchao
 from sft.training import checkpoints, distributed, runs
-from sft.training.console import NoWriter, setup_logging, step_line
+from sft.training.console import NoWriter, console_beside_bar, setup_logging, step_line
 from sft.training.distributed import DistInfo
 from sft.training.engine import (
     Engine,
@@ -543,6 +543,9 @@ def _loop(run: _Run) -> str | None:
             total=run.total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True
         )
     run.root.train()
+    beside_bar = contextlib.ExitStack()
+    if bar is not None:
+        beside_bar.enter_context(console_beside_bar(tqdm))
     try:
         while state["step"] < run.total_steps:
             step = state["step"]
@@ -559,6 +562,7 @@ def _loop(run: _Run) -> str | None:
             if reason:
                 return reason
     finally:
+        beside_bar.close()
         if bar is not None:
             bar.close()
         for s, h in previous_handlers.items():
@@ -613,7 +617,7 @@ def _after_step(run: _Run, step: int, lr: float, res, bar) -> str | None:
         line = step_line(
             state["step"], run.total_steps, res.loss, lr, res.dt, res.processed / res.dt, step_mfu, peak_mem
         )
-        (bar.write(line) if bar is not None else log.info(line))
+        log.info(line)  # console (stderr, beside the bar: console_beside_bar) and train.log
     if bar is not None:
         bar.update(1)
     last = state["step"] >= run.total_steps
