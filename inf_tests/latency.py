@@ -54,6 +54,7 @@ if __package__ in (None, ""):  # run as a file: make `sft` importable
 
 import torch
 
+from sft.argcheck import OneLineParser, float_in, int_in, int_list
 from sft.model.generate import Generator, cached_decoder, hf_generate_baseline
 
 log = logging.getLogger("latency")
@@ -297,6 +298,20 @@ def run_suite(args) -> dict:
     hf, _tok = load(args.model, dtype, device)
     load_s = time.perf_counter() - t
     facts = shape_facts(hf)
+    limit = next(
+        (
+            v
+            for k in ("max_position_embeddings", "max_seq_len")
+            if isinstance(v := getattr(hf.config, k, None), int)
+        ),
+        None,
+    )
+    longest = max(max(args.prompt_lens) + 1, args.decode_prompt_len + args.new_tokens + args.warmup + 1)
+    if limit and longest > limit:
+        raise LatencyError(
+            f"{args.model} has {limit} positions; these options need {longest} (the longest --prompt_lens "
+            "+ 1, or --decode_prompt_len + --new_tokens + --warmup + 1)"
+        )
     log.info(
         "loaded %s in %.1fs: %.1f M params, %.2f GB",
         args.model,
@@ -502,25 +517,42 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
+class LatencyError(ValueError):
+    """Options this model or folder cannot be measured with; the message is one line."""
+
+
+def _auto_bool(text: str) -> bool | None:
+    if text in ("auto", "1", "0"):
+        return None if text == "auto" else text == "1"
+    raise argparse.ArgumentTypeError(f"expected auto, 1 or 0, got {text!r}")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """The options, each range checked while parsing: a bad value is one ``error:`` line and exit 2, before
+    any model loads (``sft.argcheck``)."""
+    p = OneLineParser(prog="python -m inf_tests.latency", description=__doc__.split("\n")[0])
     p.add_argument(
         "--model",
-        required=True,
+        default=None,
         help="run final/, folder, hub id, .gguf, smollm2-135m-instruct, or a named shape",
     )
-    p.add_argument("--prompt_lens", type=_ints, default=[128, 512, 2048], help="TTFT prompt lengths")
-    p.add_argument("--batches", type=_ints, default=[1, 4, 16], help="decode batch sizes")
-    p.add_argument("--new_tokens", type=int, default=64, help="timed decode steps (and HF generate length)")
-    p.add_argument("--decode_prompt_len", type=int, default=128, help="prompt length before decode timing")
     p.add_argument(
-        "--warmup", type=int, default=5, help="untimed decode steps (compile, CUDA-graph recording)"
+        "--prompt_lens", type=int_list(1), default=[128, 512, 2048], help="TTFT prompt lengths (each >= 1)"
     )
-    p.add_argument("--repeats", type=int, default=3, help="repeats for medians (TTFT, HF generate)")
+    p.add_argument("--batches", type=int_list(1), default=[1, 4, 16], help="decode batch sizes (each >= 1)")
+    p.add_argument(
+        "--new_tokens",
+        type=int_in(2),
+        default=64,
+        help="timed decode steps (and HF generate length); >= 2: the HF figure is (t(N) - t(1)) / (N - 1)",
+    )
+    p.add_argument(
+        "--decode_prompt_len", type=int_in(1), default=128, help="prompt length before decode timing"
+    )
+    p.add_argument(
+        "--warmup", type=int_in(0), default=5, help="untimed decode steps (compile, CUDA-graph recording)"
+    )
+    p.add_argument("--repeats", type=int_in(1), default=3, help="repeats for medians (TTFT, HF generate)")
     p.add_argument("--paths", type=lambda s: s.split(","), default=["hf", "fast"], help="hf,fast")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument(
@@ -528,7 +560,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--compile",
-        type=lambda s: None if s == "auto" else s == "1",
+        type=_auto_bool,
         default=None,
         help="auto|1|0: compile the decode step (auto: CUDA only)",
     )
@@ -543,23 +575,28 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--copy_mib",
-        type=int,
+        type=int_in(1),
         default=None,
         help="buffer size for the copy-bandwidth probe (default 1024 CUDA, 256 CPU)",
     )
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int_in(0), default=0, help="CPU threads (0: torch's default)")
     p.add_argument(
         "--time_budget_s",
-        type=float,
+        type=float_in(0),
         default=0,
         help="skip (and record as skipped) measurements that would start after this many seconds; 0 = none",
     )
     p.add_argument("--plot_from", default=None, help="only re-render table + PNG from FOLDER/results.json")
     p.add_argument("--out", default=None, help="results folder (default inf_tests/results/<model>_<device>)")
+    p.add_argument(
+        "--force", action="store_true", help="replace the results already in --out (committed ones included)"
+    )
     args = p.parse_args(argv)
     bad = [x for x in args.paths if x not in ("hf", "fast")]
-    if bad:
-        p.error(f"unknown paths {bad}")
+    if bad or not args.paths:
+        p.error(f"argument --paths: expected hf, fast or hf,fast, got {','.join(args.paths) or 'nothing'}")
+    if not args.model and not args.plot_from:
+        p.error("the following arguments are required: --model")
     if args.copy_mib is None:
         args.copy_mib = 1024 if (args.device != "cpu" and torch.cuda.is_available()) else 256
     return args
@@ -585,11 +622,17 @@ def main(argv=None) -> dict:
         write_outputs(res, folder)
         sys.stdout.write(table(res) + "\n")
         return res
-    if not args.model:
-        raise SystemExit("--model is required")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise LatencyError("--device=cuda: no CUDA device is visible here (use --device=cpu or auto)")
     dev = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     name = Path(args.model.rstrip("/")).name.removesuffix(".gguf")
     out = Path(args.out or Path(__file__).parent / "results" / f"{name}_{dev}")
+    if out.exists() and not out.is_dir():
+        raise LatencyError(f"--out={out} is a file; give a folder")
+    if (out / "results.json").exists() and not args.force:  # committed results are not rewritten by accident
+        raise LatencyError(
+            f"{out} already holds results (results.json); give a new --out, or --force to replace them"
+        )
     _CHECKPOINT[:] = [out]  # created when the first results are written, not before the model loads
     res = run_suite(args)
     write_outputs(res, out)
@@ -608,7 +651,9 @@ def cli(argv=None) -> int:
 
     try:
         main(argv)
-    except (ModelError, RunError, TemplateError) as e:
+    except SystemExit as e:  # a usage error (its one line already printed) or --help
+        return int(e.code or 0) if isinstance(e.code, int | None) else 2
+    except (ModelError, RunError, TemplateError, LatencyError) as e:
         sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
         return 2
     except KeyboardInterrupt:

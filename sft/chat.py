@@ -18,24 +18,30 @@ REPL: one line per user turn; ``/reset`` starts a new conversation, ``/quit`` (o
 ``--once "prompt"`` answers one prompt and exits (scripting, tests).
 
 Bad input (a model that does not exist, a pickle-only folder without ``--allow_pickle``, a template that
-cannot be rendered, a run folder given instead of its ``final/``) is one ``error:`` line on stderr and
-exit status 2; Ctrl-C ends with exit status 130.
+cannot be rendered, a run folder given instead of its ``final/``, an option out of range: ``--max_new_tokens``
+>= 1, ``--temperature`` >= 0, ``--top_k`` >= 0, ``--top_p`` in (0, 1], ``--max_seq_len`` from 2 to the model's
+positions, ``--device=cuda`` without a GPU, a ``--once`` prompt longer than the cache) is one ``error:``
+line on stderr and exit status 2; Ctrl-C ends with exit status 130.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from dataclasses import replace
 
 import torch
 
+from sft.argcheck import OneLineParser, float_in, int_in
 from sft.data.render import end_of_turn_text, render_prompt, stop_token_ids
 from sft.data.schema import Conversation
 from sft.model.generate import Generator, SamplingConfig, cached_decoder
 
 log = logging.getLogger(__name__)
+
+
+class ChatError(ValueError):
+    """A turn that cannot be answered (the conversation does not fit the cache); the message is one line."""
 
 
 def _max_positions(config, default: int = 2048) -> int:
@@ -90,8 +96,9 @@ class ChatSession:
         ids = render_prompt(conv, self.tokenizer, self.template)
         room = self.max_seq_len - len(ids)
         if room <= 0:
-            raise ValueError(
-                f"the conversation is {len(ids)} tokens, the cache holds {self.max_seq_len}: /reset to start over"
+            raise ChatError(
+                f"the conversation is {len(ids)} tokens, the cache holds {self.max_seq_len} "
+                "(--max_seq_len): /reset to start over"
             )
         self.last_prompt_ids = ids
         out = self.generator.generate([ids], min(self.max_new_tokens, room), self.sampling, self.stop_ids)
@@ -130,23 +137,25 @@ def load(model: str, device: str = "auto", dtype: str = "auto", allow_pickle: bo
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m sft.chat", description="Chat with a model (e.g. runs/<run>/final)."
-    )
+    """The options, each range checked while parsing (a bad value: one ``error:`` line, exit 2)."""
+    p = OneLineParser(prog="python -m sft.chat", description="Chat with a model (e.g. runs/<run>/final).")
     p.add_argument(
         "model", help="run final/ folder, HF folder, .gguf, smollm2-135m-instruct, hub id, tiny preset"
     )
     p.add_argument(
         "--template", default=None, help="chat template name or jinja (default: the tokenizer's own)"
     )
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_new_tokens", type=int_in(1), default=256)
+    p.add_argument("--temperature", type=float_in(0), default=0.0, help=">= 0; 0 = greedy")
+    p.add_argument("--top_k", type=int_in(0), default=None, help=">= 1 (0: no limit)")
+    p.add_argument("--top_p", type=float_in(0, 1, low_open=True), default=None, help="in (0, 1]")
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument(
-        "--max_seq_len", type=int, default=None, help="KV cache positions (default: model max, <= 4096)"
+        "--max_seq_len",
+        type=int_in(2),
+        default=None,
+        help="KV cache positions (default: model max, <= 4096; at most the model's positions)",
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
@@ -161,9 +170,16 @@ def parse_args(argv=None):
 
 def main(argv=None, stdin=None, stdout=None) -> ChatSession:
     """Run the chat; returns the session (its ``messages`` and ``last_prompt_ids``) for scripting."""
+    from sft.config import ConfigError
+
     args = parse_args(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda: no CUDA device is visible here (use --device=cpu or auto)")
     model, tok = load(args.model, args.device, args.dtype, args.allow_pickle)
+    limit = _max_positions(getattr(model, "config", None), default=0)
+    if args.max_seq_len is not None and limit and args.max_seq_len > limit:
+        raise ConfigError(f"--max_seq_len={args.max_seq_len} exceeds the model's {limit} positions")
     session = ChatSession(
         model,
         tok,
@@ -194,7 +210,7 @@ def main(argv=None, stdin=None, stdout=None) -> ChatSession:
             continue
         try:
             stdout.write(session.reply(line) + "\n")
-        except ValueError as e:
+        except ChatError as e:
             stdout.write(f"[{e}]\n")
         stdout.flush()
     return session
@@ -211,7 +227,9 @@ def cli(argv=None, stdin=None, stdout=None) -> int:
 
     try:
         main(argv, stdin, stdout)
-    except (ModelError, TemplateError, RunError, DataError, ConfigError) as e:
+    except SystemExit as e:  # a usage error (its line already printed) or --help
+        return int(e.code or 0)
+    except (ModelError, TemplateError, RunError, DataError, ConfigError, ChatError) as e:
         sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
         return 2
     except KeyboardInterrupt:

@@ -31,12 +31,23 @@ class ConfigError(ValueError):
     """A bad command-line key or value; the message is one line."""
 
 
-def _f(default, help: str, choices: tuple | None = None, minimum: float | None = None):
+def _f(
+    default,
+    help: str,
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    why: str | None = None,
+):
+    """A field with its help and its rule: ``choices``, ``minimum`` / ``maximum`` (inclusive), ``above`` /
+    ``below`` (exclusive; for a tuple field, each element), ``why`` (said when the range is broken)."""
     meta = {"help": help}
-    if choices is not None:
-        meta["choices"] = choices
-    if minimum is not None:
-        meta["min"] = minimum
+    for key, value in (("choices", choices), ("min", minimum), ("max", maximum), ("above", above),
+                       ("below", below), ("why", why)):  # fmt: skip
+        if value is not None:
+            meta[key] = value
     return field(default=default, metadata=meta)
 
 
@@ -96,12 +107,23 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step", minimum=1)
     epochs: float = _f(1.0, "passes over the training rows (ignored when max_steps > 0)", minimum=0)
     max_steps: int = _f(0, "optimizer steps to run; 0 = derive from epochs", minimum=0)
-    lr: float = _f(2e-5, "peak learning rate", minimum=0)
-    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr", minimum=0)
+    lr: float = _f(
+        2e-5,
+        "peak learning rate",
+        above=0,
+        maximum=0.1,
+        why="a fine-tuning learning rate is ~1e-6 to 1e-3 (LoRA the higher end): 0 trains nothing, above 0.1 "
+        "AdamW wrecks the weights at the first step",
+    )
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr", minimum=0, maximum=1)
     warmup_steps: int = _f(0, "linear warm-up steps from 0 to lr", minimum=0)
     decay: str = _f("cosine", "decay after warm-up", choices=("cosine", "linear", "constant"))
-    weight_decay: float = _f(0.0, "AdamW decoupled weight decay (not applied to biases and norms)", minimum=0)
-    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas, as 'b1,b2'")
+    weight_decay: float = _f(
+        0.0, "AdamW decoupled weight decay (not applied to biases and norms)", minimum=0, maximum=1
+    )
+    betas: tuple[float, float] = _f(
+        (0.9, 0.95), "AdamW betas, as 'b1,b2'", minimum=0, below=1, why="each beta is a decay rate in [0, 1)"
+    )
     eps: float = _f(1e-8, "AdamW epsilon", minimum=0)
     grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping", minimum=0)
     optimizer: str = _f(
@@ -131,7 +153,7 @@ class TrainConfig:
     )
     qlora: bool = _f(False, "QLoRA: NF4-quantize the targeted base weights (needs --lora and torchao)")
     loss_chunk: int = _f(1024, "tokens per chunk of the chunked cross-entropy", minimum=1)
-    seed: int = _f(0, "seed for model init, data order and dropout")
+    seed: int = _f(0, "seed for model init, data order and dropout", minimum=0, maximum=2**32 - 1)
     # precision and speed
     precision: str = _f(
         "auto",
@@ -184,7 +206,7 @@ class TrainConfig:
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'", choices=("auto", "cpu", "cuda"))
     # evaluation, logging, checkpoints
     eval_every: int = _f(
-        0, "evaluate held-out loss every N steps (and always at start and end); 0 = only those"
+        0, "evaluate held-out loss every N steps (and always at start and end); 0 = only those", minimum=0
     )
     eval_batches: int = _f(0, "cap on held-out batches per evaluation; 0 = all", minimum=0)
     eval_prompts: int = _f(
@@ -299,6 +321,18 @@ def check_config(cfg: TrainConfig) -> None:
         check_value(f.name, getattr(cfg, f.name))
     if cfg.max_steps == 0 and cfg.epochs <= 0:
         raise ConfigError(f"--epochs={cfg.epochs}: must be > 0 (or give --max_steps)")
+    if cfg.max_steps and cfg.warmup_steps > cfg.max_steps:
+        raise ConfigError(
+            f"--warmup_steps={cfg.warmup_steps} is longer than the run (--max_steps={cfg.max_steps}): "
+            "the learning rate would never reach --lr"
+        )
+    if cfg.keep_best and cfg.eval_every == 0:
+        raise ConfigError(
+            "--keep_best picks the step with the lowest held-out loss among the evaluations: give "
+            "--eval_every=N (without it only the last step is evaluated)"
+        )
+    if cfg.keep_best and not cfg.eval_data and cfg.eval_size == 0:
+        raise ConfigError("--keep_best needs a held-out set: --eval_size above 0 or --eval_data")
     if cfg.export_gguf != "none" and not cfg.save_final:
         raise ConfigError(f"--export_gguf={cfg.export_gguf} exports final/: it needs --save_final")
     if cfg.qlora and not cfg.lora:
@@ -402,8 +436,17 @@ def check_value(name: str, value: Any, raw: str | None = None) -> None:
     meta = _FIELDS[name].metadata
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"--{name}={shown}: expected one of {', '.join(meta['choices'])}")
-    if "min" in meta and isinstance(value, int | float) and value < meta["min"]:
-        raise ConfigError(f"--{name}={shown}: must be >= {meta['min']}")
+    nums = [x for x in parts if isinstance(x, int | float) and not isinstance(x, bool)]
+    why = f" ({meta['why']})" if "why" in meta else ""
+    for key, broken, words in (
+        ("min", lambda x, b: x < b, "must be >= {}"),
+        ("above", lambda x, b: x <= b, "must be > {}"),
+        ("max", lambda x, b: x > b, "must be <= {}"),
+        ("below", lambda x, b: x >= b, "must be < {}"),
+    ):
+        if key in meta and any(broken(x, meta[key]) for x in nums):
+            each = "each value " if len(parts) > 1 else ""
+            raise ConfigError(f"--{name}={shown}: {each}{words.format(meta[key])}{why}")
     if name == "checkpoint_blocks" and value != "auto" and not str(value).isdigit():
         raise ConfigError(f"--{name}={shown}: expected 'auto' or a number >= 0")
     if name == "fields":

@@ -21,6 +21,7 @@ import json
 import sys
 import time
 
+from sft.argcheck import OneLineParser, config_field, int_in
 from sft.config import ConfigError
 from sft.data.mixture import parse_sources, prepare_mixture
 from sft.data.packing import pack, packing_efficiency
@@ -80,7 +81,9 @@ def mix_table(sources: list[dict]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sft.preview", description=__doc__.splitlines()[0])
+    """The options; each value is checked while parsing (the trainer's own rule for ``--max_len``,
+    ``--limit``, ``--fmt``, ``--overlong``, ``--bad_rows``): a bad one is one ``error:`` line, exit 2."""
+    p = OneLineParser(prog="python -m sft.preview", description=__doc__.splitlines()[0])
     p.add_argument(
         "--data",
         default="bundled",
@@ -92,12 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--template", default=None, help="chatml | guanaco | a jinja string; default: the tokenizer's own"
     )
-    p.add_argument("--fmt", default=None, help="data format; default: detected")
-    p.add_argument("--n", type=int, default=3, help="samples to print")
-    p.add_argument("--max_len", type=int, default=2048)
-    p.add_argument("--overlong", default="cut", choices=["cut", "drop"])
-    p.add_argument("--bad_rows", default="error", choices=["error", "drop"])
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--fmt", type=config_field("fmt"), default=None, help="data format; default: detected")
+    p.add_argument("--n", type=int_in(0), default=3, help="samples to print")
+    p.add_argument("--max_len", type=config_field("max_len"), default=2048)
+    p.add_argument("--overlong", type=config_field("overlong"), default="cut", help="cut | drop")
+    p.add_argument("--bad_rows", type=config_field("bad_rows"), default="error", help="error | drop")
+    p.add_argument("--limit", type=config_field("limit"), default=None)
     p.add_argument("--no_cache", action="store_true", help="prepare afresh (and do not write the cache)")
     p.add_argument(
         "--supervise",
@@ -109,12 +112,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _option_used(argv: list[str] | None) -> str:
+    """``--model`` or ``--tokenizer``: the spelling the user gave, for messages about it."""
+    args = sys.argv[1:] if argv is None else argv
+    given = [a.split("=", 1)[0] for a in args if a.split("=", 1)[0] in ("--model", "--tokenizer")]
+    return given[-1] if given else "--tokenizer"
+
+
+def _tokenizer_for(spec: str):
+    """``load_tokenizer(spec)``, plus the models' presets: a tiny preset's own tokenizer; a random-init
+    shape has none (ModelError saying so)."""
+    from sft.model.models import TINY_PRESETS, ModelError, tiny_tokenizer
+
+    if spec in TINY_PRESETS:
+        return tiny_tokenizer()
+    if spec.startswith("random:"):
+        raise ModelError(
+            f"'{spec}' is a random-init model shape with no tokenizer of its own; give a tokenizer"
+        )
+    return load_tokenizer(spec)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = _tokenizer_for(args.tokenizer)
     except (OSError, ValueError) as e:  # not found offline, unreadable file, unknown name: one line, exit 2
-        print(f"error: --tokenizer={args.tokenizer}: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {_option_used(argv)}={args.tokenizer}: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     try:
         t0, c0 = time.perf_counter(), time.process_time()

@@ -4,7 +4,9 @@ A run folder (written by ``sft/training/runs.py``) holds ``config.json`` and ``m
 object per line. A *train* line is one logged optimizer step (``step``, ``epoch``, ``loss``, ``lr``,
 ``grad_norm``, token counts, ``tokens_per_s``, ``mfu``, ``peak_mem_gib``, ``step_time_s``); an
 *eval* line carries ``eval_loss`` (and ``step``). Nothing here writes to a run except PNG plots and
-the fixed-prompt answers the notebooks ask for.
+the fixed-prompt answers the notebooks ask for, and never into a committed run (those go to ``reports/``).
+The notebooks' parameters (``SFT_RUN_DIR``, ``SFT_RUNS``, ``SFT_MAX_NEW_TOKENS``) are checked first
+(:func:`samples_run_dir`, :func:`report_runs`, :func:`env_int`): a bad one is one ``error:`` line.
 
 Contracts:
 
@@ -285,18 +287,23 @@ def plot_eval(df: pd.DataFrame, out_png: str | Path | None = None):
     return fig
 
 
-def save_run_plots(df: pd.DataFrame, prefix: str = "report_loss") -> list[Path]:
+def save_run_plots(
+    df: pd.DataFrame, prefix: str = "report_loss", repo: str | Path | None = None
+) -> list[Path]:
     """For each run in ``df``: ``<run_dir>/<prefix>_step.png`` and, if it logs tokens, ``<prefix>_tokens.png``.
 
-    The prefix keeps these apart from the trainer's own ``loss.png``. Returns the paths written.
+    The prefix keeps these apart from the trainer's own ``loss.png``. A committed run (:func:`is_committed`)
+    is never rewritten: its plots go to ``<repo>/reports/<run>/`` (``repo``: the repository root, default
+    the one holding this file). Returns the paths written.
     """
+    repo = Path(repo) if repo is not None else Path(__file__).resolve().parents[1]
     written = []
     for run, g in df.groupby("run", sort=False):
         run_dir = Path(g["run_dir"].iloc[0])
         for x in ("step", "tokens"):
             if x == "tokens" and g["tokens"].isna().all():
                 continue
-            out = run_dir / f"{prefix}_{x}.png"
+            out = output_path(run_dir, f"{prefix}_{x}.png", repo)
             plot_loss(g, out, x=x, title=run)
             written.append(out)
     return written
@@ -531,3 +538,115 @@ def run_config(run_dir: str | Path) -> dict[str, Any]:
 def base_model_of(run_dir: str | Path) -> str:
     """The model a run started from, as its config names it (hub id, path, ``.gguf`` or preset)."""
     return run_config(run_dir)["model"]
+
+
+# ----------------------------------------------------------------------------- notebook parameters
+
+
+class NotebookInputError(ValueError):
+    """A notebook parameter (an ``SFT_*`` environment variable) that cannot work. Jupyter shows it as one
+    ``error: ...`` line (IPython renders an exception through its ``_render_traceback_``), not a traceback."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"error: {self}"]
+
+
+def _from_repo(path: str | Path, repo: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(repo) / p
+
+
+def samples_run_dir(value: str | None, repo: str | Path) -> Path:
+    """The run ``samples.ipynb`` answers with: ``SFT_RUN_DIR`` (``value``; relative to ``repo``) or, when
+    unset, the run under ``repo/runs`` whose ``final/`` was written last. NotebookInputError (one line)
+    for a folder that does not exist, is not a run, has no ``final/`` or whose config names no model; a
+    ``final/`` given for its run folder is taken as the run."""
+    repo = Path(repo)
+    if value is None or not str(value).strip():
+        finished = sorted(
+            (p.parent for p in (repo / "runs").glob("*/final")), key=lambda p: (p / "final").stat().st_mtime
+        )
+        if not finished:
+            raise NotebookInputError(f"no run folder with final/ under {repo / 'runs'}: set SFT_RUN_DIR")
+        return finished[-1]
+    run = _from_repo(value, repo)
+    where = f"SFT_RUN_DIR={value}"
+    if run.name == "final" and (run.parent / "config.json").is_file():
+        run = run.parent
+    if not run.exists():
+        raise NotebookInputError(f"{where}: {run} does not exist")
+    if not run.is_dir():
+        raise NotebookInputError(f"{where}: {run} is not a folder (give a run folder under runs/)")
+    if not (run / "config.json").is_file():
+        raise NotebookInputError(f"{where}: {run} is not a run folder (no config.json)")
+    if not (run / "final" / "config.json").is_file():
+        raise NotebookInputError(
+            f"{where}: {run} has no final/ model (the run has not finished, or ran with --no-save_final)"
+        )
+    try:
+        base_model_of(run)
+    except (OSError, ValueError, KeyError) as e:
+        raise NotebookInputError(f"{where}: {run}/config.json: {str(e).splitlines()[0]}") from None
+    return run
+
+
+def report_runs(value: str | None, repo: str | Path, include_smoke: bool = False) -> list[Path]:
+    """The runs ``runs_report.ipynb`` covers: ``select_runs`` of ``SFT_RUNS`` (``value``, a glob or a folder,
+    relative to ``repo``; default ``runs/*``), with what matched nothing as one NotebookInputError line."""
+    pattern = str(_from_repo(value or "runs/*", Path(repo)))
+    try:
+        return select_runs(pattern, include_smoke=include_smoke)
+    except FileNotFoundError as e:
+        raise NotebookInputError(f"SFT_RUNS={value or 'runs/*'}: {e}") from None
+
+
+def env_int(name: str, default: int, minimum: int = 1) -> int:
+    """An integer notebook parameter from the environment (``SFT_MAX_NEW_TOKENS``...), at least ``minimum``."""
+    import os
+
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise NotebookInputError(f"{name}={raw}: expected an integer") from None
+    if value < minimum:
+        raise NotebookInputError(f"{name}={raw}: must be >= {minimum}")
+    return value
+
+
+def is_committed(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` is part of a git repository's committed files (its ``metrics.jsonl`` or
+    ``config.json`` is tracked): a committed result that the notebooks must not rewrite."""
+    import subprocess
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return False
+    for name in ("metrics.jsonl", "config.json"):
+        if not (run_dir / name).is_file():
+            continue
+        try:
+            p = subprocess.run(
+                ["git", "ls-files", "--error-unmatch", name],
+                cwd=run_dir,
+                capture_output=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+        if p.returncode == 0:
+            return True
+    return False
+
+
+def output_path(run_dir: str | Path, name: str, repo: str | Path) -> Path:
+    """Where a notebook writes ``name`` for a run: beside the run (``run_dir/name``), except for a committed
+    run (:func:`is_committed`), whose files stay as committed: ``repo/reports/<run>/name`` (git-ignored)."""
+    run_dir = Path(run_dir)
+    if is_committed(run_dir):
+        out = Path(repo) / "reports" / run_dir.name / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
+    return run_dir / name

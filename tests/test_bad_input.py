@@ -152,6 +152,45 @@ def test_latency_command_line_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_latency_never_rewrites_results_already_there(tmp_path, capsys):
+    """Issue 26: the README's CPU command rewrote the committed results. A folder holding results.json is
+    refused (before any model loads) unless --force; the README's command now writes into reports/."""
+    from inf_tests.latency import cli
+
+    out = tmp_path / "committed"
+    out.mkdir()
+    for name in ("results.json", "table.txt", "latency.png"):
+        (out / name).write_text(f"committed {name}")
+    args = ["--model=tiny-llama", "--prompt_lens=8", "--batches=1", "--new_tokens=2", "--warmup=0",
+            "--repeats=1", "--copy_mib=1", "--paths=fast", f"--out={out}"]  # fmt: skip
+    assert cli(args) == 2
+    assert "already holds results" in _one_error_line(capsys.readouterr().err)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {n: f"committed {n}" for n in
+                                                              ("results.json", "table.txt", "latency.png")}  # fmt: skip
+    assert cli([*args, "--force"]) == 0 and json.loads((out / "results.json").read_text())["decode"]
+    readme = (REPO / "inf_tests" / "README.md").read_text()
+    cpu = readme[readme.index("python -m inf_tests.latency --model=smollm2-135m-instruct") :].split("```")[0]
+    assert "--out=reports/" in cpu and "inf_tests/results" not in cpu
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--new_tokens=0"], "argument --new_tokens: must be >= 2, got 0"),
+        (["--prompt_lens=0"], "argument --prompt_lens: must be >= 1, got 0"),
+        (["--batches=-1"], "argument --batches: must be >= 1, got -1"),
+        (["--threads=-1"], "argument --threads: must be >= 0, got -1"),
+        (["--prompt_lens=100000"], "tiny-llama has 4096 positions; these options need 100001"),
+    ],
+)
+def test_latency_options_out_of_range_one_line(argv, message, tmp_path, capsys):
+    from inf_tests.latency import cli
+
+    assert cli(["--model=tiny-llama", f"--out={tmp_path / 'r'}", "--copy_mib=1", *argv]) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()
+
+
 # ----------------------------------------------------------------------------- values that make no sense
 
 

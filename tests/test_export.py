@@ -452,6 +452,54 @@ def test_full_disk_leaves_nothing(llama_run, tmp_path, capsys, monkeypatch):
     assert calls["n"] == 5 and list(tmp_path.iterdir()) == []
 
 
+def test_output_inside_the_run_never_overwrites_it(llama_run, tmp_path, capsys):
+    """Issue 26's data-loss case: ``--out=<run>/final/model.safetensors --force`` replaced the fine-tuned
+    weights with a GGUF. Inside a run folder only a *.gguf name is allowed, never under checkpoints/,
+    even with --force, and a symlink pointing into the run is followed."""
+    import shutil
+
+    src, _, _ = llama_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "checkpoints" / "step_0000001").mkdir(parents=True)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "link.gguf").symlink_to(run / "final" / "model.safetensors")
+    for out in (
+        run / "final" / "model.safetensors",
+        run / "final" / "config.json",
+        run / "config.json",
+        run / "metrics.jsonl",
+        run / "checkpoints" / "step_0000001" / "model.gguf",
+        outside / "link.gguf",
+    ):
+        for target in (run, run / "final"):
+            one_error_line(
+                capsys, [str(target), "--gguf=q8_0", f"--out={out}", "--force"], contains="would write over"
+            )
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # a new *.gguf beside the model (the default) or at the run's top level is what export is for
+    assert main([str(run), "--gguf=f16"]) == 0 and (run / "final" / "model-f16.gguf").is_file()
+    assert main([str(run), "--gguf=f16", f"--out={run / 'm.gguf'}"]) == 0
+
+
+def test_run_folder_without_final_says_so(tmp_path, capsys):
+    """A run folder whose final/ was never written: the run's own config.json is not a model
+    ("architecture 'None'" before)."""
+    run = tmp_path / "20260101-000000_tiny-llama_bundled"
+    (run / "checkpoints" / "step_0000003").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"config": {"model": "tiny-llama"}, "created_utc": "x"}))
+    (run / "metrics.jsonl").write_text("")
+    err = one_error_line(capsys, [str(run), "--gguf=f16"], contains="is a run folder with no final/ model")
+    assert "step_0000003" in err and "None" not in err
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    one_error_line(capsys, [str(plain), "--gguf=f16"], contains="has no model_type")
+
+
 def test_cli_entry_point_one_line_exit_2(llama_run):
     run, _, _ = llama_run
     p = subprocess.run(
@@ -529,6 +577,61 @@ def test_trainer_exports_gguf_at_the_end_of_a_run(llama_run, tmp_path, capsys):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
     # the first weight moved: the export is of the fine-tuned model, not of its base
     assert not torch.equal(trained.state_dict()[name], llama_run[1].state_dict()[name])
+
+
+@pytest.mark.parametrize("script", ["train_llama_guanaco.py", "train_mpt_guanaco.py"])
+def test_recipe_smoke_runs_export_and_read_back(script, tmp_path):
+    """Issue 26 item 6: a recipe's ``--smoke`` run (tiny preset with the committed byte-level BPE,
+    sft/model/tiny_tokenizer.json) exports to GGUF, and the file reads back: the tokenizer (tokens, merges,
+    ChatML template, <|im_end|> as EOS/EOT) and the weights (f16-exact); the Llama file also through
+    transformers' GGUF loader, same logits and same prompt ids. (Qwen2 is covered by the round trip above.)"""
+    import runpy
+    from pathlib import Path
+
+    from gguf import GGMLQuantizationType as T
+
+    from sft.data.render import render_prompt
+    from sft.training import trainer
+
+    repo = Path(__file__).resolve().parents[1]
+    saved = list(sys.path)
+    try:
+        recipe = runpy.run_path(str(repo / "sft" / script), run_name="recipe")
+    finally:
+        sys.path[:] = saved
+    argv = ["--smoke", f"--out_dir={tmp_path}", "--run_name=smoke", "--no-progress", "--num_samples=0"]
+    assert trainer.main(recipe["DEFAULTS"], argv, smoke=recipe["SMOKE"]) == 0
+    final = tmp_path / "smoke" / "final"
+    assert main([str(tmp_path / "smoke"), "--gguf=f16"]) == 0
+    out = final / "model-f16.gguf"
+    reader, f = read_fields(out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(final))
+    model = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32).eval()
+    arch = "mpt" if "mpt" in script else "llama"
+    assert f["general.architecture"] == arch and f["general.name"] == "smoke"
+    assert (
+        f["tokenizer.ggml.pre"] == ("mpt" if arch == "mpt" else "gpt-2")
+        and len(f["tokenizer.ggml.merges"]) > 500
+    )
+    assert f["tokenizer.ggml.tokens"][: len(tok)] == [tok.convert_ids_to_tokens(i) for i in range(len(tok))]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert f["tokenizer.ggml.eos_token_id"] == im_end and f["tokenizer.ggml.eot_token_id"] == im_end
+    assert f["tokenizer.chat_template"] == tok.chat_template
+    emb = model.get_input_embeddings().weight.detach().numpy()
+    t = {t.name: t for t in reader.tensors}["token_embd.weight"]
+    assert t.tensor_type == T.F16 and np.array_equal(t.data, emb.astype(np.float16))
+    if arch == "llama":
+        (tmp_path / "g").mkdir()
+        (tmp_path / "g" / out.name).symlink_to(out)
+        gmodel, gtok = load_gguf(tmp_path / "g" / out.name)
+        conv = CONV[:3]
+        ids = render_prompt(conv, tok)
+        assert render_prompt(conv, gtok) == ids
+        torch.testing.assert_close(
+            logits(gmodel, ids), logits(rounded_copy(model, "f16"), ids), rtol=0, atol=1e-4
+        )
 
 
 def test_trainer_export_needs_final(tmp_path, capsys):

@@ -517,11 +517,11 @@ def test_trainer_lora_adapter_plus_base_reproduces_final(lora_runs):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from sft.model.models import byte_tokenizer, tiny_model
+    from sft.model.models import tiny_model, tiny_tokenizer
 
     full, _ = lora_runs
     final = AutoModelForCausalLM.from_pretrained(str(full / "final")).eval()
-    base = tiny_model("tiny-llama", len(byte_tokenizer()), seed=0, max_len=256).eval()
+    base = tiny_model("tiny-llama", len(tiny_tokenizer()), seed=0, max_len=256).eval()
     # everything LoRA does not target (embeddings, norms) is the base's init, bit for bit
     final_sd, base_sd = load_file(str(full / "final" / "model.safetensors")), base.state_dict()
     untouched = [k for k in final_sd if not k.endswith(tuple(f"{t}.weight" for t in lora._LLAMA_LIKE))]

@@ -42,6 +42,27 @@ def test_byte_tokenizer_ids_and_template():
     assert tok.decode(ids) == text
 
 
+def test_tiny_presets_tokenizer_is_a_real_bpe():
+    """The tiny presets' tokenizer (issue 26 item 6): the committed byte-level BPE, what
+    ``build_tiny_tokenizer`` trains (deterministic), with merges a GGUF runtime needs; every text round-trips."""
+    from sft.model.models import TINY_TOKENIZER, build_tiny_tokenizer, tiny_tokenizer
+
+    assert TINY_TOKENIZER.read_text(encoding="utf-8") == build_tiny_tokenizer()
+    tok = tiny_tokenizer()
+    assert len(tok) == 1024 and (tok.eos_token, tok.pad_token, tok.bos_token) == (
+        "<|im_end|>",
+        "<|pad|>",
+        None,
+    )
+    assert tok.eos_token_id != tok.pad_token_id
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hé, 2024 ✓"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text and ids.count(tok.eos_token_id) == 1
+    assert len(ids) < len(text.encode()) - 10  # merges at work, not one id per byte
+
+
 def test_tiny_presets_are_seeded():
     a, b, c = (tiny_model("tiny-llama", 260, seed=s) for s in (0, 0, 1))
     pa, pb, pc = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
@@ -98,7 +119,7 @@ def test_local_folder_round_trip_and_pickle_refused(tmp_path):
     model.save_pretrained(str(tmp_path / "m"))
     tok.save_pretrained(str(tmp_path / "m"))
     loaded, tok2 = load_model_and_tokenizer(_cfg(model=str(tmp_path / "m")))
-    assert type(loaded).__name__ == "MptForCausalLM" and len(tok2) == 260
+    assert type(loaded).__name__ == "MptForCausalLM" and len(tok2) == len(tok) == 1024
     for (k, p), q in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(p, q), k
     pickled = tmp_path / "p"

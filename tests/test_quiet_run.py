@@ -61,3 +61,20 @@ def test_an_early_stop_still_leaves_a_checkpoint_to_resume(tmp_path):
     # finished: the early stop's checkpoint is left as it was (no new one), and the run counts as finished
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "r")] == ["step_0000001"]
     assert checkpoints.is_finished(tmp_path / "r")
+
+
+def test_step_lines_go_to_stderr_and_train_log_with_the_progress_bar(tmp_path):
+    """Issue 26 item 5: with the progress bar on (the default), the step lines went to stdout (tqdm.write)
+    and never reached train.log, while the README says ``2> run.log`` captures everything."""
+    proc = subprocess.run(
+        [sys.executable, "sft/train_llama_guanaco.py", "--smoke", f"--out_dir={tmp_path}", "--run_name=r"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    steps = [
+        x for x in proc.stderr.replace("\r", "\n").splitlines() if x.startswith("step ") and "| loss " in x
+    ]
+    assert len(steps) == 3 and "step      3/3 | loss" in steps[-1], proc.stderr
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert sum("step      " in x and "| loss " in x for x in log.splitlines()) == 3

@@ -39,7 +39,7 @@ def test_openorca_smoke_trains_on_openorca_rows_with_their_system_prompts(tmp_pa
     from sft.data.formats import openorca
     from sft.data.prepare import prepare_data
     from sft.data.sample_data import OPENORCA_SAMPLE
-    from sft.model.models import byte_tokenizer
+    from sft.model.models import tiny_tokenizer
 
     out = _recipe("train_mpt_openorca.py", "--smoke", f"--out_dir={tmp_path}", "--progress=false")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -59,9 +59,9 @@ def test_openorca_smoke_trains_on_openorca_rows_with_their_system_prompts(tmp_pa
     # what the run trained on (same fingerprint) carries those system prompts, rendered by the recipe's template
     kw = {k: cfg[k] for k in ("template", "fmt", "max_len", "overlong", "limit", "seed", "bad_rows")}
     eval_size = int(cfg["eval_size"]) if cfg["eval_size"] >= 1 else cfg["eval_size"]  # as the trainer does
-    prepared = prepare_data(cfg["data"], byte_tokenizer(), use_cache=False, eval_size=eval_size, **kw)
+    prepared = prepare_data(cfg["data"], tiny_tokenizer(), use_cache=False, eval_size=eval_size, **kw)
     assert prepared.fingerprint == info["data"]["fingerprint"]
-    texts = [byte_tokenizer().decode(s.input_ids) for s in prepared.train + prepared.eval]
+    texts = [tiny_tokenizer().decode(s.input_ids) for s in prepared.train + prepared.eval]
     assert sum(t.startswith("### System: ") for t in texts) == with_system
 
 

@@ -353,3 +353,75 @@ def test_eval_table_per_source_loss_accuracy_and_stop_rate(tmp_path):
     assert math.isnan(t["eval_stop_rate"][2]) and math.isnan(t["loss[a]"][2])
     report.plot_eval(df, tmp_path / "e.png")
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- issue 26: committed runs, parameters
+
+
+def _git(cwd, *args):
+    import subprocess
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "PATH": __import__("os").environ["PATH"], "HOME": str(cwd)}  # fmt: skip
+    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+
+
+def test_committed_run_plots_and_answers_are_not_rewritten(two_runs, tmp_path):
+    """Issue 26's data-loss case: runs_report.ipynb rewrote the report plots inside every run folder it
+    matched, committed ones included. A committed run's files stay byte for byte; its plots go to
+    reports/<run>/; an uncommitted run still gets them beside it."""
+    repo = two_runs
+    committed = repo / "20250101T000000Z_a"
+    (committed / "report_loss_step.png").write_bytes(b"committed plot")
+    _git(repo, "init", "-q")
+    _git(repo, "add", committed.name)
+    _git(repo, "commit", "-qm", "a committed run")
+    before = {p: p.read_bytes() for p in committed.iterdir()}
+    df = report.load_runs(repo / "*")
+    written = report.save_run_plots(df, repo=repo)
+    assert {p: p.read_bytes() for p in committed.iterdir()} == before
+    assert sorted(str(p.relative_to(repo)) for p in written) == [
+        "20250102T000000Z_b/report_loss_step.png",
+        "20250102T000000Z_b/report_loss_tokens.png",
+        "reports/20250101T000000Z_a/report_loss_step.png",
+        "reports/20250101T000000Z_a/report_loss_tokens.png",
+    ]
+    assert report.output_path(committed, "report_fixed_prompts.jsonl", repo) == (
+        repo / "reports" / committed.name / "report_fixed_prompts.jsonl"
+    )
+    other = repo / "20250102T000000Z_b"
+    assert report.output_path(other, "x.jsonl", repo) == other / "x.jsonl"
+
+
+def test_notebook_parameters_bad_values_are_one_line(tmp_path, monkeypatch):
+    repo = tmp_path
+    run = write_run(repo / "runs", "20250101-000000_x", [train_line(1, 2.0, 10, 1.0, 1.0, 1.0)])
+    cases = [
+        ("runs/nope", "SFT_RUN_DIR=runs/nope: ", "does not exist"),
+        (str(run / "metrics.jsonl"), "SFT_RUN_DIR=", "is not a folder"),
+        (str(repo), "SFT_RUN_DIR=", "is not a run folder (no config.json)"),
+        (str(run), "SFT_RUN_DIR=", "has no final/ model"),
+    ]
+    for value, start, cause in cases:
+        with pytest.raises(report.NotebookInputError) as e:
+            report.samples_run_dir(value, repo)
+        msg = str(e.value)
+        assert msg.startswith(start) and cause in msg and "\n" not in msg
+        assert e.value._render_traceback_() == [f"error: {msg}"]  # what Jupyter shows: one line
+    with pytest.raises(
+        report.NotebookInputError, match=r"no run folder with final/ under .*: set SFT_RUN_DIR"
+    ):
+        report.samples_run_dir(None, repo)
+    (run / "final").mkdir()
+    (run / "final" / "config.json").write_text("{}")
+    assert report.samples_run_dir("runs/20250101-000000_x/final", repo) == run  # final/ means its run
+    assert report.samples_run_dir(None, repo) == run
+    with pytest.raises(report.NotebookInputError, match=r"^SFT_RUNS=runs/zzz\*: no run folder"):
+        report.report_runs("runs/zzz*", repo)
+    assert report.report_runs("runs/*", repo, include_smoke=True) == [run]
+    for raw, cause in (("abc", "expected an integer"), ("0", "must be >= 1")):
+        monkeypatch.setenv("SFT_MAX_NEW_TOKENS", raw)
+        with pytest.raises(report.NotebookInputError, match=f"^SFT_MAX_NEW_TOKENS={raw}: {cause}"):
+            report.env_int("SFT_MAX_NEW_TOKENS", 128)
+    monkeypatch.delenv("SFT_MAX_NEW_TOKENS")
+    assert report.env_int("SFT_MAX_NEW_TOKENS", 128) == 128

@@ -27,6 +27,10 @@ What goes in:
 - ``general.name`` (the run folder's name) and, from the run's ``config.json``, the git commit, dirty
   flag and base model (``sft.git_commit``, ``sft.git_dirty``, ``sft.base_model``, ``general.description``).
 
+Never over what exists: inside a run folder (or a bare model folder) the output may only be a new
+``*.gguf`` name outside ``checkpoints/`` (:func:`check_output`, ``--force`` included), so an export cannot
+replace the weights, config or checkpoints it reads; elsewhere an existing file needs ``--force``.
+
 Failure: :class:`ExportError`, one line (the CLI prints ``error: ...`` and exits 2). Nothing partial is
 left: the file is written as a hidden temporary in the output folder and renamed at the very end.
 """
@@ -75,9 +79,60 @@ def resolve_final_dir(path: str | os.PathLike) -> Path:
         raise ExportError(f"{p} is not a folder (give a run folder or its final/)")
     if (p / "final" / "config.json").is_file():
         return p / "final"
+    if _is_run_folder(p):  # its config.json is the run's, not a model's: say what is missing
+        ckpts = sorted((p / "checkpoints").glob("step_*")) if (p / "checkpoints").is_dir() else []
+        where = f"; its newest checkpoint is {ckpts[-1].name}" if ckpts else ""
+        raise ExportError(
+            f"{p} is a run folder with no final/ model (the run has not finished, or ran with "
+            f"--no-save_final{where}); finish it with --resume, then export"
+        )
     if (p / "config.json").is_file():
         return p
     raise ExportError(f"no model in {p} (no config.json there nor in {p / 'final'})")
+
+
+def _is_run_folder(p: Path) -> bool:
+    """A run folder (what the trainer writes: metrics.jsonl, checkpoints/, final/, or the run's config.json),
+    not a model folder. The same test as ``sft.training.runs.is_run_folder``, which this wing may not import."""
+    if not p.is_dir() or any(p.glob("*.safetensors")):
+        return False
+    if (p / "metrics.jsonl").is_file() or (p / "checkpoints").is_dir() or (p / "final").is_dir():
+        return True
+    try:
+        info = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and isinstance(info.get("config"), dict) and "created_utc" in info
+
+
+def _protected_zone(final: Path) -> Path:
+    """The folder an output may not write into except as a new ``*.gguf``: the run folder when ``final`` is
+    a run's ``final/`` (its model, checkpoints, config and metrics), else the model folder itself."""
+    final = final.resolve()
+    if final.name == "final" and _is_run_folder(final.parent):
+        return final.parent
+    return final
+
+
+def check_output(final: Path, out_path: Path) -> None:
+    """ExportError (one line) when ``out_path`` would write over what the export reads or what a run keeps:
+    inside the run folder (or the model folder) only a ``*.gguf`` name is allowed, and never under
+    ``checkpoints/``; a folder is refused."""
+    if out_path.is_dir():
+        raise ExportError(f"output {out_path} is a folder; give a file name")
+    zone = _protected_zone(final)
+    target = out_path.parent.resolve() / out_path.name
+    if target.is_symlink() or target.exists():
+        target = target.resolve()
+    if target != zone and zone not in target.parents:
+        return
+    inside = "run folder" if zone != final.resolve() else "model folder"
+    if (zone / "checkpoints") in target.parents or target.suffix.lower() != ".gguf":
+        raise ExportError(
+            f"output {out_path} is inside the {inside} {zone} and would write over its model, "
+            f"checkpoints or records; give a new *.gguf name (default: {default_output(final, 'TYPE')}) "
+            "or a path outside it"
+        )
 
 
 def default_output(final_dir: Path, qtype: str) -> Path:
@@ -298,20 +353,12 @@ class _TokenizerMeta:
     chat_template: str | list | None = None
 
 
-def _tokenizer_meta(final: Path, n_vocab: int, arch: str) -> _TokenizerMeta:
-    from gguf import TokenType
-    from transformers import AutoTokenizer
-
-    from sft.data.render import TemplateError, bos_to_add, end_of_turn_text
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(final))
-    except Exception as e:  # missing/corrupt tokenizer files raise many types
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise ExportError(f"cannot load the tokenizer in {final} ({type(e).__name__}: {first})") from None
+def _exportable_tokenizer(tok, where) -> tuple[dict, list[str]]:
+    """``(tokenizer.json as a dict, merges)`` of a tokenizer GGUF runtimes can use (byte-level BPE with
+    merges), else ExportError naming why not."""
     backend_tok = getattr(tok, "backend_tokenizer", None)
     if backend_tok is None:
-        raise ExportError(f"the tokenizer in {final} is not a fast (tokenizer.json) tokenizer")
+        raise ExportError(f"the tokenizer in {where} is not a fast (tokenizer.json) tokenizer")
     backend = json.loads(backend_tok.to_str())
     model = backend.get("model") or {}
     byte_level = any("ByteLevel" in json.dumps(backend.get(k) or {}) for k in ("pre_tokenizer", "decoder"))
@@ -323,9 +370,33 @@ def _tokenizer_meta(final: Path, n_vocab: int, arch: str) -> _TokenizerMeta:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     if not merges:
         raise ExportError(
-            "the tokenizer has no BPE merges (a bare byte tokenizer such as the tiny presets'); "
-            "GGUF runtimes need a merges list"
+            "the tokenizer has no BPE merges (a bare byte tokenizer); GGUF runtimes need a merges list"
         )
+    return backend, merges
+
+
+def check_exportable(model, tokenizer) -> None:
+    """ExportError (one line) when ``model`` (its ``config.model_type``) or ``tokenizer`` could not be
+    written as GGUF: what the trainer checks for ``--export_gguf`` before training, not after."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHS:
+        raise ExportError(f"architecture '{model_type}' does not export to GGUF; exportable: {EXPORTABLE}")
+    _exportable_tokenizer(tokenizer, "this run")
+
+
+def _tokenizer_meta(final: Path, n_vocab: int, arch: str) -> _TokenizerMeta:
+    from gguf import TokenType
+    from transformers import AutoTokenizer
+
+    from sft.data.render import TemplateError, bos_to_add, end_of_turn_text
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(final))
+    except Exception as e:  # missing/corrupt tokenizer files raise many types
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ExportError(f"cannot load the tokenizer in {final} ({type(e).__name__}: {first})") from None
+    backend, merges = _exportable_tokenizer(tok, final)
+    model = backend.get("model") or {}
     vocab = tok.get_vocab()
     if max(vocab.values()) >= n_vocab:
         raise ExportError(
@@ -560,14 +631,15 @@ def export_gguf(
         raise ExportError(f"unknown GGUF type '{qtype}' (have: {', '.join(QTYPES)})")
     final = resolve_final_dir(final_dir)
     out_path = Path(out).expanduser() if out is not None else default_output(final, qtype)
-    if out_path.is_dir():
-        raise ExportError(f"output {out_path} is a folder; give a file name")
+    check_output(final, out_path)
     if out_path.exists() and not force:
         raise ExportError(f"{out_path} already exists; pass --force to overwrite it")
     if not out_path.parent.is_dir():
         raise ExportError(f"output folder {out_path.parent} does not exist")
 
     model_type = _read_json(final / "config.json").get("model_type")
+    if model_type is None:
+        raise ExportError(f"{final / 'config.json'} has no model_type: not a Hugging Face model folder")
     if model_type not in ARCHS:
         raise ExportError(f"architecture '{model_type}' does not export to GGUF; exportable: {EXPORTABLE}")
     arch = ARCHS[model_type]

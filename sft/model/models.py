@@ -2,7 +2,9 @@
 
 ``load_model_and_tokenizer(cfg) -> (model, tokenizer)`` accepts, in ``cfg.model``:
 - ``"tiny-llama"`` / ``"tiny-mpt"``: tiny random-init presets (2 layers, d=64), seeded with ``cfg.seed``,
-  with a byte-level tokenizer (256 byte tokens + ChatML specials) built in memory: no file, no network;
+  with a small real byte-level BPE tokenizer (:func:`tiny_tokenizer`: 1,024 tokens, GPT-2 pre-tokenizer,
+  ChatML specials, committed as ``sft/model/tiny_tokenizer.json``), so a ``--smoke`` run exports to GGUF;
+  no network;
 - ``"random:mpt-7b"`` / ``"random:llama-3-8b"`` / ``"random:qwen3-8b"`` / ``"random:qwen3-14b"`` / ``"random:llama-400m"`` / ``"random:tiny-llama"``: random
   init (std 0.02) at a real model's shape, for benchmarks and committed speed runs where no weights can be
   downloaded; built directly on the GPU when there is one; the tokenizer must be given with ``cfg.tokenizer``;
@@ -152,6 +154,53 @@ def byte_tokenizer():
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
     tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", unk_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+TINY_TOKENIZER = Path(__file__).with_name("tiny_tokenizer.json")
+TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+
+def build_tiny_tokenizer(vocab_size: int = 1024) -> str:
+    """Train the tiny presets' tokenizer (what ``sft/model/tiny_tokenizer.json`` holds; deterministic, ~25 ms):
+    byte-level BPE with GPT-2's pre-tokenizer (llama.cpp's ``gpt-2`` / ``mpt``), the 256 byte symbols, the
+    ChatML specials (ids 0-3), trained on the bundled sample and the OpenOrca sample. Returns tokenizer.json
+    text. Regenerate with ``python -c "from sft.model.models import *; TINY_TOKENIZER.write_text(build_tiny_tokenizer())"``."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from sft.data.sample_data import BUNDLED, OPENORCA_SAMPLE
+
+    texts = [m["content"] for c in BUNDLED for m in c]
+    for line in Path(OPENORCA_SAMPLE).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        texts += [row.get("system_prompt") or "", row["question"], row["response"]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=TINY_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """The tiny presets' tokenizer: the committed byte-level BPE (:func:`build_tiny_tokenizer`), every text
+    round-trips; eos = ``<|im_end|>`` (ends an assistant turn), pad = ``<|pad|>`` (never equal to eos), no BOS;
+    chat template ChatML."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(TINY_TOKENIZER.read_text(encoding="utf-8"))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", unk_token="<|endoftext|>"
     )
@@ -485,7 +534,7 @@ def _load(cfg, dtype):
     name = cfg.model
     tok = None
     if name in TINY_PRESETS:
-        tok = byte_tokenizer()
+        tok = tiny_tokenizer()
         model = tiny_model(name, len(tok), cfg.seed, cfg.max_len).to(dtype)
     elif name.startswith("random:"):
         if not cfg.tokenizer:

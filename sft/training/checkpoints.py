@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from sft.training.runs import RunError, _read_json, _write_json
+from sft.training.runs import RunError, _read_json, _write_json, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        cause = write_failure(e, run_dir)  # before the clean-up frees the space again
         shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(run_dir)
-        cause = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
         raise RunError(
             f"could not write checkpoint {final.name} ({cause}); "
             + (f"previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint")
@@ -196,6 +196,14 @@ def mark_finished(run_dir: str | Path, step: int) -> Path:
     path = Path(run_dir) / "finished.json"
     _write_json(path, {"step": int(step), "finished_utc": datetime.now(UTC).isoformat(timespec="seconds")})
     return path
+
+
+def finished_step(run_dir: str | Path) -> int | None:
+    """The step ``finished.json`` records (:func:`mark_finished`), or None (no such file, unreadable)."""
+    try:
+        return int(_read_json(Path(run_dir) / "finished.json")["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _step_of(ckpt: Path) -> int:
@@ -356,7 +364,23 @@ def find_resume(out_dir: str | Path, resume: str) -> tuple[Path, Path]:
             run_dir = Path(out_dir) / resume
         if not run_dir.is_dir():
             raise RunError(f"--resume={resume}: no such run folder")
+        if run_dir.parent.name == "checkpoints" or (run_dir / "state.json").is_file():
+            run = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir.parent
+            raise RunError(
+                f"--resume={resume} is a checkpoint; give its run folder: --resume={run} "
+                "(the newest intact checkpoint is used)"
+            )
+        if run_dir.name == "final" and (run_dir.parent / "checkpoints").is_dir():
+            raise RunError(
+                f"--resume={resume} is a run's final/ model; give the run folder: --resume={run_dir.parent}"
+            )
     ckpts = list_checkpoints(run_dir)
+    finished = finished_step(run_dir)
+    if not ckpts and finished is not None:
+        raise RunError(
+            f"--resume={resume}: {run_dir} finished at step {finished} (final/ written) and keeps no "
+            "checkpoint: nothing to resume"
+        )
     if not ckpts:
         raise RunError(f"--resume={resume}: {run_dir} has no complete checkpoint")
     problems = []

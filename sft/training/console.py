@@ -1,7 +1,9 @@
 """The console: logging set-up for scripts, the fixed step line, and the metrics writer of ranks other than 0.
 
 Contract: the run's own records (loggers ``sft.*``, ``inf_tests.*``, ``__main__``) at INFO and above go to
-stderr, one stream; other packages' records below ERROR go only to the run's ``train.log``.
+stderr, one stream (the step lines included: they are log records, written beside the progress bar by
+:func:`console_beside_bar`, and so also in ``train.log``); other packages' records below ERROR go only to
+the run's ``train.log``. Nothing of a run goes to stdout.
 """
 
 from __future__ import annotations
@@ -29,6 +31,33 @@ def setup_logging() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def console_beside_bar(tqdm_class):
+    """While a tqdm bar is on screen: the console handlers of the root logger (stderr / stdout streams) write
+    through ``tqdm_class.write`` into their own stream, so a log line never breaks the bar and every line
+    (the step lines included) goes through logging: to the console as :func:`setup_logging` set it up, and
+    to the run's ``train.log``. Their filters stay (unlike ``tqdm.contrib.logging``, which drops them)."""
+    root = logging.getLogger()
+    patched = []
+    for h in root.handlers:
+        if type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout):
+
+            def emit(record, h=h):
+                try:
+                    tqdm_class.write(h.format(record), file=h.stream)
+                    h.flush()
+                except Exception:  # as logging.StreamHandler.emit does
+                    h.handleError(record)
+
+            h.emit = emit
+            patched.append(h)
+    try:
+        yield
+    finally:
+        for h in patched:
+            del h.emit  # the class's own emit again
 
 
 OWN_LOGGERS = ("sft", "inf_tests", "__main__", "root")

@@ -242,9 +242,7 @@ def _candidates(cfg: TrainConfig, L: int, world: int, device: torch.device) -> l
         blocks = [L]
     elif cfg.checkpoint_blocks != "auto":
         blocks = [min(int(cfg.checkpoint_blocks), L)]
-    elif device.type != "cuda":
-        blocks = [0]  # a CPU run is a test or a small model: the OS pages rather than fails
-    else:
+    else:  # the fewest that fit (a CPU run that fits without any, the usual case, gets none)
         blocks = list(range(L + 1))
     return [(n, b) for n in blocks for b in ib]
 
@@ -274,8 +272,9 @@ def _best_for(model, cfg, device, autocast, world, attention, limit, L):
         c = dataclasses.replace(cfg, micro_batch=mb, grad_accum=ga)
         for n_ck, ib in _candidates(c, L, world, device):
             est = estimate_memory(model, c, autocast, world, n_ck, ib, attention)
-            need = est["total"] if device.type == "cuda" else est["weights"]
-            if limit is not None and need > limit:
+            # the CPU as the GPU: over the available memory, the kernel's OOM killer ends the run (or, on a
+            # shared machine, another process), so it is refused here, before the run folder exists
+            if limit is not None and est["total"] > limit:
                 continue
             t = relative_time(n_ck, L, mb * cfg.max_len)
             if best is None or t < best[0] - 1e-9:
@@ -291,7 +290,7 @@ def plan_memory(
     docstring. Per optimizer (``--optimizer=auto``: kahan, sr, 8bit, most precise first), the fastest fitting
     (micro-batch split, checkpointed blocks, step in backward) by :func:`relative_time`; the first optimizer
     whose best plan recomputes nothing wins, else the fastest plan of all (the more precise on a tie).
-    CPU runs are refused only when the weights alone exceed the available memory."""
+    CPU runs are planned and refused the same way, against the memory the OS has available."""
     L = shape(model).layers
     limit = _limit(cfg, device, model)
     found, notes, est = [], [], None
@@ -320,12 +319,25 @@ def plan_memory(
             f" (why: {why})" if why else "",
         )  # fmt: skip
         return plan
-    where = "--memory_limit_gib" if cfg.memory_limit_gib > 0 else "free on the device"
-    what = "this run needs" if device.type == "cuda" else "the weights alone need"
+    where = (
+        "--memory_limit_gib"
+        if cfg.memory_limit_gib > 0
+        else ("free on the device" if device.type == "cuda" else "available in this machine's memory")
+    )
+    what = "this run needs"
     fixes = _fixes(model, cfg, device, autocast, world, attention, limit, L)
     raise ConfigError(
         f"{what} {_fmt(est)} even with the most economical plan, {limit / GIB:.1f} GiB {where}: "
-        + (f"try {' or '.join(fixes)}" if fixes else "no single change fits (more memory, or FSDP2)")
+        + (
+            f"try {' or '.join(fixes)}"
+            if fixes
+            else "no single change fits ("
+            + (
+                "a larger GPU, or FSDP2 over several)"
+                if device.type == "cuda"
+                else "lower --max_len or --micro_batch)"
+            )
+        )
     )
 
 

@@ -370,9 +370,15 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop metric lines after ``step`` (a resumed run rewrites them; no duplicates)."""
-    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+def truncate_metrics(run_dir: Path, step: int, *, at_end: bool = False) -> None:
+    """Drop metric lines after ``step`` (a resumed run rewrites them; no duplicates). ``at_end``: the
+    checkpoint is the run's last step, whose held-out evaluation comes after it (the run's finish, which
+    the resumed run does again): its eval line at ``step`` goes too."""
+    rows = [
+        r
+        for r in read_metrics(run_dir)
+        if r.get("step", 0) < step or (r.get("step", 0) == step and not (at_end and "eval_loss" in r))
+    ]
     path = Path(run_dir) / "metrics.jsonl"
     tmp = path.with_name("metrics.jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -414,32 +420,63 @@ def write_samples(run_dir: Path, rows: list[dict[str, Any]]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def write_failure(e: BaseException, where: str | Path) -> str:
+    """The cause of a failed write, in a few words: ``no space left on <where>`` for a full disk (ENOSPC, and
+    torch's ``unexpected pos`` / ``file write failed``, which is how ``torch.save`` reports a short write),
+    ``disk quota exceeded on <where>``, else the error's own first line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    code = getattr(e, "errno", None)
+    if (
+        code == errno.ENOSPC
+        or "No space left" in text
+        or (isinstance(e, RuntimeError) and ("unexpected pos" in text or "file write failed" in text))
+    ):
+        return f"no space left on {where}"
+    if code == errno.EDQUOT or "quota exceeded" in text.lower():
+        return f"disk quota exceeded on {where}"
+    return (getattr(e, "strerror", None) or text)[:300]
+
+
 def save_final(run_dir: Path, model, tokenizer) -> Path:
     """Write ``final/`` in Hugging Face format (safetensors, config, tokenizer); returns its path.
 
     The tokenizer must already carry the training chat template. Our fast MPT (sft/model/mpt.py) is written
     with its ``save_hf``; a transformers model with ``save_pretrained``; one that refuses (GGUF-loaded) is
     first rebuilt from its config with the same weights.
+
+    Written into ``.final.tmp/`` and swapped in only once complete: a failure (full disk, quota, Ctrl-C)
+    removes the temporary folder and leaves the previous ``final/`` (if any) as it was; it raises RunError
+    naming the cause (``no space left on <run folder>``), or lets KeyboardInterrupt through.
     """
     out = Path(run_dir) / "final"
     tmp = Path(run_dir) / ".final.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if is_ours(model) and not hasattr(model, "save_pretrained"):
-        from sft.model import mpt
+    old = Path(run_dir) / ".final.old"
+    try:
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        if is_ours(model) and not hasattr(model, "save_pretrained"):
+            from sft.model import mpt
 
-        mpt.save_hf(model, tmp)
-    else:
-        try:
-            model.save_pretrained(str(tmp))
-        except (ValueError, NotImplementedError):
-            from sft.model.models import _rebuild
+            mpt.save_hf(model, tmp)
+        else:
+            try:
+                model.save_pretrained(str(tmp))
+            except (ValueError, NotImplementedError):
+                from sft.model.models import _rebuild
 
-            _rebuild(model).save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
+                _rebuild(model).save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError | RuntimeError):
+            kept = "the previous final/ is intact" if out.is_dir() else "no final/ written"
+            raise RunError(f"could not write {out} ({write_failure(e, run_dir)}); {kept}") from None
+        raise
+    if out.exists():  # the swap: the old final/ is removed only once the new one is in place
+        os.replace(out, old)
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -73,7 +73,7 @@ from sft.model.family import shape
 from sft.model.fp8 import check_fp8
 from sft.model.models import ModelError, forward_hidden, lm_head, load_model_and_tokenizer, without_torchao
 from sft.training import checkpoints, distributed, runs
-from sft.training.console import NoWriter, setup_logging, step_line
+from sft.training.console import NoWriter, console_beside_bar, setup_logging, step_line
 from sft.training.distributed import DistInfo
 from sft.training.engine import (
     Engine,
@@ -160,6 +160,7 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
         step = int(runs._read_json(resume_from / "state.json").get("step", 0))
         # the run continues with its own config; only some knobs may change on resume (the rest: refused)
         cfg = resume_config(saved, cfg, given, step=step)
+        _refuse_finished(run_dir, resume_from, saved, cfg, step)
     device = resolve_device(cfg)
     info = DistInfo()
     if distributed.wanted(cfg):
@@ -191,6 +192,23 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
         sft_log.setLevel(level)
         if info.enabled:
             distributed.destroy()
+
+
+def _refuse_finished(
+    run_dir: Path, resume_from: Path, saved: TrainConfig, cfg: TrainConfig, step: int
+) -> None:
+    """RunError (before the run folder is touched: no lock, no train.log line, final/ and metrics.jsonl as
+    they are) when ``--resume`` names a run that reached its end and the command does not lengthen it."""
+    if not checkpoints.is_finished(run_dir):
+        return
+    done = checkpoints.finished_step(run_dir)
+    done = step if done is None else done
+    longer = (cfg.max_steps or 0) > done or (not cfg.max_steps and cfg.epochs > saved.epochs)
+    if not longer:
+        raise RunError(
+            f"--resume: {run_dir} finished at step {done} (final/ written): nothing to resume, nothing "
+            f"changed; to train it further give --max_steps above {done} (or a larger --epochs)"
+        )
 
 
 def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_start, open_run) -> Path:
@@ -332,6 +350,13 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_
     W = info.world
     # one optimizer step = A micro-batches on each of the W ranks: micro-batches s*A*W .. s*A*W + A*W - 1
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (cfg.grad_accum * W)))
+    if (
+        resume_from is None and cfg.warmup_steps > total_steps
+    ):  # check_config caught it when --max_steps is set
+        raise ConfigError(
+            f"--warmup_steps={cfg.warmup_steps} is longer than the run ({total_steps} steps from "
+            f"--epochs={cfg.epochs:g}): the learning rate would never reach --lr"
+        )
     setup, before = _prepare_model(model, tokenizer, prepared, cfg, info, device, resume_from, plan)
     n_params = sum(p.numel() for p in model.parameters())
     L, d = shape(model).layers, shape(model).width
@@ -391,6 +416,13 @@ def _load_inputs(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir)
     resolve_attention(model, cfg, device)  # a backend the model cannot use fails before data preparation
     check_fp8(model, cfg, device)  # so does --fp8 where it cannot run
     compiled = resolve_compile(model, cfg, device)
+    if cfg.export_gguf != "none":  # refused now, not after the whole run
+        from sft.model.gguf import ExportError, check_exportable
+
+        try:
+            check_exportable(model, tokenizer)
+        except ExportError as e:
+            raise ConfigError(f"--export_gguf={cfg.export_gguf}: {e}") from None
     # distributed: rank 0 prepares (and caches) the data first, the other ranks then read its cache
     if not info.is_main:
         distributed.barrier(info)
@@ -476,7 +508,7 @@ def _restore(run: _Run, resume_from: Path) -> None:
     else:
         run.state = checkpoints.load_checkpoint(resume_from, model=run.model, optimizer=run.optimizer)
     if run.info.is_main:
-        runs.truncate_metrics(run.run_dir, run.state["step"])
+        runs.truncate_metrics(run.run_dir, run.state["step"], at_end=run.state["step"] >= run.total_steps)
     run.eval_before = run.state.get("eval_before")
 
 
@@ -515,6 +547,9 @@ def _loop(run: _Run) -> str | None:
             total=run.total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True
         )
     run.root.train()
+    beside_bar = contextlib.ExitStack()
+    if bar is not None:
+        beside_bar.enter_context(console_beside_bar(tqdm))
     try:
         while state["step"] < run.total_steps:
             step = state["step"]
@@ -531,6 +566,7 @@ def _loop(run: _Run) -> str | None:
             if reason:
                 return reason
     finally:
+        beside_bar.close()
         if bar is not None:
             bar.close()
         for s, h in previous_handlers.items():
@@ -585,7 +621,7 @@ def _after_step(run: _Run, step: int, lr: float, res, bar) -> str | None:
         line = step_line(
             state["step"], run.total_steps, res.loss, lr, res.dt, res.processed / res.dt, step_mfu, peak_mem
         )
-        (bar.write(line) if bar is not None else log.info(line))
+        log.info(line)  # console (stderr, beside the bar: console_beside_bar) and train.log
     if bar is not None:
         bar.update(1)
     last = state["step"] >= run.total_steps
@@ -603,9 +639,20 @@ def _after_step(run: _Run, step: int, lr: float, res, bar) -> str | None:
 def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
     """Checkpoint; then, unless stopped early: evaluate, answer the prompts again, write final/ and the plot."""
     cfg, info, state, run_dir = run.cfg, run.info, run.state, run.run_dir
-    # a run that finished needs a checkpoint only if checkpoints were asked for (--save_every): final/ holds
-    # its weights; one stopped early always gets one, to resume from
-    ckpt = run.save_checkpoint() if (stopped_reason is not None or cfg.save_every) else None
+    # a run that finished keeps a checkpoint only if checkpoints were asked for (--save_every): final/ holds
+    # its weights; one stopped early always gets one, to resume from. Before final/ is written there is
+    # always one (removed again once final/ is in place if none was asked for): a failure while writing
+    # final/ (full disk, a second Ctrl-C) then leaves a run that --resume finishes
+    safety_only = stopped_reason is None and not cfg.save_every and cfg.save_final
+    try:
+        ckpt = (
+            run.save_checkpoint() if (stopped_reason is not None or cfg.save_every or safety_only) else None
+        )
+    except KeyboardInterrupt:
+        raise TrainingStopped(
+            f"interrupted while writing the last checkpoint (step {state['step']}); the checkpoints already "
+            f"there are intact: continue with --resume={run_dir}"
+        ) from None
     if stopped_reason is not None:
         run.writer.close()
         if info.is_main:
@@ -647,13 +694,25 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
             from sft.model import lora
 
             lora.merge_lora(export)  # in place: the plain architecture again, adapters folded in
-        runs.save_final(run_dir, export, run.tokenizer)
+        resume_hint = f"checkpoint {ckpt.name} is complete: --resume={run_dir} writes final/"
+        try:
+            runs.save_final(run_dir, export, run.tokenizer)
+        except RunError as e:  # "could not write .../final (no space left on <run folder>); ..."
+            raise RunError(f"{e}; {resume_hint}") from None
+        except KeyboardInterrupt:
+            raise TrainingStopped(
+                f"interrupted while writing final/ (nothing half-written left); {resume_hint}"
+            ) from None
         if cfg.keep_best and state.get("best"):  # which step final/ holds
             runs._write_json(
                 run_dir / "final" / "keep_best.json", {**state["best"], "last_step": state["step"]}
             )
     runs.plot_loss(run_dir)
     checkpoints.mark_finished(run_dir, state["step"])  # --resume=latest passes this run by now
+    if safety_only and ckpt is not None:  # final/ is in place: the checkpoint nobody asked for goes
+        shutil.rmtree(ckpt, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (run_dir / "checkpoints").rmdir()  # only when empty
     if cfg.export_gguf != "none":  # check_config: save_final is on
         _export_gguf(run_dir, cfg.export_gguf)
     log.info(
