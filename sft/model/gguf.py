@@ -396,7 +396,6 @@ def _tokenizer_meta(final: Path, n_vocab: int, arch: str) -> _TokenizerMeta:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise ExportError(f"cannot load the tokenizer in {final} ({type(e).__name__}: {first})") from None
     backend, merges = _exportable_tokenizer(tok, final)
-    model = backend.get("model") or {}
     vocab = tok.get_vocab()
     if max(vocab.values()) >= n_vocab:
         raise ExportError(
