@@ -135,7 +135,7 @@ class TrainConfig:
         "blocks; fp32 weights: adamw); see sft/training/optim.py and sft/training/memory.py",
         choices=("auto", "adamw", "adamw_bf16", "adamw_kahan", "adamw_sr", "adamw_8bit"),
     )
-    micro_batch_split: str = _f(
+    plan_split: str = _f(
         "auto",
         "'auto': on a GPU the memory plan may split each micro-batch into smaller ones with more accumulation "
         "(the same rows per optimizer step) when that avoids recomputing blocks; 'off': keep --micro_batch",

@@ -420,9 +420,7 @@ def test_memory_estimate_is_pinned_and_checked_against_the_gpu(monkeypatch):
     assert bf16["activations"] == int(256 * 64 * per_layer * 2 * 2) + 2 * 256 * 260 * 4
 
     cuda = torch.device("cuda")  # never touched: the free-memory query is replaced
-    c = parse_args(
-        [*base, "--micro_batch_split=off"]
-    )  # the checkpointing rule alone (test_memory_plan: the split)
+    c = parse_args([*base, "--plan_split=off"])  # the checkpointing rule alone (test_memory_plan: the split)
     total = memory.estimate_memory(model.float(), c, autocast=True)["total"]
     monkeypatch.setattr(memory, "free_memory_bytes", lambda device: total)
     assert memory.plan_memory(model, c, cuda, autocast=True).checkpoint_blocks == 1  # 4% kept free

@@ -69,14 +69,12 @@ def test_auto_picks_the_most_precise_state_that_recomputes_nothing(preset, recip
 
 
 def test_an_explicit_optimizer_is_kept_and_the_plan_recomputes_instead(llama):
-    cfg = dataclasses.replace(
-        _recipe("train_llama_guanaco.py"), optimizer="adamw_8bit", micro_batch_split="off"
-    )
+    cfg = dataclasses.replace(_recipe("train_llama_guanaco.py"), optimizer="adamw_8bit", plan_split="off")
     plan = _plan(llama, cfg, 76)
     assert (plan.optimizer, plan.micro_batch, plan.grad_accum) == ("adamw_8bit", 4, 4)
     assert 0 < plan.checkpoint_blocks < 32  # 4 rows of 2,048 do not fit whole next to 8-bit state at 76 GiB
     # with the split allowed, the same optimizer runs 2 rows x 8 with nothing recomputed
-    split = _plan(llama, dataclasses.replace(cfg, micro_batch_split="auto"), 76)
+    split = _plan(llama, dataclasses.replace(cfg, plan_split="auto"), 76)
     assert (split.micro_batch, split.grad_accum, split.checkpoint_blocks) == (2, 8, 0)
 
 

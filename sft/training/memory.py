@@ -221,7 +221,7 @@ def _optimizers(cfg: TrainConfig) -> list[str]:
 
 def _splits(cfg: TrainConfig, device: torch.device) -> list[tuple[int, int]]:
     """(micro_batch, grad_accum) with the same rows per optimizer step, largest micro-batch first."""
-    if cfg.micro_batch_split == "off" or device.type != "cuda":
+    if cfg.plan_split == "off" or device.type != "cuda":
         return [(cfg.micro_batch, cfg.grad_accum)]
     rows = cfg.micro_batch * cfg.grad_accum
     return [(mb, rows // mb) for mb in range(cfg.micro_batch, 0, -1) if rows % mb == 0]
