@@ -330,14 +330,20 @@ def adamw8bit_step(
     )
 
 
-def _ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> float:
-    """Largest distance between a and b in units of the grid spacing of `dtype` at max(|a|, |b|).
+def _ulps(
+    a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, operands: torch.Tensor | None = None
+) -> float:
+    """Largest distance between a and b in units of the grid spacing of `dtype` at max(|a|, |b|, |operands|).
 
     The spacing is that of a normal number of `dtype` at the value (bf16: 2^-7 relative,
-    e4m3: 2^-3 relative), floored at the smallest subnormal spacing (e4m3: 2^-9).
+    e4m3: 2^-3 relative), floored at the smallest subnormal spacing (e4m3: 2^-9). `operands`: the
+    magnitude of the terms summed into a and b: where they cancel (a weight that an update brings
+    near 0), fp32 rounding of the terms, not the tiny result, sets the scale of the difference.
     """
     a, b = a.double(), b.double()
     mag = torch.maximum(a.abs(), b.abs())
+    if operands is not None:
+        mag = torch.maximum(mag, operands.double().abs())
     mant = {torch.bfloat16: 7, torch.float8_e4m3fn: 3}[dtype]
     tiny = {torch.bfloat16: 2.0**-133, torch.float8_e4m3fn: 2.0**-9}[dtype]
     exp = torch.floor(torch.log2(mag.clamp_min(tiny)))
@@ -397,7 +403,8 @@ def check_kernels(device: str = "cuda", numels: tuple[int, ...] = (1, 300, 4096,
                     if a.dtype == torch.float32:  # scales: deterministic
                         key, val = f"{name}_rel", ((a - b).abs() / a.abs().clamp_min(1e-30)).max().item()
                     else:
-                        key, val = f"{name}_ulps", _ulps(a.float(), b.float(), a.dtype)
+                        ops = p0.float() if name == "weight" else None  # p + update may cancel
+                        key, val = f"{name}_ulps", _ulps(a.float(), b.float(), a.dtype, ops)
                     stats[key] = max(stats.get(key, 0.0), val)
                 moved = (ref[0].float() - p0.float(), ker[0].float() - p0.float())
             else:
@@ -417,14 +424,15 @@ def check_kernels(device: str = "cuda", numels: tuple[int, ...] = (1, 300, 4096,
                     ker[0], g, ker[1], ker[2], ker[3] if kahan else None, bc1=bc1, bc2_sqrt=bc2_sqrt,
                     stochastic_param=not kahan, seed=seed, **hyper,
                 )  # fmt: skip
-                for name, a, b in zip(["weight", "exp_avg", "exp_avg_sq"], ref, ker):
+                # terms that may cancel: p + update, beta1 * m + (1 - beta1) * g
+                operands = [p0.float(), m0.float().abs() + g.float().abs(), None]
+                for name, a, b, ops in zip(["weight", "exp_avg", "exp_avg_sq"], ref, ker, operands):
                     key = f"{name}_ulps"
-                    stats[key] = max(stats.get(key, 0.0), _ulps(a.float(), b.float(), torch.bfloat16))
+                    stats[key] = max(stats.get(key, 0.0), _ulps(a.float(), b.float(), torch.bfloat16, ops))
                 if kahan:  # weight + compensation is deterministic: in ulps of the weight
                     va, vb = ref[0].float() + ref[3].float(), ker[0].float() + ker[3].float()
-                    ulp = torch.exp2(torch.floor(torch.log2(p0.float().abs().clamp_min(2.0**-126))) - 7)
                     key = "kahan_value_weight_ulps"
-                    stats[key] = max(stats.get(key, 0.0), ((va - vb).abs() / ulp).max().item())
+                    stats[key] = max(stats.get(key, 0.0), _ulps(va, vb, torch.bfloat16, p0.float()))
                 moved = (ref[0].float() - p0.float(), ker[0].float() - p0.float())
             if n >= 4096:  # a mean over enough elements
                 key = "mean_update_diff_rel"
