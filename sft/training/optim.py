@@ -579,14 +579,32 @@ class AdamW8bit(KahanAdamW):
         self.moment_dtype = torch.float8_e4m3fn
 
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+        """Zero state; for an FSDP2 parameter (DTensor sharded on dim 0 of a 1-D mesh) each rank's state
+        covers its local shard, padded to the largest shard's block count, and is itself a DTensor
+        sharded on dim 0 (equal shards): distributed checkpoints save every rank's part."""
         state = self.state[p]
         if not state:
             local = _local(p)
-            nblocks = -(-local.numel() // QBLOCK)
+            wrap = None
+            numel = local.numel()
+            if _is_dtensor(p):
+                mesh, placements = p.device_mesh, p.placements
+                if mesh.ndim != 1 or not placements[0].is_shard(0) or p.ndim == 0:
+                    raise ValueError(f"adamw_8bit supports DTensors sharded on dim 0 only, got {placements}")
+                rows = -(-p.shape[0] // mesh.size())
+                numel = rows * (p.numel() // max(p.shape[0], 1))  # the largest shard's element count
+                wrap = mesh, placements
+            nblocks = -(-numel // QBLOCK)
             state["step"] = 0
             for key in ("exp_avg", "sqrt_exp_avg_sq"):
-                state[key] = torch.zeros(nblocks * QBLOCK, dtype=torch.float8_e4m3fn, device=local.device)
-                state[key + "_scale"] = torch.zeros(nblocks, dtype=torch.float32, device=local.device)
+                q = torch.zeros(nblocks * QBLOCK, dtype=torch.float8_e4m3fn, device=local.device)
+                s = torch.zeros(nblocks, dtype=torch.float32, device=local.device)
+                if wrap is not None:
+                    from torch.distributed.tensor import DTensor
+
+                    q = DTensor.from_local(q, wrap[0], wrap[1], run_check=False)
+                    s = DTensor.from_local(s, wrap[0], wrap[1], run_check=False)
+                state[key], state[key + "_scale"] = q, s
         return state
 
     def _update(self, group: dict, p: torch.Tensor) -> None:
@@ -597,12 +615,8 @@ class AdamW8bit(KahanAdamW):
         step = state["step"]
         beta1, beta2 = group["betas"]
         local_p, local_g = _local(p), _local(p.grad)
-        moments = [
-            state["exp_avg"],
-            state["exp_avg_scale"],
-            state["sqrt_exp_avg_sq"],
-            state["sqrt_exp_avg_sq_scale"],
-        ]
+        keys = ("exp_avg", "exp_avg_scale", "sqrt_exp_avg_sq", "sqrt_exp_avg_sq_scale")
+        moments = [_local(state[k]) for k in keys]
         bound = _ratio_bound(beta1, beta2, step)
         seed = self._seed(group, p, step)
         if self.kernel == "triton" and fused_adamw.can_run(local_p, local_g, *moments):
