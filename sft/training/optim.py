@@ -1,21 +1,25 @@
-"""AdamW variants for full fine-tuning: fp32, pure bf16, and bf16 with Kahan-compensated updates.
+"""AdamW variants for full fine-tuning: fp32, pure bf16, bf16 with Kahan-compensated or stochastically
+rounded updates, and bf16 weights with 8-bit (FP8 e4m3) block-wise moments.
 
 `build_optimizer(params, name, lr, betas, weight_decay, eps)` returns a `torch.optim.Optimizer`.
 `params` is anything `torch.optim` accepts: an iterable of tensors or of param-group dicts
 (which parameters get weight decay is the caller's choice, made through the groups).
+`state_bytes_per_param(name)` is the optimizer-state column of the table below (for the memory plan).
 
 Modes and their memory, in bytes per parameter (weights + optimizer state; gradients add the
 parameter's own size on top: 4 for fp32, 2 for bf16):
 
-| name          | weights | exp_avg | exp_avg_sq | compensation | total | update quality |
-| ------------- | ------- | ------- | ---------- | ------------ | ----- | -------------- |
-| `adamw`       | 4 (fp32)| 4       | 4          | -            | 12    | fp32 (reference) |
-| `adamw_bf16`  | 2       | 2       | 2          | -            | 6     | updates below half a bf16 ulp of the weight are lost |
-| `adamw_kahan` | 2       | 2 (or 4)| 2 (or 4)   | 2            | 8 (12 with fp32 moments) | ~fp32 |
-| `adamw_sr`    | 2       | 2 (or 4)| 2 (or 4)   | -            | 6 (10)   | fp32 in expectation (stochastic rounding) |
+| name          | weights | exp_avg | exp_avg_sq | extra | state | total | update quality |
+| ------------- | ------- | ------- | ---------- | ----- | ----- | ----- | -------------- |
+| `adamw`       | 4 (fp32)| 4       | 4          | -     | 8     | 12    | fp32 (reference) |
+| `adamw_bf16`  | 2       | 2       | 2          | -     | 4     | 6     | updates below half a bf16 ulp of the weight are lost |
+| `adamw_kahan` | 2       | 2 (or 4)| 2 (or 4)   | 2 (compensation) | 6 (10) | 8 (12 with fp32 moments) | ~fp32 |
+| `adamw_sr`    | 2       | 2 (or 4)| 2 (or 4)   | -     | 4 (8) | 6 (10)| fp32 in expectation (stochastic rounding) |
+| `adamw_8bit`  | 2       | 1 (e4m3)| 1 (e4m3 sqrt) | 8/256 (two fp32 scales per 256) | 2.03 | 4.03 | fp32 in expectation, noisier moments |
 
 For comparison, mixed precision with an fp32 master copy costs 2 (bf16 weights) + 4 (master) +
-4 + 4 = 14 bytes per parameter, plus fp32 gradients.
+4 + 4 = 14 bytes per parameter, plus fp32 gradients. Llama-3-8B (8.03 B parameters), bf16 weights and
+gradients: 32 GB + state 48 (kahan), 32 (sr), 16.3 (8bit) GB.
 
 `adamw` and `adamw_bf16` are `torch.optim.AdamW` (fused kernel when every parameter is on CUDA,
 foreach otherwise); they differ only in the dtype the caller gives the parameters, and the state
@@ -27,16 +31,27 @@ holding what the last rounding of the weight threw away; it is added back into t
 step is done in fp32 per tensor; moments are stored in `moment_dtype` (bf16 by default). Moments
 stored in bf16 are written with stochastic rounding: with round-to-nearest a bf16 `exp_avg_sq`
 with beta2 = 0.999 can never decrease (0.999 * v rounds back to v), which stalls Adam.
-The compensation buffers and moments are ordinary optimizer state, so `state_dict()` /
-`load_state_dict()` resume exactly. fp32 parameters in a Kahan optimizer get plain fp32 AdamW
-(no compensation buffer). Stochastic rounding draws from torch's global generator (of the
-parameter's device): resume is bit-exact only if the RNG state is restored too.
+fp32 parameters in a Kahan optimizer get plain fp32 AdamW (no compensation buffer).
+`adamw_sr` is the same class without the buffer: the new weight is rounded stochastically.
 
-On CUDA the per-tensor update is one `torch.compile`d pointwise kernel (dynamic shapes, so one
-compilation for all tensors); elsewhere, or with `compile=False`, the same function runs eagerly
-(`compile=True` forces the compiled kernel on any device, e.g. inductor's C++ backend on CPU). It is
-compiled with inductor's `emulate_precision_casts`, without which inductor drops the bf16 rounding
-that the Kahan compensation measures (see `_COMPILE_OPTIONS`).
+`adamw_8bit` (`AdamW8bit`) stores m and r = sqrt(v) (not v: m and r span the same range) as
+float8_e4m3fn with one fp32 scale (absmax / 448) per block of 256 elements, requantised each step with
+stochastic rounding; the weight update is computed in fp32 from the new moments before they are
+quantised, and written to the bf16 weight with stochastic rounding (see the class docstring).
+
+Stochastic rounding bits: each step of each parameter draws from a seed derived from the optimizer's
+`seed` (kept in every param group, hence in `state_dict()`), the step and the parameter's index, so
+`state_dict()` / `load_state_dict()` resume bit-exactly on the same device with no RNG to restore, and
+the step in backward gives the same bits as `step()`. (The "compile" kernel and the eager update of
+FSDP2 DTensor parameters in the kahan/sr modes draw from torch's global generator instead.)
+
+Kernels (`kernel=`): on CUDA every low-precision mode runs one Triton kernel launch per parameter
+tensor (`sft/training/fused_adamw.py`: reads and writes each byte once); elsewhere the same arithmetic
+runs in eager torch (`_adamw_update`, `_adamw8bit_update`: the references the kernels are tested
+against). `kernel="compile"` (or the older `compile=True`) keeps the `torch.compile`d pointwise update
+of the kahan/sr modes (dynamic shapes, one compilation for all tensors; also on CPU through
+inductor's C++ backend), compiled with inductor's `emulate_precision_casts`, without which inductor
+drops the bf16 rounding that the Kahan compensation measures (see `_COMPILE_OPTIONS`).
 """
 
 from __future__ import annotations
