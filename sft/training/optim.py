@@ -195,12 +195,15 @@ def _quantize_blockwise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 of a multiple of 256 elements -> (e4m3 values, fp32 scale per 256), scale = absmax / 448.
 
-    Each block is divided by its absmax and multiplied by 448, then rounded stochastically with
-    `generator` (round to nearest when None, for tests and initial states); an all-zero block stays 0.
+    Each block is multiplied by 448 / its absmax, then rounded stochastically with `generator` (round
+    to nearest when None, for tests and initial states); an all-zero block (or one of absmax <= 2^-100,
+    far below any Adam moment) is stored as 0.
     """
     xb = x.view(-1, QBLOCK)
     amax = xb.abs().amax(dim=1)
-    q = xb / torch.where(amax > 0, amax, 1.0)[:, None] * FP8_MAX
+    # one reciprocal per block (as the kernel); a block with absmax <= 2^-100 is stored as 0
+    inv = torch.where(amax > 2.0**-100, FP8_MAX / amax, 0.0)
+    q = xb * inv[:, None]
     if generator is None:
         qq = q.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     else:
