@@ -49,6 +49,10 @@ QBLOCK = 256  # elements per fp32 scale of the 8-bit moments
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 BLOCK = 1024  # elements per program of the bf16 kernel
 QROWS = 4  # quantisation blocks per program of the 8-bit kernel (1,024 elements)
+# Philox rounds of the rounding bits: triton's default 10 (Philox4x32-10); 7 is the fewest that pass
+# BigCrush (Salmon et al., SC 2011) and saves ~1/3 of the kernels' integer work (benchmarks/optim_step.py
+# --philox-rounds); read at each launch, a change compiles one more kernel variant.
+PHILOX_ROUNDS = 10
 
 
 def triton_available() -> bool:
@@ -123,6 +127,7 @@ if triton is not None:
         PARAM_BF16: tl.constexpr,
         SR_MOMENTS: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
+        N_ROUNDS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -136,7 +141,7 @@ if triton is not None:
         if SR_MOMENTS or PARAM_MODE == 2:
             # one Philox call (four words) per element pair: words 0 and 2 to element 2k, 1 and 3 to 2k+1
             half = pid.to(tl.int64) * (BLOCK_SIZE // 2) + tl.arange(0, BLOCK_SIZE // 2)
-            w0, w1, w2, w3 = tl.randint4x(seed, half)
+            w0, w1, w2, w3 = tl.randint4x(seed, half, N_ROUNDS)
             ra = tl.reshape(tl.join(w0, w1), [BLOCK_SIZE])
             rb = tl.reshape(tl.join(w2, w3), [BLOCK_SIZE])
         if SR_MOMENTS:
@@ -191,6 +196,7 @@ if triton is not None:
         SR_PARAM: tl.constexpr,
         ROWS: tl.constexpr,
         QB: tl.constexpr,
+        N_ROUNDS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * ROWS + tl.arange(0, ROWS)  # quantisation blocks of this program
@@ -213,7 +219,7 @@ if triton is not None:
         step = tl.minimum(tl.maximum(step, -lim), lim)
         update = -(lr * wd) * p - step
         half = rows.to(tl.int64)[:, None] * (QB // 2) + tl.arange(0, QB // 2)[None, :]
-        w0, w1, w2, w3 = tl.randint4x(seed, half)  # one Philox call per element pair, as above
+        w0, w1, w2, w3 = tl.randint4x(seed, half, N_ROUNDS)  # one Philox call per element pair, as above
         ra = tl.reshape(tl.join(w0, w1), [ROWS, QB])
         rb = tl.reshape(tl.join(w2, w3), [ROWS, QB])
         m_amax = tl.max(tl.abs(m32), axis=1)
@@ -286,6 +292,7 @@ def adamw_lowp_step(
         PARAM_BF16=p.dtype == torch.bfloat16,
         SR_MOMENTS=m.dtype == torch.bfloat16,
         BLOCK_SIZE=BLOCK,
+        N_ROUNDS=PHILOX_ROUNDS,
         num_warps=4,
     )
 
@@ -342,6 +349,7 @@ def adamw8bit_step(
         SR_PARAM=p.dtype == torch.bfloat16,
         ROWS=QROWS,
         QB=QBLOCK,
+        N_ROUNDS=PHILOX_ROUNDS,
         num_warps=4,
     )
 
