@@ -464,3 +464,49 @@ def check_kernels(device: str = "cuda", numels: tuple[int, ...] = (1, 300, 4096,
                 stats[key] = max(stats.get(key, 0.0), abs((moved[0] - moved[1]).mean().item()) / denom)
         out[mode] = stats
     return out
+
+
+def compile_ahead(capability: int = 90) -> dict[str, int]:
+    """Compile every kernel variant the optimizers launch for an NVIDIA GPU of `capability` (90: H100),
+    without a GPU (triton's bundled ptxas); returns PTX instruction lines per variant.
+
+    The interpreter does not type-check like the compiler does: this catches what only the GPU
+    would otherwise reveal (tests/test_optim.py runs it on the CPU).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", capability, 32)
+    scalars = ["lr", "bc1", "bc2_sqrt", "beta1", "omb1", "beta2", "omb2", "eps", "wd"]
+    out = {}
+
+    def build(kernel, sig: dict, consts: dict, name: str) -> None:
+        sig = {**sig, **{k: "constexpr" for k in consts}}
+        ptx = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target).asm["ptx"]
+        lines = [x.strip() for x in ptx.splitlines()]
+        out[name] = sum(1 for x in lines if x and not x.startswith(("//", ".", "$", "{", "}", ")", "(")))
+
+    for mode, pdt, mdt in (
+        (1, "bf16", "bf16"),
+        (1, "bf16", "fp32"),
+        (2, "bf16", "bf16"),
+        (0, "fp32", "fp32"),
+    ):
+        sig = {
+            "p_ptr": f"*{pdt}",
+            "g_ptr": f"*{pdt}",
+            "m_ptr": f"*{mdt}",
+            "v_ptr": f"*{mdt}",
+            "c_ptr": f"*{pdt}",
+        }
+        sig |= {"n": "i32", **{k: "fp32" for k in scalars}, "seed": "i32"}
+        consts = dict(PARAM_MODE=mode, PARAM_BF16=pdt == "bf16", SR_MOMENTS=mdt == "bf16")
+        consts |= dict(BLOCK_SIZE=BLOCK, N_ROUNDS=PHILOX_ROUNDS)
+        build(_adamw_lowp_kernel, sig, consts, f"lowp_mode{mode}_{pdt}_{mdt}")
+    for pdt in ("bf16", "fp32"):
+        sig = {"p_ptr": f"*{pdt}", "g_ptr": f"*{pdt}", "mq_ptr": "*fp8e4nv", "ms_ptr": "*fp32"}
+        sig |= {"rq_ptr": "*fp8e4nv", "rs_ptr": "*fp32", "n": "i32", "nblocks": "i32"}
+        sig |= {**{k: "fp32" for k in scalars}, "bound": "fp32", "seed": "i32"}
+        consts = dict(SR_PARAM=pdt == "bf16", ROWS=QROWS, QB=QBLOCK, N_ROUNDS=PHILOX_ROUNDS)
+        build(_adamw8bit_kernel, sig, consts, f"8bit_{pdt}")
+    return out
