@@ -206,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--check", action="store_true", help="only compare the kernels with the torch reference")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--philox-rounds", type=int, default=fused_adamw.PHILOX_ROUNDS, help="rounds of the rounding bits"
+    )
     args = ap.parse_args(argv)
+    fused_adamw.PHILOX_ROUNDS = args.philox_rounds
     if args.check:
         if torch.cuda.is_available():
             return run_check("cuda")
