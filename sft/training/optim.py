@@ -372,7 +372,7 @@ class KahanAdamW(torch.optim.Optimizer):
             contiguous, not on CUDA) gets the eager update.
         compile: the older switch: True = kernel "compile", False = kernel "torch".
         seed: of the stochastic rounding (kept in every param group, so saved in `state_dict()`);
-            default: drawn from torch's global generator. Each step of each parameter rounds with
+            default: `torch.initial_seed()` (what `torch.manual_seed` set). Each step of each parameter rounds with
             bits from `_step_seed(seed, step, parameter index)`: same device, same bits, so a resumed
             run is bit-exact without restoring any RNG. (The "compile" kernel, and the eager update of
             FSDP2's DTensor parameters, draw from torch's global generator instead.)
@@ -415,8 +415,8 @@ class KahanAdamW(torch.optim.Optimizer):
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if kernel == "triton" and not fused_adamw.triton_available():
             raise ValueError("kernel='triton' needs triton (not importable here): use kernel='torch'")
-        if seed is None:  # from torch's global generator: torch.manual_seed makes runs repeatable
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        if seed is None:  # torch.manual_seed's seed (read, not drawn: the global RNG stream is untouched)
+            seed = torch.initial_seed() % (2**31 - 1)
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps, seed=int(seed))
         super().__init__(params, defaults)
         self.kernel = kernel
