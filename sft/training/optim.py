@@ -659,8 +659,10 @@ def step_in_backward(optimizer: KahanAdamW, params: Iterable[torch.Tensor]) -> l
     is updated and its ``.grad`` set to None right after its gradient is accumulated, so the
     gradients of the whole model are never alive at once (peak memory falls by about one
     gradient copy: 2 bytes/param in bf16). Afterwards call neither ``optimizer.step()`` nor
-    ``zero_grad()``; the update is the same arithmetic as ``step()`` (bit-identical with fp32
-    moments; with bf16 moments the stochastic-rounding draws come in another order).
+    ``zero_grad()``; the update is bit-identical to ``step()`` in every mode (`adamw_kahan`, `adamw_sr`,
+    `adamw_8bit`, Triton or torch kernel): the rounding bits depend on (seed, step, parameter), not on
+    the order parameters are stepped in (only the "compile" kernel draws from the global RNG, in
+    another order).
     What it cannot do: anything needing all gradients before the first update, i.e. gradient
     clipping by global norm and gradient accumulation over micro-batches.
     Returns the hook handles (``handle.remove()`` restores ordinary stepping).
