@@ -17,8 +17,11 @@ Kernels:
 | `adamw_lowp_step` | `adamw_kahan` (bf16 compensation), `adamw_sr` (stochastic weight rounding), bf16 or fp32 moments | kahan 10 + 8, sr 8 + 6 |
 | `adamw8bit_step` | `adamw_8bit`: e4m3 moments m and r = sqrt(v) with one fp32 scale per 256 elements | 6.06 + 4.06 |
 
-Random bits: element i of a tensor uses `randint4x(seed, i)`, four 32-bit words: the first goes to
-the first moment, the second to the second moment, the third to the weight. `seed` is derived per
+Random bits: elements 2k and 2k+1 of a tensor share one `randint4x(seed, k)` (four 32-bit words, two
+each; Philox costs ~80 integer instructions per call: once per element pair keeps the kernels
+memory-bound). bf16 modes: first word's low / high 16 bits round the first / second moment,
+the second word's low 16 the weight. 8-bit: the low 20 bits of the two words round m and r, their
+high 12 bits together the weight. `seed` is derived per
 step and per parameter by the optimizer (`optim._step_seed`), so a step is reproducible and resume
 is bit-exact on the same device. Integer arguments that change every launch (`seed`) are not
 specialised; lr, bias corrections and betas are fp32 scalars: changing them never recompiles.
@@ -45,6 +48,10 @@ QBLOCK = 256  # elements per fp32 scale of the 8-bit moments
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 BLOCK = 1024  # elements per program of the bf16 kernel
 QROWS = 4  # quantisation blocks per program of the 8-bit kernel (1,024 elements)
+# Philox rounds of the rounding bits: triton's default 10 (Philox4x32-10); 7 is the fewest that pass
+# BigCrush (Salmon et al., SC 2011) and saves ~1/3 of the kernels' integer work (benchmarks/optim_step.py
+# --philox-rounds); read at each launch, a change compiles one more kernel variant.
+PHILOX_ROUNDS = 10
 
 
 def triton_available() -> bool:
@@ -119,6 +126,7 @@ if triton is not None:
         PARAM_BF16: tl.constexpr,
         SR_MOMENTS: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
+        N_ROUNDS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -129,15 +137,22 @@ if triton is not None:
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m32 = m * beta1 + g * omb1
         v32 = v * beta2 + g * g * omb2
-        r0, r1, r2, r3 = tl.randint4x(seed, offs)
+        if SR_MOMENTS or PARAM_MODE == 2:
+            # one Philox call (four words) per element pair: words 0 and 2 to element 2k, 1 and 3 to 2k+1
+            half = pid.to(tl.int64) * (BLOCK_SIZE // 2) + tl.arange(0, BLOCK_SIZE // 2)
+            w0, w1, w2, w3 = tl.randint4x(seed, half, N_ROUNDS)
+            ra = tl.reshape(tl.join(w0, w1), [BLOCK_SIZE])
+            rb = tl.reshape(tl.join(w2, w3), [BLOCK_SIZE])
         if SR_MOMENTS:
-            tl.store(m_ptr + offs, _sr_bf16(m32, r0), mask=mask)
-            tl.store(v_ptr + offs, _sr_bf16(v32, r1), mask=mask)
+            tl.store(m_ptr + offs, _sr_bf16(m32, ra), mask=mask)
+            tl.store(v_ptr + offs, _sr_bf16(v32, ra >> 16), mask=mask)
         else:
             tl.store(m_ptr + offs, m32.to(m_ptr.dtype.element_ty), mask=mask)
             tl.store(v_ptr + offs, v32.to(v_ptr.dtype.element_ty), mask=mask)
-        denom = tl.div_rn(tl.sqrt_rn(v32), bc2_sqrt) + eps
-        update = -(lr * wd) * p - tl.div_rn((lr / bc1) * m32, denom)
+        # the GPU's fast sqrt and division (<= 2 fp32 ulps): the kernel is memory-bound only without
+        # the IEEE sequences; the difference to the reference is far below a bf16 ulp
+        denom = tl.sqrt(v32) / bc2_sqrt + eps
+        update = -(lr * wd) * p - (lr / bc1) * m32 / denom
         if PARAM_MODE == 1:
             c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             y = update + c
@@ -150,7 +165,7 @@ if triton is not None:
             tl.store(c_ptr + offs, new_c, mask=mask)
             tl.store(p_ptr + offs, new_p, mask=mask)
         elif PARAM_MODE == 2:
-            tl.store(p_ptr + offs, _sr_bf16(p + update, r2), mask=mask)
+            tl.store(p_ptr + offs, _sr_bf16(p + update, rb), mask=mask)
         elif PARAM_BF16:
             tl.store(p_ptr + offs, _rne_bf16(p + update), mask=mask)
         else:
@@ -180,6 +195,7 @@ if triton is not None:
         SR_PARAM: tl.constexpr,
         ROWS: tl.constexpr,
         QB: tl.constexpr,
+        N_ROUNDS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * ROWS + tl.arange(0, ROWS)  # quantisation blocks of this program
@@ -195,23 +211,29 @@ if triton is not None:
         r = tl.load(rq_ptr + offs, mask=qmask, other=0.0).to(tl.float32) * rs[:, None]
         m32 = m * beta1 + g * omb1
         v32 = r * r * beta2 + g * g * omb2
-        r32 = tl.sqrt_rn(v32)
-        denom = tl.div_rn(r32, bc2_sqrt) + eps
-        step = tl.div_rn((lr / bc1) * m32, denom)
+        r32 = tl.sqrt(v32)  # fast sqrt and division, as in the bf16 kernel
+        denom = r32 / bc2_sqrt + eps
+        step = (lr / bc1) * m32 / denom
         lim = lr * bound
         step = tl.minimum(tl.maximum(step, -lim), lim)
         update = -(lr * wd) * p - step
-        r0, r1, r2, r3 = tl.randint4x(seed, offs)
+        half = rows.to(tl.int64)[:, None] * (QB // 2) + tl.arange(0, QB // 2)[None, :]
+        w0, w1, w2, w3 = tl.randint4x(seed, half, N_ROUNDS)  # one Philox call per element pair, as above
+        ra = tl.reshape(tl.join(w0, w1), [ROWS, QB])
+        rb = tl.reshape(tl.join(w2, w3), [ROWS, QB])
         m_amax = tl.max(tl.abs(m32), axis=1)
         r_amax = tl.max(r32, axis=1)
-        m_q = _sr_e4m3(tl.div_rn(m32, tl.where(m_amax > 0, m_amax, 1.0)[:, None]) * 448.0, r0)
-        r_q = _sr_e4m3(tl.div_rn(r32, tl.where(r_amax > 0, r_amax, 1.0)[:, None]) * 448.0, r1)
-        tl.store(mq_ptr + offs, m_q, mask=qmask)
-        tl.store(rq_ptr + offs, r_q, mask=qmask)
+        # one reciprocal per block; blocks with absmax <= 2^-100 are stored as 0 (448 / absmax finite)
+        tiny = 7.888609052210118e-31  # 2^-100
+        m_inv = tl.where(m_amax > tiny, 448.0 / tl.maximum(m_amax, tiny), 0.0)
+        r_inv = tl.where(r_amax > tiny, 448.0 / tl.maximum(r_amax, tiny), 0.0)
+        tl.store(mq_ptr + offs, _sr_e4m3(m32 * m_inv[:, None], ra), mask=qmask)
+        tl.store(rq_ptr + offs, _sr_e4m3(r32 * r_inv[:, None], rb), mask=qmask)
         tl.store(ms_ptr + rows, m_amax / 448.0, mask=rmask)
         tl.store(rs_ptr + rows, r_amax / 448.0, mask=rmask)
         if SR_PARAM:
-            tl.store(p_ptr + offs, _sr_bf16(p + update, r2), mask=emask)
+            # 12 unused high bits of each word: 24 random bits, the low 16 round the weight
+            tl.store(p_ptr + offs, _sr_bf16(p + update, (ra >> 20) | ((rb >> 20) << 12)), mask=emask)
         else:
             tl.store(p_ptr + offs, (p + update).to(p_ptr.dtype.element_ty), mask=emask)
 
@@ -269,6 +291,7 @@ def adamw_lowp_step(
         PARAM_BF16=p.dtype == torch.bfloat16,
         SR_MOMENTS=m.dtype == torch.bfloat16,
         BLOCK_SIZE=BLOCK,
+        N_ROUNDS=PHILOX_ROUNDS,
         num_warps=4,
     )
 
@@ -325,5 +348,52 @@ def adamw8bit_step(
         SR_PARAM=p.dtype == torch.bfloat16,
         ROWS=QROWS,
         QB=QBLOCK,
+        N_ROUNDS=PHILOX_ROUNDS,
         num_warps=4,
     )
+
+
+def compile_ahead(capability: int = 90) -> dict[str, int]:
+    """Compile every kernel variant the optimizers launch for an NVIDIA GPU of `capability` (90: H100),
+    without a GPU (triton's bundled ptxas); returns PTX instruction lines per variant.
+
+    The interpreter does not type-check like the compiler does: this catches what only the GPU
+    would otherwise reveal (tests/test_optim.py runs it on the CPU).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", capability, 32)
+    scalars = ["lr", "bc1", "bc2_sqrt", "beta1", "omb1", "beta2", "omb2", "eps", "wd"]
+    out = {}
+
+    def build(kernel, sig: dict, consts: dict, name: str) -> None:
+        sig = {**sig, **{k: "constexpr" for k in consts}}
+        ptx = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target).asm["ptx"]
+        lines = [x.strip() for x in ptx.splitlines()]
+        out[name] = sum(1 for x in lines if x and not x.startswith(("//", ".", "$", "{", "}", ")", "(")))
+
+    for mode, pdt, mdt in (
+        (1, "bf16", "bf16"),
+        (1, "bf16", "fp32"),
+        (2, "bf16", "bf16"),
+        (0, "fp32", "fp32"),
+    ):
+        sig = {
+            "p_ptr": f"*{pdt}",
+            "g_ptr": f"*{pdt}",
+            "m_ptr": f"*{mdt}",
+            "v_ptr": f"*{mdt}",
+            "c_ptr": f"*{pdt}",
+        }
+        sig |= {"n": "i32", **{k: "fp32" for k in scalars}, "seed": "i32"}
+        consts = dict(PARAM_MODE=mode, PARAM_BF16=pdt == "bf16", SR_MOMENTS=mdt == "bf16")
+        consts |= dict(BLOCK_SIZE=BLOCK, N_ROUNDS=PHILOX_ROUNDS)
+        build(_adamw_lowp_kernel, sig, consts, f"lowp_mode{mode}_{pdt}_{mdt}")
+    for pdt in ("bf16", "fp32"):
+        sig = {"p_ptr": f"*{pdt}", "g_ptr": f"*{pdt}", "mq_ptr": "*fp8e4nv", "ms_ptr": "*fp32"}
+        sig |= {"rq_ptr": "*fp8e4nv", "rs_ptr": "*fp32", "n": "i32", "nblocks": "i32"}
+        sig |= {**{k: "fp32" for k in scalars}, "bound": "fp32", "seed": "i32"}
+        consts = dict(SR_PARAM=pdt == "bf16", ROWS=QROWS, QB=QBLOCK, N_ROUNDS=PHILOX_ROUNDS)
+        build(_adamw8bit_kernel, sig, consts, f"8bit_{pdt}")
+    return out

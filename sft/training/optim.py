@@ -1,21 +1,25 @@
-"""AdamW variants for full fine-tuning: fp32, pure bf16, and bf16 with Kahan-compensated updates.
+"""AdamW variants for full fine-tuning: fp32, pure bf16, bf16 with Kahan-compensated or stochastically
+rounded updates, and bf16 weights with 8-bit (FP8 e4m3) block-wise moments.
 
 `build_optimizer(params, name, lr, betas, weight_decay, eps)` returns a `torch.optim.Optimizer`.
 `params` is anything `torch.optim` accepts: an iterable of tensors or of param-group dicts
 (which parameters get weight decay is the caller's choice, made through the groups).
+`state_bytes_per_param(name)` is the optimizer-state column of the table below (for the memory plan).
 
 Modes and their memory, in bytes per parameter (weights + optimizer state; gradients add the
 parameter's own size on top: 4 for fp32, 2 for bf16):
 
-| name          | weights | exp_avg | exp_avg_sq | compensation | total | update quality |
-| ------------- | ------- | ------- | ---------- | ------------ | ----- | -------------- |
-| `adamw`       | 4 (fp32)| 4       | 4          | -            | 12    | fp32 (reference) |
-| `adamw_bf16`  | 2       | 2       | 2          | -            | 6     | updates below half a bf16 ulp of the weight are lost |
-| `adamw_kahan` | 2       | 2 (or 4)| 2 (or 4)   | 2            | 8 (12 with fp32 moments) | ~fp32 |
-| `adamw_sr`    | 2       | 2 (or 4)| 2 (or 4)   | -            | 6 (10)   | fp32 in expectation (stochastic rounding) |
+| name          | weights | exp_avg | exp_avg_sq | extra | state | total | update quality |
+| ------------- | ------- | ------- | ---------- | ----- | ----- | ----- | -------------- |
+| `adamw`       | 4 (fp32)| 4       | 4          | -     | 8     | 12    | fp32 (reference) |
+| `adamw_bf16`  | 2       | 2       | 2          | -     | 4     | 6     | updates below half a bf16 ulp of the weight are lost |
+| `adamw_kahan` | 2       | 2 (or 4)| 2 (or 4)   | 2 (compensation) | 6 (10) | 8 (12 with fp32 moments) | ~fp32 |
+| `adamw_sr`    | 2       | 2 (or 4)| 2 (or 4)   | -     | 4 (8) | 6 (10)| fp32 in expectation (stochastic rounding) |
+| `adamw_8bit`  | 2       | 1 (e4m3)| 1 (e4m3 sqrt) | 8/256 (two fp32 scales per 256) | 2.03 | 4.03 | fp32 in expectation, noisier moments |
 
 For comparison, mixed precision with an fp32 master copy costs 2 (bf16 weights) + 4 (master) +
-4 + 4 = 14 bytes per parameter, plus fp32 gradients.
+4 + 4 = 14 bytes per parameter, plus fp32 gradients. Llama-3-8B (8.03 B parameters), bf16 weights and
+gradients: 32 GB + state 48 (kahan), 32 (sr), 16.3 (8bit) GB.
 
 `adamw` and `adamw_bf16` are `torch.optim.AdamW` (fused kernel when every parameter is on CUDA,
 foreach otherwise); they differ only in the dtype the caller gives the parameters, and the state
@@ -27,16 +31,27 @@ holding what the last rounding of the weight threw away; it is added back into t
 step is done in fp32 per tensor; moments are stored in `moment_dtype` (bf16 by default). Moments
 stored in bf16 are written with stochastic rounding: with round-to-nearest a bf16 `exp_avg_sq`
 with beta2 = 0.999 can never decrease (0.999 * v rounds back to v), which stalls Adam.
-The compensation buffers and moments are ordinary optimizer state, so `state_dict()` /
-`load_state_dict()` resume exactly. fp32 parameters in a Kahan optimizer get plain fp32 AdamW
-(no compensation buffer). Stochastic rounding draws from torch's global generator (of the
-parameter's device): resume is bit-exact only if the RNG state is restored too.
+fp32 parameters in a Kahan optimizer get plain fp32 AdamW (no compensation buffer).
+`adamw_sr` is the same class without the buffer: the new weight is rounded stochastically.
 
-On CUDA the per-tensor update is one `torch.compile`d pointwise kernel (dynamic shapes, so one
-compilation for all tensors); elsewhere, or with `compile=False`, the same function runs eagerly
-(`compile=True` forces the compiled kernel on any device, e.g. inductor's C++ backend on CPU). It is
-compiled with inductor's `emulate_precision_casts`, without which inductor drops the bf16 rounding
-that the Kahan compensation measures (see `_COMPILE_OPTIONS`).
+`adamw_8bit` (`AdamW8bit`) stores m and r = sqrt(v) (not v: m and r span the same range) as
+float8_e4m3fn with one fp32 scale (absmax / 448) per block of 256 elements, requantised each step with
+stochastic rounding; the weight update is computed in fp32 from the new moments before they are
+quantised, and written to the bf16 weight with stochastic rounding (see the class docstring).
+
+Stochastic rounding bits: each step of each parameter draws from a seed derived from the optimizer's
+`seed` (kept in every param group, hence in `state_dict()`), the step and the parameter's index, so
+`state_dict()` / `load_state_dict()` resume bit-exactly on the same device with no RNG to restore, and
+the step in backward gives the same bits as `step()`. (The "compile" kernel and the eager update of
+FSDP2 DTensor parameters in the kahan/sr modes draw from torch's global generator instead.)
+
+Kernels (`kernel=`): on CUDA every low-precision mode runs one Triton kernel launch per parameter
+tensor (`sft/training/fused_adamw.py`: reads and writes each byte once); elsewhere the same arithmetic
+runs in eager torch (`_adamw_update`, `_adamw8bit_update`: the references the kernels are tested
+against). `kernel="compile"` (or the older `compile=True`) keeps the `torch.compile`d pointwise update
+of the kahan/sr modes (dynamic shapes, one compilation for all tensors; also on CPU through
+inductor's C++ backend), compiled with inductor's `emulate_precision_casts`, without which inductor
+drops the bf16 rounding that the Kahan compensation measures (see `_COMPILE_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -180,12 +195,15 @@ def _quantize_blockwise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 of a multiple of 256 elements -> (e4m3 values, fp32 scale per 256), scale = absmax / 448.
 
-    Each block is divided by its absmax and multiplied by 448, then rounded stochastically with
-    `generator` (round to nearest when None, for tests and initial states); an all-zero block stays 0.
+    Each block is multiplied by 448 / its absmax, then rounded stochastically with `generator` (round
+    to nearest when None, for tests and initial states); an all-zero block (or one of absmax <= 2^-100,
+    far below any Adam moment) is stored as 0.
     """
     xb = x.view(-1, QBLOCK)
     amax = xb.abs().amax(dim=1)
-    q = xb / torch.where(amax > 0, amax, 1.0)[:, None] * FP8_MAX
+    # one reciprocal per block (as the kernel); a block with absmax <= 2^-100 is stored as 0
+    inv = torch.where(amax > 2.0**-100, FP8_MAX / amax, 0.0)
+    q = xb * inv[:, None]
     if generator is None:
         qq = q.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     else:
@@ -354,7 +372,7 @@ class KahanAdamW(torch.optim.Optimizer):
             contiguous, not on CUDA) gets the eager update.
         compile: the older switch: True = kernel "compile", False = kernel "torch".
         seed: of the stochastic rounding (kept in every param group, so saved in `state_dict()`);
-            default: drawn from torch's global generator. Each step of each parameter rounds with
+            default: `torch.initial_seed()` (what `torch.manual_seed` set). Each step of each parameter rounds with
             bits from `_step_seed(seed, step, parameter index)`: same device, same bits, so a resumed
             run is bit-exact without restoring any RNG. (The "compile" kernel, and the eager update of
             FSDP2's DTensor parameters, draw from torch's global generator instead.)
@@ -397,8 +415,8 @@ class KahanAdamW(torch.optim.Optimizer):
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if kernel == "triton" and not fused_adamw.triton_available():
             raise ValueError("kernel='triton' needs triton (not importable here): use kernel='torch'")
-        if seed is None:  # from torch's global generator: torch.manual_seed makes runs repeatable
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        if seed is None:  # torch.manual_seed's seed (read, not drawn: the global RNG stream is untouched)
+            seed = torch.initial_seed() % (2**31 - 1)
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps, seed=int(seed))
         super().__init__(params, defaults)
         self.kernel = kernel
@@ -579,14 +597,32 @@ class AdamW8bit(KahanAdamW):
         self.moment_dtype = torch.float8_e4m3fn
 
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+        """Zero state; for an FSDP2 parameter (DTensor sharded on dim 0 of a 1-D mesh) each rank's state
+        covers its local shard, padded to the largest shard's block count, and is itself a DTensor
+        sharded on dim 0 (equal shards): distributed checkpoints save every rank's part."""
         state = self.state[p]
         if not state:
             local = _local(p)
-            nblocks = -(-local.numel() // QBLOCK)
+            wrap = None
+            numel = local.numel()
+            if _is_dtensor(p):
+                mesh, placements = p.device_mesh, p.placements
+                if mesh.ndim != 1 or not placements[0].is_shard(0) or p.ndim == 0:
+                    raise ValueError(f"adamw_8bit supports DTensors sharded on dim 0 only, got {placements}")
+                rows = -(-p.shape[0] // mesh.size())
+                numel = rows * (p.numel() // max(p.shape[0], 1))  # the largest shard's element count
+                wrap = mesh, placements
+            nblocks = -(-numel // QBLOCK)
             state["step"] = 0
             for key in ("exp_avg", "sqrt_exp_avg_sq"):
-                state[key] = torch.zeros(nblocks * QBLOCK, dtype=torch.float8_e4m3fn, device=local.device)
-                state[key + "_scale"] = torch.zeros(nblocks, dtype=torch.float32, device=local.device)
+                q = torch.zeros(nblocks * QBLOCK, dtype=torch.float8_e4m3fn, device=local.device)
+                s = torch.zeros(nblocks, dtype=torch.float32, device=local.device)
+                if wrap is not None:
+                    from torch.distributed.tensor import DTensor
+
+                    q = DTensor.from_local(q, wrap[0], wrap[1], run_check=False)
+                    s = DTensor.from_local(s, wrap[0], wrap[1], run_check=False)
+                state[key], state[key + "_scale"] = q, s
         return state
 
     def _update(self, group: dict, p: torch.Tensor) -> None:
@@ -597,12 +633,8 @@ class AdamW8bit(KahanAdamW):
         step = state["step"]
         beta1, beta2 = group["betas"]
         local_p, local_g = _local(p), _local(p.grad)
-        moments = [
-            state["exp_avg"],
-            state["exp_avg_scale"],
-            state["sqrt_exp_avg_sq"],
-            state["sqrt_exp_avg_sq_scale"],
-        ]
+        keys = ("exp_avg", "exp_avg_scale", "sqrt_exp_avg_sq", "sqrt_exp_avg_sq_scale")
+        moments = [_local(state[k]) for k in keys]
         bound = _ratio_bound(beta1, beta2, step)
         seed = self._seed(group, p, step)
         if self.kernel == "triton" and fused_adamw.can_run(local_p, local_g, *moments):
@@ -627,8 +659,10 @@ def step_in_backward(optimizer: KahanAdamW, params: Iterable[torch.Tensor]) -> l
     is updated and its ``.grad`` set to None right after its gradient is accumulated, so the
     gradients of the whole model are never alive at once (peak memory falls by about one
     gradient copy: 2 bytes/param in bf16). Afterwards call neither ``optimizer.step()`` nor
-    ``zero_grad()``; the update is the same arithmetic as ``step()`` (bit-identical with fp32
-    moments; with bf16 moments the stochastic-rounding draws come in another order).
+    ``zero_grad()``; the update is bit-identical to ``step()`` in every mode (`adamw_kahan`, `adamw_sr`,
+    `adamw_8bit`, Triton or torch kernel): the rounding bits depend on (seed, step, parameter), not on
+    the order parameters are stepped in (only the "compile" kernel draws from the global RNG, in
+    another order).
     What it cannot do: anything needing all gradients before the first update, i.e. gradient
     clipping by global norm and gradient accumulation over micro-batches.
     Returns the hook handles (``handle.remove()`` restores ordinary stepping).
@@ -644,14 +678,20 @@ def step_in_backward(optimizer: KahanAdamW, params: Iterable[torch.Tensor]) -> l
 # ----------------------------------------------------------------------------- kernel check
 
 
-def _ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> float:
-    """Largest distance between a and b in units of the grid spacing of `dtype` at max(|a|, |b|).
+def _ulps(
+    a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, operands: torch.Tensor | None = None
+) -> float:
+    """Largest distance between a and b in units of the grid spacing of `dtype` at max(|a|, |b|, |operands|).
 
     The spacing is that of a normal number of `dtype` at the value (bf16: 2^-7 relative,
-    e4m3: 2^-3 relative), floored at the smallest subnormal spacing (e4m3: 2^-9).
+    e4m3: 2^-3 relative), floored at the smallest subnormal spacing (e4m3: 2^-9). `operands`: the
+    magnitude of the terms summed into a and b: where they cancel (a weight that an update brings
+    near 0), fp32 rounding of the terms, not the tiny result, sets the scale of the difference.
     """
     a, b = a.double(), b.double()
     mag = torch.maximum(a.abs(), b.abs())
+    if operands is not None:
+        mag = torch.maximum(mag, operands.double().abs())
     mant = {torch.bfloat16: 7, torch.float8_e4m3fn: 3}[dtype]
     tiny = {torch.bfloat16: 2.0**-133, torch.float8_e4m3fn: 2.0**-9}[dtype]
     exp = torch.floor(torch.log2(mag.clamp_min(tiny)))
@@ -709,7 +749,8 @@ def check_kernels(device: str = "cuda", numels: tuple[int, ...] = (1, 300, 4096,
                     if a.dtype == torch.float32:  # scales: deterministic
                         key, val = f"{name}_rel", ((a - b).abs() / a.abs().clamp_min(1e-30)).max().item()
                     else:
-                        key, val = f"{name}_ulps", _ulps(a.float(), b.float(), a.dtype)
+                        ops = p0.float() if name == "weight" else None  # p + update may cancel
+                        key, val = f"{name}_ulps", _ulps(a.float(), b.float(), a.dtype, ops)
                     stats[key] = max(stats.get(key, 0.0), val)
                 moved = (ref[0].float() - p0.float(), ker[0].float() - p0.float())
             else:
@@ -729,14 +770,15 @@ def check_kernels(device: str = "cuda", numels: tuple[int, ...] = (1, 300, 4096,
                     ker[0], g, ker[1], ker[2], ker[3] if kahan else None, bc1=bc1, bc2_sqrt=bc2_sqrt,
                     stochastic_param=not kahan, seed=seed, **hyper,
                 )  # fmt: skip
-                for name, a, b in zip(["weight", "exp_avg", "exp_avg_sq"], ref, ker):
+                # terms that may cancel: p + update, beta1 * m + (1 - beta1) * g
+                operands = [p0.float(), m0.float().abs() + g.float().abs(), None]
+                for name, a, b, ops in zip(["weight", "exp_avg", "exp_avg_sq"], ref, ker, operands):
                     key = f"{name}_ulps"
-                    stats[key] = max(stats.get(key, 0.0), _ulps(a.float(), b.float(), torch.bfloat16))
+                    stats[key] = max(stats.get(key, 0.0), _ulps(a.float(), b.float(), torch.bfloat16, ops))
                 if kahan:  # weight + compensation is deterministic: in ulps of the weight
                     va, vb = ref[0].float() + ref[3].float(), ker[0].float() + ker[3].float()
-                    ulp = torch.exp2(torch.floor(torch.log2(p0.float().abs().clamp_min(2.0**-126))) - 7)
                     key = "kahan_value_weight_ulps"
-                    stats[key] = max(stats.get(key, 0.0), ((va - vb).abs() / ulp).max().item())
+                    stats[key] = max(stats.get(key, 0.0), _ulps(va, vb, torch.bfloat16, p0.float()))
                 moved = (ref[0].float() - p0.float(), ker[0].float() - p0.float())
             if n >= 4096:  # a mean over enough elements
                 key = "mean_update_diff_rel"
