@@ -767,4 +767,24 @@ def main(defaults: TrainConfig, argv: list[str] | None = None, smoke: dict | Non
     except TrainingStopped as e:
         sys.stderr.write(f"{e}\n")
         return 130
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        why = _out_of_memory(e)
+        if why is None:
+            raise
+        # the run folder's lock went with the unwinding (hold_run_lock); its checkpoints, if any, are intact
+        sys.stderr.write(
+            f"error: out of memory ({why}) although the memory plan expected the run to fit: lower "
+            "--micro_batch or --max_len, or give --memory_limit_gib below what is free\n"
+        )
+        return 2
     return 0
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """A few words on an allocation failure (CUDA or CPU), or None if ``e`` is something else."""
+    text = " ".join(str(e).split())
+    if isinstance(e, MemoryError) or isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return text[:160] or type(e).__name__
+    if "can't allocate memory" in text or "out of memory" in text.lower():
+        return text[:160]
+    return None
