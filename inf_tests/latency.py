@@ -299,7 +299,11 @@ def run_suite(args) -> dict:
     load_s = time.perf_counter() - t
     facts = shape_facts(hf)
     limit = next(
-        (v for k in ("max_position_embeddings", "max_seq_len") if isinstance(v := getattr(hf.config, k, None), int)),
+        (
+            v
+            for k in ("max_position_embeddings", "max_seq_len")
+            if isinstance(v := getattr(hf.config, k, None), int)
+        ),
         None,
     )
     longest = max(max(args.prompt_lens) + 1, args.decode_prompt_len + args.new_tokens + args.warmup + 1)

@@ -99,7 +99,9 @@ def _tokenizer_for(spec: str):
     if spec in TINY_PRESETS:
         return tiny_tokenizer()
     if spec.startswith("random:"):
-        raise ModelError(f"'{spec}' is a random-init model shape with no tokenizer of its own; give a tokenizer")
+        raise ModelError(
+            f"'{spec}' is a random-init model shape with no tokenizer of its own; give a tokenizer"
+        )
     return load_tokenizer(spec)
 
 

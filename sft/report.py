@@ -287,7 +287,9 @@ def plot_eval(df: pd.DataFrame, out_png: str | Path | None = None):
     return fig
 
 
-def save_run_plots(df: pd.DataFrame, prefix: str = "report_loss", repo: str | Path | None = None) -> list[Path]:
+def save_run_plots(
+    df: pd.DataFrame, prefix: str = "report_loss", repo: str | Path | None = None
+) -> list[Path]:
     """For each run in ``df``: ``<run_dir>/<prefix>_step.png`` and, if it logs tokens, ``<prefix>_tokens.png``.
 
     The prefix keeps these apart from the trainer's own ``loss.png``. A committed run (:func:`is_committed`)

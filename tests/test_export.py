@@ -611,7 +611,10 @@ def test_recipe_smoke_runs_export_and_read_back(script, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32).eval()
     arch = "mpt" if "mpt" in script else "llama"
     assert f["general.architecture"] == arch and f["general.name"] == "smoke"
-    assert f["tokenizer.ggml.pre"] == ("mpt" if arch == "mpt" else "gpt-2") and len(f["tokenizer.ggml.merges"]) > 500
+    assert (
+        f["tokenizer.ggml.pre"] == ("mpt" if arch == "mpt" else "gpt-2")
+        and len(f["tokenizer.ggml.merges"]) > 500
+    )
     assert f["tokenizer.ggml.tokens"][: len(tok)] == [tok.convert_ids_to_tokens(i) for i in range(len(tok))]
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert f["tokenizer.ggml.eos_token_id"] == im_end and f["tokenizer.ggml.eot_token_id"] == im_end
@@ -626,7 +629,9 @@ def test_recipe_smoke_runs_export_and_read_back(script, tmp_path):
         conv = CONV[:3]
         ids = render_prompt(conv, tok)
         assert render_prompt(conv, gtok) == ids
-        torch.testing.assert_close(logits(gmodel, ids), logits(rounded_copy(model, "f16"), ids), rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            logits(gmodel, ids), logits(rounded_copy(model, "f16"), ids), rtol=0, atol=1e-4
+        )
 
 
 def test_trainer_export_needs_final(tmp_path, capsys):

@@ -49,7 +49,11 @@ def test_tiny_presets_tokenizer_is_a_real_bpe():
 
     assert TINY_TOKENIZER.read_text(encoding="utf-8") == build_tiny_tokenizer()
     tok = tiny_tokenizer()
-    assert len(tok) == 1024 and (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|pad|>", None)
+    assert len(tok) == 1024 and (tok.eos_token, tok.pad_token, tok.bos_token) == (
+        "<|im_end|>",
+        "<|pad|>",
+        None,
+    )
     assert tok.eos_token_id != tok.pad_token_id
     text = tok.apply_chat_template(
         [{"role": "user", "content": "hé, 2024 ✓"}], tokenize=False, add_generation_prompt=True

@@ -15,7 +15,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 NotebookClient = pytest.importorskip("nbclient").NotebookClient
 
-from sft import report
+from sft import report  # noqa: E402  (after the importorskip above)
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = [REPO / "sft" / "runs_report.ipynb", REPO / "sft" / "samples.ipynb"]

@@ -33,7 +33,10 @@ def one_thread():
         (["--betas=0.9,-0.1"], "--betas=0.9,-0.1: each value must be >= 0"),
         (["--weight_decay=3"], "--weight_decay=3: must be <= 1"),
         (["--seed=-1"], "--seed=-1: must be >= 0"),
-        (["--warmup_steps=1000000", "--max_steps=3"], "--warmup_steps=1000000 is longer than the run (--max_steps=3)"),
+        (
+            ["--warmup_steps=1000000", "--max_steps=3"],
+            "--warmup_steps=1000000 is longer than the run (--max_steps=3)",
+        ),
         (["--keep_best"], "--keep_best picks the step with the lowest held-out loss"),
         (["--keep_best", "--eval_every=2", "--eval_size=0"], "--keep_best needs a held-out set"),
     ],
@@ -78,9 +81,14 @@ def test_export_gguf_that_cannot_work_is_refused_before_training(tmp_path, capsy
     tok = tmp_path / "tok"
     byte_tokenizer().save_pretrained(str(tok))
     out = tmp_path / "runs"
-    assert trainer.main(TrainConfig(), [*TINY, f"--out_dir={out}", f"--tokenizer={tok}", "--export_gguf=f16"]) == 2
+    assert (
+        trainer.main(TrainConfig(), [*TINY, f"--out_dir={out}", f"--tokenizer={tok}", "--export_gguf=f16"])
+        == 2
+    )
     err = capsys.readouterr().err
-    assert err.startswith("error: --export_gguf=f16: the tokenizer has no BPE merges") and err.count("\n") == 1
+    assert (
+        err.startswith("error: --export_gguf=f16: the tokenizer has no BPE merges") and err.count("\n") == 1
+    )
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -136,5 +144,7 @@ def test_an_allocation_that_fails_anyway_is_one_line_and_unlocks(tmp_path, monke
     monkeypatch.setattr(engine.Engine, "step", oom)
     assert trainer.main(TrainConfig(), [*TINY, f"--out_dir={tmp_path}", "--max_steps=2"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: out of memory (") and "can't allocate memory" in err
+    assert (
+        err.count("\n") == 1 and err.startswith("error: out of memory (") and "can't allocate memory" in err
+    )
     assert not (tmp_path / "r" / ".lock").exists()

@@ -72,7 +72,9 @@ def test_step_lines_go_to_stderr_and_train_log_with_the_progress_bar(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
-    steps = [x for x in proc.stderr.replace("\r", "\n").splitlines() if x.startswith("step ") and "| loss " in x]
+    steps = [
+        x for x in proc.stderr.replace("\r", "\n").splitlines() if x.startswith("step ") and "| loss " in x
+    ]
     assert len(steps) == 3 and "step      3/3 | loss" in steps[-1], proc.stderr
     log = (tmp_path / "r" / "train.log").read_text()
     assert sum("step      " in x and "| loss " in x for x in log.splitlines()) == 3

@@ -408,7 +408,9 @@ def test_notebook_parameters_bad_values_are_one_line(tmp_path, monkeypatch):
         msg = str(e.value)
         assert msg.startswith(start) and cause in msg and "\n" not in msg
         assert e.value._render_traceback_() == [f"error: {msg}"]  # what Jupyter shows: one line
-    with pytest.raises(report.NotebookInputError, match=r"no run folder with final/ under .*: set SFT_RUN_DIR"):
+    with pytest.raises(
+        report.NotebookInputError, match=r"no run folder with final/ under .*: set SFT_RUN_DIR"
+    ):
         report.samples_run_dir(None, repo)
     (run / "final").mkdir()
     (run / "final" / "config.json").write_text("{}")

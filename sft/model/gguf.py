@@ -370,8 +370,7 @@ def _exportable_tokenizer(tok, where) -> tuple[dict, list[str]]:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     if not merges:
         raise ExportError(
-            "the tokenizer has no BPE merges (a bare byte tokenizer); "
-            "GGUF runtimes need a merges list"
+            "the tokenizer has no BPE merges (a bare byte tokenizer); GGUF runtimes need a merges list"
         )
     return backend, merges
 
@@ -397,7 +396,6 @@ def _tokenizer_meta(final: Path, n_vocab: int, arch: str) -> _TokenizerMeta:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise ExportError(f"cannot load the tokenizer in {final} ({type(e).__name__}: {first})") from None
     backend, merges = _exportable_tokenizer(tok, final)
-    model = backend.get("model") or {}
     vocab = tok.get_vocab()
     if max(vocab.values()) >= n_vocab:
         raise ExportError(

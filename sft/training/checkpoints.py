@@ -371,7 +371,9 @@ def find_resume(out_dir: str | Path, resume: str) -> tuple[Path, Path]:
                 "(the newest intact checkpoint is used)"
             )
         if run_dir.name == "final" and (run_dir.parent / "checkpoints").is_dir():
-            raise RunError(f"--resume={resume} is a run's final/ model; give the run folder: --resume={run_dir.parent}")
+            raise RunError(
+                f"--resume={resume} is a run's final/ model; give the run folder: --resume={run_dir.parent}"
+            )
     ckpts = list_checkpoints(run_dir)
     finished = finished_step(run_dir)
     if not ckpts and finished is not None:

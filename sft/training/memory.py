@@ -336,7 +336,11 @@ def plan_memory(
             f"try {' or '.join(fixes)}"
             if fixes
             else "no single change fits ("
-            + ("a larger GPU, or FSDP2 over several)" if device.type == "cuda" else "lower --max_len or --micro_batch)")
+            + (
+                "a larger GPU, or FSDP2 over several)"
+                if device.type == "cuda"
+                else "lower --max_len or --micro_batch)"
+            )
         )
     )
 

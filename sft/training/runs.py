@@ -426,8 +426,10 @@ def write_failure(e: BaseException, where: str | Path) -> str:
     ``disk quota exceeded on <where>``, else the error's own first line."""
     text = " ".join(str(e).split()) or type(e).__name__
     code = getattr(e, "errno", None)
-    if code == errno.ENOSPC or "No space left" in text or (
-        isinstance(e, RuntimeError) and ("unexpected pos" in text or "file write failed" in text)
+    if (
+        code == errno.ENOSPC
+        or "No space left" in text
+        or (isinstance(e, RuntimeError) and ("unexpected pos" in text or "file write failed" in text))
     ):
         return f"no space left on {where}"
     if code == errno.EDQUOT or "quota exceeded" in text.lower():

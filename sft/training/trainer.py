@@ -194,7 +194,9 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
             distributed.destroy()
 
 
-def _refuse_finished(run_dir: Path, resume_from: Path, saved: TrainConfig, cfg: TrainConfig, step: int) -> None:
+def _refuse_finished(
+    run_dir: Path, resume_from: Path, saved: TrainConfig, cfg: TrainConfig, step: int
+) -> None:
     """RunError (before the run folder is touched: no lock, no train.log line, final/ and metrics.jsonl as
     they are) when ``--resume`` names a run that reached its end and the command does not lengthen it."""
     if not checkpoints.is_finished(run_dir):
@@ -348,7 +350,9 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_
     W = info.world
     # one optimizer step = A micro-batches on each of the W ranks: micro-batches s*A*W .. s*A*W + A*W - 1
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (cfg.grad_accum * W)))
-    if resume_from is None and cfg.warmup_steps > total_steps:  # check_config caught it when --max_steps is set
+    if (
+        resume_from is None and cfg.warmup_steps > total_steps
+    ):  # check_config caught it when --max_steps is set
         raise ConfigError(
             f"--warmup_steps={cfg.warmup_steps} is longer than the run ({total_steps} steps from "
             f"--epochs={cfg.epochs:g}): the learning rate would never reach --lr"
@@ -641,7 +645,9 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
     # final/ (full disk, a second Ctrl-C) then leaves a run that --resume finishes
     safety_only = stopped_reason is None and not cfg.save_every and cfg.save_final
     try:
-        ckpt = run.save_checkpoint() if (stopped_reason is not None or cfg.save_every or safety_only) else None
+        ckpt = (
+            run.save_checkpoint() if (stopped_reason is not None or cfg.save_every or safety_only) else None
+        )
     except KeyboardInterrupt:
         raise TrainingStopped(
             f"interrupted while writing the last checkpoint (step {state['step']}); the checkpoints already "
@@ -694,7 +700,9 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
         except RunError as e:  # "could not write .../final (no space left on <run folder>); ..."
             raise RunError(f"{e}; {resume_hint}") from None
         except KeyboardInterrupt:
-            raise TrainingStopped(f"interrupted while writing final/ (nothing half-written left); {resume_hint}") from None
+            raise TrainingStopped(
+                f"interrupted while writing final/ (nothing half-written left); {resume_hint}"
+            ) from None
         if cfg.keep_best and state.get("best"):  # which step final/ holds
             runs._write_json(
                 run_dir / "final" / "keep_best.json", {**state["best"], "last_step": state["step"]}
