@@ -91,14 +91,20 @@ def trl_dataset(cfg, tokenizer):
 
     from sft.data.batches import prepare
 
-    prepared, _, _ = prepare(cfg, tokenizer)
+    prepared, train_rows, _ = prepare(cfg, tokenizer)
     samples = prepared.train
+    ours_rows = train_rows["input_ids"].size(0) if isinstance(train_rows, dict) else None
     ds = Dataset.from_dict(
         {"input_ids": [list(s.input_ids) for s in samples], "labels": [list(s.labels) for s in samples]}
     )
     n_tok = sum(len(s.input_ids) for s in samples)
     n_sup = sum(s.n_supervised for s in samples)
-    return ds, {"samples": len(samples), "tokens": n_tok, "supervised_labels": n_sup}
+    return ds, {
+        "samples": len(samples),
+        "tokens": n_tok,
+        "supervised_labels": n_sup,
+        "ours_packed_rows": ours_rows,
+    }
 
 
 def attention_backend(requested: str, device: torch.device) -> str:
@@ -334,6 +340,14 @@ def run_trl(args, cfg, device) -> dict:
             trainer = SFTTrainer(
                 model=model, args=sft_args, train_dataset=dataset, processing_class=tokenizer
             )
+        # what TRL's BFD packing made of the samples: every token kept (none is longer than max_length)
+        packed = trainer.train_dataset
+        data_stats["trl_packed_rows"] = len(packed)
+        data_stats["trl_packed_tokens"] = sum(len(x) for x in packed["input_ids"])
+        if data_stats["trl_packed_tokens"] != data_stats["tokens"]:
+            log.warning(
+                "TRL's packing kept %d of %d tokens", data_stats["trl_packed_tokens"], data_stats["tokens"]
+            )
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
         timer = make_timer(device)
@@ -354,7 +368,7 @@ def run_trl(args, cfg, device) -> dict:
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "settings": settings,
-            "data": {**data_stats, "packed_rows": None},
+            "data": data_stats,
             "versions": {
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
@@ -364,10 +378,6 @@ def run_trl(args, cfg, device) -> dict:
             },
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         }
-    )
-    train_ds = getattr(trainer, "train_dataset", None)
-    res["data"]["packed_rows"] = (
-        len(train_ds) if train_ds is not None and hasattr(train_ds, "__len__") else None
     )
     return res
 
@@ -420,22 +430,32 @@ def print_table(res: dict) -> None:
     def pct(v):
         return f"{100 * v:.1f}%" if v is not None else "-"
 
+    def gib(v):
+        return f"{v:.1f}" if v is not None else "-"
+
     s, t = res["settings"], res["tokens_per_s"]
-    head = f"{'system':<7} {'attn':>14} {'liger':>5} {'ckpt':>4} {'1st s':>6} {'step s':>7} {'tok/s':>8} {'superv':>8} {'MFU':>6} {'peak GiB':>8}"
+    head = (
+        f"{'system':<13} {'attn':>14} {'liger':>5} {'ckpt':>4} {'tok/step':>8} {'1st s':>6} {'step s':>7} "
+        f"{'tok/s':>8} {'superv':>8} {'MFU':>6} {'peak GiB':>8}"
+    )
     print(head)
     print("-" * len(head))
-    peak = f"{res['peak_mem_gib']:.1f}" if res["peak_mem_gib"] is not None else "-"
     print(
-        f"{'trl':<7} {s['attn_implementation']:>14} {str(s['use_liger_kernel'])[0]:>5} "
-        f"{str(s['gradient_checkpointing'])[0]:>4} {res['first_step_s']:>6.1f} {res['step_time_median_s']:>7.3f} "
-        f"{t['non_pad']:>8.0f} {t['supervised']:>8.0f} {pct(res['mfu']['non_pad']):>6} {peak:>8}"
+        f"{'trl':<13} {s['attn_implementation']:>14} {str(s['use_liger_kernel'])[0]:>5} "
+        f"{str(s['gradient_checkpointing'])[0]:>4} {res['tokens_per_step_median'] or 0:>8.0f} "
+        f"{res['first_step_s']:>6.1f} {res['step_time_median_s']:>7.3f} {t['non_pad']:>8.0f} "
+        f"{t['supervised']:>8.0f} {pct(res['mfu']['non_pad']):>6} {gib(res['peak_mem_gib']):>8}"
     )
     cmp = res.get("compare")
-    if cmp and not cmp.get("error"):
+    if cmp and cmp.get("error"):
+        print(f"ours ({cmp['config']}): {cmp['error'][:150]}")
+    elif cmp:
         print(
-            f"ours ({cmp['config']}): {cmp['ours_non_pad_tokens_per_s']:.0f} non-pad tokens/s, MFU "
-            f"{pct(cmp['ours_mfu_non_pad'])} -> {cmp['speedup_non_pad']:.2f}x TRL"
+            f"{'ours ' + cmp['config']:<13} {'':>14} {'':>5} {'':>4} {'':>8} {'':>6} {'':>7} "
+            f"{cmp['ours_non_pad_tokens_per_s']:>8.0f} {'':>8} {pct(cmp['ours_mfu_non_pad']):>6} "
+            f"{gib(cmp['ours_peak_gib']):>8}"
         )
+        print(f"ours / TRL (non-pad tokens/s, same device call): {cmp['speedup_non_pad']:.2f}x")
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,8 @@ rendered and packed by the trainer; ``--max_steps`` steps, no samples, no final/
 | ``mpt76_mb2`` | the 80 GB profile with 2 rows x 8 micro-batches (same rows per step) |
 | ``mpt_mb2`` | 2 rows x 8 micro-batches, the GPU's whole memory |
 | ``llama`` | ``sft/train_llama_guanaco.py`` defaults, Llama-3-8B shape (4 rows of 2,048 x 4 micro-batches) |
+| ``llama76`` | the Llama recipe in the 80 GB profile, ``--memory_limit_gib=76`` |
+| ``qwen14b`` / ``qwen14b76`` | the Llama recipe on the Qwen3-14B shape (``random:qwen3-14b``), whole card / 80 GB profile |
 | ``llama8k`` | 1 row of 8,192 x 4 micro-batches |
 | ``llama32k`` | 1 row of 32,768 x 1 (long context; the plan checkpoints what it must) |
 | ``mpt_fp8`` / ``mpt_fp8row`` | ``mpt`` with ``--fp8=tensorwise`` / ``--fp8=rowwise`` (the block linears in FP8, sft/model/fp8.py) |
@@ -63,6 +65,15 @@ CONFIGS = {
     "mpt_fp8": ("train_mpt_guanaco.py", ["--model=random:mpt-7b", "--fp8=tensorwise"]),
     "mpt_fp8row": ("train_mpt_guanaco.py", ["--model=random:mpt-7b", "--fp8=rowwise"]),
     "llama": ("train_llama_guanaco.py", ["--model=random:llama-3-8b", "--template=chatml"]),
+    "llama76": (
+        "train_llama_guanaco.py",
+        ["--model=random:llama-3-8b", "--template=chatml", "--memory_limit_gib=76"],
+    ),
+    "qwen14b": ("train_llama_guanaco.py", ["--model=random:qwen3-14b", "--template=chatml"]),
+    "qwen14b76": (
+        "train_llama_guanaco.py",
+        ["--model=random:qwen3-14b", "--template=chatml", "--memory_limit_gib=76"],
+    ),
     "llama_fp8": (
         "train_llama_guanaco.py",
         ["--model=random:llama-3-8b", "--template=chatml", "--fp8=tensorwise"],

@@ -82,6 +82,14 @@ class TrainConfig:
     limit: int | None = _f(None, "use only the first N conversations of the source (streamed for hub sets)")
     max_len: int = _f(2048, "maximum tokens per sample and per packed row", minimum=8)
     overlong: str = _f("cut", "what to do with samples longer than max_len", choices=("cut", "drop"))
+    supervise: str = _f(
+        "all",
+        "assistant turns trained on: 'all' (each as the template renders it when it is the newest turn; a "
+        "template that rewrites history, e.g. Qwen3, gets one more sample per such turn), 'once' (each where "
+        "and as the whole conversation renders it: one sample, earlier reasoning dropped as the template drops "
+        "it) or 'last' (only each conversation's final assistant turn); sft/data/render.py",
+        choices=("all", "once", "last"),
+    )
     packing: bool = _f(True, "pack samples into rows of max_len (document-masked); else pad each batch")
     eval_size: float = _f(
         0.05,
@@ -127,7 +135,7 @@ class TrainConfig:
         "blocks; fp32 weights: adamw); see sft/training/optim.py and sft/training/memory.py",
         choices=("auto", "adamw", "adamw_bf16", "adamw_kahan", "adamw_sr", "adamw_8bit"),
     )
-    micro_batch_split: str = _f(
+    plan_split: str = _f(
         "auto",
         "'auto': on a GPU the memory plan may split each micro-batch into smaller ones with more accumulation "
         "(the same rows per optimizer step) when that avoids recomputing blocks; 'off': keep --micro_batch",

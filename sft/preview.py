@@ -1,7 +1,10 @@
 """Data preview: ``python -m sft.preview --data=... --tokenizer=... --template=... --n=3 --max_len=2048``.
 
 Prints the first ``n`` training samples as rendered text with the supervised spans (what the loss trains
-on) marked ``⟦like this⟧``, then statistics: counts, drops by reason, cuts, length percentiles,
+on) marked ``⟦like this⟧`` (tool calls and reasoning as the template renders them: inside the marks; tool
+results and tools: outside), then statistics: counts, drops by reason, cuts, the chat fields carried (tool
+calls, tool results, reasoning, rows with tools / template kwargs) and the per-turn samples of a template
+that rewrites history (conversations, extra samples, extra tokens), length percentiles,
 supervised fraction, packing efficiency and preparation time (load + adapt + render + limits + checks,
 then packing). A ``DataError`` (or an unusable template) prints one line on stderr and exits with 2.
 
@@ -46,6 +49,24 @@ def marked_text(sample: Sample, tokenizer) -> str:
     return "".join(out)
 
 
+def chat_lines(stats: dict) -> list[str]:
+    """The chat fields carried and the per-turn samples made (``sft.data.prepare`` stats), when any."""
+    lines = []
+    f = stats.get("chat_fields") or {}
+    if any(f.values()):
+        lines.append(
+            f"chat fields: tool calls {f['tool_calls']}, tool results {f['tool_results']}, reasoning "
+            f"{f['reasoning']}, rows with tools/template kwargs {f['rows_with_template_kwargs']}"
+        )
+    t = stats.get("per_turn") or {}
+    if t.get("extra_samples"):
+        lines.append(
+            f"per-turn samples: {t['conversations']} conversations gave {t['extra_samples']} extra samples, "
+            f"{t['extra_tokens']} extra tokens (the template renders earlier turns differently)"
+        )
+    return lines
+
+
 def mix_table(sources: list[dict]) -> str:
     """The mix, one line per source: weight, target and actual token share, samples, passes, drops."""
     lines = ["=== mix (share = fraction of the training tokens of one epoch) ==="]
@@ -81,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bad_rows", type=config_field("bad_rows"), default="error", help="error | drop")
     p.add_argument("--limit", type=config_field("limit"), default=None)
     p.add_argument("--no_cache", action="store_true", help="prepare afresh (and do not write the cache)")
+    p.add_argument(
+        "--supervise",
+        default="all",
+        choices=["all", "once", "last"],
+        help="assistant turns trained on: every one (a sample per turn where the template rewrites history), "
+        "every one as the whole conversation renders it, or only each conversation's last",
+    )
     return p
 
 
@@ -124,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             max_len=args.max_len,
             overlong=args.overlong,
             use_cache=not args.no_cache,
+            supervise=args.supervise,
         )
         t_prep = time.perf_counter() - t0
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -156,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"train samples: {s['train']}, eval samples: {s['eval']}")
     print(f"drops by reason: {json.dumps(s['drops'])}; cut at a turn boundary: {s['cut']}")
+    for line in chat_lines(s):
+        print(line)
     for line in s.get("bad_row_examples", []):
         print(f"  dropped: {line}")
     pct = s["length_percentiles"]

@@ -53,7 +53,10 @@ def test_recipe_defaults_are_kept_and_overridden():
         ("--max_steps=1.5", "--max_steps=1.5: expected an integer"),
         ("--packing=maybe", "--packing=maybe: expected true/false"),
         ("--betas=0.9", "--betas=0.9: expected two numbers 'a,b'"),
-        ("--optimizer=sgd", "--optimizer=sgd: expected one of adamw, adamw_bf16, adamw_kahan, adamw_sr"),
+        (
+            "--optimizer=sgd",
+            "--optimizer=sgd: expected one of auto, adamw, adamw_bf16, adamw_kahan, adamw_sr, adamw_8bit",
+        ),
         ("--max_len=4", "--max_len=4: must be >= 8"),
         ("--lr", "--lr needs a value: --lr=..."),
         ("lr=1", "unexpected argument 'lr=1': use --field=value"),

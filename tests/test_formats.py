@@ -175,3 +175,47 @@ def test_real_guanaco_files_equal(shared_data):
     assert sum(len(c) > 2 for c in g) == 350  # 353 multi-turn, minus the 3 bad rows
     assert detect_format(next(load_rows(str(shared_data / "guanaco-1k.jsonl")))[1]) == "guanaco"
     assert detect_format(next(load_rows(str(shared_data / "guanaco-1k-llama2.parquet")))[1]) == "llama2"
+
+
+def test_messages_keep_the_chat_fields_in_canonical_form():
+    """Issue 27: tool calls (OpenAI's JSON-string arguments parsed, flat calls nested), tool results,
+    reasoning under any alias, the row's tools and chat_template_kwargs on the first message."""
+    tool = {"type": "function", "function": {"name": "add"}}
+    row = {
+        "tools": json.dumps([tool]),
+        "chat_template_kwargs": {"enable_thinking": True},
+        "messages": [
+            {"role": "user", "content": "2+2? "},
+            {"role": "assistant", "content": None, "thinking": " add ", "tool_calls": [
+                {"name": "add", "arguments": '{"a": 2, "b": 2}'}]},
+            {"role": "tool", "name": "add", "content": "4", "weight": 1},
+            {"role": "assistant", "content": "4.", "reasoning": "the tool says 4", "reasoning_content": "the tool says 4"},
+        ],
+    }  # fmt: skip
+    assert to_conversation(row) == [
+        {"role": "user", "content": "2+2?", "chat_template_kwargs": {"enable_thinking": True, "tools": [tool]}},
+        {"role": "assistant", "content": "", "reasoning_content": "add",
+         "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}]},
+        {"role": "tool", "content": "4", "name": "add"},
+        {"role": "assistant", "content": "4.", "reasoning_content": "the tool says 4"},
+    ]  # fmt: skip
+
+
+CHAT_BAD = [
+    ({"role": "assistant", "content": "x", "thinking": "a", "reasoning_content": "b"}, "messages[1].reasoning_content",
+     "disagree"),
+    ({"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]},
+     "messages[1].tool_calls[0].function.arguments", "not valid JSON"),
+    ({"role": "assistant", "content": "", "tool_calls": []}, "messages[1].tool_calls", "non-empty list"),
+    ({"role": "assistant", "content": ""}, "messages[1].content", "empty assistant content"),
+    ({"role": "system", "content": "s", "reasoning_content": "r"}, "messages[1].reasoning_content",
+     "reasoning on a 'system' message"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("msg,field,why", CHAT_BAD)
+def test_bad_chat_fields_name_the_field(msg, field, why):
+    row = {"messages": [{"role": "user", "content": "q"}, msg, {"role": "assistant", "content": "a"}]}
+    with pytest.raises(DataError) as e:
+        to_conversation(row, source="c.jsonl", row_index=4)
+    assert str(e.value).startswith(f"c.jsonl, row 4, field '{field}': ") and why in str(e.value), str(e.value)

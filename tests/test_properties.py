@@ -10,7 +10,10 @@ What is asserted, for every generated input:
   contract: same lengths, supervised labels equal their ids, and the maximal supervised runs decode to
   exactly ``lead + reply + end-of-turn text``, one run per assistant turn;
 - ``prepare_data`` on random JSONL files with ``bad_rows="drop"``: only ``DataError``; every kept sample
-  passes the validation.
+  passes the validation;
+- chat rows with reasoning, tool calls and tool results (answered by id, name or position) through the real
+  Qwen2.5 and Qwen3 templates: every assistant turn supervised once (or only the last), each supervised run
+  one turn with its reply, its calls and its reasoning, ending in ``<|im_end|>``; no tool result supervised.
 
 The profile is fixed (``derandomize=True``, no example database, ``deadline=None``), so every run tries
 the same inputs. The number of inputs generated is counted and written at the end of the module's run
@@ -29,7 +32,7 @@ from hypothesis import strategies as st
 
 from sft.data.formats import ADAPTERS, detect_format, to_conversation
 from sft.data.prepare import prepare_data, validate_sample
-from sft.data.render import TemplateError, end_of_turn_text, render, stop_token_ids
+from sft.data.render import SUPERVISE, TemplateError, end_of_turn_text, render, render_samples, stop_token_ids
 from sft.data.schema import IGNORE_INDEX, ROLES, DataError
 from sft.data.sources import load_rows
 from sft.model.models import byte_tokenizer
@@ -347,3 +350,88 @@ def test_prepare_drops_bad_rows_and_keeps_valid_samples(byte_tok, lines):
         for s in prepared.train:
             assert len(s) <= 64
             assert validate_sample(s, bos_id=None, stop_ids=stops, marker_id=stops[-1]) is None
+
+
+# ----------------------------------------------------------------------------- chat fields (issue 27)
+
+chat_text = (
+    st.text(st.sampled_from("abc xyz.,!?\n{}\"'"), min_size=1, max_size=12).map(str.strip).filter(bool)
+)
+
+
+@st.composite
+def chat_rows(draw):
+    """OpenAI-format rows: a system prompt or not, exchanges whose replies may reason and call tools, each
+    call answered by a tool message (by id, by name or by position) before the next reply."""
+    msgs = [{"role": "system", "content": draw(chat_text)}] if draw(st.booleans()) else []
+    n_results = 0
+    for _ in range(draw(st.integers(1, 3))):
+        msgs.append({"role": "user", "content": draw(chat_text)})
+        for _ in range(draw(st.integers(0, 2))):  # tool-call rounds before the answer
+            names = draw(st.lists(st.sampled_from(["get_weather", "lookup", "add"]), min_size=1, max_size=2))
+            calls = [
+                {"id": f"c{n_results + j}", "function": {"name": n, "arguments": {"q": draw(chat_text)}}}
+                for j, n in enumerate(names)
+            ]
+            call = {"role": "assistant", "content": draw(st.just("") | chat_text), "tool_calls": calls}
+            if draw(st.booleans()):
+                call[draw(st.sampled_from(["reasoning_content", "thinking", "reasoning"]))] = draw(chat_text)
+            msgs.append(call)
+            for c in calls:
+                how = draw(st.sampled_from(["id", "name", "position"]))
+                result = {"role": "tool", "content": f"RESULT{n_results}"}
+                result |= {"id": {"tool_call_id": c["id"]}, "name": {"name": c["function"]["name"]}}.get(
+                    how, {}
+                )
+                msgs.append(result)
+                n_results += 1
+        reply = {"role": "assistant", "content": draw(chat_text)}
+        if draw(st.booleans()):
+            reply["reasoning_content"] = draw(chat_text)
+        msgs.append(reply)
+    return {"messages": msgs}
+
+
+def last_query(conv) -> int:
+    return max(i for i, m in enumerate(conv) if m["role"] == "user")
+
+
+@pytest.fixture(scope="module")
+def chat_toks():
+    from tests.chat_fixtures import tokenizer_for
+
+    return {name: tokenizer_for(name) for name in ("qwen2_5_instruct", "qwen3")}
+
+
+@PROFILE
+@given(
+    row=chat_rows(), name=st.sampled_from(["qwen2_5_instruct", "qwen3"]), policy=st.sampled_from(SUPERVISE)
+)
+def test_chat_fields_keep_the_mask_contract(chat_toks, row, name, policy):
+    """Through the real Qwen templates, for each ``supervise`` policy: every assistant turn is supervised
+    exactly once (or only the last; one sample unless 'all'), each supervised run is one turn ending in
+    ``<|im_end|>`` and holding its reply, its calls' names and (Qwen3, where rendered) its reasoning; no tool
+    result is ever supervised. Qwen2.5 refuses reasoning (it ignores it) in one DataError."""
+    COUNT["chat rows"] += 1
+    tok = chat_toks[name]
+    conv = to_conversation(row, "messages")
+    try:
+        out = render_samples([conv], tok, supervise=policy)
+    except DataError as e:
+        assert name == "qwen2_5_instruct" and "ignores this field" in str(e) and "reasoning" in str(e), str(e)
+        return
+    asst = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
+    turns = sorted(t for r in out for t in r.turns)
+    assert turns == (asst[-1:] if policy == "last" else asst)
+    assert len(out) == 1 or policy == "all"
+    for r in out:
+        runs = supervised_runs(r.sample)
+        assert len(runs) == len(r.turns)
+        for i, run in zip(r.turns, runs):
+            text = tok.decode(run, skip_special_tokens=False)
+            m = conv[i]
+            assert text.endswith("<|im_end|>") and text.count("<|im_end|>") == 1, text
+            assert m["content"] in text and "RESULT" not in text
+            assert all(f'"name": "{c["function"]["name"]}"' in text for c in m.get("tool_calls", []))
+            if name == "qwen3" and m.get("reasoning_content") and (policy != "once" or i > last_query(conv)):
+                assert f"<think>\n{m['reasoning_content']}\n</think>" in text

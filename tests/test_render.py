@@ -220,3 +220,18 @@ def test_cut_points(neox_tokenizer):
     first = render(CONV_SYS[:3], neox_tokenizer, "guanaco")
     assert cuts[0] == [len(first), len(samples[0])]
     assert samples[0].input_ids[: cuts[0][0]] == first.input_ids
+
+
+def test_render_samples_is_render_batch_for_plain_conversations(neox_tokenizer):
+    """Issue 27: on plain conversations and a prefix-stable template, one sample each, as render_batch."""
+    from sft.data.render import render_samples
+
+    for template in ("chatml", "guanaco"):
+        out = render_samples([CONV, CONV_SYS], neox_tokenizer, template)
+        samples, cuts = render_batch([CONV, CONV_SYS], neox_tokenizer, template)
+        assert [r.sample for r in out] == samples and [r.cuts for r in out] == cuts
+        assert [(r.conversation, r.n_messages, r.turns) for r in out] == [(0, 4, [1, 3]), (1, 5, [2, 4])]
+        last = render_samples([CONV], neox_tokenizer, template, supervise="last")[0].sample
+        assert last.input_ids == samples[0].input_ids
+        assert last.labels[: cuts[0][0]] == [IGNORE_INDEX] * cuts[0][0]
+        assert last.labels[cuts[0][0] :] == samples[0].labels[cuts[0][0] :]

@@ -176,7 +176,9 @@ def _fake_run(out, name, steps, when):
 
 
 def test_latest_is_the_newest_unfinished_checkpoint_by_time_not_by_name(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(runs, "checkpoint_problem", lambda c: None)  # the layout, not the file contents
+    monkeypatch.setattr(
+        checkpoints, "checkpoint_problem", lambda c: None
+    )  # the layout, not the file contents
     now = time.time()
     old_custom, _ = _fake_run(tmp_path, "zzz-my-run", [1, 2], now - 3000)  # sorts last by name, oldest
     newest, newest_ckpt = _fake_run(tmp_path, "20250101-000000_tiny_bundled", [3], now - 1000)

@@ -48,6 +48,7 @@ def prepare(cfg: TrainConfig, tokenizer):
         template=cfg.template,
         max_len=cfg.max_len,
         overlong=cfg.overlong,
+        supervise=cfg.supervise,
         eval_size=eval_size,
         seed=cfg.seed,
     )

