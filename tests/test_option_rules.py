@@ -148,3 +148,13 @@ def test_an_allocation_that_fails_anyway_is_one_line_and_unlocks(tmp_path, monke
         err.count("\n") == 1 and err.startswith("error: out of memory (") and "can't allocate memory" in err
     )
     assert not (tmp_path / "r" / ".lock").exists()
+
+
+def test_a_recipes_warmup_on_a_short_run_is_said_not_refused(tmp_path, caplog):
+    """``--max_steps=2`` to try a recipe whose default warm-up is longer: one warning line, the run goes on
+    (typed on the command line, the same warm-up is refused: test_trainer_option_rules)."""
+    recipe = dataclasses.replace(TrainConfig(), warmup_steps=5)
+    argv = [*TINY, f"--out_dir={tmp_path}", "--max_steps=2", "--no-save_final"]
+    assert trainer.main(recipe, argv) == 0
+    said = "warning: the warm-up (--warmup_steps=5, the recipe's) is longer than this run (--max_steps=2)"
+    assert said in caplog.text and said in (tmp_path / "r" / "train.log").read_text()
