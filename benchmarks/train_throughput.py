@@ -52,6 +52,9 @@ COMMON = [
     "--save_every=0",
     "--progress=false",
     "--eval_batches=1",
+    # the recipes warm up over 20 steps; a benchmark of a few steps measures speed, which the learning rate
+    # does not change, and the trainer refuses a warm-up longer than the run
+    "--warmup_steps=0",
 ]
 CONFIGS = {
     "mpt": ("train_mpt_guanaco.py", ["--model=random:mpt-7b"]),

@@ -196,7 +196,10 @@ def test_auto_plan_picks_the_fewest_checkpointed_blocks_that_fit():
     the 80 GB profile checkpoints the fewest blocks under 76 GiB; a 40 GiB limit is refused in one line."""
     model = _mpt7b()
     cuda = torch.device("cuda")
-    base = dict(micro_batch=4, grad_accum=4, optimizer="adamw_kahan", precision="bf16", max_len=2048)
+    # the checkpointing rule alone (tests/test_memory_plan.py pins the micro-batch split)
+    base = dict(
+        micro_batch=4, grad_accum=4, optimizer="adamw_kahan", precision="bf16", max_len=2048, plan_split="off"
+    )
     whole = plan_memory(model, TrainConfig(**base, memory_limit_gib=139), cuda, autocast=False)
     assert whole.checkpoint_blocks == 0 and not whole.in_backward
     p80 = plan_memory(model, TrainConfig(**base, memory_limit_gib=76), cuda, autocast=False)
@@ -226,7 +229,7 @@ def test_auto_plan_picks_the_fewest_checkpointed_blocks_that_fit():
             "--optimizer_in_backward=true is not possible with --grad_accum=2",
         ),
         (["--attention=flex"], "--attention=flex: FlexAttention has no backward on CPU"),
-        (["--memory_limit_gib=0.0001"], "the weights alone need"),
+        (["--memory_limit_gib=0.0001"], "this run needs"),
         (["--checkpoint_blocks=x"], "--checkpoint_blocks=x: expected 'auto' or a number"),
     ],
 )
@@ -294,6 +297,8 @@ def test_resolved_engine_settings_in_config_json(tmp_path):
         "fp8": "none",
         "fp8_linears": 0,
         "optimizer_in_backward": False,
+        "plan_why": "",
+        "asked": {"optimizer": "adamw", "micro_batch": 2, "grad_accum": 2},
     }
 
 

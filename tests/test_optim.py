@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft.training import fused_adamw
+from sft.training import fused_adamw, optim
 from sft.training.optim import (
     OPTIMIZERS,
     AdamW8bit,
@@ -429,7 +429,8 @@ def test_benchmark_drives_the_trainer_on_cpu(tmp_path, shared_data):
         assert tps["processed"] >= tps["non_pad"] >= tps["supervised"] > 0
         assert r["resolved"] == {
             "attention": "sdpa", "compile": False, "checkpoint_blocks": 0, "optimizer_in_backward": False,
-            "fp8": "none", "fp8_linears": 0,
+            "fp8": "none", "fp8_linears": 0, "plan_why": "",
+            "asked": {"optimizer": "auto", "micro_batch": 2, "grad_accum": 2},
         }  # fmt: skip
         metrics = (tmp_path / "runs" / r["name"] / "metrics.jsonl").read_text().splitlines()
         steps = [json.loads(x) for x in metrics if '"loss"' in x]
@@ -691,7 +692,7 @@ def test_8bit_any_shape_and_fp32_weights():
 
 
 def _check_bounds(stats: dict) -> None:
-    """Kernel vs torch reference after one step from the same state (fused_adamw.check_kernels).
+    """Kernel vs torch reference after one step from the same state (optim.check_kernels).
 
     Every stored value within one ulp of its format (stochastic rounding picks either neighbour of
     the same fp32 value; fp32 rounding differences may move that value across a grid point: 2 allowed);
@@ -716,8 +717,8 @@ def test_triton_kernels_match_the_torch_reference_in_the_interpreter():
     """TRITON_INTERPRET=1 (set before triton is imported: a subprocess) runs the kernels on CPU tensors,
     element counts 1, 300, 4,096 and 20,001 (partial blocks and several programs)."""
     code = (
-        "import json; from sft.training import fused_adamw; "
-        "print(json.dumps(fused_adamw.check_kernels('cpu', (1, 300, 4096, 20_001))))"
+        "import json; from sft.training import optim; "
+        "print(json.dumps(optim.check_kernels('cpu', (1, 300, 4096, 20_001))))"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
@@ -729,7 +730,7 @@ def test_triton_kernels_match_the_torch_reference_in_the_interpreter():
 
 @pytest.mark.gpu
 def test_triton_kernels_match_the_torch_reference_on_cuda():
-    _check_bounds(fused_adamw.check_kernels("cuda"))
+    _check_bounds(optim.check_kernels("cuda"))
 
 
 @pytest.mark.gpu

@@ -185,7 +185,7 @@ def test_latest_is_the_newest_unfinished_checkpoint_by_time_not_by_name(tmp_path
     done, _ = _fake_run(tmp_path, "20250102-000000_tiny_bundled", [4], now - 10)  # newest of all, finished
     mark_finished(done, 4)
     (tmp_path / "not-a-run").mkdir()
-    with caplog.at_level(logging.INFO, logger="sft.training.runs"):
+    with caplog.at_level(logging.INFO, logger="sft.training.checkpoints"):
         assert find_resume(tmp_path, "latest") == (newest, newest_ckpt)
     said = caplog.text
     assert (
@@ -416,7 +416,7 @@ def test_resume_refuses_changed_data_unless_told(tmp_path, monkeypatch, caplog):
     }
     assert (run / "train.log").read_text().startswith(log_before)
 
-    with caplog.at_level(logging.WARNING, logger="sft.training.runs"):
+    with caplog.at_level(logging.WARNING, logger="sft.training.checkpoints"):
         rc = recipe.main(
             recipe.DEFAULTS, [f"--resume={run}", "--resume_changed_data=true", "--progress=false"]
         )

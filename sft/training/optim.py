@@ -639,3 +639,108 @@ def step_in_backward(optimizer: KahanAdamW, params: Iterable[torch.Tensor]) -> l
         p.grad = None
 
     return [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- kernel check
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> float:
+    """Largest distance between a and b in units of the grid spacing of `dtype` at max(|a|, |b|).
+
+    The spacing is that of a normal number of `dtype` at the value (bf16: 2^-7 relative,
+    e4m3: 2^-3 relative), floored at the smallest subnormal spacing (e4m3: 2^-9).
+    """
+    a, b = a.double(), b.double()
+    mag = torch.maximum(a.abs(), b.abs())
+    mant = {torch.bfloat16: 7, torch.float8_e4m3fn: 3}[dtype]
+    tiny = {torch.bfloat16: 2.0**-133, torch.float8_e4m3fn: 2.0**-9}[dtype]
+    exp = torch.floor(torch.log2(mag.clamp_min(tiny)))
+    spacing = torch.maximum(torch.exp2(exp - mant), torch.tensor(tiny, dtype=torch.float64))
+    return ((a - b).abs() / spacing).max().item() if a.numel() else 0.0
+
+
+def check_kernels(device: str = "cuda", numels: tuple[int, ...] = (1, 300, 4096, 70_001)) -> dict[str, Any]:
+    """Run each kernel and its torch reference on the same inputs once; return the disagreement.
+
+    One step from the same random state (weights ~ N(0, 0.02), moments of a few steps' size) for
+    tensors of `numels` elements, per mode: the largest difference of every stored tensor, in ulps of
+    its storage format (stochastic rounding may pick either neighbour: <= 1 expected, 2 allowed for
+    fp32 rounding on top), and for the deterministic parts (Kahan weight + compensation, scales) the
+    largest absolute difference. Also the mean of the weight change of both, over all elements
+    (stochastic rounding is unbiased: the means agree to noise).
+    """
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, Any] = {}
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    step = 7
+    bc1, bc2_sqrt = 1 - hyper["beta1"] ** step, (1 - hyper["beta2"] ** step) ** 0.5
+
+    def rnd(n, scale=1.0):
+        return (torch.randn(n, generator=gen) * scale).to(device)
+
+    for mode in ("adamw_kahan", "adamw_sr", "adamw_8bit"):
+        stats: dict[str, float] = {}
+        for n in numels:
+            p0 = rnd(n, 0.02).bfloat16()
+            g = rnd(n, 1e-3).bfloat16()
+            seed = 1234 + n
+            if mode == "adamw_8bit":
+                nb = -(-n // QBLOCK)
+                m0 = torch.zeros(nb * QBLOCK, device=device)
+                m0[:n] = rnd(n, 1e-3)
+                r0 = torch.zeros(nb * QBLOCK, device=device)
+                r0[:n] = m0[:n].abs() + rnd(n, 1e-3).abs()  # |m| <= r
+                mq, ms = _quantize_blockwise(m0, None)
+                rq, rs = _quantize_blockwise(r0, None)
+                bound = _ratio_bound(hyper["beta1"], hyper["beta2"], step)
+                ref = [p0.clone(), mq.clone(), ms.clone(), rq.clone(), rs.clone()]
+                ker = [p0.clone(), mq.clone(), ms.clone(), rq.clone(), rs.clone()]
+                scal = torch.tensor([hyper["lr"], bc1, bc2_sqrt], device=device)
+                genr = torch.Generator(device=device).manual_seed(seed)
+                _adamw8bit_update(
+                    ref[0], g, *ref[1:], scal, hyper["beta1"], hyper["beta2"], hyper["eps"],
+                    hyper["weight_decay"], bound, genr,
+                )  # fmt: skip
+                fused_adamw.adamw8bit_step(
+                    ker[0], g, *ker[1:], bc1=bc1, bc2_sqrt=bc2_sqrt, bound=bound, seed=seed, **hyper
+                )
+                names = ["weight", "exp_avg", "exp_avg_scale", "sqrt_exp_avg_sq", "sqrt_exp_avg_sq_scale"]
+                for name, a, b in zip(names, ref, ker):
+                    if a.dtype == torch.float32:  # scales: deterministic
+                        key, val = f"{name}_rel", ((a - b).abs() / a.abs().clamp_min(1e-30)).max().item()
+                    else:
+                        key, val = f"{name}_ulps", _ulps(a.float(), b.float(), a.dtype)
+                    stats[key] = max(stats.get(key, 0.0), val)
+                moved = (ref[0].float() - p0.float(), ker[0].float() - p0.float())
+            else:
+                m0 = rnd(n, 1e-3).bfloat16()
+                v0 = ((m0.float().abs() + rnd(n, 1e-3).abs()) ** 2).bfloat16()  # |m| <= sqrt(v)
+                kahan = mode == "adamw_kahan"
+                c0 = rnd(n, 1e-5).bfloat16() if kahan else None
+                ref = [p0.clone(), m0.clone(), v0.clone()] + ([c0.clone()] if kahan else [])
+                ker = [p0.clone(), m0.clone(), v0.clone()] + ([c0.clone()] if kahan else [])
+                scal = torch.tensor([hyper["lr"], bc1, bc2_sqrt], device=device)
+                genr = torch.Generator(device=device).manual_seed(seed)
+                _adamw_update(
+                    ref[0], g, ref[1], ref[2], ref[3] if kahan else None, scal, hyper["beta1"],
+                    hyper["beta2"], hyper["eps"], hyper["weight_decay"], not kahan, genr,
+                )  # fmt: skip
+                fused_adamw.adamw_lowp_step(
+                    ker[0], g, ker[1], ker[2], ker[3] if kahan else None, bc1=bc1, bc2_sqrt=bc2_sqrt,
+                    stochastic_param=not kahan, seed=seed, **hyper,
+                )  # fmt: skip
+                for name, a, b in zip(["weight", "exp_avg", "exp_avg_sq"], ref, ker):
+                    key = f"{name}_ulps"
+                    stats[key] = max(stats.get(key, 0.0), _ulps(a.float(), b.float(), torch.bfloat16))
+                if kahan:  # weight + compensation is deterministic: in ulps of the weight
+                    va, vb = ref[0].float() + ref[3].float(), ker[0].float() + ker[3].float()
+                    ulp = torch.exp2(torch.floor(torch.log2(p0.float().abs().clamp_min(2.0**-126))) - 7)
+                    key = "kahan_value_weight_ulps"
+                    stats[key] = max(stats.get(key, 0.0), ((va - vb).abs() / ulp).max().item())
+                moved = (ref[0].float() - p0.float(), ker[0].float() - p0.float())
+            if n >= 4096:  # a mean over enough elements
+                key = "mean_update_diff_rel"
+                denom = moved[0].abs().mean().item() or 1.0
+                stats[key] = max(stats.get(key, 0.0), abs((moved[0] - moved[1]).mean().item()) / denom)
+        out[mode] = stats
+    return out
