@@ -13,7 +13,6 @@ are dropped after each step, weights never change.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import sys
@@ -41,11 +40,15 @@ def row(seq_len: int, docs: int, vocab: int, seed: int = 0) -> dict[str, torch.T
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    if str(Path(__file__).resolve().parents[1]) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sft.argcheck import OneLineParser, float_in, int_in  # noqa: F401  one-line errors, checked ranges
+
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--seq_len", type=int, default=1024)
-    p.add_argument("--docs", type=int, default=2)
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--seq_len", type=int_in(2), default=1024)
+    p.add_argument("--docs", type=int_in(1), default=2)
+    p.add_argument("--iters", type=int_in(1), default=3)
     args = p.parse_args(argv)
     cfg = dataclasses.replace(TrainConfig(), model=args.model, precision="fp32", max_len=args.seq_len)
     model, _ = load_model_and_tokenizer(cfg)

@@ -12,7 +12,6 @@ each run folder as ``fp8_parity.png`` (and to ``--png`` if given). Also writes `
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -66,13 +65,19 @@ def plot(runs: list[dict], out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    if str(Path(__file__).resolve().parents[1]) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sft.argcheck import OneLineParser, float_in, int_in  # noqa: F401  one-line errors, checked ranges
+
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("reference", type=Path, help="the bf16 run folder")
     ap.add_argument("other", type=Path, help="the FP8 run folder")
     ap.add_argument(
         "--last", type=int, default=20, help="training steps averaged for the final training loss"
     )
-    ap.add_argument("--tol", type=float, default=0.01, help="relative difference called parity")
+    ap.add_argument(
+        "--tol", type=float_in(0, low_open=True), default=0.01, help="relative difference called parity"
+    )
     ap.add_argument("--png", type=Path, default=None, help="one more copy of the plot")
     args = ap.parse_args(argv)
     a, b = (summary(p, args.last) for p in (args.reference, args.other))

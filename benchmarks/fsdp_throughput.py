@@ -14,7 +14,6 @@ GPUs and the ratio to the single-GPU run, the figure to hold against the 0.92 W 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -63,13 +62,17 @@ def run_world(key: str, world: int, args, out_dir: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    if str(Path(__file__).resolve().parents[1]) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sft.argcheck import OneLineParser, float_in, int_in  # noqa: F401  one-line errors, checked ranges
+
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     ap.add_argument("--out-dir", type=Path, default=Path("bench_fsdp"))
     ap.add_argument("--config", default="mpt", help="a config of benchmarks/train_throughput.py")
     ap.add_argument("--gpus", default="1,2", help="world sizes; 1 = the single-GPU run without FSDP")
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--steps", type=int_in(1), default=8)
+    ap.add_argument("--timeout", type=float_in(0, low_open=True), default=300)
     ap.add_argument("--quick", action="store_true", help="tiny shape, 1 and 2 CPU processes (gloo)")
     ap.add_argument("extra", nargs="*", help="more --field=value overrides for every run")
     args = ap.parse_args(argv)

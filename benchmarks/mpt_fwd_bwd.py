@@ -81,13 +81,19 @@ def make_step(forward, params, ids, targets):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--docs", type=int, default=4, help="documents per row for the packed run (0: skip)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=5)
+    if str(Path(__file__).resolve().parents[1]) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sft.argcheck import OneLineParser, float_in, int_in  # noqa: F401  one-line errors, checked ranges
+
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int_in(1), default=32)
+    ap.add_argument("--seq", type=int_in(2), default=2048)
+    ap.add_argument("--batch", type=int_in(1), default=1)
+    ap.add_argument(
+        "--docs", type=int_in(0), default=4, help="documents per row for the packed run (0: skip)"
+    )
+    ap.add_argument("--warmup", type=int_in(0), default=3)
+    ap.add_argument("--iters", type=int_in(1), default=5)
     ap.add_argument("--attn", default="flex", choices=["flex", "sdpa", "flex_eager"])
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")

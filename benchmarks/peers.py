@@ -37,7 +37,6 @@ data are prepared (e.g. ``--limit=200``, ``--seed=1``).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
@@ -461,7 +460,11 @@ def print_table(res: dict) -> None:
 
 def main(argv=None) -> int:
     data_dir = REPO.parent / "shared" / "data"
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    if str(Path(__file__).resolve().parents[1]) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sft.argcheck import OneLineParser, float_in, int_in  # noqa: F401  one-line errors, checked ranges
+
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--recipe", choices=sorted(RECIPES), default="llama", help="whose defaults prepare the data"
     )
@@ -470,11 +473,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", default=str(data_dir / "gpt-neox-20b-tokenizer.json"))
     ap.add_argument("--template", default="chatml", help="as benchmarks/train_throughput.py's llama configs")
     ap.add_argument("--eval_size", default="20", help="held-out conversations (train_throughput.py uses 20)")
-    ap.add_argument("--max_len", type=int, default=2048)
-    ap.add_argument("--micro_batch", type=int, default=4)
-    ap.add_argument("--grad_accum", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=8, help="optimizer steps (the first --warmup untimed)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--max_len", type=int_in(8), default=2048)
+    ap.add_argument("--micro_batch", type=int_in(1), default=4)
+    ap.add_argument("--grad_accum", type=int_in(1), default=4)
+    ap.add_argument("--steps", type=int_in(1), default=8, help="optimizer steps (the first --warmup untimed)")
+    ap.add_argument("--warmup", type=int_in(0), default=2)
     ap.add_argument("--gradient_checkpointing", choices=("auto", "true", "false"), default="auto")
     ap.add_argument(
         "--attn", default="auto", help="attn_implementation; auto = flex_attention on CUDA, else sdpa"

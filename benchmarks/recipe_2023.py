@@ -19,7 +19,6 @@ step time median after warm-up; peak ``torch.cuda.max_memory_allocated``; the ti
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
@@ -237,13 +236,17 @@ def run_recipe(args, samples, shape: dict, device) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    if str(Path(__file__).resolve().parents[1]) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sft.argcheck import OneLineParser, float_in, int_in  # noqa: F401  one-line errors, checked ranges
+
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=Path("recipe_2023.json"))
     ap.add_argument("--quick", action="store_true", help="tiny shape on CPU: tests the script")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps")
-    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--steps", type=int_in(1), default=10, help="timed steps")
+    ap.add_argument("--warmup", type=int_in(0), default=3, help="untimed steps")
+    ap.add_argument("--seq-len", type=int_in(2), default=2048)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.quick:

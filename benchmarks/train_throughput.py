@@ -33,7 +33,6 @@ recipe, the baseline these are compared with, is ``benchmarks/recipe_2023.py`` (
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -215,12 +214,18 @@ def print_table(results: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    if str(Path(__file__).resolve().parents[1]) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from sft.argcheck import OneLineParser, float_in, int_in  # noqa: F401  one-line errors, checked ranges
+
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--out-dir", type=Path, default=Path("bench"))
     ap.add_argument("--configs", default="mpt76,mpt,llama", help=f"comma list of {', '.join(CONFIGS)}")
-    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per config (the first 2 untimed)")
-    ap.add_argument("--timeout", type=float, default=240, help="seconds per config")
+    ap.add_argument(
+        "--steps", type=int_in(3), default=8, help="optimizer steps per config (the first 2 untimed)"
+    )
+    ap.add_argument("--timeout", type=float_in(0, low_open=True), default=240, help="seconds per config")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: tests the script")
     ap.add_argument("extra", nargs="*", help="more --field=value overrides for every config")
     args = ap.parse_args(argv)

@@ -321,11 +321,6 @@ def check_config(cfg: TrainConfig) -> None:
         check_value(f.name, getattr(cfg, f.name))
     if cfg.max_steps == 0 and cfg.epochs <= 0:
         raise ConfigError(f"--epochs={cfg.epochs}: must be > 0 (or give --max_steps)")
-    if cfg.max_steps and cfg.warmup_steps > cfg.max_steps:
-        raise ConfigError(
-            f"--warmup_steps={cfg.warmup_steps} is longer than the run (--max_steps={cfg.max_steps}): "
-            "the learning rate would never reach --lr"
-        )
     if cfg.keep_best and cfg.eval_every == 0:
         raise ConfigError(
             "--keep_best picks the step with the lowest held-out loss among the evaluations: give "

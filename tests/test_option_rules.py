@@ -130,3 +130,31 @@ def test_preview_of_a_tiny_preset_uses_its_tokenizer(capsys):
     assert main(["--model=random:mpt-7b"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --model=random:mpt-7b: ") and "--tokenizer" not in err.split(":", 2)[1]
+
+
+def test_an_allocation_that_fails_anyway_is_one_line_and_unlocks(tmp_path, monkeypatch, capsys):
+    """The plan's estimate can be wrong: an allocation failure mid-run ends in one line, exit 2, and no
+    stale .lock in the run folder."""
+    from sft.training import engine
+
+    def oom(self, *a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 171798691840 bytes. Error code 12 (Cannot allocate memory)")  # fmt: skip
+
+    monkeypatch.setattr(engine.Engine, "step", oom)
+    assert trainer.main(TrainConfig(), [*TINY, f"--out_dir={tmp_path}", "--max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1 and err.startswith("error: out of memory (") and "can't allocate memory" in err
+    )
+    assert not (tmp_path / "r" / ".lock").exists()
+
+
+def test_a_recipes_warmup_on_a_short_run_is_said_not_refused(tmp_path, caplog):
+    """``--max_steps=2`` to try a recipe whose default warm-up is longer: one warning line, the run goes on
+    (typed on the command line, the same warm-up is refused: test_trainer_option_rules)."""
+    recipe = dataclasses.replace(TrainConfig(), warmup_steps=5)
+    argv = [*TINY, f"--out_dir={tmp_path}", "--max_steps=2", "--no-save_final"]
+    assert trainer.main(recipe, argv) == 0
+    said = "warning: the warm-up (--warmup_steps=5, the recipe's) is longer than this run (--max_steps=2)"
+    assert said in caplog.text and said in (tmp_path / "r" / "train.log").read_text()

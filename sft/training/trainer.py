@@ -185,7 +185,9 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
         with held, without_torchao(needed=cfg.qlora or cfg.fp8 != "none"):
             if resume_from is not None:
                 open_run(run_dir)
-            return _train(cfg, info, device, resume_from, run_dir, t_start, open_run)
+            # a warm-up longer than the run: refused when typed (or set in Python), said when a recipe's default
+            warmup_given = given is None or "warmup_steps" in set(given)
+            return _train(cfg, info, device, resume_from, run_dir, t_start, open_run, warmup_given)
     finally:
         logging.getLogger().removeHandler(run_log)
         run_log.close()
@@ -211,11 +213,20 @@ def _refuse_finished(
         )
 
 
-def _train(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, t_start, open_run) -> Path:
+def _train(
+    cfg: TrainConfig,
+    info: DistInfo,
+    device,
+    resume_from,
+    run_dir,
+    t_start,
+    open_run,
+    warmup_given: bool = True,
+) -> Path:
     """The run in four phases: set-up (inputs, model, plan, run folder), the loop of engine steps with what
     follows each step (log, eval, save, stop), and the finish (checkpoint, eval, samples, final/).
     ``open_run(run_dir)`` is called as soon as a new run folder exists (rank 0 locks it and logs into it)."""
-    run = _setup(cfg, info, device, resume_from, run_dir, open_run)
+    run = _setup(cfg, info, device, resume_from, run_dir, open_run, warmup_given)
     stopped_reason = _loop(run)
     return _finish(run, stopped_reason, t_start)
 
@@ -331,7 +342,9 @@ def _build_optimizer(root, cfg: TrainConfig):
     return params, build_optimizer(groups, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_run) -> _Run:
+def _setup(
+    cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_run, warmup_given: bool = True
+) -> _Run:
     """Check every input, load and prepare, plan memory, set up the model and engine, make the run folder.
     Every refusal happens before the run folder exists."""
     _refuse_early(cfg, info, resume_from, run_dir)
@@ -350,13 +363,23 @@ def _setup(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_
     W = info.world
     # one optimizer step = A micro-batches on each of the W ranks: micro-batches s*A*W .. s*A*W + A*W - 1
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (cfg.grad_accum * W)))
-    if (
-        resume_from is None and cfg.warmup_steps > total_steps
-    ):  # check_config caught it when --max_steps is set
-        raise ConfigError(
-            f"--warmup_steps={cfg.warmup_steps} is longer than the run ({total_steps} steps from "
-            f"--epochs={cfg.epochs:g}): the learning rate would never reach --lr"
+    if resume_from is None and cfg.warmup_steps > total_steps:
+        length = (
+            f"--max_steps={cfg.max_steps}"
+            if cfg.max_steps
+            else f"{total_steps} steps from --epochs={cfg.epochs:g}"
         )
+        if warmup_given:  # typed for this run: a mistake
+            raise ConfigError(
+                f"--warmup_steps={cfg.warmup_steps} is longer than the run ({length}): the learning rate "
+                "would never reach --lr"
+            )
+        # a recipe's default warm-up on a short run (--max_steps=5 to try it): said, and the run goes on
+        log.warning(
+            "warning: the warm-up (--warmup_steps=%d, the recipe's) is longer than this run (%s): the learning "
+            "rate peaks at %d/%d of --lr; give --warmup_steps to choose",
+            cfg.warmup_steps, length, total_steps, cfg.warmup_steps,
+        )  # fmt: skip
     setup, before = _prepare_model(model, tokenizer, prepared, cfg, info, device, resume_from, plan)
     n_params = sum(p.numel() for p in model.parameters())
     L, d = shape(model).layers, shape(model).width
@@ -775,4 +798,24 @@ def main(defaults: TrainConfig, argv: list[str] | None = None, smoke: dict | Non
     except TrainingStopped as e:
         sys.stderr.write(f"{e}\n")
         return 130
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        why = _out_of_memory(e)
+        if why is None:
+            raise
+        # the run folder's lock went with the unwinding (hold_run_lock); its checkpoints, if any, are intact
+        sys.stderr.write(
+            f"error: out of memory ({why}) although the memory plan expected the run to fit: lower "
+            "--micro_batch or --max_len, or give --memory_limit_gib below what is free\n"
+        )
+        return 2
     return 0
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """A few words on an allocation failure (CUDA or CPU), or None if ``e`` is something else."""
+    text = " ".join(str(e).split())
+    if isinstance(e, MemoryError) or isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return text[:160] or type(e).__name__
+    if "can't allocate memory" in text or "out of memory" in text.lower():
+        return text[:160]
+    return None
