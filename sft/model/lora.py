@@ -351,3 +351,24 @@ def trainable_counts(model: nn.Module) -> dict[str, int]:
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total": sum(p.numel() for p in model.parameters()),
     }
+
+
+def apply_from_config(model, cfg) -> None:
+    """LoRA adapters after ``.to(device)`` (NF4 quantizes on the device), before checkpointing/sharding/compile."""
+    from sft.config import ConfigError, parse_targets
+
+    targets = parse_targets(cfg.lora_targets)
+    try:
+        if cfg.qlora:
+            quantize_nf4(model, targets=targets)
+        # fp32 adapters under plain AdamW keep the small updates exact over a bf16 base
+        apply_lora(
+            model,
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            targets=targets,
+            adapter_dtype=torch.float32 if cfg.optimizer == "adamw" else None,
+        )
+    except ValueError as e:  # no default targets for this architecture, or a target matches nothing
+        raise ConfigError(f"--lora: {str(e).splitlines()[0]}") from None

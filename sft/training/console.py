@@ -12,6 +12,8 @@ import contextlib
 import logging
 import sys
 
+import torch
+
 
 def setup_logging() -> None:
     """Console logging for scripts: the run's own lines (INFO) on stderr, one stream, so ``> log 2>&1``
@@ -89,3 +91,13 @@ class NoWriter:
 
     def close(self) -> None:
         pass
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """A few words on an allocation failure (CUDA or CPU), or None if ``e`` is something else."""
+    text = " ".join(str(e).split())
+    if isinstance(e, MemoryError) or isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return text[:160] or type(e).__name__
+    if "can't allocate memory" in text or "out of memory" in text.lower():
+        return text[:160]
+    return None

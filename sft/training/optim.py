@@ -675,6 +675,34 @@ def step_in_backward(optimizer: KahanAdamW, params: Iterable[torch.Tensor]) -> l
     return [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
 
 
+# ----------------------------------------------------------------------------- what the trainer calls
+
+
+def lr_at(step: int, cfg, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up to ``lr``, then decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.decay == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps - 1)
+    progress = min(max(progress, 0.0), 1.0)
+    lo = cfg.min_lr_ratio
+    if cfg.decay == "cosine":
+        return cfg.lr * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (1 - (1 - lo) * progress)
+
+
+def build_for(root, cfg):
+    """``(trainable params, optimizer)`` of ``cfg`` (a TrainConfig) over ``root``: weight decay on the matrices only."""
+    params = [p for p in root.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return params, build_optimizer(groups, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
 # ----------------------------------------------------------------------------- kernel check
 
 

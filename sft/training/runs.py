@@ -511,3 +511,28 @@ def check_not_run_folder(spec: str | Path) -> None:
 
 def _read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def export_final_gguf(run_dir: Path, qtype: str) -> None:
+    """``--export_gguf``: final/ as one GGUF file; a failure is one RunError line (the run stays finished)."""
+    from sft.model.gguf import ExportError, export_gguf
+
+    try:
+        gguf = export_gguf(run_dir / "final", qtype, force=True)
+    except ExportError as e:
+        raise RunError(
+            f"the run finished ({run_dir}) but its GGUF export failed: {e}; export by hand with "
+            f"python -m sft.export {run_dir} --gguf=<type>"
+        ) from None
+    log.info("GGUF: %s (%s)", gguf, human_size(gguf.stat().st_size))
+
+
+def log_run_size(run_dir: Path) -> None:
+    """One line: the run folder's size on disk, with its big parts (what a user may want to delete)."""
+    parts = [
+        f"{p.name}/ {human_size(folder_size(p))}"
+        for p in (run_dir / "final", run_dir / "checkpoints", run_dir / "adapter")
+        if p.is_dir()
+    ]
+    total = human_size(folder_size(run_dir))
+    log.info("run folder size: %s%s", total, f" ({', '.join(parts)})" if parts else "")

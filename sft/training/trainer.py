@@ -4,10 +4,11 @@ What one call does, in order:
 1. checks every input (out_dir writable, data file present, model found, data valid) before making
    the run folder; any failure raises a one-line error (ConfigError, ModelError, DataError, RunError)
    and leaves no run folder behind;
-2. loads model + tokenizer, prepares the data (render, split, pack), predicts the memory the run needs
-   (:func:`check_memory`: weights + grads + optimizer state + a rough activation term against the free GPU
-   memory; ConfigError naming the remedies if it cannot fit), moves the model to the device, applies LoRA
-   (``--lora``), then creates the run folder;
+2. loads model + tokenizer, prepares the data (render, split, pack), makes the memory plan
+   (:func:`sft.training.memory.plan_memory`: the optimizer for ``--optimizer=auto``, the micro-batch split, the
+   checkpointed blocks and the step in backward, from the estimate calibrated on measured peaks; ConfigError
+   naming only changes that would fit), moves the model to the device, applies LoRA (``--lora``), then
+   creates the run folder;
 3. evaluates the held-out loss and answers a few held-out prompts (before);
 4. trains: each optimizer step takes ``grad_accum`` micro-batches of ``micro_batch`` rows, each
    backpropagating ``sum CE / N_step`` (N_step = supervised targets of the whole step, see sft/model/loss.py),
@@ -39,7 +40,7 @@ reloaded from its source at resume); at the end ``adapter/`` holds the adapter i
 MFU (GPU only, and ``null`` with LoRA: the frozen base has no weight gradient, so 6N does not apply): FLOPs per processed token = ``6 N + 12 L d T_attn`` (PaLM, appendix B) with N all
 parameters and ``T_attn`` the token-weighted mean length of the document each token sits in
 (``sum n_doc^2 / sum n_doc`` over the step's documents, padding counted as its own document); peak bf16
-dense FLOP/s from :data:`PEAK_FLOPS` by device name; ``null`` on CPU or an unknown GPU.
+dense FLOP/s from :data:`sft.training.flops.PEAK_FLOPS` by device name; ``null`` on CPU or an unknown GPU.
 """
 
 from __future__ import annotations
@@ -62,18 +63,18 @@ from sft.config import (
     ConfigError,
     TrainConfig,
     check_config,
-    parse_targets,
     parse_updates,
     resume_config,
 )
 from sft.data.batches import MicroBatches, data_sources, pad_token_id, prepare
 from sft.data.render import TemplateError
 from sft.data.schema import DataError
+from sft.model import lora
 from sft.model.family import shape
 from sft.model.fp8 import check_fp8
 from sft.model.models import ModelError, forward_hidden, lm_head, load_model_and_tokenizer, without_torchao
-from sft.training import checkpoints, distributed, runs
-from sft.training.console import NoWriter, console_beside_bar, setup_logging, step_line
+from sft.training import checkpoints, distributed, optim, runs
+from sft.training.console import NoWriter, console_beside_bar, out_of_memory, setup_logging, step_line
 from sft.training.distributed import DistInfo
 from sft.training.engine import (
     Engine,
@@ -96,20 +97,6 @@ class TrainingStopped(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up to ``lr``, then decay."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.decay == "constant":
-        return cfg.lr
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps - 1)
-    progress = min(max(progress, 0.0), 1.0)
-    lo = cfg.min_lr_ratio
-    if cfg.decay == "cosine":
-        return cfg.lr * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress)))
-    return cfg.lr * (1 - (1 - lo) * progress)
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -160,7 +147,7 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
         step = int(runs._read_json(resume_from / "state.json").get("step", 0))
         # the run continues with its own config; only some knobs may change on resume (the rest: refused)
         cfg = resume_config(saved, cfg, given, step=step)
-        _refuse_finished(run_dir, resume_from, saved, cfg, step)
+        checkpoints.refuse_finished(run_dir, resume_from, saved, cfg, step)
     device = resolve_device(cfg)
     info = DistInfo()
     if distributed.wanted(cfg):
@@ -194,23 +181,6 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
         sft_log.setLevel(level)
         if info.enabled:
             distributed.destroy()
-
-
-def _refuse_finished(
-    run_dir: Path, resume_from: Path, saved: TrainConfig, cfg: TrainConfig, step: int
-) -> None:
-    """RunError (before the run folder is touched: no lock, no train.log line, final/ and metrics.jsonl as
-    they are) when ``--resume`` names a run that reached its end and the command does not lengthen it."""
-    if not checkpoints.is_finished(run_dir):
-        return
-    done = checkpoints.finished_step(run_dir)
-    done = step if done is None else done
-    longer = (cfg.max_steps or 0) > done or (not cfg.max_steps and cfg.epochs > saved.epochs)
-    if not longer:
-        raise RunError(
-            f"--resume: {run_dir} finished at step {done} (final/ written): nothing to resume, nothing "
-            f"changed; to train it further give --max_steps above {done} (or a larger --epochs)"
-        )
 
 
 def _train(
@@ -293,55 +263,6 @@ class _Run:
         return round(step * self.cfg.grad_accum * self.info.world / self.stream.per_epoch, 4)
 
 
-def _check_resume_world(resume_from: Path, info: DistInfo) -> None:
-    W = info.world
-    if distributed.is_dcp_checkpoint(resume_from) != info.enabled or (
-        info.enabled and distributed.checkpoint_world_size(resume_from) != W
-    ):
-        n = (
-            distributed.checkpoint_world_size(resume_from)
-            if distributed.is_dcp_checkpoint(resume_from)
-            else 1
-        )
-        how = f"torchrun --nproc_per_node {n}" if n > 1 else "one process"
-        raise RunError(
-            f"{resume_from} was written by {n} process(es) and this run has {W}: resume it with {how}"
-        )
-
-
-def _apply_lora(model, cfg: TrainConfig) -> None:
-    """LoRA adapters after ``.to(device)`` (NF4 quantizes on the device), before checkpointing/sharding/compile."""
-    from sft.model import lora
-
-    targets = parse_targets(cfg.lora_targets)
-    try:
-        if cfg.qlora:
-            lora.quantize_nf4(model, targets=targets)
-        # fp32 adapters under plain AdamW keep the small updates exact over a bf16 base
-        lora.apply_lora(
-            model,
-            rank=cfg.lora_rank,
-            alpha=cfg.lora_alpha,
-            dropout=cfg.lora_dropout,
-            targets=targets,
-            adapter_dtype=torch.float32 if cfg.optimizer == "adamw" else None,
-        )
-    except ValueError as e:  # no default targets for this architecture, or a target matches nothing
-        raise ConfigError(f"--lora: {str(e).splitlines()[0]}") from None
-
-
-def _build_optimizer(root, cfg: TrainConfig):
-    from sft.training.optim import build_optimizer
-
-    params = [p for p in root.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    return params, build_optimizer(groups, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-
-
 def _setup(
     cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_run, warmup_given: bool = True
 ) -> _Run:
@@ -391,7 +312,7 @@ def _setup(
         distributed.shard_model(
             root, distributed.mixed_precision(device, cfg.precision), device_type=device.type
         )
-    params, optimizer = _build_optimizer(root, cfg)
+    params, optimizer = optim.build_for(root, cfg)
     engine = Engine(root, params, optimizer, cfg, device, in_backward=plan.in_backward, info=info)
     run_dir, writer = _open_run_folder(
         cfg, info, device, resume_from, run_dir, open_run, cfg_dict, prepared, model
@@ -414,7 +335,7 @@ def _refuse_early(cfg: TrainConfig, info: DistInfo, resume_from, run_dir) -> Non
     """The config-only refusals (one line each), before anything is loaded; seeds the RNGs."""
     if resume_from is not None:
         log.info("resuming %s from %s", run_dir, resume_from.name)
-        _check_resume_world(resume_from, info)
+        checkpoints.check_resume_world(resume_from, info)
     if cfg.optimizer not in ("adamw", "auto") and cfg.precision != "bf16":
         raise ConfigError(f"--optimizer={cfg.optimizer} works on bf16 weights: add --precision=bf16")
     check_config(cfg)
@@ -471,7 +392,7 @@ def _prepare_model(model, tokenizer, prepared, cfg: TrainConfig, info: DistInfo,
     compile and sharding), then the engine's set-up for ``plan``. Returns ``(setup, before)``."""
     model.to(device)
     if cfg.lora:
-        _apply_lora(model, cfg)
+        lora.apply_from_config(model, cfg)
     before = None
     if resume_from is None and cfg.num_samples and info.is_main:
         convs = prepared.eval_conversations
@@ -581,7 +502,7 @@ def _loop(run: _Run) -> str | None:
             # rank r takes micro-batches (s*A + j)*W + r: the ranks together read what one process with
             # grad_accum = A*W would, so losses match it (and each rank reads distinct rows)
             micro = [run.stream[(step * A + j) * W + info.rank] for j in range(A)]
-            lr = lr_at(step, cfg, run.total_steps)
+            lr = optim.lr_at(step, cfg, run.total_steps)
             res = run.engine.step(micro, lr, flags=[int(bool(run.stop.get("signal")))])
             if res.flags[0] and not run.stop.get("signal"):  # any rank's signal stops every rank
                 run.stop["signal"] = "a signal on another rank"
@@ -680,7 +601,7 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
         run.writer.close()
         if info.is_main:
             runs.plot_loss(run_dir)
-            _log_run_size(run_dir)
+            runs.log_run_size(run_dir)
         msg = f"{stopped_reason}: checkpoint {ckpt}; continue with --resume={run_dir}"
         if run.stop.get("signal") or cfg.on_nan == "stop" and "non-finite" in stopped_reason:
             raise TrainingStopped(msg)
@@ -706,16 +627,12 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
         runs.write_samples(run_dir, [{"stage": "after", "step": state["step"], **s} for s in after])
         print_samples("after", after)
     if cfg.lora:
-        from sft.model import lora
-
         lora.save_adapter(export, run_dir / "adapter")
     if cfg.save_final:
         from sft.data.render import attach_template
 
         attach_template(run.tokenizer, cfg.template)  # inference renders exactly as training did
         if cfg.lora:
-            from sft.model import lora
-
             lora.merge_lora(export)  # in place: the plain architecture again, adapters folded in
         resume_hint = f"checkpoint {ckpt.name} is complete: --resume={run_dir} writes final/"
         try:
@@ -737,7 +654,7 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
         with contextlib.suppress(OSError):
             (run_dir / "checkpoints").rmdir()  # only when empty
     if cfg.export_gguf != "none":  # check_config: save_final is on
-        _export_gguf(run_dir, cfg.export_gguf)
+        runs.export_final_gguf(run_dir, cfg.export_gguf)
     log.info(
         "held-out loss %.4f -> %.4f (%+.4f) after %d steps in %.0f s; run folder %s",
         run.eval_before,
@@ -747,33 +664,8 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
         time.time() - t_start,
         run_dir,
     )
-    _log_run_size(run_dir)
+    runs.log_run_size(run_dir)
     return run_dir
-
-
-def _export_gguf(run_dir: Path, qtype: str) -> None:
-    """``--export_gguf``: final/ as one GGUF file; a failure is one RunError line (the run stays finished)."""
-    from sft.model.gguf import ExportError, export_gguf
-
-    try:
-        gguf = export_gguf(run_dir / "final", qtype, force=True)
-    except ExportError as e:
-        raise RunError(
-            f"the run finished ({run_dir}) but its GGUF export failed: {e}; export by hand with "
-            f"python -m sft.export {run_dir} --gguf=<type>"
-        ) from None
-    log.info("GGUF: %s (%s)", gguf, runs.human_size(gguf.stat().st_size))
-
-
-def _log_run_size(run_dir: Path) -> None:
-    """One line: the run folder's size on disk, with its big parts (what a user may want to delete)."""
-    parts = [
-        f"{p.name}/ {runs.human_size(runs.folder_size(p))}"
-        for p in (run_dir / "final", run_dir / "checkpoints", run_dir / "adapter")
-        if p.is_dir()
-    ]
-    total = runs.human_size(runs.folder_size(run_dir))
-    log.info("run folder size: %s%s", total, f" ({', '.join(parts)})" if parts else "")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -799,7 +691,7 @@ def main(defaults: TrainConfig, argv: list[str] | None = None, smoke: dict | Non
         sys.stderr.write(f"{e}\n")
         return 130
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        why = _out_of_memory(e)
+        why = out_of_memory(e)
         if why is None:
             raise
         # the run folder's lock went with the unwinding (hold_run_lock); its checkpoints, if any, are intact
@@ -809,13 +701,3 @@ def main(defaults: TrainConfig, argv: list[str] | None = None, smoke: dict | Non
         )
         return 2
     return 0
-
-
-def _out_of_memory(e: BaseException) -> str | None:
-    """A few words on an allocation failure (CUDA or CPU), or None if ``e`` is something else."""
-    text = " ".join(str(e).split())
-    if isinstance(e, MemoryError) or isinstance(e, getattr(torch, "OutOfMemoryError", ())):
-        return text[:160] or type(e).__name__
-    if "can't allocate memory" in text or "out of memory" in text.lower():
-        return text[:160]
-    return None
