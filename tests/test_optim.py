@@ -840,7 +840,8 @@ set_state_dict(m2, opt2, model_state_dict=sd["model"], optim_state_dict=sd["opti
 train(m2, opt2, 3)
 st = opt.state[m[0].weight]["exp_avg"]
 eq = all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(m.parameters(), m2.parameters()))
-print("RESULT", dist.get_rank(), type(st).__name__, tuple(st.to_local().shape), tuple(st.shape), eq)
+line = " ".join(map(str, ["RESULT", dist.get_rank(), type(st).__name__, tuple(st.to_local().shape), tuple(st.shape), eq]))
+open(sys.argv[1] + f".rank{dist.get_rank()}", "w").write(line)  # a file each: two ranks' stdout interleave
 dist.destroy_process_group()
 """
 
@@ -866,6 +867,7 @@ def test_8bit_fsdp2_two_ranks_resume_bit_exactly_from_a_distributed_checkpoint(t
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    lines = [(tmp_path / f"ck.rank{r}").read_text() for r in (0, 1)]
+    results = sorted(line.split()[1:] for line in lines if line.startswith("RESULT"))
     # 77 x 300 = 23,100 elements: the largest shard (39 rows, 11,700) rounds up to 46 blocks of 256
     assert results == [[r, "DTensor", "(11776,)", "(23552,)", "True"] for r in ("0", "1")], proc.stdout

@@ -394,25 +394,6 @@ def find_resume(out_dir: str | Path, resume: str) -> tuple[Path, Path]:
     raise RunError(f"--resume={resume}: no usable checkpoint in {run_dir} ({'; '.join(problems)})")
 
 
-def check_resume_world(resume_from: Path, info) -> None:
-    """RunError when ``resume_from`` was written by another number of processes than ``info.world``."""
-    from sft.training import distributed
-
-    W = info.world
-    if distributed.is_dcp_checkpoint(resume_from) != info.enabled or (
-        info.enabled and distributed.checkpoint_world_size(resume_from) != W
-    ):
-        n = (
-            distributed.checkpoint_world_size(resume_from)
-            if distributed.is_dcp_checkpoint(resume_from)
-            else 1
-        )
-        how = f"torchrun --nproc_per_node {n}" if n > 1 else "one process"
-        raise RunError(
-            f"{resume_from} was written by {n} process(es) and this run has {W}: resume it with {how}"
-        )
-
-
 def refuse_finished(run_dir: Path, resume_from: Path, saved, cfg, step: int) -> None:
     """RunError (before the run folder is touched: no lock, no train.log line, final/ and metrics.jsonl as
     they are) when ``--resume`` names a run that reached its end and the command does not lengthen it."""

@@ -42,6 +42,7 @@ from sft.model.family import transformer_blocks
 from sft.model.loss import chunked_cross_entropy_sum
 from sft.model.models import forward_hidden
 from sft.training.checkpoints import dcp_checkpoint_problem  # noqa: F401  (re-exported: the sharded-checkpoint check)
+from sft.training.runs import RunError
 
 log = logging.getLogger(__name__)
 
@@ -337,3 +338,17 @@ def consolidated_model(model, info: DistInfo) -> nn.Module | None:
         fresh.gradient_checkpointing = False
     fresh.eval()
     return fresh
+
+
+def check_resume_world(resume_from: Path, info: DistInfo) -> None:
+    """RunError when ``resume_from`` was written by another number of processes than ``info.world``."""
+
+    W = info.world
+    if is_dcp_checkpoint(resume_from) != info.enabled or (
+        info.enabled and checkpoint_world_size(resume_from) != W
+    ):
+        n = checkpoint_world_size(resume_from) if is_dcp_checkpoint(resume_from) else 1
+        how = f"torchrun --nproc_per_node {n}" if n > 1 else "one process"
+        raise RunError(
+            f"{resume_from} was written by {n} process(es) and this run has {W}: resume it with {how}"
+        )

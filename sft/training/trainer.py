@@ -335,7 +335,7 @@ def _refuse_early(cfg: TrainConfig, info: DistInfo, resume_from, run_dir) -> Non
     """The config-only refusals (one line each), before anything is loaded; seeds the RNGs."""
     if resume_from is not None:
         log.info("resuming %s from %s", run_dir, resume_from.name)
-        checkpoints.check_resume_world(resume_from, info)
+        distributed.check_resume_world(resume_from, info)
     if cfg.optimizer not in ("adamw", "auto") and cfg.precision != "bf16":
         raise ConfigError(f"--optimizer={cfg.optimizer} works on bf16 weights: add --precision=bf16")
     check_config(cfg)
