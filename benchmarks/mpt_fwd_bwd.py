@@ -35,16 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import transformers  # noqa: E402
 
 from sft.model.mpt import MPTConfig, MPTForCausalLM, hf_config  # noqa: E402
+from sft.training.flops import peak_flops  # noqa: E402
 
 log = logging.getLogger("mpt_fwd_bwd")
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def time_steps(step, n_warmup: int, n_iters: int, device: torch.device) -> tuple[list[float], float]:

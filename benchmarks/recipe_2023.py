@@ -38,6 +38,7 @@ from sft.data.formats import guanaco  # noqa: E402
 from sft.data.packing import pad_collate  # noqa: E402
 from sft.data.render import Sample  # noqa: E402
 from sft.data.schema import IGNORE_INDEX  # noqa: E402
+from sft.model.models import RANDOM_PRESETS  # noqa: E402
 from sft.training.flops import PEAK_FLOPS, flops_per_token  # noqa: E402
 
 log = logging.getLogger("recipe_2023")
@@ -185,7 +186,7 @@ def default_dtype(dtype):
 def run_recipe(args, samples, shape: dict, device) -> dict:
     from transformers import MptConfig, MptForCausalLM
 
-    hf_cfg = MptConfig(**shape, expansion_ratio=4, no_bias=True)
+    hf_cfg = MptConfig(**{"expansion_ratio": 4, "no_bias": True, **shape})
     with device, default_dtype(torch.bfloat16):
         model = MptForCausalLM(hf_cfg)
     model.train()
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
         shape = dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=128, vocab_size=50432)
         args.seq_len, args.steps, args.warmup, limit, device = 128, 1, 1, 40, torch.device("cpu")
     else:
-        shape = dict(d_model=4096, n_heads=32, n_layers=32, max_seq_len=2048, vocab_size=50432)
+        shape = dict(RANDOM_PRESETS["mpt-7b"][1])  # the MPT-7B shape, one definition
         limit, device = None, torch.device("cuda")
     torch.manual_seed(0)
     tokenizer = load_tokenizer(args.data_dir)

@@ -70,18 +70,9 @@ def named_shape(name: str, dtype: torch.dtype, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM
 
     if name == "mpt-7b":  # mosaicml/mpt-7b: d=4096, 32 layers, 32 heads, vocab padded to 50432
-        cls, cfg = (
-            MptForCausalLM,
-            MptConfig(
-                d_model=4096,
-                n_heads=32,
-                n_layers=32,
-                expansion_ratio=4,
-                max_seq_len=2048,
-                vocab_size=50432,
-                no_bias=True,
-            ),
-        )
+        from sft.model.models import RANDOM_PRESETS
+
+        cls, cfg = MptForCausalLM, MptConfig(**RANDOM_PRESETS["mpt-7b"][1])
     elif name == "llama-7b":  # Llama-2-7B shape
         cls, cfg = (
             LlamaForCausalLM,

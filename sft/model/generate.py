@@ -168,11 +168,6 @@ class LlamaCached(nn.Module):
         for name in [n for n in self._buffers if n.startswith(("k_cache_", "v_cache_", "rope_"))]:
             delattr(self, name)
 
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V cached per token per sequence (all layers)."""
-        n_layers = len(self.hf.model.layers)
-        return 2 * n_layers * self.n_kv_heads * self.head_dim * self.rope_cos.element_size()
-
     def forward_cached(
         self, input_ids: torch.Tensor, input_pos: torch.Tensor, logits_to_keep: int = 0
     ) -> torch.Tensor:

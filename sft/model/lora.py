@@ -345,14 +345,6 @@ def merge_and_export(model: nn.Module, tokenizer, out_dir: str | os.PathLike) ->
     return out
 
 
-def trainable_counts(model: nn.Module) -> dict[str, int]:
-    """``{"trainable": n, "total": n}`` parameter counts (elements)."""
-    return {
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "total": sum(p.numel() for p in model.parameters()),
-    }
-
-
 def apply_from_config(model, cfg) -> None:
     """LoRA adapters after ``.to(device)`` (NF4 quantizes on the device), before checkpointing/sharding/compile."""
     from sft.config import ConfigError, parse_targets

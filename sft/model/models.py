@@ -589,12 +589,6 @@ def _to_fast_mpt(hf_model):
         raise ModelError(f"--mpt_impl=fast: {e}") from None
 
 
-def model_short_name(name: str) -> str:
-    """A folder-safe short name for a model source (last path part, no extension)."""
-    base = Path(name.rstrip("/")).name
-    return base[: -len(".gguf")] if base.endswith(".gguf") else base
-
-
 # ----------------------------------------------------------------------------- forward
 
 

@@ -36,7 +36,7 @@ import torch
 from sft.config import ConfigError, TrainConfig
 from sft.model import fp8
 from sft.model.family import family, is_ours, transformer_blocks
-from sft.model.loss import chunked_cross_entropy_sum, count_supervised
+from sft.model.loss import chunked_cross_entropy_sum, count_supervised, step_loss
 from sft.model.models import forward_hidden
 from sft.training import distributed
 from sft.training.distributed import DistInfo
@@ -220,7 +220,7 @@ class Engine:
             with self.autocast():
                 ce = ce_sum(self.root, mb, self.cfg.loss_chunk)
             # FSDP averages gradients over the W ranks: W * CE / N makes that average sum CE / N
-            ((ce * W) / max(n_sup, 1)).backward()
+            step_loss(ce * W, n_sup).backward()
             ce_sums.append(ce.detach())  # read once after the loop: no device sync between micro-batches
         ce_total = float(torch.stack(ce_sums).sum())
         processed = sum(b["input_ids"].numel() for b in micro)
