@@ -21,6 +21,8 @@ import csv
 import sys
 from pathlib import Path
 
+from sft.config import error_exit
+
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets"
 RESULT_COLUMNS = ("metric", "setup", "value", "unit", "source")
@@ -154,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             data_flow(out / "data_flow.png"),
         ]
     except (OSError, ValueError) as e:
-        sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
-        return 2
+        return error_exit(e)
     sys.stdout.write("".join(f"{p}\n" for p in paths))
     return 0
 

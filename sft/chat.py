@@ -219,7 +219,7 @@ def main(argv=None, stdin=None, stdout=None) -> ChatSession:
 def cli(argv=None, stdin=None, stdout=None) -> int:
     """``python -m sft.chat``: :func:`main`, with bad input as one ``error:`` line on stderr (exit 2) and
     Ctrl-C as ``interrupted`` (exit 130) instead of a traceback. Returns the exit status."""
-    from sft.config import ConfigError
+    from sft.config import ConfigError, error_exit
     from sft.data.render import TemplateError
     from sft.data.schema import DataError
     from sft.model.models import ModelError
@@ -230,8 +230,7 @@ def cli(argv=None, stdin=None, stdout=None) -> int:
     except SystemExit as e:  # a usage error (its line already printed) or --help
         return int(e.code or 0)
     except (ModelError, TemplateError, RunError, DataError, ConfigError, ChatError) as e:
-        sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
-        return 2
+        return error_exit(e)
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
         return 130

@@ -31,6 +31,16 @@ class ConfigError(ValueError):
     """A bad command-line key or value; the message is one line."""
 
 
+def error_exit(e: BaseException) -> int:
+    """The command line's answer to bad input (every entry point uses it): ``error: <the message's first
+    line>`` on stderr, and exit status 2."""
+    import sys
+
+    text = str(e)
+    sys.stderr.write(f"error: {text.splitlines()[0] if text.strip() else type(e).__name__}\n")
+    return 2
+
+
 def _f(
     default,
     help: str,

@@ -13,19 +13,17 @@ import logging
 import sys
 import time
 
+from sft.argcheck import OneLineParser
+from sft.config import error_exit
 from sft.model.gguf import ExportError, export_gguf
 
 __all__ = ["ExportError", "export_gguf", "main"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the usage first)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m sft.export", description="Export a run's final/ model to one GGUF file.")
+    p = OneLineParser(
+        prog="python -m sft.export", description="Export a run's final/ model to one GGUF file."
+    )
     p.add_argument(
         "path", metavar="RUN_OR_FINAL_DIR", help="a run folder (its final/ is used) or a model folder"
     )
@@ -45,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = export_gguf(args.path, args.gguf, out=args.out, force=args.force)
     except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error_exit(e)
     size = path.stat().st_size
     print(f"wrote {path} ({size / 1e6:.1f} MB, {args.gguf.lower()}) in {time.perf_counter() - t0:.1f} s")
     return 0

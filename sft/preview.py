@@ -22,7 +22,7 @@ import sys
 import time
 
 from sft.argcheck import OneLineParser, config_field, int_in
-from sft.config import ConfigError
+from sft.config import ConfigError, error_exit
 from sft.data.mixture import parse_sources, prepare_mixture
 from sft.data.packing import pack, packing_efficiency
 from sft.data.render import Sample, TemplateError
@@ -163,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             time.process_time() - c0
         )  # CPU seconds of this process (all threads): robust on a shared machine
     except (DataError, TemplateError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error_exit(e)
 
     for i, sample in enumerate(prepared.train[: args.n]):
         print(

@@ -45,6 +45,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sft.model.family import is_ours
+
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"  # peft's default adapter name; stripped from saved keys
@@ -68,9 +70,7 @@ LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
 
 def model_type(model: nn.Module) -> str:
     """``"mpt"`` for our MPT, else ``model.config.model_type`` (``""`` when there is none)."""
-    from sft.model.mpt import MPTForCausalLM
-
-    if isinstance(model, MPTForCausalLM):
+    if is_ours(model):
         return "mpt"
     config = getattr(model, "config", None)
     return getattr(config, "model_type", "") or ""
@@ -98,9 +98,7 @@ def is_lora(model: nn.Module) -> bool:
 
 
 def _embedding(model: nn.Module) -> nn.Module | None:
-    from sft.model.mpt import MPTForCausalLM
-
-    if isinstance(model, MPTForCausalLM):
+    if is_ours(model):
         return model.transformer.wte
     get = getattr(model, "get_input_embeddings", None)
     return get() if get is not None else None
@@ -316,12 +314,12 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     """Write an already merged (or never adapted) model as a transformers folder: our MPT through
     ``sft.model.mpt.save_hf`` (loads as ``transformers.MptForCausalLM``), transformers models through
     ``save_pretrained`` (a GGUF-loaded model, which refuses saving, is first rebuilt from its config)."""
-    from sft.model.mpt import MPTForCausalLM, save_hf
+    from sft.model.mpt import save_hf
 
     if is_lora(model):
         raise ValueError("model still has LoRA layers: merge_lora(model) first")
     out = Path(out_dir)
-    if isinstance(model, MPTForCausalLM):
+    if is_ours(model):
         save_hf(model, out)
         return out
     try:

@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 from sft.config import run_name_problem
-from sft.model.family import is_ours
 
 log = logging.getLogger(__name__)
 
@@ -455,17 +454,9 @@ def save_final(run_dir: Path, model, tokenizer) -> Path:
         for leftover in (tmp, old):
             if leftover.exists():
                 shutil.rmtree(leftover)
-        if is_ours(model) and not hasattr(model, "save_pretrained"):
-            from sft.model import mpt
+        from sft.model.lora import save_merged  # our MPT, transformers, or GGUF-loaded: one writer
 
-            mpt.save_hf(model, tmp)
-        else:
-            try:
-                model.save_pretrained(str(tmp))
-            except (ValueError, NotImplementedError):
-                from sft.model.models import _rebuild
-
-                _rebuild(model).save_pretrained(str(tmp))
+        save_merged(model, tmp)
         tokenizer.save_pretrained(str(tmp))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -63,6 +63,7 @@ from sft.config import (
     ConfigError,
     TrainConfig,
     check_config,
+    error_exit,
     parse_updates,
     resume_config,
 )
@@ -685,8 +686,7 @@ def main(defaults: TrainConfig, argv: list[str] | None = None, smoke: dict | Non
             cfg = dataclasses.replace(defaults, **{**smoke, **given})
         train(cfg, given=given)
     except (ConfigError, ModelError, DataError, RunError, TemplateError) as e:
-        sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
-        return 2
+        return error_exit(e)
     except TrainingStopped as e:
         sys.stderr.write(f"{e}\n")
         return 130
