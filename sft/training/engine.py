@@ -127,14 +127,36 @@ def compile_blocks(model) -> None:
         block.compile(dynamic=False)
 
 
-def setup_model(model, cfg: TrainConfig, device: torch.device, checkpoint_blocks: int) -> dict:
-    """FP8 block linears, attention backend, checkpointed blocks and per-block compile (module docstring).
-    Returns ``{"attention", "compile", "checkpoint_blocks", "fp8", "fp8_linears"}`` as resolved."""
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """What ``--attention``, ``--compile`` and ``--precision`` mean for this model on this device, resolved once
+    (the trainer makes it in its set-up and hands it on)."""
+
+    attention: str
+    compile: bool
+    autocast: bool
+
+
+def resolve(model, cfg: TrainConfig, device: torch.device) -> Resolved:
+    """:func:`resolve_attention`, :func:`resolve_compile` and :func:`uses_autocast` at once (ConfigError for a
+    backend the model cannot use)."""
+    return Resolved(
+        resolve_attention(model, cfg, device), resolve_compile(model, cfg, device), uses_autocast(cfg, device)
+    )
+
+
+def setup_model(
+    model, cfg: TrainConfig, device: torch.device, checkpoint_blocks: int, resolved: Resolved | None = None
+) -> dict:
+    """FP8 block linears, attention backend, checkpointed blocks and per-block compile (module docstring),
+    for ``resolved`` (:func:`resolve` now when None). Returns ``{"attention", "compile", "checkpoint_blocks",
+    "fp8", "fp8_linears"}`` as resolved."""
+    resolved = resolved or resolve(model, cfg, device)
     n_fp8 = fp8.convert_blocks(model, cfg.fp8)  # before the compile: the compiled block fuses the casts
-    backend = resolve_attention(model, cfg, device)
+    backend = resolved.attention
     set_attention(model, backend)
     set_checkpoint_blocks(model, checkpoint_blocks)
-    compiled = resolve_compile(model, cfg, device)
+    compiled = resolved.compile
     if n_fp8 and not compiled:
         log.warning("--fp8=%s without --compile: the FP8 casts run unfused, likely slower than bf16", cfg.fp8)
     if compiled:

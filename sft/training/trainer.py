@@ -80,10 +80,8 @@ from sft.training.distributed import DistInfo
 from sft.training.engine import (
     Engine,
     autocast_factory,
-    resolve_attention,
-    resolve_compile,
+    resolve,
     setup_model,
-    uses_autocast,
 )
 from sft.training.evaluation import answer_samples, eval_line, held_out, load_best, print_samples, track_best
 from sft.training.flops import mfu, peak_flops, step_flops
@@ -270,17 +268,19 @@ def _setup(
     """Check every input, load and prepare, plan memory, set up the model and engine, make the run folder.
     Every refusal happens before the run folder exists."""
     _refuse_early(cfg, info, resume_from, run_dir)
-    model, tokenizer, prepared, train_rows, eval_batches, compiled = _load_inputs(
+    model, tokenizer, prepared, train_rows, eval_batches, resolved = _load_inputs(
         cfg, info, device, resume_from, run_dir
     )
     # the memory plan resolves --optimizer=auto and the micro-batch split (same rows per step): from here on
     # cfg holds what this run does, and config.json records it (a resume continues with the same choices)
     asked = {"optimizer": cfg.optimizer, "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum}
-    plan = _plan(model, cfg, info, device)
+    plan = _plan(model, cfg, info, device, resolved)
     cfg = dataclasses.replace(
         cfg, optimizer=plan.optimizer, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum
     )
-    pad_to = cfg.max_len if (compiled and not cfg.packing) else None  # one shape for the compiled blocks
+    pad_to = (
+        cfg.max_len if (resolved.compile and not cfg.packing) else None
+    )  # one shape for the compiled blocks
     stream = MicroBatches(train_rows, cfg, pad_token_id(tokenizer), pad_to)
     W = info.world
     # one optimizer step = A micro-batches on each of the W ranks: micro-batches s*A*W .. s*A*W + A*W - 1
@@ -302,7 +302,7 @@ def _setup(
             "rate peaks at %d/%d of --lr; give --warmup_steps to choose",
             cfg.warmup_steps, length, total_steps, cfg.warmup_steps,
         )  # fmt: skip
-    setup, before = _prepare_model(model, tokenizer, prepared, cfg, info, device, resume_from, plan)
+    setup, before = _prepare_model(model, tokenizer, prepared, cfg, info, device, resume_from, plan, resolved)
     n_params = sum(p.numel() for p in model.parameters())
     L, d = shape(model).layers, shape(model).width
     resolved = {**setup, "optimizer_in_backward": plan.in_backward, "plan_why": plan.why, "asked": asked}
@@ -353,14 +353,14 @@ def _refuse_early(cfg: TrainConfig, info: DistInfo, resume_from, run_dir) -> Non
 def _load_inputs(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir):
     """Out dir, data spec, model and tokenizer (with the head, attention, FP8 and compile checks), then the
     prepared data; cheapest checks first. Returns ``(model, tokenizer, prepared, train_rows, eval_batches,
-    compiled)``."""
+    resolved)``: ``resolved`` (sft.training.engine.Resolved: attention backend, compile, autocast) is made here
+    once and handed on."""
     runs.check_writable(cfg.out_dir)
     data_sources(cfg)  # a bad --data / --eval_data fails before any model is loaded
     model, tokenizer = load_model_and_tokenizer(cfg)
     lm_head(model)  # refuses (ModelError) an output head the loss cannot apply as the model does
-    resolve_attention(model, cfg, device)  # a backend the model cannot use fails before data preparation
+    resolved = resolve(model, cfg, device)  # a backend the model cannot use fails before data preparation
     check_fp8(model, cfg, device)  # so does --fp8 where it cannot run
-    compiled = resolve_compile(model, cfg, device)
     if cfg.export_gguf != "none":  # refused now, not after the whole run
         from sft.model.gguf import ExportError, check_exportable
 
@@ -378,17 +378,18 @@ def _load_inputs(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir)
         checkpoints.check_resume_inputs(
             run_dir, prepared.fingerprint, prepared.inputs, cfg.resume_changed_data
         )
-    return model, tokenizer, prepared, train_rows, eval_batches, compiled
+    return model, tokenizer, prepared, train_rows, eval_batches, resolved
 
 
-def _plan(model, cfg: TrainConfig, info: DistInfo, device):
+def _plan(model, cfg: TrainConfig, info: DistInfo, device, resolved):
     """The memory plan (sft/training/memory.py): optimizer, micro-batch split, checkpointed blocks, step in
     backward; ConfigError now if nothing fits (before the run folder exists)."""
-    backend = resolve_attention(model, cfg, device)  # checked already in _load_inputs: no error here
-    return plan_memory(model, cfg, device, uses_autocast(cfg, device), info.world, attention=backend)
+    return plan_memory(model, cfg, device, resolved.autocast, info.world, attention=resolved.attention)
 
 
-def _prepare_model(model, tokenizer, prepared, cfg: TrainConfig, info: DistInfo, device, resume_from, plan):
+def _prepare_model(
+    model, tokenizer, prepared, cfg: TrainConfig, info: DistInfo, device, resume_from, plan, resolved
+):
     """The model on its device (LoRA applied), the samples answered before training (whole model, before
     compile and sharding), then the engine's set-up for ``plan``. Returns ``(setup, before)``."""
     model.to(device)
@@ -398,7 +399,7 @@ def _prepare_model(model, tokenizer, prepared, cfg: TrainConfig, info: DistInfo,
     if resume_from is None and cfg.num_samples and info.is_main:
         convs = prepared.eval_conversations
         before = answer_samples(model, tokenizer, convs, cfg, device, autocast_factory(cfg, device))
-    setup = setup_model(model, cfg, device, plan.checkpoint_blocks)  # before sharding
+    setup = setup_model(model, cfg, device, plan.checkpoint_blocks, resolved)  # before sharding
     log.info(
         "engine: attention %s, %s, %d checkpointed blocks%s",
         setup["attention"],
