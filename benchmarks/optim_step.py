@@ -171,19 +171,14 @@ def time_mode(mode: str, scale: float, warmup: int = 3, iters: int = 10) -> dict
 
 
 def run_check(device: str) -> int:
-    """Kernels vs the torch reference on a few MB; the bounds are those of tests/test_optim.py."""
+    """Kernels vs the torch reference on a few MB, against optim.kernel_bound."""
     numels = (1, 300, 4096, 1_000_003, 3 * 2**20)
     stats = optim.check_kernels(device, numels)
     bad = 0
     print(f"Triton kernels vs torch reference on {device}, element counts {numels}, one step:")
     for mode, st in stats.items():
         for key, val in st.items():
-            if key.endswith("_ulps"):
-                bound = 0.125 if key == "kahan_value_weight_ulps" else 2.0
-            elif key.endswith("_scale_rel"):
-                bound = 1e-6
-            else:
-                bound = 0.05
+            bound = optim.kernel_bound(key)
             ok = val <= bound
             bad += not ok
             print(f"  {mode:12s} {key:28s} {val:10.3g}  (bound {bound:g}) {'ok' if ok else 'FAIL'}")

@@ -91,7 +91,10 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 def is_lora(model: nn.Module) -> bool:
-    """True if ``model`` holds injected (unmerged) LoRA layers."""
+    """True if ``model`` holds injected (unmerged) LoRA layers. ``peft_config`` is set by peft's injection and
+    removed by :func:`merge_lora`: checking it first spares importing peft for every full fine-tuning save."""
+    if getattr(model, "peft_config", None) is None:
+        return False
     from peft.tuners.lora import LoraLayer
 
     return any(isinstance(m, LoraLayer) for m in model.modules())

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sft.model.lora import is_lora
 from sft.training.runs import RunError, _read_json, _write_json, write_failure
 
 log = logging.getLogger(__name__)
@@ -38,20 +39,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CKPT.match(p.name).group(1)))
 
 
-def _has_lora(model) -> bool:
-    # peft_config is set by peft's injection and removed by sft.model.lora.merge_lora; checking it first spares
-    # importing peft for every full fine-tuning checkpoint
-    if getattr(model, "peft_config", None) is None:
-        return False
-    from sft.model.lora import is_lora
-
-    return is_lora(model)
-
-
 def _state_dict_for_save(model) -> dict[str, torch.Tensor]:
     """What ``model.safetensors`` of a checkpoint holds: the adapter weights alone for a LoRA model (the
     frozen base is reloaded from its source at resume), else every tensor of the state dict."""
-    if _has_lora(model):
+    if is_lora(model):
         from sft.model.lora import lora_state_dict
 
         return lora_state_dict(model)
@@ -172,7 +163,7 @@ def load_checkpoint(ckpt: Path, *, model, optimizer) -> dict:
     from safetensors.torch import load_file
 
     sd = load_file(str(ckpt / "model.safetensors"), device=str(next(model.parameters()).device))
-    if _has_lora(model):  # adapter weights only (strict: every adapter weight, nothing else)
+    if is_lora(model):  # adapter weights only (strict: every adapter weight, nothing else)
         from sft.model.lora import load_lora_state_dict
 
         try:

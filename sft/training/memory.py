@@ -137,7 +137,8 @@ def estimate_memory(
     grads = n_train * train_elem // W
     optimizer = int(n_train * state_bytes_per_param(cfg.optimizer, train_elem)) // W
     weights //= W
-    L, d = shape(model).layers, shape(model).width
+    s = shape(model)
+    L, d = s.layers, s.width
     elem = 2 if (autocast or base_elem == 2) else 4
     n_ck = min(max(checkpoint_blocks, 0), L)
     per_layer = activation_elements_per_layer(model)

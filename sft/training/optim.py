@@ -727,6 +727,16 @@ def _ulps(
     return ((a - b).abs() / spacing).max().item() if a.numel() else 0.0
 
 
+def kernel_bound(key: str) -> float:
+    """The bound of one :func:`check_kernels` statistic: every stored value within 2 ulps of its format
+    (stochastic rounding picks either neighbour; fp32 rounding may move the value across a grid point),
+    Kahan's weight + compensation within 1/8 of a weight ulp, the 8-bit scales to 1e-6 relative, the mean
+    weight change (unbiased rounding) to 5% (tests/test_optim.py pins the same numbers)."""
+    if key.endswith("_ulps"):
+        return 0.125 if key == "kahan_value_weight_ulps" else 2.0
+    return 1e-6 if key.endswith("_scale_rel") else 0.05
+
+
 def check_kernels(device: str = "cuda", numels: tuple[int, ...] = (1, 300, 4096, 70_001)) -> dict[str, Any]:
     """Run each kernel and its torch reference on the same inputs once; return the disagreement.
 

@@ -304,7 +304,8 @@ def _setup(
         )  # fmt: skip
     setup, before = _prepare_model(model, tokenizer, prepared, cfg, info, device, resume_from, plan, resolved)
     n_params = sum(p.numel() for p in model.parameters())
-    L, d = shape(model).layers, shape(model).width
+    s = shape(model)
+    L, d = s.layers, s.width
     resolved = {**setup, "optimizer_in_backward": plan.in_backward, "plan_why": plan.why, "asked": asked}
     cfg_dict = {**cfg.to_dict(), "resolved": resolved}
     root = model
