@@ -355,6 +355,29 @@ def check_config(cfg: TrainConfig) -> None:
             )
 
 
+def check_warmup(cfg: TrainConfig, total_steps: int, given: bool) -> str | None:
+    """A warm-up longer than the run (``total_steps``): ConfigError when ``--warmup_steps`` was ``given`` (typed,
+    or set in Python: a mistake); else (a recipe's default on a short run, ``--max_steps=5`` to try it) the
+    warning to say, and the run goes on. None when the warm-up fits."""
+    if cfg.warmup_steps <= total_steps:
+        return None
+    length = (
+        f"--max_steps={cfg.max_steps}"
+        if cfg.max_steps
+        else f"{total_steps} steps from --epochs={cfg.epochs:g}"
+    )
+    if given:
+        raise ConfigError(
+            f"--warmup_steps={cfg.warmup_steps} is longer than the run ({length}): the learning rate "
+            "would never reach --lr"
+        )
+    return (
+        f"warning: the warm-up (--warmup_steps={cfg.warmup_steps}, the recipe's) is longer than this run "
+        f"({length}): the learning rate peaks at {total_steps}/{cfg.warmup_steps} of --lr; give --warmup_steps "
+        "to choose"
+    )
+
+
 def run_name_problem(name) -> str | None:
     """Why ``name`` cannot name a run folder (None if it can): one path component, so the run stays inside
     ``out_dir``; not empty, ``.``/``..``, hidden, with a separator or control character, or over 200 bytes."""

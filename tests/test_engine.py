@@ -2,6 +2,7 @@
 per-block checkpointing and the in-backward step change no number, the estimate matches the committed GPU
 peaks, and what cannot run is refused in one line before the run folder exists."""
 
+import dataclasses
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from sft.data.render import Sample
 from sft.model.models import forward_hidden
 from sft.model.mpt import MPTConfig, MPTForCausalLM
 from sft.training import engine
-from sft.training.memory import estimate_memory, plan_memory
+from sft.training.memory import Workload, estimate_memory, plan_memory
 
 GIB = 2**30
 
@@ -187,7 +188,7 @@ def test_committed_peaks_are_in_the_files():
 def test_memory_estimate_within_10_percent_of_committed_peaks(mb, accum, opt, n_ck, inbwd, measured):
     model = _mpt7b()
     cfg = TrainConfig(micro_batch=mb, grad_accum=accum, optimizer=opt, max_len=2048, precision="bf16")
-    est = estimate_memory(model, cfg, autocast=False, checkpoint_blocks=n_ck, in_backward=inbwd)
+    est = estimate_memory(model, Workload.of(cfg), autocast=False, checkpoint_blocks=n_ck, in_backward=inbwd)
     assert est["total"] / GIB == pytest.approx(measured, rel=0.10)
 
 
@@ -204,7 +205,9 @@ def test_auto_plan_picks_the_fewest_checkpointed_blocks_that_fit():
     assert whole.checkpoint_blocks == 0 and not whole.in_backward
     p80 = plan_memory(model, TrainConfig(**base, memory_limit_gib=76), cuda, autocast=False)
     assert 0 < p80.checkpoint_blocks < 32 and p80.estimate["total"] <= 76 * GIB
-    fewer = estimate_memory(model, TrainConfig(**base), False, checkpoint_blocks=p80.checkpoint_blocks - 1)
+    fewer = estimate_memory(
+        model, Workload.of(TrainConfig(**base)), False, checkpoint_blocks=p80.checkpoint_blocks - 1
+    )
     assert fewer["total"] > 76 * GIB  # one block fewer would not fit
     with pytest.raises(ConfigError, match=r"even with the most economical plan, 40.0 GiB --memory_limit_gib"):
         plan_memory(model, TrainConfig(**base, memory_limit_gib=40), cuda, autocast=False)
@@ -271,7 +274,9 @@ def test_optimizer_in_backward_equals_the_ordinary_step():
         params = list(model.parameters())
         opt = build_optimizer(params, "adamw_kahan", lr=1e-2, moment_dtype=torch.float32)
         cfg = TrainConfig(grad_clip=0.0, precision="bf16", optimizer="adamw_kahan")
-        eng = engine.Engine(model, params, opt, cfg, torch.device("cpu"), in_backward=inbwd)
+        cpu = torch.device("cpu")
+        resolved = dataclasses.replace(engine.resolve(model, cfg, cpu), in_backward=inbwd)
+        eng = engine.Engine(model, params, opt, resolved, cpu)
         losses = [eng.step([batch], lr=1e-2).loss for _ in range(3)]
         result[inbwd] = (losses, torch.cat([p.detach().float().flatten() for p in params]))
     assert result[True][0] == result[False][0]
@@ -358,7 +363,7 @@ def test_memory_estimate_of_the_llama_3_8b_shape_within_10_percent(max_len, mb, 
     cfg = TrainConfig(
         micro_batch=mb, grad_accum=accum, max_len=max_len, optimizer="adamw_kahan", precision="bf16"
     )
-    est = estimate_memory(model, cfg, autocast=False, checkpoint_blocks=n_ck)
+    est = estimate_memory(model, Workload.of(cfg), autocast=False, checkpoint_blocks=n_ck)
     assert est["total"] / GIB == pytest.approx(measured, rel=0.10)
     name = "llama_recipe" if max_len == 2048 else "llama32k"
     lines = (REPO / f"runs/2026-12-02_h200_engine_3/runs/{name}/metrics.jsonl").read_text().splitlines()

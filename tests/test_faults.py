@@ -389,6 +389,7 @@ def test_memory_estimate_is_pinned_and_checked_against_the_gpu(monkeypatch):
     from sft.model.models import byte_tokenizer, tiny_model
     from sft.training import memory
 
+    W = memory.Workload.of
     model = tiny_model("tiny-llama", len(byte_tokenizer()), 0, 256)  # 90,688 fp32 parameters, L=2, d=64
     base = ["--max_len=256", "--micro_batch=2"]
     # per un-checkpointed layer and token: 5.1 + qkv (4 + 2 x 2 heads of 16 = 128 = 2 d) + 3 x ffn (128 = 2 d)
@@ -398,16 +399,16 @@ def test_memory_estimate_is_pinned_and_checked_against_the_gpu(monkeypatch):
     # 512 tokens x 64 x (per_layer x 2 layers) x 4 B + 2 x 512 x 260 (vocab) x 4 B of loss-chunk logits and
     # grads; one micro-batch per step: the peak holds the larger of the activations and the gradients
     acts = int(512 * 64 * per_layer * 2 * 4) + 2 * 512 * 260 * 4
-    assert memory.estimate_memory(model, parse_args(base), autocast=False) == {
+    assert memory.estimate_memory(model, W(parse_args(base)), autocast=False) == {
         "weights": 362_752, "grads": 362_752, "optimizer": 725_504, "activations": acts,
         "total": 362_752 + 725_504 + max(acts, 362_752),
     }  # fmt: skip
     # with accumulation the gradients of the earlier micro-batches are alive during the next forward
-    accum = memory.estimate_memory(model, parse_args([*base, "--grad_accum=2"]), autocast=False)
+    accum = memory.estimate_memory(model, W(parse_args([*base, "--grad_accum=2"])), autocast=False)
     assert accum["total"] == 362_752 * 4 + acts  # weights + 2 moments + grads + activations
     # LoRA r=16 on the 7 linear layers: 32,768 fp32 adapter parameters carry grads and state;
     # checkpointing all blocks keeps 1 d-vector per layer + one block's set
-    lora_ckpt = memory.estimate_memory(model, parse_args([*base, "--lora"]), False, checkpoint_blocks=2)
+    lora_ckpt = memory.estimate_memory(model, W(parse_args([*base, "--lora"])), False, checkpoint_blocks=2)
     acts_ckpt = int(512 * 64 * (2 + per_layer) * 4) + 2 * 512 * 260 * 4  # 2 inputs + one recomputed set
     assert lora_ckpt == {
         "weights": 362_752 + 131_072, "grads": 131_072, "optimizer": 262_144, "activations": acts_ckpt,
@@ -415,14 +416,14 @@ def test_memory_estimate_is_pinned_and_checked_against_the_gpu(monkeypatch):
     }  # fmt: skip
     # bf16 weights with the Kahan optimizer: 2 B weights + 2 B grads + 6 B state; bf16 activations
     bf16 = memory.estimate_memory(
-        model.to(torch.bfloat16), parse_args(["--max_len=256", "--optimizer=adamw_kahan"]), autocast=False
+        model.to(torch.bfloat16), W(parse_args(["--max_len=256", "--optimizer=adamw_kahan"])), autocast=False
     )
     assert (bf16["weights"], bf16["grads"], bf16["optimizer"]) == (181_376, 181_376, 544_128)
     assert bf16["activations"] == int(256 * 64 * per_layer * 2 * 2) + 2 * 256 * 260 * 4
 
     cuda = torch.device("cuda")  # never touched: the free-memory query is replaced
     c = parse_args([*base, "--plan_split=off"])  # the checkpointing rule alone (test_memory_plan: the split)
-    total = memory.estimate_memory(model.float(), c, autocast=True)["total"]
+    total = memory.estimate_memory(model.float(), W(c), autocast=True)["total"]
     monkeypatch.setattr(memory, "free_memory_bytes", lambda device: total)
     assert memory.plan_memory(model, c, cuda, autocast=True).checkpoint_blocks == 1  # 4% kept free
     monkeypatch.setattr(memory, "FREE_MEMORY_HEADROOM", 0.0)

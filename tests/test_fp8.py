@@ -88,7 +88,7 @@ def test_trainer_hides_torchao_only_without_fp8(monkeypatch, tmp_path, recipe, h
 
     seen = {}
 
-    def probe(model, cfg, device):
+    def probe(model, recipe, device, adapters=False):
         seen["hidden"] = sys.modules.get("torchao", "absent") is None
         raise ConfigError("probe")
 
@@ -109,8 +109,12 @@ def test_fp8_option_values():
         parse_args(["--fp8=e4m3"])
 
 
+def _check(model, cfg, device):
+    fp8.check_fp8(model, cfg.fp8, device, adapters=cfg.lora or cfg.qlora)
+
+
 def test_fp8_none_checks_nothing():
-    fp8.check_fp8(_llama(intermediate=100), TrainConfig(lora=True), torch.device("cpu"))  # no error
+    fp8.check_fp8(_llama(intermediate=100), "none", torch.device("cpu"), adapters=True)  # no error
 
 
 @pytest.mark.parametrize("kw", [{"lora": True}, {"lora": True, "qlora": True}])
@@ -118,23 +122,23 @@ def test_fp8_refuses_lora(monkeypatch, kw):
     with pytest.raises(
         ConfigError, match=r"^--fp8=tensorwise converts the full-weight linears: not with --lora"
     ):
-        fp8.check_fp8(_llama(), _fp8_cfg(**kw), _gpu(monkeypatch))
+        _check(_llama(), _fp8_cfg(**kw), _gpu(monkeypatch))
 
 
 def test_fp8_refuses_cpu():
     with pytest.raises(ConfigError, match=r"^--fp8=rowwise needs a CUDA GPU .* this run is on cpu"):
-        fp8.check_fp8(_llama(), _fp8_cfg("rowwise"), torch.device("cpu"))
+        _check(_llama(), _fp8_cfg("rowwise"), torch.device("cpu"))
 
 
 def test_fp8_refuses_gpu_without_fp8_tensor_cores(monkeypatch):
     device = _gpu(monkeypatch, capability=(8, 0), name="NVIDIA A100-SXM4-80GB")
     with pytest.raises(ConfigError) as e:
-        fp8.check_fp8(_llama(), _fp8_cfg(), device)
+        _check(_llama(), _fp8_cfg(), device)
     msg = str(e.value)
     assert msg.startswith("--fp8=tensorwise: NVIDIA A100-SXM4-80GB has compute capability 8.0, FP8 tensor")
     assert ">= 8.9" in msg and "\n" not in msg
     for ok in [(8, 9), (9, 0), (10, 0)]:  # Ada, Hopper, Blackwell pass
-        fp8.check_fp8(_llama(), _fp8_cfg(), _gpu(monkeypatch, capability=ok))
+        _check(_llama(), _fp8_cfg(), _gpu(monkeypatch, capability=ok))
 
 
 def test_fp8_refuses_without_torchao(monkeypatch):
@@ -143,7 +147,7 @@ def test_fp8_refuses_without_torchao(monkeypatch):
     with pytest.raises(
         ConfigError, match=r"^--fp8=tensorwise needs the torchao package: pip install torchao==0.18.0"
     ):
-        fp8.check_fp8(_llama(), _fp8_cfg(), _gpu(monkeypatch))
+        _check(_llama(), _fp8_cfg(), _gpu(monkeypatch))
 
 
 @pytest.mark.parametrize(
@@ -168,7 +172,7 @@ def test_fp8_refuses_without_torchao(monkeypatch):
 )
 def test_fp8_refuses_shapes_not_multiples_of_16(monkeypatch, model, name, shape):
     with pytest.raises(ConfigError) as e:
-        fp8.check_fp8(model(), _fp8_cfg(), _gpu(monkeypatch))
+        _check(model(), _fp8_cfg(), _gpu(monkeypatch))
     assert str(e.value) == (
         f"--fp8=tensorwise: {name} has {shape}; FP8 GEMMs need both multiples of 16 (use --fp8=none for this model)"
     )
@@ -220,10 +224,11 @@ def test_convert_blocks_none_converts_nothing():
 def test_setup_model_converts_and_records_the_recipe():
     """setup_model converts before it compiles and returns the recipe for config.json's "resolved"."""
     model = _llama()
-    resolved = engine.setup_model(model, _fp8_cfg("rowwise"), torch.device("cpu"), 0)
+    cpu = torch.device("cpu")
+    resolved = engine.setup_model(model, engine.resolve(model, _fp8_cfg("rowwise"), cpu), cpu)
     assert resolved["fp8"] == "rowwise" and resolved["fp8_linears"] == 14
     assert sum(isinstance(m, Float8Linear) for m in model.modules()) == 14
-    plain = engine.setup_model(_llama(), TrainConfig(), torch.device("cpu"), 0)
+    plain = engine.setup_model(_llama(), engine.resolve(model, TrainConfig(), cpu), cpu)
     assert plain["fp8"] == "none" and plain["fp8_linears"] == 0
     json.dumps(resolved)  # config.json-serialisable
 
@@ -296,7 +301,8 @@ def test_emulated_fp8_steps_lower_the_loss_close_to_fp32():
         fp8.convert_blocks(model, recipe, emulate=True)
         params = list(model.parameters())
         opt = torch.optim.AdamW(params, lr=1e-2)
-        eng = engine.Engine(model, params, opt, TrainConfig(grad_clip=1.0), torch.device("cpu"))
+        cpu = torch.device("cpu")
+        eng = engine.Engine(model, params, opt, engine.resolve(model, TrainConfig(grad_clip=1.0), cpu), cpu)
         losses[recipe] = [eng.step([batch], lr=1e-2).loss for _ in range(6)]
     ref, low = losses["none"], losses["tensorwise"]
     assert low[-1] < low[0] - 0.5, low

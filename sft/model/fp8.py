@@ -34,7 +34,7 @@ import logging
 import torch
 from torch import nn
 
-from sft.config import ConfigError, TrainConfig
+from sft.config import ConfigError
 from sft.model.family import transformer_blocks
 
 log = logging.getLogger("sft")
@@ -57,12 +57,13 @@ def block_linear_filter(model: nn.Module):
     return lambda module, fqn: id(module) in chosen
 
 
-def check_fp8(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
-    """Refuse ``--fp8`` where it cannot run (module docstring); nothing for ``--fp8=none``."""
-    if cfg.fp8 == "none":
+def check_fp8(model: nn.Module, recipe: str, device: torch.device, adapters: bool = False) -> None:
+    """Refuse ``--fp8=recipe`` where it cannot run (module docstring); nothing for ``none``. ``adapters``:
+    the run trains LoRA / QLoRA adapters (``--lora`` / ``--qlora``)."""
+    if recipe == "none":
         return
-    opt = f"--fp8={cfg.fp8}"
-    if cfg.lora or cfg.qlora:
+    opt = f"--fp8={recipe}"
+    if adapters:
         raise ConfigError(
             f"{opt} converts the full-weight linears: not with --lora/--qlora (train one or the other)"
         )

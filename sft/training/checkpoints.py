@@ -398,3 +398,11 @@ def refuse_finished(run_dir: Path, resume_from: Path, saved, cfg, step: int) -> 
             f"--resume: {run_dir} finished at step {done} (final/ written): nothing to resume, nothing "
             f"changed; to train it further give --max_steps above {done} (or a larger --epochs)"
         )
+
+
+def discard(ckpt: Path) -> None:
+    """Remove checkpoint folder ``ckpt`` (one nobody asked for, once ``final/`` is in place), and its
+    ``checkpoints/`` parent when that is left empty."""
+    shutil.rmtree(ckpt, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        ckpt.parent.rmdir()  # only when empty

@@ -1,4 +1,5 @@
-"""The console: logging set-up for scripts, the fixed step line, and the metrics writer of ranks other than 0.
+"""The console: logging set-up for scripts, the fixed step line, the metrics writer of ranks other than 0, and
+the stop handlers (SIGTERM / Ctrl-C finish the step, checkpoint and stop).
 
 Contract: the run's own records (loggers ``sft.*``, ``inf_tests.*``, ``__main__``) at INFO and above go to
 stderr, one stream (the step lines included: they are log records, written beside the progress bar by
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 
 import torch
@@ -101,3 +103,23 @@ def out_of_memory(e: BaseException) -> str | None:
     if "can't allocate memory" in text or "out of memory" in text.lower():
         return text[:160]
     return None
+
+
+def install_stop_handlers(flag: dict) -> dict:
+    """SIGTERM and SIGINT set ``flag["signal"]``; the loop checkpoints and stops after the current step."""
+    previous = {}
+
+    def handler(signum, frame):
+        if flag.get("signal"):  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        flag["signal"] = signal.Signals(signum).name
+        logging.getLogger("sft").warning(
+            "%s received: finishing this step, saving a checkpoint, then stopping", flag["signal"]
+        )
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[s] = signal.signal(s, handler)
+        except ValueError:  # not in the main thread
+            pass
+    return previous

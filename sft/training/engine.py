@@ -7,17 +7,20 @@ Contracts:
   A backend the model cannot use is a one-line ConfigError naming the model type and the choices.
 - ``resolve_compile(model, cfg, device) -> bool``: ``--compile`` (``auto`` = on CUDA for our MPT and the
   Llama family, :data:`sft.model.family.COMPILE_FAMILY`).
-- ``setup_model(model, cfg, device, plan) -> dict``: converts the block linears to FP8 (``--fp8``, sft/model/fp8.py;
+- ``resolve(model, cfg, device) -> Resolved``: the one record of what this run is (attention backend, compile,
+  autocast, FP8 recipe, loss chunk, clipping; ``.planned(plan)`` adds the memory plan's checkpointed blocks
+  and step in backward). What follows takes this record, never the config.
+- ``setup_model(model, resolved, device) -> dict``: converts the block linears to FP8 (``--fp8``, sft/model/fp8.py;
   refused beforehand by ``sft.model.fp8.check_fp8``), sets the attention backend, checkpoints the first
-  ``plan.checkpoint_blocks`` blocks (non-reentrant; the checkpoint wraps the compiled block) and compiles each
+  ``resolved.checkpoint_blocks`` blocks (non-reentrant; the checkpoint wraps the compiled block) and compiles each
   block on its own (``torch.compile(dynamic=False)``: every micro-batch has the row shape, so one graph
   serves every block and every step). Call after LoRA and before FSDP sharding. Returns what it resolved.
-- ``Engine(root, params, optimizer, cfg, device, in_backward, info).step(micro, lr) -> StepResult``: one
+- ``Engine(root, params, optimizer, resolved, device, info).step(micro, lr) -> StepResult``: one
   optimizer step over the micro-batches ``micro`` (Batch dicts on the CPU): each backpropagates
   ``W * sum CE / N`` with ``N`` the supervised targets of the whole step over all ``W`` ranks (CONTRACTS.md,
-  "Loss"); then the global gradient norm is clipped to ``grad_clip`` (none when 0) and the optimizer steps,
+  "Loss"); then the global gradient norm is clipped to ``resolved.grad_clip`` (none when 0) and the optimizer steps,
   unless the loss or norm is not finite (then the update is skipped and ``skipped`` is True). With
-  ``in_backward`` the optimizer already stepped each parameter inside backward (no clipping, no skip).
+  ``resolved.in_backward`` the optimizer already stepped each parameter inside backward (no clipping, no skip).
   The step's sums (CE, tokens, attention FLOP tokens and any ``flags``) are all-reduced once under FSDP2.
   ``dt`` is wall time with the device synchronised.
 """
@@ -83,6 +86,15 @@ def resolve_attention(model, cfg: TrainConfig, device: torch.device) -> str:
     return want
 
 
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """``--device`` (``auto`` = CUDA when available); ConfigError for ``cuda`` without a CUDA device."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but no CUDA device is available")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
 def resolve_compile(model, cfg: TrainConfig, device: torch.device) -> bool:
     """Whether to compile the blocks one by one (module docstring)."""
     if cfg.compile != "auto":
@@ -129,43 +141,58 @@ def compile_blocks(model) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Resolved:
-    """What ``--attention``, ``--compile`` and ``--precision`` mean for this model on this device, resolved once
-    (the trainer makes it in its set-up and hands it on)."""
+    """What this run is, resolved once from the config and the model (the trainer makes it in its set-up and
+    hands it to the memory plan, :func:`setup_model` and :class:`Engine`; none of them reads the config):
+    the attention backend, per-block compile, bf16 autocast, the FP8 recipe, the loss chunk, the clipping
+    norm, and, once the memory plan is made (:meth:`planned`), the checkpointed blocks and the step in
+    backward."""
 
     attention: str
     compile: bool
     autocast: bool
+    fp8: str = "none"
+    loss_chunk: int = 1024
+    grad_clip: float = 0.0
+    checkpoint_blocks: int = 0
+    in_backward: bool = False
+
+    def planned(self, plan) -> Resolved:
+        """This record with the memory plan's choices (a :class:`sft.training.memory.MemoryPlan`)."""
+        return dataclasses.replace(
+            self, checkpoint_blocks=plan.checkpoint_blocks, in_backward=plan.in_backward
+        )
 
 
 def resolve(model, cfg: TrainConfig, device: torch.device) -> Resolved:
-    """:func:`resolve_attention`, :func:`resolve_compile` and :func:`uses_autocast` at once (ConfigError for a
-    backend the model cannot use)."""
+    """The run's :class:`Resolved` before the memory plan: :func:`resolve_attention`, :func:`resolve_compile`,
+    :func:`uses_autocast` and the step's settings (ConfigError for a backend the model cannot use)."""
     return Resolved(
-        resolve_attention(model, cfg, device), resolve_compile(model, cfg, device), uses_autocast(cfg, device)
+        resolve_attention(model, cfg, device),
+        resolve_compile(model, cfg, device),
+        uses_autocast(cfg, device),
+        fp8=cfg.fp8,
+        loss_chunk=cfg.loss_chunk,
+        grad_clip=cfg.grad_clip,
     )
 
 
-def setup_model(
-    model, cfg: TrainConfig, device: torch.device, checkpoint_blocks: int, resolved: Resolved | None = None
-) -> dict:
+def setup_model(model, resolved: Resolved, device: torch.device) -> dict:
     """FP8 block linears, attention backend, checkpointed blocks and per-block compile (module docstring),
-    for ``resolved`` (:func:`resolve` now when None). Returns ``{"attention", "compile", "checkpoint_blocks",
-    "fp8", "fp8_linears"}`` as resolved."""
-    resolved = resolved or resolve(model, cfg, device)
-    n_fp8 = fp8.convert_blocks(model, cfg.fp8)  # before the compile: the compiled block fuses the casts
-    backend = resolved.attention
-    set_attention(model, backend)
-    set_checkpoint_blocks(model, checkpoint_blocks)
-    compiled = resolved.compile
-    if n_fp8 and not compiled:
-        log.warning("--fp8=%s without --compile: the FP8 casts run unfused, likely slower than bf16", cfg.fp8)
-    if compiled:
+    as ``resolved`` says. Returns ``{"attention", "compile", "checkpoint_blocks", "fp8", "fp8_linears"}``."""
+    n_fp8 = fp8.convert_blocks(model, resolved.fp8)  # before the compile: the compiled block fuses the casts
+    set_attention(model, resolved.attention)
+    set_checkpoint_blocks(model, resolved.checkpoint_blocks)
+    if n_fp8 and not resolved.compile:
+        log.warning(
+            "--fp8=%s without --compile: the FP8 casts run unfused, likely slower than bf16", resolved.fp8
+        )
+    if resolved.compile:
         compile_blocks(model)
     return {
-        "attention": backend,
-        "compile": compiled,
-        "checkpoint_blocks": checkpoint_blocks,
-        "fp8": cfg.fp8,
+        "attention": resolved.attention,
+        "compile": resolved.compile,
+        "checkpoint_blocks": resolved.checkpoint_blocks,
+        "fp8": resolved.fp8,
         "fp8_linears": n_fp8,
     }
 
@@ -178,9 +205,10 @@ def uses_autocast(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" and cfg.precision in ("auto", "bf16-autocast")
 
 
-def autocast_factory(cfg: TrainConfig, device: torch.device):
-    """A no-argument callable giving the run's autocast context (bf16 on CUDA, see :func:`uses_autocast`)."""
-    if uses_autocast(cfg, device):
+def autocast_factory(autocast: bool):
+    """A no-argument callable giving the run's autocast context (bf16 on CUDA when ``autocast``, see
+    :func:`uses_autocast`), else a null context."""
+    if autocast:
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -216,15 +244,15 @@ class StepResult:
 class Engine:
     """The training step of every run (module docstring)."""
 
-    def __init__(self, root, params, optimizer, cfg: TrainConfig, device, in_backward=False, info=None):
-        self.root, self.params, self.optimizer, self.cfg = root, params, optimizer, cfg
+    def __init__(self, root, params, optimizer, resolved: Resolved, device, info=None):
+        self.root, self.params, self.optimizer, self.resolved = root, params, optimizer, resolved
         self.device, self.info = device, info or DistInfo()
-        self.in_backward = in_backward
-        if in_backward:
+        self.in_backward = resolved.in_backward
+        if self.in_backward:
             from sft.training.optim import step_in_backward
 
             self.hooks = step_in_backward(optimizer, params)
-        self.autocast = autocast_factory(cfg, device)
+        self.autocast = autocast_factory(resolved.autocast)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -240,7 +268,7 @@ class Engine:
         for mb in micro:
             mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             with self.autocast():
-                ce = ce_sum(self.root, mb, self.cfg.loss_chunk)
+                ce = ce_sum(self.root, mb, self.resolved.loss_chunk)
             # FSDP averages gradients over the W ranks: W * CE / N makes that average sum CE / N
             step_loss(ce * W, n_sup).backward()
             ce_sums.append(ce.detach())  # read once after the loop: no device sync between micro-batches
@@ -257,7 +285,7 @@ class Engine:
         loss = ce_total / max(n_sup, 1)
         grad_norm, skipped = None, False
         if not self.in_backward:
-            clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+            clip = self.resolved.grad_clip if self.resolved.grad_clip > 0 else float("inf")
             grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip)))
             skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
             if not skipped:

@@ -53,3 +53,11 @@ def mfu(flops: float, seconds: float, peak: float | None, world: int = 1) -> flo
     if peak is None or seconds <= 0:
         return None
     return flops / seconds / (peak * world)
+
+
+def step_mfus(n_params: int, n_layers: int, d_model: int, res, peak: float | None, world: int = 1) -> tuple:
+    """``(MFU on processed tokens, MFU on non-pad tokens)`` of one engine step ``res`` (a StepResult: token
+    and attention counts summed over the ``world`` ranks, so the peak is ``peak * world``)."""
+    processed = step_flops(n_params, n_layers, d_model, res.processed, res.attn_tokens)
+    nonpad = step_flops(n_params, n_layers, d_model, res.nonpad, res.attn_tokens_nonpad)
+    return mfu(processed, res.dt, peak, world), mfu(nonpad, res.dt, peak, world)

@@ -2,13 +2,16 @@
 optimizer steps inside backward, and whether the run fits at all.
 
 Contracts:
-- ``estimate_memory(model, cfg, autocast, world=1, checkpoint_blocks=0, in_backward=False) -> dict``:
+- ``estimate_memory(model, work, autocast, world=1, checkpoint_blocks=0, in_backward=False) -> dict``:
   predicted peak bytes of one training process by part (``weights``, ``grads``, ``optimizer``,
-  ``activations``, ``total``), from the loaded model (training dtype, before LoRA) and the config alone.
-- ``plan_memory(model, cfg, device, autocast, world=1) -> MemoryPlan``: resolves ``--checkpoint_blocks``
-  (``auto`` = the fewest that fit) and ``--optimizer_in_backward`` (``auto`` = on only where it is allowed
-  and needed to fit) against ``--memory_limit_gib`` (0 = the device's free memory); raises ConfigError (one
-  line: the estimate by part, the limit, what to change) when nothing fits.
+  ``activations``, ``total``), from the loaded model (training dtype, before LoRA) and the step's
+  :class:`Workload` alone (``Workload.of(cfg)``).
+- ``plan_memory(model, cfg, device, autocast, world=1) -> MemoryPlan``: the one place the config's memory
+  knobs are read (what follows takes the plan, see ``sft.training.engine.Resolved``): resolves
+  ``--optimizer=auto``, the micro-batch split, ``--checkpoint_blocks`` (``auto`` = the fewest that fit) and
+  ``--optimizer_in_backward`` (``auto`` = on only where it is allowed and needed to fit) against
+  ``--memory_limit_gib`` (0 = the device's free memory); raises ConfigError (one line: the estimate by
+  part, the limit, what to change) when nothing fits.
 
 The activation model (calibrated on the committed H200 peaks, MPT-7B shape, ``runs/2026-11-30_h200_mpt7b_*``
 and ``runs/20261130-062524_mpt-7b-random_guanaco-1k``: 54.5 / 70.7 / 86.8 / 102.9 GiB at 2 / 4 / 6 / 8 rows
@@ -75,13 +78,34 @@ class MemoryPlan:
     why: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one optimizer step holds, the input of :func:`estimate_memory`: the step's shape (rows per
+    micro-batch, micro-batches, tokens per row, loss chunk) and what trains (optimizer, LoRA / QLoRA
+    adapters). :meth:`of` reads it from a config; :func:`plan_memory` varies it over the plans it tries."""
+
+    micro_batch: int
+    grad_accum: int
+    max_len: int
+    optimizer: str
+    loss_chunk: int
+    lora: bool
+    qlora: bool
+    lora_rank: int
+    lora_targets: str | None
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> Workload:
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
 def activation_elements_per_layer(model) -> float:
     """Elements of ``d`` per token an un-checkpointed block keeps for backward (module docstring)."""
     s = shape(model)
     return ACT_BASE + s.qkv_width / s.width + (3 if s.gated else 2) * s.ffn / s.width
 
 
-def _lora_params(model, cfg: TrainConfig) -> tuple[int, int]:
+def _lora_params(model, cfg: Workload) -> tuple[int, int]:
     """``(adapter elements, base elements of the targeted linears)`` for ``--lora``."""
     from sft.model import lora
 
@@ -99,7 +123,7 @@ def _lora_params(model, cfg: TrainConfig) -> tuple[int, int]:
     )
 
 
-def _attention_extra(model, cfg: TrainConfig, attention: str, elem: int) -> int:
+def _attention_extra(model, cfg: Workload, attention: str, elem: int) -> int:
     """Bytes the attention path adds beyond the block activations (materialised masks and scores)."""
     B, T = cfg.micro_batch, cfg.max_len
     s = shape(model)
@@ -113,15 +137,15 @@ def _attention_extra(model, cfg: TrainConfig, attention: str, elem: int) -> int:
 
 def estimate_memory(
     model,
-    cfg: TrainConfig,
+    cfg: Workload,
     autocast: bool,
     world: int = 1,
     checkpoint_blocks: int = 0,
     in_backward: bool = False,
     attention: str = "flex",
 ) -> dict[str, int]:
-    """Predicted peak bytes of one training process by part (module docstring). ``model``: the loaded
-    model in its training dtype, before LoRA. Under FSDP2 (``world`` > 1) weights, grads and optimizer
+    """Predicted peak bytes of one training process by part (module docstring) for the step ``cfg``
+    (:class:`Workload`). ``model``: the loaded model in its training dtype, before LoRA. Under FSDP2 (``world`` > 1) weights, grads and optimizer
     state are divided by ``world``; activations are not."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     base_elem = next(model.parameters()).element_size()
@@ -272,7 +296,7 @@ def _best_for(model, cfg, device, autocast, world, attention, limit, L):
     for mb, ga in _splits(cfg, device):
         c = dataclasses.replace(cfg, micro_batch=mb, grad_accum=ga)
         for n_ck, ib in _candidates(c, L, world, device):
-            est = estimate_memory(model, c, autocast, world, n_ck, ib, attention)
+            est = estimate_memory(model, Workload.of(c), autocast, world, n_ck, ib, attention)
             # the CPU as the GPU: over the available memory, the kernel's OOM killer ends the run (or, on a
             # shared machine, another process), so it is refused here, before the run folder exists
             if limit is not None and est["total"] > limit:

@@ -295,8 +295,16 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def write_config(run_dir: Path, cfg_dict: dict, *, data: dict, model: dict, device: str) -> dict:
-    """Write ``config.json`` (resolved config + provenance); returns what was written."""
+def write_config(run_dir: Path, cfg_dict: dict, *, prepared, model, device: str) -> dict:
+    """Write ``config.json``: the resolved config, the prepared data's fingerprint, inputs and statistics, the
+    model's class, parameter counts and dtype, ``device`` (its name) and provenance; returns what was written."""
+    data = {"fingerprint": prepared.fingerprint, "inputs": prepared.inputs, "stats": prepared.stats}
+    model = {
+        "class": type(model).__name__,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "dtype": str(next(model.parameters()).dtype),
+    }
     status = _git("status", "--porcelain", "--untracked-files=no")
     info = {
         "config": cfg_dict,
@@ -323,6 +331,18 @@ def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+def train_row(state: dict, epoch: float, res, lr: float, mfu: tuple, peak_mem_gib: float | None) -> dict:
+    """The train line of ``metrics.jsonl`` (:data:`TRAIN_KEYS`, in order) after a step: ``res`` the engine's
+    StepResult, ``state`` the run's running totals (step already counted), ``mfu`` = (on processed tokens,
+    on non-pad tokens)."""
+    values = (
+        state["step"], epoch, res.loss, lr, res.grad_norm, res.processed, res.nonpad, res.n_supervised,
+        state["tokens_processed"], state["tokens_nonpad"], state["tokens_supervised"], res.processed / res.dt,
+        *mfu, peak_mem_gib, res.dt,
+    )  # fmt: skip
+    return dict(zip(TRAIN_KEYS, values, strict=True))
 
 
 class MetricsWriter:
@@ -436,8 +456,9 @@ def write_failure(e: BaseException, where: str | Path) -> str:
     return (getattr(e, "strerror", None) or text)[:300]
 
 
-def save_final(run_dir: Path, model, tokenizer) -> Path:
-    """Write ``final/`` in Hugging Face format (safetensors, config, tokenizer); returns its path.
+def save_final(run_dir: Path, model, tokenizer, notes: dict[str, Any] | None = None) -> Path:
+    """Write ``final/`` in Hugging Face format (safetensors, config, tokenizer), and each of ``notes``
+    (file name -> JSON object, e.g. ``keep_best.json``: which step it holds) beside them; returns its path.
 
     The tokenizer must already carry the training chat template. Our fast MPT (sft/model/mpt.py) is written
     with its ``save_hf``; a transformers model with ``save_pretrained``; one that refuses (GGUF-loaded) is
@@ -458,6 +479,8 @@ def save_final(run_dir: Path, model, tokenizer) -> Path:
 
         save_merged(model, tmp)
         tokenizer.save_pretrained(str(tmp))
+        for name, obj in (notes or {}).items():
+            _write_json(tmp / name, obj)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError | RuntimeError):

@@ -37,10 +37,8 @@ dtype), with ``--qlora`` over an NF4-quantized base. Checkpoints hold the adapte
 reloaded from its source at resume); at the end ``adapter/`` holds the adapter in peft's format and
 ``final/`` the merged full weights (loads with ``AutoModelForCausalLM``). Not with FSDP2 yet (ConfigError).
 
-MFU (GPU only, and ``null`` with LoRA: the frozen base has no weight gradient, so 6N does not apply): FLOPs per processed token = ``6 N + 12 L d T_attn`` (PaLM, appendix B) with N all
-parameters and ``T_attn`` the token-weighted mean length of the document each token sits in
-(``sum n_doc^2 / sum n_doc`` over the step's documents, padding counted as its own document); peak bf16
-dense FLOP/s from :data:`sft.training.flops.PEAK_FLOPS` by device name; ``null`` on CPU or an unknown GPU.
+MFU: :mod:`sft.training.flops` (``6 N + 12 L d T_attn`` over the bf16 peak; GPU only, and ``null`` with LoRA:
+the frozen base has no weight gradient, so 6N does not apply).
 """
 
 from __future__ import annotations
@@ -63,6 +61,7 @@ from sft.config import (
     ConfigError,
     TrainConfig,
     check_config,
+    check_warmup,
     error_exit,
     parse_updates,
     resume_config,
@@ -75,16 +74,18 @@ from sft.model.family import shape
 from sft.model.fp8 import check_fp8
 from sft.model.models import ModelError, forward_hidden, lm_head, load_model_and_tokenizer, without_torchao
 from sft.training import checkpoints, distributed, optim, runs
-from sft.training.console import NoWriter, console_beside_bar, out_of_memory, setup_logging, step_line
-from sft.training.distributed import DistInfo
-from sft.training.engine import (
-    Engine,
-    autocast_factory,
-    resolve,
-    setup_model,
+from sft.training.console import (
+    NoWriter,
+    console_beside_bar,
+    install_stop_handlers,
+    out_of_memory,
+    setup_logging,
+    step_line,
 )
+from sft.training.distributed import DistInfo
+from sft.training.engine import Engine, autocast_factory, resolve, resolve_device, setup_model
 from sft.training.evaluation import answer_samples, eval_line, held_out, load_best, print_samples, track_best
-from sft.training.flops import mfu, peak_flops, step_flops
+from sft.training.flops import peak_flops, step_mfus
 from sft.training.memory import plan_memory
 from sft.training.runs import RunError
 
@@ -93,35 +94,6 @@ log = logging.getLogger("sft")
 
 class TrainingStopped(RuntimeError):
     """The run stopped early (signal or non-finite loss) after saving a checkpoint."""
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device=cuda but no CUDA device is available")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def _install_stop_handlers(flag: dict) -> dict:
-    """SIGTERM and SIGINT set ``flag["signal"]``; the loop checkpoints and stops after the current step."""
-    previous = {}
-
-    def handler(signum, frame):
-        if flag.get("signal"):  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        flag["signal"] = signal.Signals(signum).name
-        log.warning("%s received: finishing this step, saving a checkpoint, then stopping", flag["signal"])
-
-    for s in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous[s] = signal.signal(s, handler)
-        except ValueError:  # not in the main thread
-            pass
-    return previous
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -285,29 +257,15 @@ def _setup(
     W = info.world
     # one optimizer step = A micro-batches on each of the W ranks: micro-batches s*A*W .. s*A*W + A*W - 1
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.per_epoch / (cfg.grad_accum * W)))
-    if resume_from is None and cfg.warmup_steps > total_steps:
-        length = (
-            f"--max_steps={cfg.max_steps}"
-            if cfg.max_steps
-            else f"{total_steps} steps from --epochs={cfg.epochs:g}"
-        )
-        if warmup_given:  # typed for this run: a mistake
-            raise ConfigError(
-                f"--warmup_steps={cfg.warmup_steps} is longer than the run ({length}): the learning rate "
-                "would never reach --lr"
-            )
-        # a recipe's default warm-up on a short run (--max_steps=5 to try it): said, and the run goes on
-        log.warning(
-            "warning: the warm-up (--warmup_steps=%d, the recipe's) is longer than this run (%s): the learning "
-            "rate peaks at %d/%d of --lr; give --warmup_steps to choose",
-            cfg.warmup_steps, length, total_steps, cfg.warmup_steps,
-        )  # fmt: skip
-    setup, before = _prepare_model(model, tokenizer, prepared, cfg, info, device, resume_from, plan, resolved)
+    if resume_from is None and (warn := check_warmup(cfg, total_steps, warmup_given)):
+        log.warning("%s", warn)
+    resolved = resolved.planned(plan)  # the one record of this run: the engine and set-up read it, not cfg
+    setup, before = _prepare_model(model, tokenizer, prepared, cfg, info, device, resume_from, resolved)
     n_params = sum(p.numel() for p in model.parameters())
     s = shape(model)
     L, d = s.layers, s.width
-    resolved = {**setup, "optimizer_in_backward": plan.in_backward, "plan_why": plan.why, "asked": asked}
-    cfg_dict = {**cfg.to_dict(), "resolved": resolved}
+    said = {**setup, "optimizer_in_backward": plan.in_backward, "plan_why": plan.why, "asked": asked}
+    cfg_dict = {**cfg.to_dict(), "resolved": said}
     root = model
     if info.enabled:  # the FSDP root: a LossModule over the sharded model (sft/training/distributed.py)
         root = distributed.LossModule(model, cfg.loss_chunk)
@@ -315,7 +273,7 @@ def _setup(
             root, distributed.mixed_precision(device, cfg.precision), device_type=device.type
         )
     params, optimizer = optim.build_for(root, cfg)
-    engine = Engine(root, params, optimizer, cfg, device, in_backward=plan.in_backward, info=info)
+    engine = Engine(root, params, optimizer, resolved, device, info=info)
     run_dir, writer = _open_run_folder(
         cfg, info, device, resume_from, run_dir, open_run, cfg_dict, prepared, model
     )
@@ -361,7 +319,7 @@ def _load_inputs(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir)
     model, tokenizer = load_model_and_tokenizer(cfg)
     lm_head(model)  # refuses (ModelError) an output head the loss cannot apply as the model does
     resolved = resolve(model, cfg, device)  # a backend the model cannot use fails before data preparation
-    check_fp8(model, cfg, device)  # so does --fp8 where it cannot run
+    check_fp8(model, cfg.fp8, device, adapters=cfg.lora or cfg.qlora)  # so does --fp8 where it cannot run
     if cfg.export_gguf != "none":  # refused now, not after the whole run
         from sft.model.gguf import ExportError, check_exportable
 
@@ -389,24 +347,24 @@ def _plan(model, cfg: TrainConfig, info: DistInfo, device, resolved):
 
 
 def _prepare_model(
-    model, tokenizer, prepared, cfg: TrainConfig, info: DistInfo, device, resume_from, plan, resolved
+    model, tokenizer, prepared, cfg: TrainConfig, info: DistInfo, device, resume_from, resolved
 ):
     """The model on its device (LoRA applied), the samples answered before training (whole model, before
-    compile and sharding), then the engine's set-up for ``plan``. Returns ``(setup, before)``."""
+    compile and sharding), then the engine's set-up as ``resolved`` (planned) says. Returns ``(setup, before)``."""
     model.to(device)
     if cfg.lora:
         lora.apply_from_config(model, cfg)
     before = None
     if resume_from is None and cfg.num_samples and info.is_main:
         convs = prepared.eval_conversations
-        before = answer_samples(model, tokenizer, convs, cfg, device, autocast_factory(cfg, device))
-    setup = setup_model(model, cfg, device, plan.checkpoint_blocks, resolved)  # before sharding
+        before = answer_samples(model, tokenizer, convs, cfg, device, autocast_factory(resolved.autocast))
+    setup = setup_model(model, resolved, device)  # before sharding
     log.info(
         "engine: attention %s, %s, %d checkpointed blocks%s",
         setup["attention"],
         "blocks compiled one by one" if setup["compile"] else "not compiled",
-        plan.checkpoint_blocks,
-        ", optimizer step in backward" if plan.in_backward else "",
+        resolved.checkpoint_blocks,
+        ", optimizer step in backward" if resolved.in_backward else "",
     )
     return setup, before
 
@@ -428,16 +386,9 @@ def _open_run_folder(cfg, info: DistInfo, device, resume_from, run_dir, open_run
         if created:
             open_run(run_dir)  # locked from its creation to the end of the run
         if resume_from is None and info.is_main:
-            dev_name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
-            model_info = {
-                "class": type(model).__name__,
-                "n_params": sum(p.numel() for p in model.parameters()),
-                "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                "dtype": str(next(model.parameters()).dtype),
-            }
-            data = {"fingerprint": prepared.fingerprint, "inputs": prepared.inputs, "stats": prepared.stats}
-            device_name = f"{dev_name} x {info.world} (FSDP2)" if info.enabled else dev_name
-            runs.write_config(run_dir, cfg_dict, data=data, model=model_info, device=device_name)
+            name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+            name = f"{name} x {info.world} (FSDP2)" if info.enabled else name
+            runs.write_config(run_dir, cfg_dict, prepared=prepared, model=model, device=name)
         writer = runs.MetricsWriter(run_dir) if info.is_main else NoWriter()
     except BaseException:
         if created:
@@ -485,7 +436,7 @@ def _loop(run: _Run) -> str | None:
     stopped early (None when it ran to the end)."""
     cfg, info, state = run.cfg, run.info, run.state
     A, W = cfg.grad_accum, info.world
-    previous_handlers = _install_stop_handlers(run.stop)
+    previous_handlers = install_stop_handlers(run.stop)
     bar = None
     if cfg.progress and info.is_main:
         from tqdm.auto import tqdm
@@ -535,38 +486,15 @@ def _after_step(run: _Run, step: int, lr: float, res, bar) -> str | None:
     state["tokens_processed"] += res.processed
     state["tokens_nonpad"] += res.nonpad
     state["tokens_supervised"] += res.n_supervised
-    # processed and attn are summed over the W ranks, so is the peak
-    flops = step_flops(run.n_params, run.layers, run.width, res.processed, res.attn_tokens)
-    step_mfu = mfu(flops, res.dt, run.peak, run.info.world)
-    flops_real = step_flops(run.n_params, run.layers, run.width, res.nonpad, res.attn_tokens_nonpad)
-    mfu_nonpad = mfu(flops_real, res.dt, run.peak, run.info.world)
+    mfus = step_mfus(run.n_params, run.layers, run.width, res, run.peak, run.info.world)
     peak_mem = None
     if run.device.type == "cuda":
         peak_mem = distributed.all_reduce_max(torch.cuda.max_memory_allocated(run.device) / 2**30, run.info)
     epoch = run.epoch(state["step"])
     if state["step"] % cfg.log_every == 0 or state["step"] == run.total_steps:
-        run.writer.train(
-            {
-                "step": state["step"],
-                "epoch": epoch,
-                "loss": res.loss,
-                "lr": lr,
-                "grad_norm": res.grad_norm,
-                "step_tokens_processed": res.processed,
-                "step_tokens_nonpad": res.nonpad,
-                "step_tokens_supervised": res.n_supervised,
-                "tokens_processed": state["tokens_processed"],
-                "tokens_nonpad": state["tokens_nonpad"],
-                "tokens_supervised": state["tokens_supervised"],
-                "tokens_per_s": res.processed / res.dt,
-                "mfu": step_mfu,
-                "mfu_nonpad": mfu_nonpad,
-                "peak_mem_gib": peak_mem,
-                "step_time_s": res.dt,
-            }
-        )
+        run.writer.train(runs.train_row(state, epoch, res, lr, mfus, peak_mem))
         line = step_line(
-            state["step"], run.total_steps, res.loss, lr, res.dt, res.processed / res.dt, step_mfu, peak_mem
+            state["step"], run.total_steps, res.loss, lr, res.dt, res.processed / res.dt, mfus[0], peak_mem
         )
         log.info(line)  # console (stderr, beside the bar: console_beside_bar) and train.log
     if bar is not None:
@@ -632,43 +560,40 @@ def _finish(run: _Run, stopped_reason: str | None, t_start: float) -> Path:
     if cfg.lora:
         lora.save_adapter(export, run_dir / "adapter")
     if cfg.save_final:
-        from sft.data.render import attach_template
-
-        attach_template(run.tokenizer, cfg.template)  # inference renders exactly as training did
-        if cfg.lora:
-            lora.merge_lora(export)  # in place: the plain architecture again, adapters folded in
-        resume_hint = f"checkpoint {ckpt.name} is complete: --resume={run_dir} writes final/"
-        try:
-            runs.save_final(run_dir, export, run.tokenizer)
-        except RunError as e:  # "could not write .../final (no space left on <run folder>); ..."
-            raise RunError(f"{e}; {resume_hint}") from None
-        except KeyboardInterrupt:
-            raise TrainingStopped(
-                f"interrupted while writing final/ (nothing half-written left); {resume_hint}"
-            ) from None
-        if cfg.keep_best and state.get("best"):  # which step final/ holds
-            runs._write_json(
-                run_dir / "final" / "keep_best.json", {**state["best"], "last_step": state["step"]}
-            )
+        _write_final(run, export, ckpt)
     runs.plot_loss(run_dir)
     checkpoints.mark_finished(run_dir, state["step"])  # --resume=latest passes this run by now
     if safety_only and ckpt is not None:  # final/ is in place: the checkpoint nobody asked for goes
-        shutil.rmtree(ckpt, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            (run_dir / "checkpoints").rmdir()  # only when empty
+        checkpoints.discard(ckpt)
     if cfg.export_gguf != "none":  # check_config: save_final is on
         runs.export_final_gguf(run_dir, cfg.export_gguf)
     log.info(
-        "held-out loss %.4f -> %.4f (%+.4f) after %d steps in %.0f s; run folder %s",
-        run.eval_before,
-        eval_after,
-        eval_after - run.eval_before,
-        state["step"],
-        time.time() - t_start,
-        run_dir,
-    )
+        "held-out loss %.4f -> %.4f (%+.4f) after %d steps in %.0f s; run folder %s", run.eval_before,
+        eval_after, eval_after - run.eval_before, state["step"], time.time() - t_start, run_dir,
+    )  # fmt: skip
     runs.log_run_size(run_dir)
     return run_dir
+
+
+def _write_final(run: _Run, export, ckpt: Path) -> None:
+    """``final/``: the training chat template on the tokenizer, LoRA merged, and with ``--keep_best`` which
+    step it holds; a failure names the complete checkpoint ``ckpt`` that ``--resume`` finishes from."""
+    from sft.data.render import attach_template
+
+    attach_template(run.tokenizer, run.cfg.template)  # inference renders exactly as training did
+    if run.cfg.lora:
+        lora.merge_lora(export)  # in place: the plain architecture again, adapters folded in
+    best = run.state.get("best") if run.cfg.keep_best else None
+    notes = {"keep_best.json": {**best, "last_step": run.state["step"]}} if best else None
+    resume_hint = f"checkpoint {ckpt.name} is complete: --resume={run.run_dir} writes final/"
+    try:
+        runs.save_final(run.run_dir, export, run.tokenizer, notes)
+    except RunError as e:  # "could not write .../final (no space left on <run folder>); ..."
+        raise RunError(f"{e}; {resume_hint}") from None
+    except KeyboardInterrupt:
+        raise TrainingStopped(
+            f"interrupted while writing final/ (nothing half-written left); {resume_hint}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- command line
