@@ -253,6 +253,27 @@ class RunLog(logging.Handler):
         super().close()
 
 
+@contextlib.contextmanager
+def run_logging(is_main: bool) -> Iterator[RunLog]:
+    """The run's logging, restored afterwards: one console (rank 0's; warnings still show on every rank), the
+    ``sft`` records at INFO whoever calls (train.log gets the run's lines), and a :class:`RunLog` on the root
+    logger (yielded: ``open`` it once the run folder exists)."""
+    sft_log = logging.getLogger("sft")
+    level = sft_log.level
+    if not is_main:
+        sft_log.setLevel(logging.WARNING)
+    elif sft_log.getEffectiveLevel() > logging.INFO:
+        sft_log.setLevel(logging.INFO)
+    run_log = RunLog()
+    logging.getLogger().addHandler(run_log)
+    try:
+        yield run_log
+    finally:
+        logging.getLogger().removeHandler(run_log)
+        run_log.close()
+        sft_log.setLevel(level)
+
+
 def folder_size(path: str | Path) -> int:
     """Bytes of the files under ``path`` (links not followed); 0 for a missing folder."""
     total = 0

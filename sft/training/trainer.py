@@ -123,15 +123,8 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
     info = DistInfo()
     if distributed.wanted(cfg):
         info = distributed.init(device.type)
-    sft_log = logging.getLogger("sft")
-    level = sft_log.level
-    if not info.is_main:  # one console: rank 0's (warnings still show on every rank)
-        sft_log.setLevel(logging.WARNING)
-    elif sft_log.getEffectiveLevel() > logging.INFO:  # train.log gets the run's lines whoever calls
-        sft_log.setLevel(logging.INFO)
-    run_log = runs.RunLog()
-    logging.getLogger().addHandler(run_log)
     held = contextlib.ExitStack()
+    run_log = held.enter_context(runs.run_logging(info.is_main))
 
     def open_run(path: Path) -> None:
         """The run folder exists (made or resumed): rank 0 holds it and logs into it."""
@@ -147,9 +140,6 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
             warmup_given = given is None or "warmup_steps" in set(given)
             return _train(cfg, info, device, resume_from, run_dir, t_start, open_run, warmup_given)
     finally:
-        logging.getLogger().removeHandler(run_log)
-        run_log.close()
-        sft_log.setLevel(level)
         if info.enabled:
             distributed.destroy()
 
@@ -246,7 +236,7 @@ def _setup(
     # the memory plan resolves --optimizer=auto and the micro-batch split (same rows per step): from here on
     # cfg holds what this run does, and config.json records it (a resume continues with the same choices)
     asked = {"optimizer": cfg.optimizer, "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum}
-    plan = _plan(model, cfg, info, device, resolved)
+    plan = plan_memory(model, cfg, device, resolved.autocast, info.world, attention=resolved.attention)
     cfg = dataclasses.replace(
         cfg, optimizer=plan.optimizer, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum
     )
@@ -338,12 +328,6 @@ def _load_inputs(cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir)
             run_dir, prepared.fingerprint, prepared.inputs, cfg.resume_changed_data
         )
     return model, tokenizer, prepared, train_rows, eval_batches, resolved
-
-
-def _plan(model, cfg: TrainConfig, info: DistInfo, device, resolved):
-    """The memory plan (sft/training/memory.py): optimizer, micro-batch split, checkpointed blocks, step in
-    backward; ConfigError now if nothing fits (before the run folder exists)."""
-    return plan_memory(model, cfg, device, resolved.autocast, info.world, attention=resolved.attention)
 
 
 def _prepare_model(
