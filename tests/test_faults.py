@@ -397,8 +397,9 @@ def test_memory_estimate_is_pinned_and_checked_against_the_gpu(monkeypatch):
     assert memory.activation_elements_per_layer(model) == pytest.approx(per_layer)
     # full fine-tuning, adamw on fp32: 4 B weights + 4 B grad + 8 B moments per parameter; activations
     # 512 tokens x 64 x (per_layer x 2 layers) x 4 B + 2 x 512 x 260 (vocab) x 4 B of loss-chunk logits and
-    # grads; one micro-batch per step: the peak holds the larger of the activations and the gradients
-    acts = int(512 * 64 * per_layer * 2 * 4) + 2 * 512 * 260 * 4
+    # grads, + the head's gradient twice (2 x 260 x 64 x 4 B: the chunks' running sum and the current chunk's);
+    # one micro-batch per step: the peak holds the larger of the activations and the gradients
+    acts = int(512 * 64 * per_layer * 2 * 4) + 2 * 512 * 260 * 4 + 2 * 260 * 64 * 4
     assert memory.estimate_memory(model, W(parse_args(base)), autocast=False) == {
         "weights": 362_752, "grads": 362_752, "optimizer": 725_504, "activations": acts,
         "total": 362_752 + 725_504 + max(acts, 362_752),
@@ -410,6 +411,7 @@ def test_memory_estimate_is_pinned_and_checked_against_the_gpu(monkeypatch):
     # checkpointing all blocks keeps 1 d-vector per layer + one block's set
     lora_ckpt = memory.estimate_memory(model, W(parse_args([*base, "--lora"])), False, checkpoint_blocks=2)
     acts_ckpt = int(512 * 64 * (2 + per_layer) * 4) + 2 * 512 * 260 * 4  # 2 inputs + one recomputed set
+    # (the head is frozen under LoRA: no head gradient)
     assert lora_ckpt == {
         "weights": 362_752 + 131_072, "grads": 131_072, "optimizer": 262_144, "activations": acts_ckpt,
         "total": 362_752 + 131_072 * 3 + max(acts_ckpt, 131_072),
@@ -419,7 +421,7 @@ def test_memory_estimate_is_pinned_and_checked_against_the_gpu(monkeypatch):
         model.to(torch.bfloat16), W(parse_args(["--max_len=256", "--optimizer=adamw_kahan"])), autocast=False
     )
     assert (bf16["weights"], bf16["grads"], bf16["optimizer"]) == (181_376, 181_376, 544_128)
-    assert bf16["activations"] == int(256 * 64 * per_layer * 2 * 2) + 2 * 256 * 260 * 4
+    assert bf16["activations"] == int(256 * 64 * per_layer * 2 * 2) + 2 * 256 * 260 * 4 + 2 * 260 * 64 * 2
 
     cuda = torch.device("cuda")  # never touched: the free-memory query is replaced
     c = parse_args([*base, "--plan_split=off"])  # the checkpointing rule alone (test_memory_plan: the split)

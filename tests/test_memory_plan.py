@@ -98,3 +98,66 @@ def test_a_refusal_names_only_changes_that_fit():
             k, _, v = flag.removeprefix("--").partition("=")
             change[k] = True if v == "" else type(getattr(cfg, k))(v)
         _plan(model, dataclasses.replace(cfg, **change), 76)
+
+
+# ----------------------------------------------------------------------------- the estimate against the GPU
+
+
+def _committed_peaks():
+    """Every committed GPU run folder (``runs/**/config.json`` on an H100 / H200) with at least two logged
+    steps: its config and its steady peak (the max of ``peak_mem_gib`` from the second logged step on: the
+    first step allocates the optimizer state after its backward, so it peaks lower)."""
+    import json
+
+    out = []
+    for path in sorted(REPO.glob("runs/**/config.json")):
+        c = json.loads(path.read_text())
+        if not any(card in c.get("device", "") for card in ("H100", "H200")):
+            continue
+        rows = [json.loads(x) for x in (path.parent / "metrics.jsonl").read_text().splitlines()]
+        peaks = [r["peak_mem_gib"] for r in rows if r.get("peak_mem_gib")]
+        if len(peaks) >= 2:
+            out.append(
+                pytest.param(c["config"], max(peaks[1:]), id=str(path.parent.relative_to(REPO / "runs")))
+            )
+    return out
+
+
+def _shape_of(model_name: str):
+    from sft.model.mpt import MPTConfig, MPTForCausalLM
+
+    if model_name.startswith("random:") and "mpt" not in model_name:
+        return _model(model_name.removeprefix("random:"))
+    with torch.device("meta"):  # the MPT recipe runs our MPT (a random-init copy of the mpt-7b shape)
+        cfg = MPTConfig(d_model=4096, n_heads=32, n_layers=32, expansion_ratio=4, vocab_size=50432)
+        return MPTForCausalLM(cfg).to(torch.bfloat16)
+
+
+COMMITTED = _committed_peaks()
+
+
+def test_the_committed_gpu_runs_are_all_here():
+    """The parametrization below sees every committed H100 / H200 run with two logged steps (a run that
+    stopped after its first step, runs/2026-12-02_h200_engine_2/runs/llama32k, has no steady peak)."""
+    ids = [p.id for p in COMMITTED]
+    assert len(ids) == 16 and "2026-12-07_h100_llama_vs_trl/runs/llama" in ids
+    assert not any("engine_2/runs/llama32k" in i for i in ids)
+
+
+@pytest.mark.parametrize("cfg, measured", COMMITTED)
+def test_estimate_within_3_percent_of_every_committed_peak(cfg, measured):
+    """The plan's estimate of each committed run's own plan (optimizer, rows, checkpointed blocks, step in
+    backward, FP8) against its measured steady peak: within 3% (or 0.25 GiB, for the 5 GiB 400M-shape runs
+    where fixed workspaces dominate), and never under by more than the headroom the plan keeps free."""
+    from sft.config import TrainConfig
+    from sft.training.memory import FREE_MEMORY_HEADROOM, GIB, Workload, estimate_memory
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    tc = TrainConfig(**{k: v for k, v in cfg.items() if k in known and v is not None})
+    r = cfg.get("resolved") or {}
+    est = estimate_memory(
+        _shape_of(cfg["model"]), Workload.of(tc), False, 1, r.get("checkpoint_blocks") or 0,
+        bool(r.get("optimizer_in_backward")), r.get("attention", "flex"),
+    )["total"] / GIB  # fmt: skip
+    assert abs(est - measured) <= max(0.03 * measured, 0.25), (est, measured)
+    assert est >= measured * (1 - FREE_MEMORY_HEADROOM)

@@ -26,7 +26,9 @@ the activations; during backward the activations are freed as the gradients appe
 ``max(activations, grads)`` with one micro-batch per step, ``grads + activations`` with accumulation (the
 gradients of the earlier micro-batches are alive during the next forward), and ``activations`` alone with
 the step in backward (each gradient is freed as soon as it is used). Plus one loss chunk of fp32 logits
-and their gradient; for the materialised-mask attention paths the ``T x T`` mask (and MPT's fp32 ALiBi bias);
+and their gradient, and the head's gradient twice (the sum over the loss chunks so far and the current chunk's,
+both alive at the start of backward: this term brought the Llama-3-8B-shape estimates from 1-3% under to within
+1% of the committed peaks); for the materialised-mask attention paths the ``T x T`` mask (and MPT's fp32 ALiBi bias);
 and 1 GiB of kernel workspaces for GPU-sized steps.
 """
 
@@ -54,6 +56,11 @@ RECOMPUTE_COST = 1 / 3
 SMALL_MICRO_BATCH_COST = 0.015
 # elements of d per token kept by an un-checkpointed block beyond its projections (see the module docstring)
 ACT_BASE = 5.1
+# --fp8: the compiled FP8 blocks keep 0.85 element of d less per token for each element of d entering a block
+# linear (their inputs are kept as FP8 copies for backward); fitted on the committed H200 peaks of
+# runs/2026-12-02_h200_fp8 (Llama-3-8B shape 112.13 -> 101.13 GiB, MPT-7B 95.37 -> 83.37 GiB at 4 rows of 2,048:
+# 0.846 and 0.857)
+FP8_SAVED_FRACTION = 0.85
 # kernels' workspaces and temporaries beyond the model (cuBLAS, compiled-kernel buffers, the fused optimizer's
 # scratch): measured 0.6-0.9 GiB above the calibrated terms on the H200 (MPT-7B, 80 GB profile, 2026-12-02); only
 # added for GPU-sized steps (>= 2^24 token x width elements), so tiny CPU runs keep their exact estimate
@@ -93,16 +100,21 @@ class Workload:
     qlora: bool
     lora_rank: int
     lora_targets: str | None
+    fp8: str
 
     @classmethod
     def of(cls, cfg: TrainConfig) -> Workload:
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
-def activation_elements_per_layer(model) -> float:
-    """Elements of ``d`` per token an un-checkpointed block keeps for backward (module docstring)."""
+def activation_elements_per_layer(model, fp8: bool = False) -> float:
+    """Elements of ``d`` per token an un-checkpointed block keeps for backward (module docstring); with FP8
+    block linears (``--fp8``) :data:`FP8_SAVED_FRACTION` less per element of ``d`` entering a linear."""
     s = shape(model)
-    return ACT_BASE + s.qkv_width / s.width + (3 if s.gated else 2) * s.ffn / s.width
+    kept = ACT_BASE + s.qkv_width / s.width + (3 if s.gated else 2) * s.ffn / s.width
+    if fp8:  # inputs of q/k/v (one, shared), the output projection, up (and gate, shared) and down
+        kept -= FP8_SAVED_FRACTION * (3 + s.ffn / s.width)
+    return kept
 
 
 def _lora_params(model, cfg: Workload) -> tuple[int, int]:
@@ -165,12 +177,15 @@ def estimate_memory(
     L, d = s.layers, s.width
     elem = 2 if (autocast or base_elem == 2) else 4
     n_ck = min(max(checkpoint_blocks, 0), L)
-    per_layer = activation_elements_per_layer(model)
+    per_layer = activation_elements_per_layer(model, fp8=cfg.fp8 != "none")
     # backward frees the un-checkpointed blocks' sets before it reaches a checkpointed one and recomputes it
     kept = n_ck * 1.0 + per_layer * max(L - n_ck, 1 if n_ck else 0)
     tokens = cfg.micro_batch * cfg.max_len
     vocab = getattr(model.config, "vocab_size", 0)
     activations = int(tokens * d * kept * elem) + 2 * min(cfg.loss_chunk, tokens) * vocab * 4
+    # the head's gradient at the start of backward: the running sum of the loss chunks' contributions and the
+    # current chunk's, two [vocab, d] tensors (none for LoRA: the head is frozen)
+    activations += 0 if cfg.lora else 2 * vocab * d * train_elem
     activations += _attention_extra(model, cfg, attention, elem)
     if in_backward:
         dynamic = activations
