@@ -241,6 +241,8 @@ def test_refusals():
         assert offload_refusal(name) is not None
         with pytest.raises(ConfigError, match="offloaded optimizer state does not support"):
             build_offloaded(params, name)
+        with pytest.raises(ConfigError, match="offloaded optimizer state does not support"):
+            offload_gpu_bytes(params, name)
     assert offload_refusal("adamw_sr") is None
     assert "backward" in offload_refusal("adamw_sr", in_backward=True)
     assert "FSDP2" in offload_refusal("adamw_8bit", world=2)
@@ -334,7 +336,7 @@ def test_offloaded_on_cuda_is_bit_identical_with_pinned_host_state(name):
     off.zero_grad(set_to_none=True)
     _assert_same(ref_params, ref, off_params, off)
     state = _state_tensors(off)
-    assert sum(t.numel() * t.element_size() for t in state) > 4 * staging / 2  # the state really is elsewhere
+    assert sum(t.numel() * t.element_size() for t in state) > 2**20  # on the GPU it would break the bound
     assert all(t.device.type == "cpu" and t.is_pinned() for t in state)
     assert off.kernel == "triton"
 

@@ -63,6 +63,12 @@ def offload_refusal(name: str, in_backward: bool = False, world: int = 1) -> str
     return None
 
 
+def _refuse(name: str) -> None:
+    problem = offload_refusal(name)
+    if problem is not None:
+        raise ConfigError(f"offloaded optimizer state does not support {problem}")
+
+
 def offload_seconds(
     n_params: int,
     name: str,
@@ -96,6 +102,7 @@ def state_specs(
     Read from the optimizer itself, built over meta copies of the parameters (nothing is allocated):
     ``kwargs`` as ``build_optimizer`` (``moment_dtype`` matters).
     """
+    _refuse(name)
     metas = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in _flat(params)]
     kwargs = {k: v for k, v in kwargs.items() if k == "moment_dtype"}
     twin = optim.build_optimizer(metas, name, kernel="torch", seed=0, **kwargs)
@@ -133,7 +140,7 @@ class _HostMemory:
     def zeros(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
         t = torch.zeros(shape, dtype=dtype)
         if self.pin and t.numel():
-            err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
+            err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 1))
             if err != 0:
                 raise RuntimeError(
                     f"cudaHostRegister of {t.numel() * t.element_size()} bytes failed: error {err}"
@@ -357,9 +364,7 @@ def build_offloaded(
     **kwargs: Any,
 ) -> OffloadedKahanAdamW | OffloadedAdamW8bit:
     """``optim.build_optimizer`` with the state on the host (``adamw_kahan``, ``adamw_sr``, ``adamw_8bit``)."""
-    problem = offload_refusal(name)
-    if problem is not None:
-        raise ConfigError(f"offloaded optimizer state does not support {problem}")
+    _refuse(name)
     hyper = dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, slots=slots, **kwargs)
     if name == "adamw_8bit":
         return OffloadedAdamW8bit(params, **hyper)
