@@ -323,16 +323,15 @@ def test_offloaded_on_cuda_is_bit_identical_with_pinned_host_state(name):
     ref = _build(ref_params, name, False)
     _run(ref_params, ref, 4)
 
-    torch.cuda.synchronize()
     off = _build(off_params, name, True)
-    _set_grads(off_params, 0)
-    base = torch.cuda.memory_allocated()  # params + grads
+    base = torch.cuda.memory_allocated()  # everything so far, the parameters included
+    staging = offload_gpu_bytes(off_params, name)
     for s in range(4):
-        if s:
-            _set_grads(off_params, s)
+        _set_grads(off_params, s)
         off.step()
-        staging = offload_gpu_bytes(off_params, name)
-        assert torch.cuda.memory_allocated() <= base + staging + 2**16
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in off_params if p.grad is not None)
+        assert torch.cuda.memory_allocated() <= base + grads + staging + 2**16
+    assert off.gpu_bytes() == staging
     off.zero_grad(set_to_none=True)
     _assert_same(ref_params, ref, off_params, off)
     state = _state_tensors(off)
