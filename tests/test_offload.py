@@ -180,6 +180,30 @@ def test_load_copies_into_the_host_tensors_it_has():
     assert params[0] not in opt.state or not opt.state[params[0]]
 
 
+def test_a_loaded_state_of_other_dtypes_resizes_the_slots():
+    """fp32 moments saved, loaded into a stepped bf16-moment optimizer: kept as saved (as optim does) and
+    staged whole; the same sequence with the plain optimizer gives the same bits."""
+
+    def run(offloaded):
+        params = _params()
+        opt = _build(params, "adamw_sr", offloaded, moment_dtype=torch.float32)
+        _run(params, opt, 1)
+        saved = _saved(opt)
+        params = _clone(params)
+        opt = _build(params, "adamw_sr", offloaded)
+        _run(params, opt, 1, start=1)  # slots sized for bf16 moments
+        opt.load_state_dict(saved)
+        _run(params, opt, 2, start=1)
+        return params, opt
+
+    (ref_params, ref), (params, opt) = run(False), run(True)
+    _assert_same(ref_params, ref, params, opt)
+    # params[0] had no gradient in step 0 (nothing saved): bf16 moments; params[2] keeps its fp32 ones
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.bfloat16
+    assert opt.state[params[2]]["exp_avg"].dtype == torch.float32
+    assert opt.gpu_bytes() == 2 * 32 * 64 * 8 > offload_gpu_bytes(params, "adamw_sr")
+
+
 def test_clipping_and_accumulation_before_step():
     """The trainer's order: accumulate micro-batches, clip the global norm, step: same bits."""
     x = torch.randn(16, 48, generator=torch.Generator().manual_seed(3))

@@ -24,7 +24,8 @@ Contracts:
   for a multiple of 8 elements, or of 1,024 in ``adamw_8bit``). ``offload_gpu_bytes(params, name)`` is that
   total: the GPU memory the optimizer needs beyond weights and gradients (Qwen3-14B, embedding 151,936 x
   5,120: 2 x 4.35 GiB kahan, 2 x 2.90 sr, 2 x 1.47 8bit). The host holds the whole state instead
-  (``optim.state_bytes_per_param``; Qwen3-14B: 82.7 GiB kahan, 55.1 sr, 28.0 8bit).
+  (``optim.state_bytes_per_param``; Qwen3-14B: 82.7 GiB kahan, 55.1 sr, 28.0 8bit). A loaded state of
+  other dtypes (fp32 moments saved, bf16 configured: kept as saved, as ``optim`` does) resizes the slots.
 - ``state_dict()`` is the host state (the format of the non-offloaded optimizer, on the CPU);
   ``load_state_dict()`` copies into host tensors (never onto the GPU: torch's loader would put the whole
   state there) and resumes bit-exactly; state of either optimizer loads into the other.
@@ -247,11 +248,12 @@ class _HostResident:
     def _staging_slots(self) -> _Staging:
         """The staging slots, made at the first step for the largest parameter (again only if one grows)."""
         params = [p for g in self.param_groups for p in g["params"]]
-        if self._slot_need[0] != len(params):  # read once, again after add_param_group
-            self._slot_need = (
-                len(params),
-                slot_bytes(state_specs(params, self.offload_name, **self._spec_kwargs)),
-            )
+        if self._slot_need[0] != len(params):  # read once, again after add_param_group or a load
+            held = [
+                [(t.shape, t.dtype) for t in st.values() if torch.is_tensor(t)] for st in self.state.values()
+            ]
+            specs = state_specs(params, self.offload_name, **self._spec_kwargs)
+            self._slot_need = len(params), max(slot_bytes(specs), slot_bytes(held))
         nbytes = self._slot_need[1]
         if self._staging is None or self._staging.nbytes < nbytes:
             self._staging = None  # free the old slots first
@@ -314,6 +316,7 @@ class _HostResident:
                 self.state[p] = self._load_one(saved, old.pop(p, {}))
         for state in old.values():
             self._release(state)
+        self._slot_need = (-1, 0)  # a loaded state may hold other dtypes: size the slots again
 
     def _load_one(self, saved: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
         """One parameter's state from ``saved``, reusing ``previous``'s host tensors where they match."""
