@@ -427,11 +427,20 @@ class KahanAdamW(torch.optim.Optimizer):
         if not state:
             mdtype = torch.float32 if p.dtype == torch.float32 else self.moment_dtype
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=mdtype, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=mdtype, memory_format=torch.contiguous_format)
+            state["exp_avg"] = self._state_zeros(p, mdtype)
+            state["exp_avg_sq"] = self._state_zeros(p, mdtype)
             if self.rounding == "kahan" and p.dtype != torch.float32:
-                state["compensation"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state["compensation"] = self._state_zeros(p, p.dtype)
         return state
+
+    def _state_zeros(self, like: torch.Tensor, dtype: torch.dtype, numel: int | None = None) -> torch.Tensor:
+        """A zero state tensor: shaped as ``like`` (a DTensor stays one), or flat of ``numel`` on its device.
+
+        Every state tensor is made here: `offload.py` overrides it to put the state on the host.
+        """
+        if numel is None:
+            return torch.zeros_like(like, dtype=dtype, memory_format=torch.contiguous_format)
+        return torch.zeros(numel, dtype=dtype, device=like.device)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state exactly: keeps each state tensor's saved dtype.
@@ -485,9 +494,14 @@ class KahanAdamW(torch.optim.Optimizer):
     def _update(self, group: dict, p: torch.Tensor) -> None:
         """Advance ``p``'s step and apply one AdamW update to it from ``p.grad`` (in place)."""
         if p.grad.is_sparse:
-            raise RuntimeError("KahanAdamW does not support sparse gradients")
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         state = self._init_state(p)
         state["step"] += 1
+        self._apply(group, p, state)
+
+    def _apply(self, group: dict, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """The update kernel: one step of ``p`` from ``p.grad`` with the tensors of ``state`` (its "step"
+        already advanced), in place. `offload.py` passes device copies of the host-resident state."""
         beta1, beta2 = group["betas"]
         tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("compensation")]
         stochastic = self.rounding == "stochastic"
@@ -615,8 +629,8 @@ class AdamW8bit(KahanAdamW):
             nblocks = -(-numel // QBLOCK)
             state["step"] = 0
             for key in ("exp_avg", "sqrt_exp_avg_sq"):
-                q = torch.zeros(nblocks * QBLOCK, dtype=torch.float8_e4m3fn, device=local.device)
-                s = torch.zeros(nblocks, dtype=torch.float32, device=local.device)
+                q = self._state_zeros(local, torch.float8_e4m3fn, nblocks * QBLOCK)
+                s = self._state_zeros(local, torch.float32, nblocks)
                 if wrap is not None:
                     from torch.distributed.tensor import DTensor
 
@@ -625,11 +639,7 @@ class AdamW8bit(KahanAdamW):
                 state[key], state[key + "_scale"] = q, s
         return state
 
-    def _update(self, group: dict, p: torch.Tensor) -> None:
-        if p.grad.is_sparse:
-            raise RuntimeError("AdamW8bit does not support sparse gradients")
-        state = self._init_state(p)
-        state["step"] += 1
+    def _apply(self, group: dict, p: torch.Tensor, state: dict[str, Any]) -> None:
         step = state["step"]
         beta1, beta2 = group["betas"]
         local_p, local_g = _local(p), _local(p.grad)
@@ -692,15 +702,19 @@ def lr_at(step: int, cfg, total_steps: int) -> float:
     return cfg.lr * (1 - (1 - lo) * progress)
 
 
-def build_for(root, cfg):
-    """``(trainable params, optimizer)`` of ``cfg`` (a TrainConfig) over ``root``: weight decay on the matrices only."""
+def build_for(root, cfg, build=None):
+    """``(trainable params, optimizer)`` of ``cfg`` (a TrainConfig) over ``root``: weight decay on the matrices only.
+
+    ``build``: the optimizer's builder, ``build_optimizer`` by default (``offload.build_for`` passes its own).
+    """
     params = [p for p in root.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    return params, build_optimizer(groups, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    build = build or build_optimizer
+    return params, build(groups, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 # ----------------------------------------------------------------------------- kernel check
