@@ -184,6 +184,12 @@ class TrainConfig:
         "--grad_clip=0 and adamw_kahan/adamw_sr/adamw_8bit): 'true', 'false' or 'auto' (only where it is needed to fit)",
         choices=("auto", "true", "false"),
     )
+    offload_optimizer: str = _f(
+        "auto",
+        "keep the optimizer state in host memory, streamed through the GPU once per step (adamw_kahan/adamw_sr/"
+        "adamw_8bit, one process): 'true', 'false' or 'auto' (only where nothing fits on the GPU without it)",
+        choices=("auto", "true", "false"),
+    )
     memory_limit_gib: float = _f(
         0.0,
         "GPU memory the run may use, GiB (e.g. 76 for an 80 GB card); 0 = the device's free memory",

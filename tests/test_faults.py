@@ -402,7 +402,7 @@ def test_memory_estimate_is_pinned_and_checked_against_the_gpu(monkeypatch):
     acts = int(512 * 64 * per_layer * 2 * 4) + 2 * 512 * 260 * 4 + 2 * 260 * 64 * 4
     assert memory.estimate_memory(model, W(parse_args(base)), autocast=False) == {
         "weights": 362_752, "grads": 362_752, "optimizer": 725_504, "activations": acts,
-        "total": 362_752 + 725_504 + max(acts, 362_752),
+        "total": 362_752 + 725_504 + max(acts, 362_752), "host": 0,
     }  # fmt: skip
     # with accumulation the gradients of the earlier micro-batches are alive during the next forward
     accum = memory.estimate_memory(model, W(parse_args([*base, "--grad_accum=2"])), autocast=False)
@@ -414,7 +414,7 @@ def test_memory_estimate_is_pinned_and_checked_against_the_gpu(monkeypatch):
     # (the head is frozen under LoRA: no head gradient)
     assert lora_ckpt == {
         "weights": 362_752 + 131_072, "grads": 131_072, "optimizer": 262_144, "activations": acts_ckpt,
-        "total": 362_752 + 131_072 * 3 + max(acts_ckpt, 131_072),
+        "total": 362_752 + 131_072 * 3 + max(acts_ckpt, 131_072), "host": 0,
     }  # fmt: skip
     # bf16 weights with the Kahan optimizer: 2 B weights + 2 B grads + 6 B state; bf16 activations
     bf16 = memory.estimate_memory(

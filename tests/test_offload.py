@@ -383,3 +383,57 @@ def test_offloaded_on_cuda_resumes_bit_exactly():
     opt.load_state_dict(saved)
     _run(params, opt, 3, start=3)
     _assert_same(ref_params, ref, params, opt)
+
+
+# ----------------------------------------------------------------------------- through the trainer
+
+
+def _trainer_args(out, *extra):
+    return [
+        "--model=tiny-llama", "--data=bundled", "--limit=12", "--max_len=256", "--overlong=drop",
+        "--eval_size=2", "--max_steps=6", "--micro_batch=1", "--grad_accum=2", "--lr=1e-3", "--warmup_steps=2",
+        "--num_samples=0", "--no-save_final", "--no-progress", "--device=cpu", "--precision=bf16",
+        "--optimizer=adamw_kahan", "--save_every=3", f"--out_dir={out}", *extra,
+    ]  # fmt: skip
+
+
+def test_the_trainer_with_the_state_on_the_host_gives_the_same_losses_and_resumes(tmp_path, monkeypatch):
+    """--offload_optimizer=true through the trainer (CPU, bf16 tiny Llama, adamw_kahan): config.json records
+    the plan's choice, the per-step losses equal the GPU-resident run's bit for bit, and a run stopped after
+    its step-3 checkpoint resumes to the same losses."""
+    import json
+
+    from sft.config import parse_args
+    from sft.training import runs
+    from sft.training.trainer import train
+
+    monkeypatch.setenv("SFT_CACHE", str(tmp_path / "cache"))
+
+    def losses(run_dir):
+        return [(r["step"], r["loss"]) for r in runs.read_metrics(run_dir) if "loss" in r]
+
+    plain = train(parse_args(_trainer_args(tmp_path, "--run_name=plain", "--offload_optimizer=false")))
+    host = train(parse_args(_trainer_args(tmp_path, "--run_name=host", "--offload_optimizer=true")))
+    resolved = json.loads((host / "config.json").read_text())["config"]["resolved"]
+    assert resolved["optimizer_offload"] is True
+    assert json.loads((plain / "config.json").read_text())["config"]["resolved"]["optimizer_offload"] is False
+    assert len(losses(host)) == 6 and losses(host) == losses(plain)
+    args = _trainer_args(tmp_path, "--run_name=cut", "--offload_optimizer=true", "--stop_after=3")
+    cut = train(parse_args(args))
+    assert len(losses(cut)) == 3
+    train(parse_args([f"--out_dir={tmp_path}", f"--resume={cut}", "--no-progress"]))
+    assert losses(cut) == losses(host)
+
+
+def test_offload_refused_in_one_line_before_the_run_folder(tmp_path):
+    """--offload_optimizer=true with plain AdamW on fp32 weights: one ConfigError line, no run folder."""
+    from sft.config import ConfigError, parse_args
+    from sft.training.trainer import train
+
+    args = _trainer_args(tmp_path, "--run_name=bad", "--offload_optimizer=true")
+    args = [a for a in args if not a.startswith(("--precision", "--optimizer"))] + ["--precision=fp32"]
+    with pytest.raises(
+        ConfigError, match=r"^--offload_optimizer=true is not possible with --optimizer=adamw"
+    ):
+        train(parse_args([*args, "--optimizer=adamw"]))
+    assert not (tmp_path / "bad").exists()

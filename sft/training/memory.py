@@ -8,8 +8,11 @@ Contracts:
   :class:`Workload` alone (``Workload.of(cfg)``).
 - ``plan_memory(model, cfg, device, autocast, world=1) -> MemoryPlan``: the one place the config's memory
   knobs are read (what follows takes the plan, see ``sft.training.engine.Resolved``): resolves
-  ``--optimizer=auto``, the micro-batch split, ``--checkpoint_blocks`` (``auto`` = the fewest that fit) and
-  ``--optimizer_in_backward`` (``auto`` = on only where it is allowed and needed to fit) against
+  ``--optimizer=auto``, the micro-batch split, ``--checkpoint_blocks`` (``auto`` = the fewest that fit),
+  ``--optimizer_in_backward`` (``auto`` = on only where it is allowed and needed to fit) and
+  ``--offload_optimizer`` (``auto``: the state in host memory, sft/training/offload.py, where nothing else
+  runs at full speed and it is the fastest plan: the GPU then holds two staging slots of the largest
+  parameter's state, the host the whole state, and each step pays the host link's time) against
   ``--memory_limit_gib`` (0 = the device's free memory); raises ConfigError (one line: the estimate by
   part, the limit, what to change) when nothing fits.
 
@@ -43,6 +46,7 @@ import torch
 
 from sft.config import ConfigError, TrainConfig, parse_targets
 from sft.model.family import is_ours, shape
+from sft.training.offload import offload_refusal, offload_seconds
 
 log = logging.getLogger("sft")
 
@@ -61,6 +65,9 @@ ACT_BASE = 5.1
 # runs/2026-12-02_h200_fp8 (Llama-3-8B shape 112.13 -> 101.13 GiB, MPT-7B 95.37 -> 83.37 GiB at 4 rows of 2,048:
 # 0.846 and 0.857)
 FP8_SAVED_FRACTION = 0.85
+# the speed model's compute rate for the step time an offloaded state's host traffic is weighed against: an
+# H100 / H200 at 50% of its dense bf16 peak (the recipes measure 55-60%); it only ranks plans
+NOMINAL_FLOPS = 0.5 * 989e12
 # kernels' workspaces and temporaries beyond the model (cuBLAS, compiled-kernel buffers, the fused optimizer's
 # scratch): measured 0.6-0.9 GiB above the calibrated terms on the H200 (MPT-7B, 80 GB profile, 2026-12-02); only
 # added for GPU-sized steps (>= 2^24 token x width elements), so tiny CPU runs keep their exact estimate
@@ -73,7 +80,8 @@ FREE_MEMORY_HEADROOM = 0.04  # of the device's free memory, when no --memory_lim
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
     """What the run will do to fit: ``checkpoint_blocks`` (the first N blocks recompute in backward),
-    ``in_backward`` (per-parameter optimizer step in backward), and the estimate (bytes by part)."""
+    ``in_backward`` (per-parameter optimizer step in backward), ``offload`` (the optimizer state in host
+    memory), the optimizer and micro-batch split, and the estimate (bytes by part)."""
 
     checkpoint_blocks: int
     in_backward: bool
@@ -83,6 +91,7 @@ class MemoryPlan:
     micro_batch: int = 1
     grad_accum: int = 1
     why: str = ""
+    offload: bool = False  # the optimizer state in host memory (sft/training/offload.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +164,7 @@ def estimate_memory(
     checkpoint_blocks: int = 0,
     in_backward: bool = False,
     attention: str = "flex",
+    offload: bool = False,
 ) -> dict[str, int]:
     """Predicted peak bytes of one training process by part (module docstring) for the step ``cfg``
     (:class:`Workload`). ``model``: the loaded model in its training dtype, before LoRA. Under FSDP2 (``world`` > 1) weights, grads and optimizer
@@ -172,6 +182,11 @@ def estimate_memory(
     W = max(world, 1)
     grads = n_train * train_elem // W
     optimizer = int(n_train * state_bytes_per_param(cfg.optimizer, train_elem)) // W
+    host = 0
+    if offload:  # the state lives on the host; the GPU holds the staging slots (sft/training/offload.py)
+        from sft.training.offload import offload_gpu_bytes
+
+        host, optimizer = optimizer, offload_gpu_bytes(list(model.parameters()), cfg.optimizer)
     weights //= W
     s = shape(model)
     L, d = s.layers, s.width
@@ -199,6 +214,7 @@ def estimate_memory(
         "optimizer": optimizer,
         "activations": activations,
         "total": weights + optimizer + dynamic + (OVERHEAD_BYTES if tokens * d >= 2**24 else 0),
+        "host": host,
     }
 
 
@@ -267,8 +283,9 @@ def _splits(cfg: TrainConfig, device: torch.device) -> list[tuple[int, int]]:
     return [(mb, rows // mb) for mb in range(cfg.micro_batch, 0, -1) if rows % mb == 0]
 
 
-def _candidates(cfg: TrainConfig, L: int, world: int, device: torch.device) -> list[tuple[int, bool]]:
-    """(checkpoint_blocks, in_backward) settings to try for one optimizer and split, fastest first."""
+def _candidates(cfg: TrainConfig, L: int, world: int, device: torch.device) -> list[tuple[int, bool, bool]]:
+    """(checkpoint_blocks, in_backward, offload) settings to try for one optimizer and split, fastest first
+    within each (in_backward, offload) kind."""
     if cfg.optimizer_in_backward == "true":
         why = in_backward_refusal(cfg, world)
         if why:
@@ -278,19 +295,49 @@ def _candidates(cfg: TrainConfig, L: int, world: int, device: torch.device) -> l
         ib = [False, True]
     else:
         ib = [False]
+    off = _offload_choices(cfg, world, device)
     if cfg.grad_checkpointing:
         blocks = [L]
     elif cfg.checkpoint_blocks != "auto":
         blocks = [min(int(cfg.checkpoint_blocks), L)]
     else:  # the fewest that fit (a CPU run that fits without any, the usual case, gets none)
         blocks = list(range(L + 1))
-    return [(n, b) for n in blocks for b in ib]
+    return [(n, b, o) for o in off for b in ib if not (b and o) for n in blocks]
 
 
-def relative_time(n_ck: int, layers: int, micro_tokens: int) -> float:
-    """The speed model's time per token of a plan relative to one with nothing recomputed (module constants)."""
+def _offload_choices(cfg: TrainConfig, world: int, device: torch.device) -> list[bool]:
+    """Whether the plan may keep the optimizer state on the host (``--offload_optimizer``): ``auto`` tries it
+    after the GPU-resident plans, for full fine-tuning on CUDA with an optimizer that supports it."""
+    why = offload_refusal(cfg.optimizer, False, world)
+    if cfg.offload_optimizer == "true":
+        if why or cfg.lora:
+            raise ConfigError(f"--offload_optimizer=true is not possible with {why or '--lora'}")
+        return [True]
+    if cfg.offload_optimizer == "auto" and why is None and not cfg.lora and device.type == "cuda":
+        return [False, True]
+    return [False]
+
+
+def relative_time(
+    n_ck: int, layers: int, micro_tokens: int, offload_s: float = 0.0, step_s: float = 1.0
+) -> float:
+    """The speed model's time per token of a plan relative to one with nothing recomputed (module constants);
+    ``offload_s`` seconds of host-link traffic per optimizer step of ``step_s`` seconds of compute add theirs."""
     small = max(0.0, math.log2(8192 / max(micro_tokens, 1)))
-    return (1 + RECOMPUTE_COST * n_ck / max(layers, 1)) * (1 + SMALL_MICRO_BATCH_COST * small)
+    compute = (1 + RECOMPUTE_COST * n_ck / max(layers, 1)) * (1 + SMALL_MICRO_BATCH_COST * small)
+    return compute * (1 + offload_s / max(step_s, 1e-9))
+
+
+def _step_seconds(model, cfg: TrainConfig) -> float:
+    """Compute seconds of one optimizer step for the speed model: ``6 N`` FLOPs per token at
+    :data:`NOMINAL_FLOPS` (only ranks plans against the host-link time of an offloaded state)."""
+    n = sum(p.numel() for p in model.parameters())
+    return 6.0 * n * cfg.micro_batch * cfg.grad_accum * cfg.max_len / NOMINAL_FLOPS
+
+
+def host_memory_bytes() -> int | None:
+    """Memory the OS has available for the host-resident optimizer state (None when unknown)."""
+    return free_memory_bytes(torch.device("cpu"))
 
 
 def _limit(cfg: TrainConfig, device: torch.device, model) -> int | None:
@@ -305,21 +352,29 @@ def _limit(cfg: TrainConfig, device: torch.device, model) -> int | None:
 
 
 def _best_for(model, cfg, device, autocast, world, attention, limit, L):
-    """The fastest fitting ``(relative time, MemoryPlan)`` for ``cfg``'s optimizer over splits and blocks, or
-    ``(None, last estimate)`` when nothing fits."""
+    """The fastest fitting ``(relative time, MemoryPlan)`` for ``cfg``'s optimizer over splits, blocks, the
+    step in backward and host-resident state, or ``(None, last estimate)`` when nothing fits."""
     best, est = None, None
+    host = host_memory_bytes()
     for mb, ga in _splits(cfg, device):
         c = dataclasses.replace(cfg, micro_batch=mb, grad_accum=ga)
-        for n_ck, ib in _candidates(c, L, world, device):
-            est = estimate_memory(model, Workload.of(c), autocast, world, n_ck, ib, attention)
+        work, tried = Workload.of(c), set()
+        for n_ck, ib, off in _candidates(c, L, world, device):
+            if (ib, off) in tried:
+                continue  # more blocks checkpointed for this kind only costs more
+            est = estimate_memory(model, work, autocast, world, n_ck, ib, attention, off)
             # the CPU as the GPU: over the available memory, the kernel's OOM killer ends the run (or, on a
             # shared machine, another process), so it is refused here, before the run folder exists
             if limit is not None and est["total"] > limit:
                 continue
-            t = relative_time(n_ck, L, mb * cfg.max_len)
+            if off and host is not None and est["host"] > host * (1 - FREE_MEMORY_HEADROOM):
+                est = {**est, "host_available": host}  # fits the GPU, not the host: said in the refusal
+                continue
+            tried.add((ib, off))
+            off_s = offload_seconds(sum(p.numel() for p in model.parameters()), c.optimizer) if off else 0.0
+            t = relative_time(n_ck, L, mb * cfg.max_len, off_s, _step_seconds(model, c) if off else 1.0)
             if best is None or t < best[0] - 1e-9:
-                best = (t, MemoryPlan(n_ck, ib, est, limit, cfg.optimizer, mb, ga))
-            break  # more blocks checkpointed at this split only costs more
+                best = (t, MemoryPlan(n_ck, ib, est, limit, cfg.optimizer, mb, ga, offload=off))
     return (best, None) if best else (None, est)
 
 
@@ -328,8 +383,9 @@ def plan_memory(
 ) -> MemoryPlan:
     """The :class:`MemoryPlan` of this run, or ConfigError (one line) when nothing fits; see the module
     docstring. Per optimizer (``--optimizer=auto``: kahan, sr, 8bit, most precise first), the fastest fitting
-    (micro-batch split, checkpointed blocks, step in backward) by :func:`relative_time`; the first optimizer
-    whose best plan recomputes nothing wins, else the fastest plan of all (the more precise on a tie).
+    (micro-batch split, checkpointed blocks, step in backward, state on the host) by :func:`relative_time`;
+    the first optimizer whose best plan runs at full speed (nothing recomputed, state on the GPU) wins, else
+    the fastest plan of all (the more precise on a tie).
     CPU runs are planned and refused the same way, against the memory the OS has available."""
     L = shape(model).layers
     limit = _limit(cfg, device, model)
@@ -343,18 +399,23 @@ def plan_memory(
             notes.append(f"{opt} does not fit")
             continue
         found.append(best)
-        if best[1].checkpoint_blocks == 0:  # full speed: the most precise such optimizer wins
+        if _full_speed(best[1]):  # the most precise such optimizer wins
             break
-        notes.append(f"{opt} needs {best[1].checkpoint_blocks} blocks recomputed")
+        notes.append(
+            f"{opt} needs its state on the host" if best[1].offload
+            else f"{opt} needs {best[1].checkpoint_blocks} blocks recomputed"
+        )  # fmt: skip
     if found:
-        full = found[-1][1].checkpoint_blocks == 0
+        full = _full_speed(found[-1][1])
         t, plan = found[-1] if full else min(found, key=lambda f: f[0])
         why = "; ".join(notes)
         plan = dataclasses.replace(plan, why=why)
         log.info(
-            "memory plan: %s, %d x %d rows, %d of %d blocks checkpointed%s; estimate %s%s%s",
+            "memory plan: %s, %d x %d rows, %d of %d blocks checkpointed%s%s; estimate %s%s%s",
             plan.optimizer, plan.grad_accum, plan.micro_batch, plan.checkpoint_blocks, L,
-            ", optimizer step in backward" if plan.in_backward else "", _fmt(plan.estimate),
+            ", optimizer step in backward" if plan.in_backward else "",
+            f", optimizer state on the host ({plan.estimate['host'] / GIB:.1f} GiB)" if plan.offload else "",
+            _fmt(plan.estimate),
             f" against {limit / GIB:.1f} GiB" if limit is not None else "",
             f" (why: {why})" if why else "",
         )  # fmt: skip
@@ -365,6 +426,11 @@ def plan_memory(
         else ("free on the device" if device.type == "cuda" else "available in this machine's memory")
     )
     what = "this run needs"
+    if "host_available" in est:  # the GPU side fits with the state on the host, the host side does not
+        where += (
+            f"; with --offload_optimizer the {est['host'] / GIB:.1f} GiB of optimizer state does not fit the "
+            f"host's {est['host_available'] / GIB:.1f} GiB available"
+        )
     fixes = _fixes(model, cfg, device, autocast, world, attention, limit, L)
     raise ConfigError(
         f"{what} {_fmt(est)} even with the most economical plan, {limit / GIB:.1f} GiB {where}: "
@@ -381,6 +447,11 @@ def plan_memory(
     )
 
 
+def _full_speed(plan: MemoryPlan) -> bool:
+    """Nothing recomputed and the state on the GPU."""
+    return plan.checkpoint_blocks == 0 and not plan.offload
+
+
 def _fixes(model, cfg, device, autocast, world, attention, limit, L) -> list[str]:
     """The single changes that would fit (checked with the same estimate), for the refusal message."""
     tries = []
@@ -395,6 +466,8 @@ def _fixes(model, cfg, device, autocast, world, attention, limit, L) -> list[str
         )
     if cfg.max_len > 512:
         tries.append((f"--max_len={cfg.max_len // 2}", dict(max_len=cfg.max_len // 2)))
+    if cfg.offload_optimizer == "false" and device.type == "cuda":
+        tries.append(("--offload_optimizer=auto", dict(offload_optimizer="auto")))
     if not cfg.lora:
         tries.append(("--lora", dict(lora=True)))
     out = []

@@ -73,7 +73,7 @@ from sft.model import lora
 from sft.model.family import shape
 from sft.model.fp8 import check_fp8
 from sft.model.models import ModelError, forward_hidden, lm_head, load_model_and_tokenizer, without_torchao
-from sft.training import checkpoints, distributed, optim, runs
+from sft.training import checkpoints, distributed, offload, optim, runs
 from sft.training.console import (
     NoWriter,
     console_beside_bar,
@@ -254,7 +254,8 @@ def _setup(
     n_params = sum(p.numel() for p in model.parameters())
     s = shape(model)
     L, d = s.layers, s.width
-    said = {**setup, "optimizer_in_backward": plan.in_backward, "plan_why": plan.why, "asked": asked}
+    said = {**setup, "optimizer_in_backward": plan.in_backward, "optimizer_offload": plan.offload}
+    said.update(plan_why=plan.why, asked=asked)
     cfg_dict = {**cfg.to_dict(), "resolved": said}
     root = model
     if info.enabled:  # the FSDP root: a LossModule over the sharded model (sft/training/distributed.py)
@@ -262,7 +263,7 @@ def _setup(
         distributed.shard_model(
             root, distributed.mixed_precision(device, cfg.precision), device_type=device.type
         )
-    params, optimizer = optim.build_for(root, cfg)
+    params, optimizer = (offload.build_for if plan.offload else optim.build_for)(root, cfg)
     engine = Engine(root, params, optimizer, resolved, device, info=info)
     run_dir, writer = _open_run_folder(
         cfg, info, device, resume_from, run_dir, open_run, cfg_dict, prepared, model
