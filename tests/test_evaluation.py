@@ -9,6 +9,7 @@ import torch
 from sft.data.packing import pad_collate
 from sft.data.render import render_batch, stop_token_ids
 from sft.data.schema import IGNORE_INDEX
+from sft.model import generate
 from sft.model.loss import chunked_cross_entropy_sum, count_supervised
 from sft.model.models import byte_tokenizer, forward_hidden, tiny_model
 from sft.training import evaluation
@@ -49,7 +50,7 @@ def trained(mask_end_of_turn: bool, steps: int = 40):
 
 def answers(model, tok, words, max_new=8):
     def greedy(ids, m, stops):
-        return evaluation._greedy(model, ids, m, stops, CPU, contextlib.nullcontext, tok)
+        return generate.greedy(model, ids, m, stops, CPU, contextlib.nullcontext, tok)
 
     return evaluation.answer(model, tok, convs(words), template=None, max_new_tokens=max_new, greedy=greedy)
 

@@ -30,6 +30,7 @@ what it would get alone (greedy). Stopping is per sequence (EOS or the template'
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -497,6 +498,45 @@ def generate(
         )
     finally:
         release_cache(dec)
+
+
+@torch.no_grad()
+def greedy(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    device: torch.device | str | None = None,
+    autocast=None,
+    tokenizer=None,
+) -> list[int]:
+    """The greedy answer to one prompt: its new ids, ending with a stop id when it stopped within
+    ``max_new_tokens`` (what the trainer's samples and stop rate and the notebooks' fixed prompts decode with).
+
+    A transformers model (it has ``generate`` and a ``generation_config``) decodes through its ``generate``:
+    ``prompt_ids`` put on ``device`` (default: the weights' device), under ``autocast`` (a no-argument context
+    factory, e.g. the trainer's bf16 autocast; None: none), with the pad id of ``tokenizer``, else the first stop
+    id, else 0. Any other model (our MPT, LoRA-wrapped or not: no ``generate`` of its own) decodes through
+    :func:`generate`, on its weights' device and without autocast: eagerly (a Generator sized for this one
+    prompt would recompile its step for every prompt length; no CUDA graphs stay alive), its KV cache freed.
+    """
+    ids = [int(t) for t in prompt_ids]
+    stops = [int(t) for t in stop_ids]
+    if hasattr(model, "generate") and hasattr(model, "generation_config"):
+        device = device if device is not None else next(model.parameters()).device
+        pad = getattr(tokenizer, "pad_token_id", None)
+        x = torch.tensor([ids], device=device)
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            y = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stops or None,
+                pad_token_id=pad if pad is not None else (stops or [0])[0],
+            )
+        return y[0, len(ids) :].tolist()
+    return list(generate(model, [ids], max_new_tokens, stop_ids=stops, compile=False).tokens[0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@
   step; :func:`track_best`, :func:`save_best` and :func:`load_best` apply it to a run (``<run>/best/``).
 
 What the trainer calls: :func:`held_out` (one evaluation's metrics, the eval keys of metrics.jsonl),
-:func:`answer_samples` (greedy answers, the model's blocks run uncompiled: :func:`for_generation`),
+:func:`answer_samples` (greedy answers, ``sft.model.generate.greedy``, the model's blocks run uncompiled:
+:func:`for_generation`),
 :func:`evaluate` (the loss alone, the FSDP path), :func:`eval_line` / :func:`print_samples` (the console).
 """
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from sft.config import TrainConfig
 from sft.data.schema import IGNORE_INDEX, Conversation
+from sft.model import generate
 from sft.model.family import is_ours
 from sft.model.loss import as_head
 from sft.model.models import forward_hidden
@@ -188,14 +190,14 @@ def answer_samples(model, tokenizer, conversations, cfg: TrainConfig, device, au
     """Greedy answers to the first ``n`` (default ``num_samples``) held-out conversations' last user turn
     (reference = the data's answer; ``stopped``: ended with the end-of-turn token; sft/training/evaluation.py)."""
 
-    def greedy(ids, max_new, stops):
+    def answer_greedily(ids, max_new, stops):
         with for_generation(model):
-            return _greedy(model, ids, max_new, stops, device, autocast, tokenizer)
+            return generate.greedy(model, ids, max_new, stops, device, autocast, tokenizer)
 
     n = cfg.num_samples if n is None else n
     return answer(
         model, tokenizer, conversations[:n], template=cfg.template, max_new_tokens=cfg.samples_max_new_tokens,
-        greedy=greedy,
+        greedy=answer_greedily,
     )  # fmt: skip
 
 
@@ -267,27 +269,6 @@ def load_best(run_dir: Path, model) -> dict:
         for k, v in weights.items():
             params[k].copy_(v)
     return runs._read_json(run_dir / "best" / "best.json")
-
-
-def _greedy(model, ids, max_new, stops, device, autocast, tokenizer) -> list[int]:
-    if hasattr(model, "generate") and hasattr(model, "generation_config"):
-        x = torch.tensor([ids], device=device)
-        with autocast():
-            y = model.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=max_new,
-                do_sample=False,
-                eos_token_id=stops or None,
-                pad_token_id=tokenizer.pad_token_id
-                if tokenizer.pad_token_id is not None
-                else (stops or [0])[0],
-            )
-        return y[0, len(ids) :].tolist()
-    from sft.model.generate import generate  # our fast MPT
-
-    # eager (no compiled step, no CUDA graphs kept alive by the training model); generate() frees its caches
-    return list(generate(model, [ids], max_new, stop_ids=stops, compile=False).tokens[0])
 
 
 def track_best(state: dict, ev: dict, cfg: TrainConfig, run_dir: Path, model, info: DistInfo) -> None:
