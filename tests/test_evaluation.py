@@ -85,6 +85,26 @@ def test_measure_equals_the_trainers_held_out_loss_and_counts_correct_tokens():
     assert correct == ref
 
 
+def test_measure_of_the_fsdp_loss_module_is_the_plain_models_loss_without_accuracy():
+    """One measure for both roots: the FSDP root (LossModule: its forward gives the CE sum, no logits) gets the
+    plain model's CE sum and count, and no accuracy; both equal the training loss summed over the batches."""
+    from sft.training.distributed import LossModule
+
+    tok = byte_tokenizer()
+    model = tiny_model("tiny-llama", len(tok), seed=1)
+    samples, _ = render_batch(convs(["a", "bb", "ccc"]), tok, None)
+    batches = [pad_collate(samples[:2], tok.pad_token_id), pad_collate(samples[2:], tok.pad_token_id)]
+    kw = dict(device=CPU, autocast=contextlib.nullcontext, chunk=7)
+    ce, n, correct = evaluation.measure(model, batches, **kw)
+    ce_root, n_root, correct_root = evaluation.measure(LossModule(model, 5), batches, **kw)
+    with torch.no_grad():
+        ref = sum(float(chunked_cross_entropy_sum(*forward_hidden(model, b), b["targets"])) for b in batches)
+    assert n == n_root == sum(s.n_supervised for s in samples)
+    assert ce == pytest.approx(ref, rel=1e-6) and ce_root == pytest.approx(ref, rel=1e-6)
+    assert correct is not None and correct_root is None
+    assert evaluation.measure(LossModule(model), [], **kw) == (0.0, 0, None)
+
+
 def test_combine_weights_every_token_once():
     m = evaluation.combine({"a": (6.0, 3, 2), "b": (2.0, 1, 1), "empty": (0.0, 0, 0)})
     assert m == {

@@ -1,9 +1,10 @@
 """Evaluation a user can act on: held-out loss per source, token accuracy, stop rate, best checkpoint.
 
-- :func:`measure` -> ``(ce_sum, n, correct)`` over held-out batches of a plain model: the sum of CE over the
-  supervised targets (equal to ``sft.model.loss.chunked_cross_entropy_sum`` summed over the batches), their
-  number ``n``, and how many of them are the model's argmax (token accuracy = ``correct / n``). Logits are
-  made ``chunk`` supervised tokens at a time, as in training.
+- :func:`measure` -> ``(ce_sum, n, correct)`` over held-out batches: the sum of CE over the supervised
+  targets (equal to ``sft.model.loss.chunked_cross_entropy_sum`` summed over the batches), their number ``n``,
+  and how many of them are the model's argmax (token accuracy = ``correct / n``; None under FSDP, whose loss
+  module gives no logits). Logits are made ``chunk`` supervised tokens at a time, as in training; under
+  FSDP each rank measures its share of the batches and the sums are all-reduced.
 - :func:`combine` -> the metrics of one evaluation from per-source sums: ``eval_loss`` (sum CE / sum n over
   every source: each token counts once), ``eval_token_accuracy`` (None when a source had no accuracy, e.g.
   under FSDP), ``eval_tokens_supervised`` and ``eval_loss_by_source`` (source name -> its loss).
@@ -17,7 +18,7 @@
 What the trainer calls: :func:`held_out` (one evaluation's metrics, the eval keys of metrics.jsonl),
 :func:`answer_samples` (greedy answers, ``sft.model.generate.greedy``, the model's blocks run uncompiled:
 :func:`for_generation`),
-:func:`evaluate` (the loss alone, the FSDP path), :func:`eval_line` / :func:`print_samples` (the console).
+:func:`evaluate` (the loss alone, from :func:`measure`), :func:`eval_line` / :func:`print_samples` (the console).
 """
 
 from __future__ import annotations
@@ -47,14 +48,35 @@ log = logging.getLogger("sft")
 
 @torch.no_grad()
 def measure(
-    model, batches, *, device, autocast, chunk: int = 1024, fwd=forward_hidden
-) -> tuple[float, int, int]:
-    """``(sum CE, supervised targets, correct argmax predictions)`` over ``batches`` (Batch dicts)."""
+    model, batches, *, device, autocast, chunk: int = 1024, fwd=forward_hidden, info: DistInfo | None = None
+) -> tuple[float, int, int | None]:
+    """``(sum CE, supervised targets, correct argmax predictions)`` over ``batches`` (Batch dicts).
+
+    ``model``: a plain model, or the FSDP root (:class:`sft.training.distributed.LossModule`), whose forward
+    runs the head and the loss and gives no logits: its CE is ``sft.training.engine.ce_sum`` and ``correct``
+    is None. Distributed (``info`` enabled): rank r takes batches r, r + W, ...; ranks with one batch fewer run
+    a batch with every target ignored (FSDP needs the same number of forwards on every rank); the sums are
+    all-reduced.
+    """
+    sharded = isinstance(model, distributed.LossModule)
+    spread = info is not None and info.enabled
+    if not batches:
+        return 0.0, 0, None if sharded else 0
+    if spread:
+        W = info.world
+        dummy = {**batches[0], "targets": torch.full_like(batches[0]["targets"], IGNORE_INDEX)}
+        mine = batches[info.rank :: W]
+        batches = mine + [dummy] * (math.ceil(len(batches) / W) - len(mine))
     was_training = model.training
     model.eval()
     total, n, correct = 0.0, 0, 0
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
+        if sharded:
+            with autocast():
+                total += float(ce_sum(model, b, chunk))
+            n += int((b["targets"] != IGNORE_INDEX).sum())
+            continue
         with autocast():
             h, head = fwd(model, b)
         head = as_head(head)  # the model's own head (sft.model.models.lm_head): bias, scale, soft-capping
@@ -67,7 +89,11 @@ def measure(
             correct += int((logits.argmax(-1) == ts[a : a + chunk]).sum())
         n += int(keep.numel())
     model.train(was_training)
-    return total, n, correct
+    if spread:
+        total, n = distributed.all_reduce_sum(total, info), distributed.all_reduce_sum(n, info)
+        if not sharded:
+            correct = distributed.all_reduce_sum(correct, info)
+    return total, n, None if sharded else correct
 
 
 def combine(per_source: dict[str, tuple[float, int, int | None]]) -> dict:
@@ -158,31 +184,11 @@ def for_generation(model):
                 model.set_attn_implementation(impl)
 
 
-@torch.no_grad()
 def evaluate(model, batches, device, autocast, chunk: int, info: DistInfo | None = None) -> tuple[float, int]:
-    """Held-out loss: sum of CE over all supervised targets / their number; returns ``(loss, N)``.
-
-    Distributed: rank r takes batches r, r + W, ...; ranks with one batch fewer run a batch with every
-    target ignored (FSDP needs the same number of forwards on every rank); sums are all-reduced.
-    """
+    """Held-out loss alone: ``(sum CE / N, N)`` of :func:`measure` (``(nan, 0)`` without batches)."""
     if not batches:
         return float("nan"), 0
-    if info is not None and info.enabled:
-        W = info.world
-        dummy = {**batches[0], "targets": torch.full_like(batches[0]["targets"], IGNORE_INDEX)}
-        mine = batches[info.rank :: W]
-        batches = mine + [dummy] * (math.ceil(len(batches) / W) - len(mine))
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for b in batches:
-        b = {k: v.to(device) for k, v in b.items()}
-        with autocast():
-            total += float(ce_sum(model, b, chunk))
-        n += int((b["targets"] != IGNORE_INDEX).sum())
-    model.train(was_training)
-    if info is not None and info.enabled:
-        total, n = distributed.all_reduce_sum(total, info), distributed.all_reduce_sum(n, info)
+    total, n, _ = measure(model, batches, device=device, autocast=autocast, chunk=chunk, info=info)
     return total / max(n, 1), n
 
 
@@ -205,15 +211,12 @@ def held_out(root, model, tokenizer, eval_batches, prepared, cfg, device, autoca
     """One evaluation's metrics (the eval keys of metrics.jsonl after step and epoch): loss overall and per
     held-out source, token accuracy, stop rate over ``--eval_prompts`` held-out prompts (sft/training/evaluation.py).
     Under FSDP the loss alone (the sharded loss module gives no logits and no generation): the rest is None."""
-    per = {}
-    for name, batches in eval_batches.items():
-        if info.enabled:
-            loss, n = evaluate(root, batches, device, autocast, cfg.loss_chunk, info)
-            per[name] = (loss * n, n, None)
-        else:
-            per[name] = measure(
-                root, batches, device=device, autocast=autocast, chunk=cfg.loss_chunk, fwd=fwd
-            )
+    per = {
+        name: measure(
+            root, batches, device=device, autocast=autocast, chunk=cfg.loss_chunk, fwd=fwd, info=info
+        )
+        for name, batches in eval_batches.items()
+    }
     m = combine(per)
     rate = None
     if cfg.eval_prompts and not info.enabled and prepared.eval_conversations:
