@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sft.model.family import LLAMA_LIKE, family
+
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
@@ -99,10 +101,6 @@ def sample_next(
 # Llama-family cached decoder over a transformers model
 
 
-# Same block as Llama (pre-RMSNorm, RoPE, gated MLP; Qwen2 adds q/k/v biases, Qwen3 q/k norms).
-_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -121,8 +119,8 @@ class LlamaCached(nn.Module):
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         cfg = hf_model.config
-        if cfg.model_type not in _LLAMA_LIKE:
-            raise ValueError(f"LlamaCached supports {sorted(_LLAMA_LIKE)}, not model_type={cfg.model_type!r}")
+        if not family(hf_model).llama_like:
+            raise ValueError(f"LlamaCached supports {sorted(LLAMA_LIKE)}, not model_type={cfg.model_type!r}")
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
             # A full static cache attends past the window: say so (identical while shorter than it).
             log.warning("sliding_window=%s is ignored: results differ past the window", cfg.sliding_window)
@@ -228,8 +226,7 @@ def cached_decoder(model: nn.Module) -> nn.Module:
     transformers ``MptForCausalLM`` (``sft.model.mpt.from_hf_model``); or :class:`LlamaCached`."""
     if hasattr(model, "forward_cached"):
         return model
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type == "mpt":
+    if family(model).hf_mpt:
         from sft.model.mpt import from_hf_model
 
         return from_hf_model(model)
