@@ -55,6 +55,7 @@ if __package__ in (None, ""):  # run as a file: make `sft` importable
 import torch
 
 from sft.argcheck import OneLineParser, float_in, int_in, int_list
+from sft.model.family import shape
 from sft.model.generate import Generator, cached_decoder, hf_generate_baseline
 
 log = logging.getLogger("latency")
@@ -163,13 +164,8 @@ def peak_bytes(device: torch.device) -> int:
 
 def shape_facts(model) -> dict:
     """Weight bytes and K/V bytes per cached token (one sequence) from a transformers model."""
-    c = model.config
-    if c.model_type == "mpt":
-        n_layers, n_kv, head_dim = c.n_layers, c.n_heads, c.d_model // c.n_heads
-    else:
-        n_layers = c.num_hidden_layers
-        n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    s = shape(model)  # MPT's config keys or the others', read in sft.model.family
+    n_layers, n_kv, head_dim = s.layers, s.kv_heads, s.head_dim
     seen, weight_bytes = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:

@@ -25,8 +25,8 @@ Contracts:
   steps after the first (the first holds compilation / warm-up), peak memory as the max.
 - ``FIXED_PROMPTS``: project-written conversations answered before and after fine-tuning.
 - ``answer_prompts(model_dir, prompts, ...)``: greedy answers, one dict per prompt, from any model the
-  trainer makes (a transformers model through ``generate``; our fast MPT, which has none, through
-  ``sft.model.generate.generate``, as the trainer's own samples are).
+  trainer makes, rendered and decoded as the trainer's own samples are (``sft.data.render.render_prompt``'s
+  template and BOS rule, ``stop_token_ids``, ``sft.model.generate.greedy``).
 """
 
 from __future__ import annotations
@@ -415,6 +415,13 @@ def load_model_and_tokenizer(model: str | Path | dict[str, Any]):
     return lm.to(device).eval(), tok
 
 
+# What a tokenizer without a chat template is asked with: plain ``role: content`` lines, then ``assistant:``.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def answer_prompts(
     model_dir: str | Path | None,
     prompts: Sequence[dict[str, Any]] = FIXED_PROMPTS,
@@ -427,62 +434,42 @@ def answer_prompts(
     """Greedy answers of one model to ``prompts`` (items like ``FIXED_PROMPTS``).
 
     The model is ``model_dir`` (see ``load_model_and_tokenizer``) or, when given, ``model`` and
-    ``tokenizer`` as they are. Each conversation is rendered with the tokenizer's chat template
-    and a generation prompt (the template ``final/`` was trained with); a tokenizer without one
-    gets plain ``role: content`` lines. ``chat_template`` overrides the tokenizer's: pass the
-    fine-tuned tokenizer's template when asking the base model, so before and after see the same
-    text. Decoding is
-    greedy, one prompt at a time (no padding to get wrong), stopping at EOS or ``max_new_tokens``.
+    ``tokenizer`` as they are. Each conversation is rendered as training renders a prompt
+    (``sft.data.render.prompt_text`` / ``prompt_ids``): the tokenizer's chat template (the template
+    ``final/`` was trained with) and a generation prompt, BOS prepended where the tokenizer adds one and the
+    template does not write it; a tokenizer without a template gets plain ``role: content`` lines
+    (``PLAIN_TEMPLATE``). ``chat_template`` overrides the tokenizer's: pass the fine-tuned tokenizer's
+    template when asking the base model, so before and after see the same text. Decoding is greedy, one
+    prompt at a time (no padding to get wrong), through ``sft.model.generate.greedy`` as the trainer's own
+    samples are, stopping at EOS or the template's end-of-turn token (``sft.data.render.stop_token_ids``;
+    EOS alone for a template whose turn end cannot be located) or after ``max_new_tokens``.
 
     Returns one dict per prompt: ``name``, ``prompt`` (the last user message), ``prompt_text``
-    (what the model saw), ``answer`` (decoded new tokens, special tokens dropped, stripped) and
-    ``new_tokens`` (how many were generated, the stopping EOS included).
-
-    A model without ``generate`` (our fast MPT, ``sft/model/mpt.py``) decodes through ``sft.model.generate.generate``
-    (static KV cache, greedy, the same stop at EOS), as the trainer's ``samples.jsonl`` answers do.
+    (the rendered text the model saw, less any BOS prepended), ``answer`` (decoded new tokens, special
+    tokens dropped, stripped) and ``new_tokens`` (how many were generated, the stop token included).
     """
-    import torch
+    from sft.data.render import TemplateError, prompt_ids, prompt_text, stop_token_ids
+    from sft.model.generate import greedy
 
     if model is None or tokenizer is None:
         model, tokenizer = load_model_and_tokenizer(model_dir)
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    template = chat_template or (None if getattr(tokenizer, "chat_template", None) else PLAIN_TEMPLATE)
+    try:
+        stops = stop_token_ids(tokenizer, template)
+    except TemplateError:  # a template that cannot be masked (not prefix-stable): no end-of-turn token known
+        stops = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     out = []
     for item in prompts:
         messages = item["messages"]
-        template = chat_template or getattr(tokenizer, "chat_template", None)
-        if template:
-            text = tokenizer.apply_chat_template(
-                messages, chat_template=template, tokenize=False, add_generation_prompt=True
-            )
-        else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        # The template writes any BOS itself; add_special_tokens would add a second one.
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        if hasattr(model, "generate"):
-            with torch.no_grad():
-                gen = model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=eos,
-                    pad_token_id=pad,
-                )
-            new = gen[0, ids.shape[1] :]
-        else:  # our fast MPT: no transformers generate
-            from sft.model.generate import generate
-
-            stops = [] if eos is None else [eos]
-            new = torch.tensor(generate(model, [ids[0].tolist()], max_new_tokens, stop_ids=stops).tokens[0])
+        text = prompt_text(messages, tokenizer, template)
+        new = greedy(model, prompt_ids(text, tokenizer), max_new_tokens, stops, tokenizer=tokenizer)
         out.append(
             {
                 "name": item.get("name", ""),
                 "prompt": messages[-1]["content"],
                 "prompt_text": text,
                 "answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
-                "new_tokens": int(new.shape[0]),
+                "new_tokens": len(new),
             }
         )
     return out

@@ -9,6 +9,7 @@ import torch
 from sft.data.packing import pad_collate
 from sft.data.render import render_batch, stop_token_ids
 from sft.data.schema import IGNORE_INDEX
+from sft.model import generate
 from sft.model.loss import chunked_cross_entropy_sum, count_supervised
 from sft.model.models import byte_tokenizer, forward_hidden, tiny_model
 from sft.training import evaluation
@@ -49,7 +50,7 @@ def trained(mask_end_of_turn: bool, steps: int = 40):
 
 def answers(model, tok, words, max_new=8):
     def greedy(ids, m, stops):
-        return evaluation._greedy(model, ids, m, stops, CPU, contextlib.nullcontext, tok)
+        return generate.greedy(model, ids, m, stops, CPU, contextlib.nullcontext, tok)
 
     return evaluation.answer(model, tok, convs(words), template=None, max_new_tokens=max_new, greedy=greedy)
 
@@ -82,6 +83,26 @@ def test_measure_equals_the_trainers_held_out_loss_and_counts_correct_tokens():
             sup = b["targets"] != IGNORE_INDEX
             ref += int((logits.argmax(-1)[sup] == b["targets"][sup]).sum())
     assert correct == ref
+
+
+def test_measure_of_the_fsdp_loss_module_is_the_plain_models_loss_without_accuracy():
+    """One measure for both roots: the FSDP root (LossModule: its forward gives the CE sum, no logits) gets the
+    plain model's CE sum and count, and no accuracy; both equal the training loss summed over the batches."""
+    from sft.training.distributed import LossModule
+
+    tok = byte_tokenizer()
+    model = tiny_model("tiny-llama", len(tok), seed=1)
+    samples, _ = render_batch(convs(["a", "bb", "ccc"]), tok, None)
+    batches = [pad_collate(samples[:2], tok.pad_token_id), pad_collate(samples[2:], tok.pad_token_id)]
+    kw = dict(device=CPU, autocast=contextlib.nullcontext, chunk=7)
+    ce, n, correct = evaluation.measure(model, batches, **kw)
+    ce_root, n_root, correct_root = evaluation.measure(LossModule(model, 5), batches, **kw)
+    with torch.no_grad():
+        ref = sum(float(chunked_cross_entropy_sum(*forward_hidden(model, b), b["targets"])) for b in batches)
+    assert n == n_root == sum(s.n_supervised for s in samples)
+    assert ce == pytest.approx(ref, rel=1e-6) and ce_root == pytest.approx(ref, rel=1e-6)
+    assert correct is not None and correct_root is None
+    assert evaluation.measure(LossModule(model), [], **kw) == (0.0, 0, None)
 
 
 def test_combine_weights_every_token_once():

@@ -332,9 +332,9 @@ def _trainer_sample(model, device):
     """What the trainer does for a before/after sample of our MPT."""
     import contextlib
 
-    from sft.training import evaluation
+    from sft.model.generate import greedy
 
-    return evaluation._greedy(model, _prompt(20, 3), 12, [], device, contextlib.nullcontext, None)
+    return greedy(model, _prompt(20, 3), 12, [], device, contextlib.nullcontext, None)
 
 
 def test_trainer_sampling_leaves_no_cache_on_our_mpt():

@@ -180,3 +180,21 @@ def test_cpu_fwd_bwd_benchmark_row_and_run(capsys):
     assert r["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3]]
     assert bench["main"](["--model=tiny-llama", "--seq_len=64", "--docs=2", "--iters=1"]) == 0
     assert "tiny-llama: 64 tokens in 2 documents" in capsys.readouterr().out
+
+
+def test_family_answers_from_the_model_or_its_config_alone():
+    """sft.model.family: one place says which family a model is, from the model or, at load time, its config."""
+    from transformers import LlamaConfig, MptConfig
+
+    from sft.model.family import family, family_of_config
+
+    hf_mpt = tiny_model("tiny-mpt", 300, seed=0)
+    llama = tiny_model("tiny-llama", 300, seed=0)
+    ours, _ = load_model_and_tokenizer(_cfg(model="tiny-mpt", mpt_impl="fast"))
+    assert [family(m).hf_mpt for m in (hf_mpt, llama, ours)] == [True, False, False]
+    assert [family(m).model_type for m in (hf_mpt, llama, ours)] == ["mpt", "llama", "mpt"]
+    assert [family(m).llama_like for m in (hf_mpt, llama, ours)] == [False, True, False]
+    assert family_of_config(MptConfig()) == family(hf_mpt)
+    by_config = family_of_config(LlamaConfig())
+    assert by_config.llama_like and by_config.compiles and by_config.backends == ("sdpa", "eager")
+    assert family_of_config(object()).model_type == "" and not family_of_config(object()).hf_mpt

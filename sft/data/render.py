@@ -635,8 +635,19 @@ def render_prompt(conversation: Conversation, tokenizer, template: str | None = 
     Same template, same BOS rule and same tokenization as training, so the ids equal the training
     ids of that conversation up to where the reply starts.
     """
-    tmpl = resolve_template(tokenizer, template)
-    text = _apply(tokenizer, [conversation], tmpl, gen=True)[0]
+    return prompt_ids(prompt_text(conversation, tokenizer, template), tokenizer)
+
+
+def prompt_text(conversation: Conversation, tokenizer, template: str | None = None) -> str:
+    """The text :func:`render_prompt` tokenizes: the template's rendering of ``conversation`` with the
+    generation prompt (no BOS added: :func:`prompt_ids` adds it as training does)."""
+    return _apply(tokenizer, [conversation], resolve_template(tokenizer, template), gen=True)[0]
+
+
+def prompt_ids(text: str, tokenizer) -> list[int]:
+    """``text`` (from :func:`prompt_text`) tokenized as training tokenizes a sample: the tokenizer adds no
+    special token, then BOS is prepended where the tokenizer adds one by default and the text does not
+    already start with it (a template that writes BOS itself gets no second one)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = bos_to_add(tokenizer)
     if bos is not None and (not ids or ids[0] != bos):

@@ -4,7 +4,11 @@ about a model, so no other module asks "is this our MPT?" or reads shape keys fr
 - :func:`family` -> :class:`Family`: ``name`` (for messages), ``ours`` (sft/model/mpt.py: ``forward_hidden``,
   ``attn_impl``, ``checkpoint_blocks``; LoRA keeps the attribute), ``backends`` (attention backends it can
   train with: our MPT flex/sdpa; transformers' MPT eager only; the others flex when transformers has a flex
-  path, and sdpa/eager), ``compiles`` (``--compile=auto`` compiles its blocks one by one on CUDA).
+  path, and sdpa/eager), ``compiles`` (``--compile=auto`` compiles its blocks one by one on CUDA),
+  ``model_type`` (transformers' name of the architecture, ``"mpt"`` for ours too; ``""`` when none),
+  ``llama_like`` (Llama's block: ``sft.model.generate.LlamaCached`` decodes it) and ``hf_mpt`` (transformers'
+  ``MptForCausalLM``, not ours: eager attention, a True-means-blocked mask, converted for decoding).
+- :func:`family_of_config`: the same answers from a transformers config, before a model exists (load time).
 - :func:`shape` -> :class:`Shape`: layers, width, heads, KV heads, head dim, FFN width, gated FFN, vocabulary,
   from the config of a transformers model or our MPT.
 - :func:`transformer_blocks`: the repeated blocks (the units FSDP2 shards, FP8 converts and checkpointing
@@ -19,6 +23,9 @@ from torch import nn
 
 # transformers model types whose decoder layers compile one by one with FlexAttention inside
 COMPILE_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+# transformers model types with Llama's block (pre-RMSNorm, RoPE, gated MLP; Qwen2 adds q/k/v biases, Qwen3
+# q/k norms): what sft.model.generate.LlamaCached recomputes with a static KV cache
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 BLOCK_PATHS = ("model.layers", "transformer.blocks", "blocks")
 
 
@@ -28,6 +35,14 @@ class Family:
     ours: bool
     backends: tuple[str, ...]
     compiles: bool
+    model_type: str = ""
+    llama_like: bool = False
+
+    @property
+    def hf_mpt(self) -> bool:
+        """transformers' ``MptForCausalLM`` (not ours): eager attention only, its mask True where blocked, no
+        cached decoder of its own (``sft.model.mpt.from_hf_model`` makes ours)."""
+        return self.model_type == "mpt" and not self.ours
 
 
 @dataclass(frozen=True)
@@ -53,12 +68,24 @@ def is_ours(model) -> bool:
 
 def family(model) -> Family:
     if is_ours(model):
-        return Family("mpt (ours)", True, ("flex", "sdpa"), True)
-    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        return Family("mpt (ours)", True, ("flex", "sdpa"), True, "mpt")
+    config = getattr(model, "config", None)
+    return _transformers_family(config, type(model).__name__, getattr(model, "_supports_flex_attn", False))
+
+
+def family_of_config(config) -> Family:
+    """The :class:`Family` of the transformers model ``config`` builds, known before that model exists (load
+    time). Whether transformers has a flex path is the model class's to say: ``backends`` leaves flex out."""
+    return _transformers_family(config, type(config).__name__, flex=False)
+
+
+def _transformers_family(config, fallback: str, flex: bool) -> Family:
+    model_type = getattr(config, "model_type", None) or ""
+    kind = model_type or fallback
     if kind == "mpt":
-        return Family("transformers' mpt", False, ("eager",), False)
-    flex = ("flex",) if getattr(model, "_supports_flex_attn", False) else ()
-    return Family(kind, False, (*flex, "sdpa", "eager"), kind in COMPILE_FAMILY)
+        return Family("transformers' mpt", False, ("eager",), False, "mpt")
+    backends = (*(("flex",) if flex else ()), "sdpa", "eager")
+    return Family(kind, False, backends, kind in COMPILE_FAMILY, model_type, kind in LLAMA_LIKE)
 
 
 def shape(model) -> Shape:

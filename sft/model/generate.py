@@ -30,6 +30,7 @@ what it would get alone (greedy). Stopping is per sequence (EOS or the template'
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -39,6 +40,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sft.model.family import LLAMA_LIKE, family
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +101,6 @@ def sample_next(
 # Llama-family cached decoder over a transformers model
 
 
-# Same block as Llama (pre-RMSNorm, RoPE, gated MLP; Qwen2 adds q/k/v biases, Qwen3 q/k norms).
-_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -120,8 +119,8 @@ class LlamaCached(nn.Module):
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         cfg = hf_model.config
-        if cfg.model_type not in _LLAMA_LIKE:
-            raise ValueError(f"LlamaCached supports {sorted(_LLAMA_LIKE)}, not model_type={cfg.model_type!r}")
+        if not family(hf_model).llama_like:
+            raise ValueError(f"LlamaCached supports {sorted(LLAMA_LIKE)}, not model_type={cfg.model_type!r}")
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
             # A full static cache attends past the window: say so (identical while shorter than it).
             log.warning("sliding_window=%s is ignored: results differ past the window", cfg.sliding_window)
@@ -227,8 +226,7 @@ def cached_decoder(model: nn.Module) -> nn.Module:
     transformers ``MptForCausalLM`` (``sft.model.mpt.from_hf_model``); or :class:`LlamaCached`."""
     if hasattr(model, "forward_cached"):
         return model
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type == "mpt":
+    if family(model).hf_mpt:
         from sft.model.mpt import from_hf_model
 
         return from_hf_model(model)
@@ -497,6 +495,45 @@ def generate(
         )
     finally:
         release_cache(dec)
+
+
+@torch.no_grad()
+def greedy(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    device: torch.device | str | None = None,
+    autocast=None,
+    tokenizer=None,
+) -> list[int]:
+    """The greedy answer to one prompt: its new ids, ending with a stop id when it stopped within
+    ``max_new_tokens`` (what the trainer's samples and stop rate and the notebooks' fixed prompts decode with).
+
+    A transformers model (it has ``generate`` and a ``generation_config``) decodes through its ``generate``:
+    ``prompt_ids`` put on ``device`` (default: the weights' device), under ``autocast`` (a no-argument context
+    factory, e.g. the trainer's bf16 autocast; None: none), with the pad id of ``tokenizer``, else the first stop
+    id, else 0. Any other model (our MPT, LoRA-wrapped or not: no ``generate`` of its own) decodes through
+    :func:`generate`, on its weights' device and without autocast: eagerly (a Generator sized for this one
+    prompt would recompile its step for every prompt length; no CUDA graphs stay alive), its KV cache freed.
+    """
+    ids = [int(t) for t in prompt_ids]
+    stops = [int(t) for t in stop_ids]
+    if hasattr(model, "generate") and hasattr(model, "generation_config"):
+        device = device if device is not None else next(model.parameters()).device
+        pad = getattr(tokenizer, "pad_token_id", None)
+        x = torch.tensor([ids], device=device)
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            y = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stops or None,
+                pad_token_id=pad if pad is not None else (stops or [0])[0],
+            )
+        return y[0, len(ids) :].tolist()
+    return list(generate(model, [ids], max_new_tokens, stop_ids=stops, compile=False).tokens[0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sft.model.family import is_ours
+from sft.model.family import family, is_ours
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +68,12 @@ LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 
-def model_type(model: nn.Module) -> str:
-    """``"mpt"`` for our MPT, else ``model.config.model_type`` (``""`` when there is none)."""
-    if is_ours(model):
-        return "mpt"
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", "") or ""
-
-
 def default_targets(model: nn.Module) -> list[str]:
     """Module-name suffixes LoRA adapts by default for this model (see ``LORA_DEFAULT_TARGETS``).
 
     Raises ValueError for an architecture not in the table: pass ``targets`` explicitly then.
     """
-    kind = model_type(model)
+    kind = family(model).model_type  # "mpt" for our MPT too
     if kind not in LORA_DEFAULT_TARGETS:
         raise ValueError(
             f"no default LoRA target modules for model type {kind!r}; pass targets "

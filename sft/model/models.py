@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from sft.model.family import is_ours
+from sft.model.family import family, family_of_config, is_ours
 from sft.model.loss import LMHead
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def random_model(preset: str, dtype, seed: int, max_len: int = 2048):
         raise ModelError(f"unknown random preset 'random:{preset}' (have: {', '.join(RANDOM_PRESETS)})")
     cls_name, fields = RANDOM_PRESETS[preset]
     config = getattr(transformers, cls_name)(**fields)
-    if cls_name == "MptConfig":
+    if family_of_config(config).hf_mpt:  # ALiBi: no position table, max_seq_len bounds it
         config.max_seq_len = max(config.max_seq_len, max_len)
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -522,7 +522,7 @@ def load_model_and_tokenizer(cfg):
     vocab = model.get_input_embeddings().weight.size(0)
     if cfg.model.startswith("random:") and len(tok) > vocab:
         raise ModelError(f"model '{cfg.model}' has {vocab} token embeddings; the tokenizer has {len(tok)}")
-    if getattr(model.config, "model_type", None) == "mpt" and cfg.mpt_impl == "fast":
+    if family(model).hf_mpt and cfg.mpt_impl == "fast":
         model = _to_fast_mpt(model)
     return model, tok
 
@@ -615,11 +615,12 @@ def lm_head(model) -> LMHead:
     Raises ModelError (one line naming the model type and the feature) for a head it cannot express.
     """
     config = model.config
-    kind = getattr(config, "model_type", type(model).__name__)
-    if is_ours(model):  # our MPT: tied embedding, then logit_scale
+    fam = family(model)
+    kind = fam.model_type or type(model).__name__
+    if fam.ours:  # our MPT: tied embedding, then logit_scale
         return LMHead(model.lm_head_weight, scale=config.logit_scale)
     unsupported = [k for k in _UNSUPPORTED_HEAD_KEYS if _set(config, k) is not None]
-    if kind == "mpt" and _set(config, "logit_scale") is not None:
+    if fam.hf_mpt and _set(config, "logit_scale") is not None:
         unsupported.append("logit_scale (transformers' MPT ignores it; --mpt_impl=fast applies it)")
     if hasattr(model, "logit_softcap"):
         unsupported.append("a logit_softcap module")
@@ -631,7 +632,7 @@ def lm_head(model) -> LMHead:
             f"model type '{kind}': the loss cannot apply its output head's {', '.join(unsupported)}"
         )
     scale = None
-    if kind != "mpt" and _set(config, "logit_scale") is not None:  # Cohere: logits * logit_scale
+    if not fam.hf_mpt and _set(config, "logit_scale") is not None:  # Cohere: logits * logit_scale
         scale = float(config.logit_scale)
     if _set(config, "logits_scaling") is not None:  # Granite: logits / logits_scaling (MiniCPM3: on h)
         scale = (scale or 1.0) / float(config.logits_scaling)
@@ -662,7 +663,7 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         return model.forward_hidden(ids, docs), lm_head(model)
     base = model.base_model
     impl = getattr(model.config, "_attn_implementation", "eager")
-    if model.config.model_type == "mpt":
+    if family(model).hf_mpt:
         out = base(input_ids=ids, attention_mask=~document_mask(docs), use_cache=False)
         return out.last_hidden_state, lm_head(model)
     pos = batch["position_ids"]

@@ -55,7 +55,7 @@ def resolve_attention(model, cfg: TrainConfig, device: torch.device) -> str:
     """The attention backend of this run (module docstring); ConfigError for one the model cannot use."""
     want = cfg.attention
     kind = family(model).name
-    if not is_ours(model) and model.config.model_type == "mpt":
+    if family(model).hf_mpt:
         if want not in ("auto", "eager"):
             raise ConfigError(
                 f"--attention={want}: transformers' MPT has eager attention only (choices: eager, auto); "

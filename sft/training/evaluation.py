@@ -1,9 +1,10 @@
 """Evaluation a user can act on: held-out loss per source, token accuracy, stop rate, best checkpoint.
 
-- :func:`measure` -> ``(ce_sum, n, correct)`` over held-out batches of a plain model: the sum of CE over the
-  supervised targets (equal to ``sft.model.loss.chunked_cross_entropy_sum`` summed over the batches), their
-  number ``n``, and how many of them are the model's argmax (token accuracy = ``correct / n``). Logits are
-  made ``chunk`` supervised tokens at a time, as in training.
+- :func:`measure` -> ``(ce_sum, n, correct)`` over held-out batches: the sum of CE over the supervised
+  targets (equal to ``sft.model.loss.chunked_cross_entropy_sum`` summed over the batches), their number ``n``,
+  and how many of them are the model's argmax (token accuracy = ``correct / n``; None under FSDP, whose loss
+  module gives no logits). Logits are made ``chunk`` supervised tokens at a time, as in training; under
+  FSDP each rank measures its share of the batches and the sums are all-reduced.
 - :func:`combine` -> the metrics of one evaluation from per-source sums: ``eval_loss`` (sum CE / sum n over
   every source: each token counts once), ``eval_token_accuracy`` (None when a source had no accuracy, e.g.
   under FSDP), ``eval_tokens_supervised`` and ``eval_loss_by_source`` (source name -> its loss).
@@ -15,8 +16,9 @@
   step; :func:`track_best`, :func:`save_best` and :func:`load_best` apply it to a run (``<run>/best/``).
 
 What the trainer calls: :func:`held_out` (one evaluation's metrics, the eval keys of metrics.jsonl),
-:func:`answer_samples` (greedy answers, the model's blocks run uncompiled: :func:`for_generation`),
-:func:`evaluate` (the loss alone, the FSDP path), :func:`eval_line` / :func:`print_samples` (the console).
+:func:`answer_samples` (greedy answers, ``sft.model.generate.greedy``, the model's blocks run uncompiled:
+:func:`for_generation`),
+:func:`evaluate` (the loss alone, from :func:`measure`), :func:`eval_line` / :func:`print_samples` (the console).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 from sft.config import TrainConfig
 from sft.data.schema import IGNORE_INDEX, Conversation
+from sft.model import generate
 from sft.model.family import is_ours
 from sft.model.loss import as_head
 from sft.model.models import forward_hidden
@@ -45,14 +48,35 @@ log = logging.getLogger("sft")
 
 @torch.no_grad()
 def measure(
-    model, batches, *, device, autocast, chunk: int = 1024, fwd=forward_hidden
-) -> tuple[float, int, int]:
-    """``(sum CE, supervised targets, correct argmax predictions)`` over ``batches`` (Batch dicts)."""
+    model, batches, *, device, autocast, chunk: int = 1024, fwd=forward_hidden, info: DistInfo | None = None
+) -> tuple[float, int, int | None]:
+    """``(sum CE, supervised targets, correct argmax predictions)`` over ``batches`` (Batch dicts).
+
+    ``model``: a plain model, or the FSDP root (:class:`sft.training.distributed.LossModule`), whose forward
+    runs the head and the loss and gives no logits: its CE is ``sft.training.engine.ce_sum`` and ``correct``
+    is None. Distributed (``info`` enabled): rank r takes batches r, r + W, ...; ranks with one batch fewer run
+    a batch with every target ignored (FSDP needs the same number of forwards on every rank); the sums are
+    all-reduced.
+    """
+    sharded = isinstance(model, distributed.LossModule)
+    spread = info is not None and info.enabled
+    if not batches:
+        return 0.0, 0, None if sharded else 0
+    if spread:
+        W = info.world
+        dummy = {**batches[0], "targets": torch.full_like(batches[0]["targets"], IGNORE_INDEX)}
+        mine = batches[info.rank :: W]
+        batches = mine + [dummy] * (math.ceil(len(batches) / W) - len(mine))
     was_training = model.training
     model.eval()
     total, n, correct = 0.0, 0, 0
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
+        if sharded:
+            with autocast():
+                total += float(ce_sum(model, b, chunk))
+            n += int((b["targets"] != IGNORE_INDEX).sum())
+            continue
         with autocast():
             h, head = fwd(model, b)
         head = as_head(head)  # the model's own head (sft.model.models.lm_head): bias, scale, soft-capping
@@ -65,7 +89,11 @@ def measure(
             correct += int((logits.argmax(-1) == ts[a : a + chunk]).sum())
         n += int(keep.numel())
     model.train(was_training)
-    return total, n, correct
+    if spread:
+        total, n = distributed.all_reduce_sum(total, info), distributed.all_reduce_sum(n, info)
+        if not sharded:
+            correct = distributed.all_reduce_sum(correct, info)
+    return total, n, None if sharded else correct
 
 
 def combine(per_source: dict[str, tuple[float, int, int | None]]) -> dict:
@@ -156,31 +184,11 @@ def for_generation(model):
                 model.set_attn_implementation(impl)
 
 
-@torch.no_grad()
 def evaluate(model, batches, device, autocast, chunk: int, info: DistInfo | None = None) -> tuple[float, int]:
-    """Held-out loss: sum of CE over all supervised targets / their number; returns ``(loss, N)``.
-
-    Distributed: rank r takes batches r, r + W, ...; ranks with one batch fewer run a batch with every
-    target ignored (FSDP needs the same number of forwards on every rank); sums are all-reduced.
-    """
+    """Held-out loss alone: ``(sum CE / N, N)`` of :func:`measure` (``(nan, 0)`` without batches)."""
     if not batches:
         return float("nan"), 0
-    if info is not None and info.enabled:
-        W = info.world
-        dummy = {**batches[0], "targets": torch.full_like(batches[0]["targets"], IGNORE_INDEX)}
-        mine = batches[info.rank :: W]
-        batches = mine + [dummy] * (math.ceil(len(batches) / W) - len(mine))
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for b in batches:
-        b = {k: v.to(device) for k, v in b.items()}
-        with autocast():
-            total += float(ce_sum(model, b, chunk))
-        n += int((b["targets"] != IGNORE_INDEX).sum())
-    model.train(was_training)
-    if info is not None and info.enabled:
-        total, n = distributed.all_reduce_sum(total, info), distributed.all_reduce_sum(n, info)
+    total, n, _ = measure(model, batches, device=device, autocast=autocast, chunk=chunk, info=info)
     return total / max(n, 1), n
 
 
@@ -188,14 +196,14 @@ def answer_samples(model, tokenizer, conversations, cfg: TrainConfig, device, au
     """Greedy answers to the first ``n`` (default ``num_samples``) held-out conversations' last user turn
     (reference = the data's answer; ``stopped``: ended with the end-of-turn token; sft/training/evaluation.py)."""
 
-    def greedy(ids, max_new, stops):
+    def answer_greedily(ids, max_new, stops):
         with for_generation(model):
-            return _greedy(model, ids, max_new, stops, device, autocast, tokenizer)
+            return generate.greedy(model, ids, max_new, stops, device, autocast, tokenizer)
 
     n = cfg.num_samples if n is None else n
     return answer(
         model, tokenizer, conversations[:n], template=cfg.template, max_new_tokens=cfg.samples_max_new_tokens,
-        greedy=greedy,
+        greedy=answer_greedily,
     )  # fmt: skip
 
 
@@ -203,15 +211,12 @@ def held_out(root, model, tokenizer, eval_batches, prepared, cfg, device, autoca
     """One evaluation's metrics (the eval keys of metrics.jsonl after step and epoch): loss overall and per
     held-out source, token accuracy, stop rate over ``--eval_prompts`` held-out prompts (sft/training/evaluation.py).
     Under FSDP the loss alone (the sharded loss module gives no logits and no generation): the rest is None."""
-    per = {}
-    for name, batches in eval_batches.items():
-        if info.enabled:
-            loss, n = evaluate(root, batches, device, autocast, cfg.loss_chunk, info)
-            per[name] = (loss * n, n, None)
-        else:
-            per[name] = measure(
-                root, batches, device=device, autocast=autocast, chunk=cfg.loss_chunk, fwd=fwd
-            )
+    per = {
+        name: measure(
+            root, batches, device=device, autocast=autocast, chunk=cfg.loss_chunk, fwd=fwd, info=info
+        )
+        for name, batches in eval_batches.items()
+    }
     m = combine(per)
     rate = None
     if cfg.eval_prompts and not info.enabled and prepared.eval_conversations:
@@ -267,27 +272,6 @@ def load_best(run_dir: Path, model) -> dict:
         for k, v in weights.items():
             params[k].copy_(v)
     return runs._read_json(run_dir / "best" / "best.json")
-
-
-def _greedy(model, ids, max_new, stops, device, autocast, tokenizer) -> list[int]:
-    if hasattr(model, "generate") and hasattr(model, "generation_config"):
-        x = torch.tensor([ids], device=device)
-        with autocast():
-            y = model.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=max_new,
-                do_sample=False,
-                eos_token_id=stops or None,
-                pad_token_id=tokenizer.pad_token_id
-                if tokenizer.pad_token_id is not None
-                else (stops or [0])[0],
-            )
-        return y[0, len(ids) :].tolist()
-    from sft.model.generate import generate  # our fast MPT
-
-    # eager (no compiled step, no CUDA graphs kept alive by the training model); generate() frees its caches
-    return list(generate(model, [ids], max_new, stop_ids=stops, compile=False).tokens[0])
 
 
 def track_best(state: dict, ev: dict, cfg: TrainConfig, run_dir: Path, model, info: DistInfo) -> None:
