@@ -302,6 +302,7 @@ def test_resolved_engine_settings_in_config_json(tmp_path):
         "fp8": "none",
         "fp8_linears": 0,
         "optimizer_in_backward": False,
+        "optimizer_offload": False,
         "plan_why": "",
         "asked": {"optimizer": "adamw", "micro_batch": 2, "grad_accum": 2},
     }

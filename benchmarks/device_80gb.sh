@@ -1,0 +1,50 @@
+#!/bin/bash
+# The measurements issue 25 still needs, one device call per part (each ends inside the 600 s limit):
+#
+#   bash benchmarks/device_80gb.sh h100a   # H100: --fp8 vs TRL bf16 (same call), MPT-7B defaults, optimizer step, new GPU tests
+#   bash benchmarks/device_80gb.sh h100b   # H100: Qwen3-14B defaults (8-bit state on the host), Llama-3-8B defaults again, pytest -m gpu
+#   bash benchmarks/device_80gb.sh h200    # H200 (needs_h200: the 14B plan needs more than 80 GB): Llama, MPT, Qwen3-14B rows
+#
+# Needs, in the checkout (both git-ignored, named in the call's carry): .devdata/ with guanaco-1k.jsonl and
+# gpt-neox-20b-tokenizer.json copied from ../shared/data, and .whl/ with the wheels of torchao 0.18.0, trl 1.16.0,
+# liger-kernel 0.8.5, datasets 5.2.0, dill 0.4.1, multiprocess 0.70.19 (the device README's pip download line).
+# Everything it writes goes under $OUT (the run folders as runs.tgz, without weights or checkpoints).
+set -o pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+part=${1:?usage: device_80gb.sh h100a|h100b|h200}
+OUT=${OUT:?set OUT}
+log() { tee -a "$OUT/log"; }
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git log --oneline -1; date -u +%FT%T; } | log
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+bench() {  # configs, per-config timeout, overall timeout
+    timeout -s KILL "$3" python3 benchmarks/train_throughput.py --data-dir .devdata --out-dir "$OUT/bench" \
+        --configs "$1" --steps 6 --timeout "$2" 2>&1 | tail -30 | log
+}
+trl() {  # the config to compare with
+    timeout -s KILL 140 python3 benchmarks/peers.py --data=.devdata/guanaco-1k.jsonl \
+        --tokenizer=.devdata/gpt-neox-20b-tokenizer.json --steps=6 --warmup_steps=0 --out="$OUT/peers_trl.json" \
+        --compare="$OUT/bench/train_throughput.json" --compare_config="$1" > "$OUT/peers.log" 2>&1
+    tail -5 "$OUT/peers.log" | log
+}
+case $part in
+h100a)
+    bench llama_fp8,mpt 118 250
+    trl llama_fp8
+    timeout -s KILL 80 python3 benchmarks/optim_step.py --modes torch_fused_adamw,adamw_8bit,adamw_sr,adamw_kahan \
+        --json "$OUT/optim_step.json" 2>&1 | tail -12 | log
+    timeout -s KILL 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_offload.py tests/test_recompute.py \
+        tests/test_optim.py 2>&1 | tail -8 | log
+    ;;
+h100b)
+    bench qwen14b,llama 170 300
+    timeout -s KILL 260 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -15 | log
+    ;;
+h200)
+    bench llama,mpt,qwen14b 160 560
+    ;;
+*) echo "unknown part $part" >&2; exit 2 ;;
+esac
+date -u +%FT%T | log
+cd "$OUT" && tar czf runs.tgz --exclude='*.safetensors' --exclude='*.pt' --exclude='checkpoint*' bench 2>/dev/null
+rm -rf "$OUT/bench"
