@@ -324,7 +324,7 @@ def compare(results: list[dict], reference: str, tolerance: float) -> list[str]:
         if not r["within"]:
             fails.append(
                 f"{r['mode']}: held-out loss {r['held_out_loss']:.4f} differs from {reference}'s "
-                f"{ref['held_out_loss']:.4f} by {100 * r['rel_diff']:+.2f}% (tolerance {100 * tolerance:g}%)"
+                f"{ref['held_out_loss']:.4f} by {100 * r['rel_diff']:+.3f}% (tolerance {100 * tolerance:g}%)"
             )
         if not r["same_data"]:
             fails.append(f"{r['mode']}: other data or step count than {reference} (not comparable)")
@@ -543,9 +543,11 @@ def main(argv=None) -> int:
         "ok": not fails,
     }
     (out_dir / "precision.json").write_text(json.dumps(out, indent=1) + "\n")
-    if any(not r.get("error") for r in results):
+    done = [r for r in results if not r.get("error")]
+    if done:
+        steps = f"{done[0]['steps']} steps" + ("" if "max_steps" in " ".join(args.extra) else " (1 epoch)")
         plot(results, out_dir / "precision.png", smooth=args.smooth, tolerance=args.tolerance,
-             title=f"{model}, {data}, 1 epoch, seed {args.seed} ({device})")  # fmt: skip
+             title=f"{model}, {data}, {steps}, seed {args.seed} ({device})")  # fmt: skip
     print()
     print_table(results, args.last)
     print(f"\n{out_dir / 'precision.json'}, {out_dir / 'precision.png'}")

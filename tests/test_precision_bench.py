@@ -84,7 +84,7 @@ def test_compare_fails_a_mode_outside_the_tolerance():
         0.02
     )
     assert (
-        len(fails) == 1 and fails[0].startswith("adamw_bf16: held-out loss 1.5300") and "+2.00%" in fails[0]
+        len(fails) == 1 and fails[0].startswith("adamw_bf16: held-out loss 1.5300") and "+2.000%" in fails[0]
     )
     assert bench.compare([{"mode": "adamw", "error": "exit 1: boom"}], "adamw", 0.01) == [
         "adamw: run failed (exit 1: boom)",
