@@ -1,6 +1,7 @@
-"""Selective recomputation (sft/model/recompute.py): a mix of full / selective / no recompute changes no number
-of a tiny Llama or our MPT, the policy keeps fewer bytes than saving everything and more than recomputing
-whole (the measured numbers pinned here, and their formula ``kept_elements``), and bad counts are refused."""
+"""Selective recomputation (sft/model/recompute.py): a mix of full / selective / no recompute changes no
+number of a tiny Llama or our MPT, the policy keeps fewer bytes than saving everything and more than
+recomputing whole (the measured numbers pinned here, and their formula ``kept_elements``), and bad counts are
+refused."""
 
 import shutil
 
@@ -98,7 +99,8 @@ def test_set_recompute_refuses_bad_counts():
 
 
 def test_checkpoint_blocks_is_full_recompute():
-    """``engine.set_checkpoint_blocks(model, n)`` is ``set_recompute(model, n, 0)``; a later call resets it."""
+    """``engine.set_checkpoint_blocks(model, n)`` is ``set_recompute(model, n, 0)``; a later call resets
+    the modes."""
     from sft.training import engine
 
     model = _mpt()
@@ -251,7 +253,7 @@ def test_compiled_block_keeps_what_the_formula_says(family):
                 assert float((g - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
 
 
-# --------------------------------------------------------------------------- CUDA (compiled blocks, FlexAttention)
+# ---------------------------------------------------------------------- CUDA (compiled blocks, FlexAttention)
 def _cuda_model(family: str, dtype, **sizes):
     """A seeded model on CUDA with FlexAttention: tiny-llama's shape (or ``sizes``) / our MPT (3 blocks)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -277,8 +279,8 @@ def _cuda_model(family: str, dtype, **sizes):
 @pytest.mark.parametrize("family", ["llama", "mpt"])
 def test_compiled_selective_blocks_give_the_same_grads_on_cuda(family):
     """Every block compiled (``block.compile(dynamic=False)``, as ``engine.compile_blocks``), block 0 full,
-    block 1 selective (MPT: block 2 none): loss and gradients as the uncompiled model without recompute, to fp32
-    kernel noise (compiled kernels sum in another order)."""
+    block 1 selective (MPT: block 2 none): loss and gradients as the uncompiled model without recompute, to
+    fp32 kernel noise (compiled kernels sum in another order)."""
     from sft.model.family import transformer_blocks
 
     batch = {k: v.cuda() for k, v in _batch().items()}

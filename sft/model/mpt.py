@@ -417,7 +417,8 @@ class MPTForCausalLM(nn.Module):
     ``attn_impl``: see the module docstring. ``gradient_checkpointing``: recompute each block in backward
     (non-reentrant ``torch.utils.checkpoint``) when training; ``checkpoint_blocks = N``: only the first N
     blocks (the memory plan of sft/training/memory.py chooses N); ``selective_blocks = M``: the next M blocks
-    recompute only their cheap ops (sft/model/recompute.py; ``set_recompute`` sets both). ``cached_prefill_impl``: attention of an
+    recompute only their cheap ops (sft/model/recompute.py; ``set_recompute`` sets both).
+    ``cached_prefill_impl``: attention of an
     eager multi-token ``forward_cached`` (the prefill): ``"auto"`` (compiled flex on CUDA when
     ``head_dim >= 16``, else ``"math"``), ``"flex"``, ``"flex_eager"`` (uncompiled; CPU tests of the flex
     prefill), ``"math"`` (float32 bias materialised over the filled keys).

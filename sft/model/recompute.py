@@ -1,29 +1,53 @@
-"""Recomputation in backward, block by block: a block saves everything, recomputes whole (``full``), or
-recomputes only its cheap ops (``selective``: matmul and attention outputs saved, norms, activations, RoPE,
-casts and elementwise ops recomputed), so that activations fit without paying a block's whole forward again.
+"""Recomputation in backward, block by block, to fit activations: a block saves everything (``none``),
+recomputes whole (``full``), or recomputes only its cheap ops (``selective``: the outputs of matmuls and of
+the attention kernel are kept; norms, activations, the gated product, RoPE, casts, elementwise ops are not).
 
 Contracts:
 - ``MODES = ("none", "full", "selective")``.
-- ``policy(ctx, func, *args, **kwargs) -> CheckpointPolicy``: ``MUST_SAVE`` for :data:`SAVE_OPS` (matmuls,
-  ``_scaled_mm``, the SDPA kernels of every backend, FlexAttention's higher-order op, full ``max``
-  reductions: an FP8 scale), ``PREFER_RECOMPUTE`` for every other op.
-- ``checkpoint_fn(mode) -> callable``: ``mode`` ``"full"`` or ``"selective"``; ``fn(function, *args,
-  **kwargs)`` runs ``function`` under non-reentrant ``torch.utils.checkpoint.checkpoint`` (``selective``: with
-  :func:`policy` as ``context_fn``). It is what a transformers block's ``_gradient_checkpointing_func`` takes.
-  In transformers >= 5 ``GradientCheckpointingLayer`` checkpoints inside ``forward``, and our MPT checkpoints a
+- ``policy(ctx, func, *args, **kwargs) -> CheckpointPolicy``: ``MUST_SAVE`` for :data:`SAVE_OPS` (``mm``,
+  ``addmm``, ``bmm``, ``baddbmm``, ``_scaled_mm``; the SDPA kernels of every backend, CPU included;
+  FlexAttention's higher-order op, which torch redirects to the SAC modes, eager and compiled; full ``max``
+  reductions, an FP8 scale), ``PREFER_RECOMPUTE`` for every other op.
+- ``checkpoint_fn(mode) -> callable``: ``mode`` ``"full"`` or ``"selective"`` (ValueError otherwise);
+  ``fn(function, *args, **kwargs)`` is non-reentrant ``torch.utils.checkpoint.checkpoint`` (``selective``:
+  with :func:`policy` as its ``context_fn``): what a transformers block's ``_gradient_checkpointing_func``
+  takes.
+  transformers 5's ``GradientCheckpointingLayer`` checkpoints inside ``forward`` and our MPT checkpoints a
   selective block inside ``MPTBlock.forward``, so a compiled block (``block.compile()``) traces the checkpoint
-  and its policy: the partitioner keeps exactly the saved ops' outputs that backward reads.
-- ``set_recompute(model, full, selective)``: the first ``full`` blocks recompute whole, the next
-  ``selective`` selectively, the rest save everything (transformers ``GradientCheckpointingLayer`` blocks and
-  our MPT, LoRA-wrapped or not); ConfigError (one line) for counts below 0 or above the blocks, or blocks
-  that cannot be checkpointed one by one. ``set_recompute(model, n, 0)`` is ``--checkpoint_blocks=n``.
-- ``recompute_modes(model) -> list[str]``: each block's mode, as set.
-- ``kept_bytes(fn, *args, **kwargs) -> (out, bytes)``: runs ``fn`` and measures what it keeps for backward
-  (module notes); ``kept_elements(shape, mode)``: the model of it in elements of ``d`` per token and block.
+  with its policy and the partitioner keeps only the saved ops' outputs that backward reads. (A selective
+  checkpoint *around* a compiled region would see none of its ops: the region would recompute whole.)
+- ``set_recompute(model, full, selective=0)``: blocks ``0..full-1`` recompute whole, the next ``selective``
+  selectively, the rest save everything; transformers ``GradientCheckpointingLayer`` blocks and our MPT,
+  LoRA-injected or not. ConfigError (one line) for a count that is not a whole number >= 0, ``full +
+  selective`` above the blocks, or blocks that cannot be checkpointed one by one. ``set_recompute(model, n,
+  0)`` is ``--checkpoint_blocks=n`` (``sft.training.engine.set_checkpoint_blocks``).
+- ``recompute_modes(model) -> list[str]``: each block's mode as set.
+- ``kept_bytes(fn, *args, **kwargs) -> (out, bytes)``: what the call keeps alive for backward, measured;
+  ``saved_bytes``: what autograd saved, by ``saved_tensors_hooks`` (blind inside a checkpoint).
+- ``kept_elements(shape, mode, compiled=True) -> float``: elements of ``d`` per token one block keeps
+  (:data:`KEPT`).
 
-What each mode keeps (measured by :func:`kept_bytes`, bf16, eager and compiled on the CPU with SDPA;
-tests/test_recompute.py pins the numbers), in elements of ``d`` per token and block, ``q = qkv_width / d``,
-``f = ffn_width / d``; see :data:`KEPT` for the constants and their derivation.
+What a block keeps, in elements of ``d`` per token (bf16), ``q = qkv_width / d``, ``f = ffn_width / d``, plus
+the attention's fp32 log-sum-exp (``2 * heads / d``) in none and selective; measured with :func:`kept_bytes`
+on the CPU (SDPA; tests/test_recompute.py pins the numbers, eager and compiled):
+
+=============  ==============  ==============  ===============================================================
+mode           Llama, gated    MPT, GELU       what
+=============  ==============  ==============  ===============================================================
+none compiled  ``5 + q + 3f``  ``5 + q + 2f``  memory.py's ``ACT_BASE`` (5.1, H200-calibrated) is this 5
+selective c.   ``3 + q + 2f``  ``3 + q + f``   input, q/k/v, attention out, out-proj out, FFN up (and gate)
+full           ``1``           ``1``           the input
+none eager     ``9 + q + 4f``  ``5 + q + 2f``  transformers' RMSNorm keeps fp32 copies of its input
+selective e.   ``4 + q + 2f``  ``4 + q + f``   + the FFN's down-projection output (SAC caches it, unread)
+=============  ==============  ==============  ===============================================================
+
+Selective keeps ``2 + f`` fewer than none (compiled): both norms' outputs and the activation (SiLU(gate) x up,
+or GELU(up)) are recomputed. For the memory plan: ``activation_elements_per_layer(model) - 2 - ffn/d``.
+Attention backends: SDPA on the CPU (``_scaled_dot_product_flash_attention_for_cpu``) and FlexAttention on the
+GPU both keep the output and its log-sum-exp, so the formulas should hold for both (the GPU tests of
+tests/test_recompute.py assert it for FlexAttention); with our MPT's ``sdpa`` path an un-recomputed block
+also keeps the bf16 copy of the materialised ALiBi bias (``heads * T / d``: 8 elements of d at T=128 in the
+tests; selective and full recompute the cast).
 """
 
 from __future__ import annotations
@@ -167,18 +191,19 @@ def saved_bytes(fn, *args, **kwargs) -> tuple[object, int]:
 
 
 # Elements of d per token one block keeps for backward, bf16, measured with kept_bytes and saved_bytes on the
-# CPU (tests/test_recompute.py pins them): (compiled, mode) -> (base, f coefficient) for the Llama family (gated
-# SiLU FFN, RMSNorm) and for MPT (GELU FFN, LayerNorm); plus q = qkv_width / d (not in full), f = ffn / d.
+# CPU (tests/test_recompute.py pins them): (compiled, mode) -> (base, f coefficient) for the Llama family
+# (gated SiLU FFN, RMSNorm) and MPT (GELU FFN, LayerNorm); plus q = qkv_width / d (not in full), f = ffn / d
+# (a coefficient of 1 for q everywhere).
 KEPT = {
-    # compiled blocks, the GPU path (the partitioner keeps what backward reads): none keeps the block input, both
-    # norms' outputs, q/k/v, the attention output, the FFN's projections and activation (memory.py's ACT_BASE,
-    # 5.1, calibrated on the H200, is this 5); selective recomputes the norms (2) and the activation (f, and
-    # SiLU x up): 2 + f fewer; full keeps the block input
+    # compiled blocks, the GPU path (the partitioner keeps what backward reads): none keeps the block input,
+    # both norms' outputs, q/k/v, the attention output, the FFN's projections and activation (memory.py's
+    # ACT_BASE, 5.1, calibrated on the H200, is this 5); selective recomputes the norms (2) and the activation
+    # (f, and SiLU x up): 2 + f fewer; full keeps the block input
     (True, "none"): {"llama": (5, 3), "mpt": (5, 2)},
     (True, "selective"): {"llama": (3, 2), "mpt": (3, 1)},
     (True, "full"): {"llama": (1, 0), "mpt": (1, 0)},
-    # eager: transformers' RMSNorm keeps fp32 copies of its input (9 + q + 4f); selective keeps the outputs of
-    # the output projection and of the FFN's last matmul too (SAC caches every saved op's output): 1 more
+    # eager: transformers' RMSNorm keeps fp32 copies of its input (9 + q + 4f); selective also keeps the output
+    # of the FFN's last matmul, which backward never reads (SAC caches every saved op's output): 1 more
     (False, "none"): {"llama": (9, 4), "mpt": (5, 2)},
     (False, "selective"): {"llama": (4, 2), "mpt": (4, 1)},
     (False, "full"): {"llama": (1, 0), "mpt": (1, 0)},
