@@ -6,8 +6,10 @@ Contracts:
 - ``MODES = ("none", "full", "selective")``.
 - ``policy(ctx, func, *args, **kwargs) -> CheckpointPolicy``: ``MUST_SAVE`` for :data:`SAVE_OPS` (``mm``,
   ``addmm``, ``bmm``, ``baddbmm``, ``_scaled_mm``; the SDPA kernels of every backend, CPU included;
-  FlexAttention's higher-order op, which torch redirects to the SAC modes, eager and compiled; full ``max``
-  reductions, an FP8 scale), ``PREFER_RECOMPUTE`` for every other op.
+  FlexAttention's higher-order op, which torch redirects to the SAC modes, eager and compiled; a compiled
+  region inside an eager checkpoint, where torch wraps it in a higher-order op (inductor's
+  ``wrap_inductor_compiled_regions``); full ``max`` reductions, an FP8 scale), ``PREFER_RECOMPUTE`` for
+  every other op.
 - ``checkpoint_fn(mode) -> callable``: ``mode`` ``"full"`` or ``"selective"`` (ValueError otherwise);
   ``fn(function, *args, **kwargs)`` is non-reentrant ``torch.utils.checkpoint.checkpoint`` (``selective``:
   with :func:`policy` as its ``context_fn``): what a transformers block's ``_gradient_checkpointing_func``
@@ -74,8 +76,14 @@ _SAVED = (
     # a full reduction (a scalar): the amax of an FP8 scale, saved so the recompute casts alike
     "max",
 )  # fmt: skip
-# ... and FlexAttention's higher-order op (output and log-sum-exp), seen in a compiled block's trace
-SAVE_OPS = frozenset(_aten(*_SAVED) | {torch._higher_order_ops.flex_attention})
+# ... and two higher-order ops: FlexAttention's (output and log-sum-exp; torch redirects it to the SAC modes,
+# so the policy sees it in a compiled block's trace); a compiled region called inside an eager selective
+# checkpoint (a compiled FlexAttention), visible only when compiled with ``wrap_inductor_compiled_regions``
+_HOPS = ("flex_attention", "inductor_compiled_code")
+SAVE_OPS = frozenset(
+    _aten(*_SAVED)
+    | {getattr(torch._higher_order_ops, n) for n in _HOPS if hasattr(torch._higher_order_ops, n)}
+)
 
 
 def policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
@@ -202,8 +210,8 @@ KEPT = {
     (True, "none"): {"llama": (5, 3), "mpt": (5, 2)},
     (True, "selective"): {"llama": (3, 2), "mpt": (3, 1)},
     (True, "full"): {"llama": (1, 0), "mpt": (1, 0)},
-    # eager: transformers' RMSNorm keeps fp32 copies of its input (9 + q + 4f); selective also keeps the output
-    # of the FFN's last matmul, which backward never reads (SAC caches every saved op's output): 1 more
+    # eager: transformers' RMSNorm keeps fp32 copies of its input (9 + q + 4f); selective also keeps the
+    # output of the FFN's last matmul, which backward never reads (SAC caches every saved op's output): 1 more
     (False, "none"): {"llama": (9, 4), "mpt": (5, 2)},
     (False, "selective"): {"llama": (4, 2), "mpt": (4, 1)},
     (False, "full"): {"llama": (1, 0), "mpt": (1, 0)},
