@@ -58,16 +58,25 @@ def _loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _hf_mpt(dtype=torch.float32):
+    """tiny-mpt: transformers' MptForCausalLM (eager attention, its blocks GradientCheckpointingLayers)."""
+    return tiny_model("tiny-mpt", V, seed=0).to(dtype).train()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "family, splits",
-    [("llama", [(1, 1), (0, 2), (0, 1)]), ("mpt", [(1, 1), (0, 3), (1, 2), (0, 1)])],
+    [
+        ("llama", [(1, 1), (0, 2), (0, 1)]),
+        ("mpt", [(1, 1), (0, 3), (1, 2), (0, 1)]),
+        ("hf-mpt", [(1, 1), (0, 2)]),
+    ],
 )
 def test_recompute_gives_the_same_loss_and_grads(family, splits, dtype):
     """Every mix of full / selective / none blocks gives bit-identical loss and gradients on the CPU: the
     selective blocks' saved ops hand back their cached outputs, and the recomputed ops run the same kernels
     on the same inputs (eager, one thread order), so not even bf16 rounding differs."""
-    make = _llama if family == "llama" else _mpt
+    make = {"llama": _llama, "mpt": _mpt, "hf-mpt": _hf_mpt}[family]
     batch = _batch()
     model = make(dtype)
     ref_loss, ref = _loss_and_grads(model, batch)
@@ -96,6 +105,26 @@ def test_set_recompute_refuses_bad_counts():
         assert recompute_modes(model) == ["none"] * n  # nothing was changed by a refusal
     with pytest.raises(ValueError, match="recompute mode 'none': expected one of full, selective"):
         checkpoint_fn("none")
+
+
+def test_set_recompute_refuses_blocks_that_cannot_be_checkpointed():
+    """Blocks that are not transformers ``GradientCheckpointingLayer``s: any recompute is refused."""
+
+    class Inner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Inner()
+
+    model = Plain()
+    for full, sel in ((1, 0), (0, 1)):
+        with pytest.raises(ConfigError, match="its blocks cannot be checkpointed one by one"):
+            set_recompute(model, full, sel)
+    set_recompute(model, 0, 0)
 
 
 def test_checkpoint_blocks_is_full_recompute():
