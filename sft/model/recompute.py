@@ -63,7 +63,7 @@ MODES = ("none", "full", "selective")
 
 
 def _aten(*names: str) -> set:
-    """The ``.default`` overloads of the aten ops this torch has (2.11 and 2.13 have all of these today)."""
+    """The ``.default`` overloads of the named aten ops (one this torch lacks is skipped)."""
     return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
 
 
@@ -172,9 +172,10 @@ def _storage_bytes(tree) -> int:
 
 
 def kept_bytes(fn, *args, **kwargs) -> tuple[object, int]:
-    """``(fn(*args, **kwargs), bytes it keeps alive for backward)``: the net allocations of the call (the
-    profiler's memory events: everything autograd saved, a selective checkpoint's cache, a checkpoint's
-    references to its inputs do not allocate) less its output. On the CPU, for measurements and tests."""
+    """``(fn(*args, **kwargs), bytes it keeps alive for backward)``: the net allocations of the call (the CPU
+    profiler's memory events: what autograd saved, a selective checkpoint's cache, a checkpoint's RNG state)
+    less its output. Tensors made before the call (weights, an input) are not counted even where kept: make
+    the block's input inside ``fn`` to count it. For measurements and tests."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -185,7 +186,8 @@ def kept_bytes(fn, *args, **kwargs) -> tuple[object, int]:
 
 def saved_bytes(fn, *args, **kwargs) -> tuple[object, int]:
     """``(fn(*args, **kwargs), bytes of the unique storages autograd saved for backward)``, counted by
-    ``saved_tensors_hooks``. Blind inside a checkpoint (its own hooks are innermost): for plain blocks."""
+    ``saved_tensors_hooks``. Blind inside a checkpoint (its own hooks are innermost; only the inputs it saves
+    show): for plain blocks."""
     storages = {}
 
     def pack(t):
