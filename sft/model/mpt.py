@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from sft.model.recompute import checkpoint_fn
+
 log = logging.getLogger(__name__)
 
 ATTN_IMPLS = ("auto", "flex", "flex_eager", "sdpa")
@@ -374,7 +376,14 @@ class MPTBlock(nn.Module):
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
 
-    def forward(self, x: Tensor, attn: dict) -> Tensor:
+    def forward(self, x: Tensor, attn: dict, selective: bool = False) -> Tensor:
+        """``selective``: recompute the cheap ops in backward (sft/model/recompute.py). The checkpoint is
+        inside ``forward``, so a compiled block traces it with its policy."""
+        if selective:
+            return checkpoint_fn("selective")(self._forward, x, attn)
+        return self._forward(x, attn)
+
+    def _forward(self, x: Tensor, attn: dict) -> Tensor:
         x = x + self.attn(self.norm_1(x), attn)
         return x + self.ffn(self.norm_2(x))
 
@@ -407,7 +416,9 @@ class MPTForCausalLM(nn.Module):
 
     ``attn_impl``: see the module docstring. ``gradient_checkpointing``: recompute each block in backward
     (non-reentrant ``torch.utils.checkpoint``) when training; ``checkpoint_blocks = N``: only the first N
-    blocks (selective; the memory plan of sft/training/memory.py chooses N). ``cached_prefill_impl``: attention of an
+    blocks (the memory plan of sft/training/memory.py chooses N); ``selective_blocks = M``: the next M blocks
+    recompute only their cheap ops (sft/model/recompute.py; ``set_recompute`` sets both).
+    ``cached_prefill_impl``: attention of an
     eager multi-token ``forward_cached`` (the prefill): ``"auto"`` (compiled flex on CUDA when
     ``head_dim >= 16``, else ``"math"``), ``"flex"``, ``"flex_eager"`` (uncompiled; CPU tests of the flex
     prefill), ``"math"`` (float32 bias materialised over the filled keys).
@@ -421,6 +432,7 @@ class MPTForCausalLM(nn.Module):
         self.attn_impl = attn_impl
         self.gradient_checkpointing = False
         self.checkpoint_blocks = 0
+        self.selective_blocks = 0
         self.transformer = _Transformer(config)
         self._cache_len = 0
         self._warned_small_head = False
@@ -484,10 +496,14 @@ class MPTForCausalLM(nn.Module):
                 "block_mask": document_block_mask(document_ids, B, T, input_ids.device),
             }
         x = tr.wte(input_ids)
-        n_ck = len(tr.blocks) if self.gradient_checkpointing else self.checkpoint_blocks
+        n_full = len(tr.blocks) if self.gradient_checkpointing else self.checkpoint_blocks
+        n_sel = 0 if self.gradient_checkpointing else self.selective_blocks
+        recompute = self.training and torch.is_grad_enabled()
         for i, block in enumerate(tr.blocks):
-            if i < n_ck and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, attn, use_reentrant=False)
+            if recompute and i < n_full:  # the checkpoint wraps the (compiled) block
+                x = checkpoint_fn("full")(block, x, attn)
+            elif recompute and i < n_full + n_sel:
+                x = block(x, attn, selective=True)
             else:
                 x = block(x, attn)
         return tr.norm_f(x)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import time
@@ -37,7 +36,7 @@ import time
 import torch
 
 from sft.config import ConfigError, TrainConfig
-from sft.model import fp8
+from sft.model import fp8, recompute
 from sft.model.family import family, is_ours, transformer_blocks
 from sft.model.loss import chunked_cross_entropy_sum, count_supervised, step_loss
 from sft.model.models import forward_hidden
@@ -118,19 +117,7 @@ def set_attention(model, backend: str) -> None:
 
 def set_checkpoint_blocks(model, n: int) -> None:
     """Recompute the first ``n`` blocks in backward (non-reentrant checkpoint), the others not."""
-    if is_ours(model):
-        model.gradient_checkpointing = False
-        model.checkpoint_blocks = n
-        return
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    blocks = transformer_blocks(model)
-    if n and not all(isinstance(b, GradientCheckpointingLayer) for b in blocks):
-        raise ConfigError(f"{family(model).name}: its blocks cannot be checkpointed one by one")
-    ckpt = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    for i, block in enumerate(blocks):
-        block.gradient_checkpointing = i < n
-        block._gradient_checkpointing_func = ckpt
+    recompute.set_recompute(model, n, 0)
 
 
 def compile_blocks(model) -> None:
