@@ -178,6 +178,13 @@ class TrainConfig:
         "the first N blocks recompute their activations in backward; 'auto' = the fewest that fit "
         "--memory_limit_gib on a GPU (0 on CPU); see sft/training/memory.py",
     )
+    recompute: str = _f(
+        "auto",
+        "how a recomputed block recomputes: 'full' (the whole block: keeps only its input), 'selective' (keeps "
+        "the matmul and attention outputs, recomputes norms, activations and RoPE: cheaper, more memory; the "
+        "plan turns blocks selective first, then full), 'auto' (= full until selective is checked on a GPU)",
+        choices=("auto", "full", "selective"),
+    )
     optimizer_in_backward: str = _f(
         "auto",
         "step each parameter as soon as its gradient is ready (frees the gradients; needs --grad_accum=1, "

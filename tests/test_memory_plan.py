@@ -195,3 +195,34 @@ def test_estimate_within_3_percent_of_every_committed_peak(cfg, measured):
     )["total"] / GIB  # fmt: skip
     assert abs(est - measured) <= max(0.03 * measured, 0.25), (est, measured)
     assert est >= measured * (1 - FREE_MEMORY_HEADROOM)
+
+
+# ----------------------------------------------------------------------------- selective recomputation
+
+
+def test_a_selective_block_keeps_2_plus_ffn_over_d_fewer_elements_per_token(llama):
+    """--recompute=selective: a selectively recomputed block keeps both norms' outputs and the FFN activation
+    fewer (2 + 14,336 / 4,096 = 5.5 elements of d per token for the Llama-3-8B shape, sft/model/recompute.py);
+    32 such blocks at 4 rows of 2,048 save 31 x 5.5 x 8,192 x 4,096 x 2 B = 10.7 GiB at the peak (while backward
+    recomputes the last block, its whole set is back beside the 31 selective sets)."""
+    from sft.training.memory import Workload, estimate_memory, selective_saved
+
+    assert selective_saved(llama) == 2 + 14_336 / 4_096
+    work = Workload.of(dataclasses.replace(_recipe("train_llama_guanaco.py"), optimizer="adamw_kahan"))
+    none = estimate_memory(llama, work, False)["activations"]
+    sel = estimate_memory(llama, work, False, selective_blocks=32)["activations"]
+    assert none - sel == pytest.approx(31 * 5.5 * 8_192 * 4_096 * 2, rel=1e-6)
+
+
+def test_recompute_selective_turns_blocks_selective_before_full(llama):
+    """Llama-3-8B, 4 x 4 rows kept (--plan_split=off), adamw_sr, 80 GB profile: the full-recompute plan needs
+    22 blocks recomputed whole; with --recompute=selective 14 blocks recompute selectively and only 18 whole,
+    which the speed model ranks faster; auto is full (selective is not yet checked on a GPU)."""
+    base = dataclasses.replace(_recipe("train_llama_guanaco.py"), plan_split="off", optimizer="adamw_sr")
+    full = _plan(llama, base, 76)
+    sel = _plan(llama, dataclasses.replace(base, recompute="selective"), 76)
+    assert (full.checkpoint_blocks, full.selective_blocks) == (22, 0)
+    assert (sel.checkpoint_blocks, sel.selective_blocks) == (18, 14)
+    assert sel.estimate["total"] <= 76 * 2**30
+    t = [relative_time(p.checkpoint_blocks, 32, 8_192, n_sel=p.selective_blocks) for p in (full, sel)]
+    assert t[1] < t[0]

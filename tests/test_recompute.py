@@ -384,3 +384,31 @@ def test_compiled_selective_keeps_what_the_formula_says_on_cuda(family):
         want = kept_elements(shape(model), mode)
         assert got[mode] == pytest.approx(want, abs=1.0), (mode, got, want)
     assert got["full"] < got["selective"] < 0.8 * got["none"], got
+
+
+def test_the_trainer_recomputes_selectively_with_the_same_losses(tmp_path, monkeypatch):
+    """--recompute=selective --checkpoint_blocks=2 through the trainer (CPU, tiny Llama): config.json records
+    2 selective blocks and none recomputed whole, and the per-step losses equal the run that recomputes
+    nothing, bit for bit."""
+    import json
+
+    from sft.config import parse_args
+    from sft.training import runs
+    from sft.training.trainer import train
+
+    monkeypatch.setenv("SFT_CACHE", str(tmp_path / "cache"))
+    base = [
+        "--model=tiny-llama", "--data=bundled", "--limit=12", "--max_len=256", "--overlong=drop",
+        "--eval_size=2", "--max_steps=4", "--micro_batch=1", "--grad_accum=2", "--lr=1e-3", "--warmup_steps=1",
+        "--num_samples=0", "--no-save_final", "--no-progress", "--device=cpu", "--precision=fp32",
+        f"--out_dir={tmp_path}",
+    ]  # fmt: skip
+    plain = train(parse_args([*base, "--run_name=plain", "--checkpoint_blocks=0"]))
+    sel = train(parse_args([*base, "--run_name=sel", "--checkpoint_blocks=2", "--recompute=selective"]))
+    resolved = json.loads((sel / "config.json").read_text())["config"]["resolved"]
+    assert (resolved["checkpoint_blocks"], resolved["selective_blocks"]) == (0, 2)
+
+    def losses(run_dir):
+        return [(r["step"], r["loss"]) for r in runs.read_metrics(run_dir) if "loss" in r]
+
+    assert len(losses(sel)) == 4 and losses(sel) == losses(plain)

@@ -12,7 +12,8 @@ Contracts:
   and step in backward). What follows takes this record, never the config.
 - ``setup_model(model, resolved, device) -> dict``: converts the block linears to FP8 (``--fp8``, sft/model/fp8.py;
   refused beforehand by ``sft.model.fp8.check_fp8``), sets the attention backend, checkpoints the first
-  ``resolved.checkpoint_blocks`` blocks (non-reentrant; the checkpoint wraps the compiled block) and compiles each
+  ``resolved.checkpoint_blocks`` blocks whole and the next ``resolved.selective_blocks`` selectively
+  (sft/model/recompute.py: non-reentrant, the checkpoint inside each block's forward) and compiles each
   block on its own (``torch.compile(dynamic=False)``: every micro-batch has the row shape, so one graph
   serves every block and every step). Call after LoRA and before FSDP sharding. Returns what it resolved.
 - ``Engine(root, params, optimizer, resolved, device, info).step(micro, lr) -> StepResult``: one
@@ -142,11 +143,15 @@ class Resolved:
     grad_clip: float = 0.0
     checkpoint_blocks: int = 0
     in_backward: bool = False
+    selective_blocks: int = 0
 
     def planned(self, plan) -> Resolved:
         """This record with the memory plan's choices (a :class:`sft.training.memory.MemoryPlan`)."""
         return dataclasses.replace(
-            self, checkpoint_blocks=plan.checkpoint_blocks, in_backward=plan.in_backward
+            self,
+            checkpoint_blocks=plan.checkpoint_blocks,
+            in_backward=plan.in_backward,
+            selective_blocks=plan.selective_blocks,
         )
 
 
@@ -165,10 +170,11 @@ def resolve(model, cfg: TrainConfig, device: torch.device) -> Resolved:
 
 def setup_model(model, resolved: Resolved, device: torch.device) -> dict:
     """FP8 block linears, attention backend, checkpointed blocks and per-block compile (module docstring),
-    as ``resolved`` says. Returns ``{"attention", "compile", "checkpoint_blocks", "fp8", "fp8_linears"}``."""
+    as ``resolved`` says. Returns ``{"attention", "compile", "checkpoint_blocks", "selective_blocks", "fp8",
+    "fp8_linears"}``."""
     n_fp8 = fp8.convert_blocks(model, resolved.fp8)  # before the compile: the compiled block fuses the casts
     set_attention(model, resolved.attention)
-    set_checkpoint_blocks(model, resolved.checkpoint_blocks)
+    recompute.set_recompute(model, resolved.checkpoint_blocks, resolved.selective_blocks)
     if n_fp8 and not resolved.compile:
         log.warning(
             "--fp8=%s without --compile: the FP8 casts run unfused, likely slower than bf16", resolved.fp8
@@ -179,6 +185,7 @@ def setup_model(model, resolved: Resolved, device: torch.device) -> dict:
         "attention": resolved.attention,
         "compile": resolved.compile,
         "checkpoint_blocks": resolved.checkpoint_blocks,
+        "selective_blocks": resolved.selective_blocks,
         "fp8": resolved.fp8,
         "fp8_linears": n_fp8,
     }

@@ -23,7 +23,10 @@ the recipe at 4 rows x 4 micro-batches): a block that is not checkpointed keeps
 ``ACT_BASE + qkv_width/d + (3 if gated else 2) * ffn_width/d`` elements of ``d`` per token for backward
 (16.1 for MPT: block input, norms, q/k/v, attention output and its log-sum-exp, FFN input, up projection
 and GELU output); a checkpointed block keeps its input (1), plus one block's full set while it is recomputed
-(by then backward has freed the sets of the un-checkpointed blocks after it).
+(by then backward has freed the sets of the un-checkpointed blocks after it). With ``--recompute=selective`` a
+selectively recomputed block keeps ``2 + ffn/d`` fewer (both norms' outputs and the FFN activation are
+recomputed; sft/model/recompute.py, measured on the CPU), and the plan turns blocks selective before it turns
+them full.
 The peak is ``weights + optimizer state + dynamic`` where ``dynamic`` is, at the start of backward,
 the activations; during backward the activations are freed as the gradients appear, so
 ``max(activations, grads)`` with one micro-batch per step, ``grads + activations`` with accumulation (the
@@ -57,6 +60,9 @@ AUTO_OPTIMIZERS = ("adamw_kahan", "adamw_sr", "adamw_8bit")
 # checkpointed block runs its forward twice (~1/3 of its forward + backward); a micro-batch under 8,192 tokens
 # loses ~1.5% per halving (smaller matmuls; measured 2026-12-02, H200: MPT-7B at 2 rows of 2,048 vs 4)
 RECOMPUTE_COST = 1 / 3
+# a selectively recomputed block reruns only its elementwise ops (norms, the FFN activation, RoPE): a guess
+# of their share of the block's time, not measured on a GPU yet (sft/model/recompute.py)
+SELECTIVE_COST = 0.05
 SMALL_MICRO_BATCH_COST = 0.015
 # elements of d per token kept by an un-checkpointed block beyond its projections (see the module docstring)
 ACT_BASE = 5.1
@@ -92,6 +98,7 @@ class MemoryPlan:
     grad_accum: int = 1
     why: str = ""
     offload: bool = False  # the optimizer state in host memory (sft/training/offload.py)
+    selective_blocks: int = 0  # the next N blocks after the checkpointed ones recompute selectively
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +131,31 @@ def activation_elements_per_layer(model, fp8: bool = False) -> float:
     if fp8:  # inputs of q/k/v (one, shared), the output projection, up (and gate, shared) and down
         kept -= FP8_SAVED_FRACTION * (3 + s.ffn / s.width)
     return kept
+
+
+def _kept_elements(model, fp8: bool, L: int, full: int, selective: int) -> float:
+    """Elements of ``d`` per token alive at the activations' peak with the first ``full`` blocks recomputed
+    whole and the next ``selective`` selectively: the largest of the end of forward, the recomputation of the
+    last selective block (its own set back beside the kept ones) and that of the last full block (by then
+    backward has freed the sets of the blocks after it)."""
+    none = activation_elements_per_layer(model, fp8)
+    sel = max(none - selective_saved(model), 1.0)
+    full = min(max(full, 0), L)
+    selective = min(max(selective, 0), L - full)
+    kept = full + selective * sel
+    peaks = [kept + (L - full - selective) * none]
+    if selective:
+        peaks.append(kept + none - sel)
+    if full:
+        peaks.append(full + none)
+    return max(peaks)
+
+
+def selective_saved(model) -> float:
+    """Elements of ``d`` per token a selective block keeps fewer than an un-recomputed one: both norms' outputs
+    and the FFN activation, ``2 + ffn/d`` (sft/model/recompute.py, measured on the CPU; not yet on a GPU)."""
+    s = shape(model)
+    return 2 + s.ffn / s.width
 
 
 def _lora_params(model, cfg: Workload) -> tuple[int, int]:
@@ -165,6 +197,7 @@ def estimate_memory(
     in_backward: bool = False,
     attention: str = "flex",
     offload: bool = False,
+    selective_blocks: int = 0,
 ) -> dict[str, int]:
     """Predicted peak bytes of one training process by part (module docstring) for the step ``cfg``
     (:class:`Workload`). ``model``: the loaded model in its training dtype, before LoRA. Under FSDP2 (``world`` > 1) weights, grads and optimizer
@@ -191,10 +224,7 @@ def estimate_memory(
     s = shape(model)
     L, d = s.layers, s.width
     elem = 2 if (autocast or base_elem == 2) else 4
-    n_ck = min(max(checkpoint_blocks, 0), L)
-    per_layer = activation_elements_per_layer(model, fp8=cfg.fp8 != "none")
-    # backward frees the un-checkpointed blocks' sets before it reaches a checkpointed one and recomputes it
-    kept = n_ck * 1.0 + per_layer * max(L - n_ck, 1 if n_ck else 0)
+    kept = _kept_elements(model, cfg.fp8 != "none", L, checkpoint_blocks, selective_blocks)
     tokens = cfg.micro_batch * cfg.max_len
     vocab = getattr(model.config, "vocab_size", 0)
     activations = int(tokens * d * kept * elem) + 2 * min(cfg.loss_chunk, tokens) * vocab * 4
@@ -283,9 +313,9 @@ def _splits(cfg: TrainConfig, device: torch.device) -> list[tuple[int, int]]:
     return [(mb, rows // mb) for mb in range(cfg.micro_batch, 0, -1) if rows % mb == 0]
 
 
-def _candidates(cfg: TrainConfig, L: int, world: int, device: torch.device) -> list[tuple[int, bool, bool]]:
-    """(checkpoint_blocks, in_backward, offload) settings to try for one optimizer and split, fastest first
-    within each (in_backward, offload) kind."""
+def _candidates(cfg: TrainConfig, L: int, world: int, device: torch.device) -> list[tuple]:
+    """``(full, selective, in_backward, offload)`` settings to try for one optimizer and split: per
+    (in_backward, offload) kind, from the least recomputation to the most (each step frees memory)."""
     if cfg.optimizer_in_backward == "true":
         why = in_backward_refusal(cfg, world)
         if why:
@@ -296,13 +326,23 @@ def _candidates(cfg: TrainConfig, L: int, world: int, device: torch.device) -> l
     else:
         ib = [False]
     off = _offload_choices(cfg, world, device)
+    return [(f, s, b, o) for o in off for b in ib if not (b and o) for f, s in _recompute_steps(cfg, L)]
+
+
+def _recompute_steps(cfg: TrainConfig, L: int) -> list[tuple[int, int]]:
+    """``(full, selective)`` block counts the plan may use, least recomputation first: with ``--recompute``
+    selective, blocks turn selective one by one, then selective blocks turn full; else blocks turn full."""
     if cfg.grad_checkpointing:
-        blocks = [L]
+        counts = [L]
     elif cfg.checkpoint_blocks != "auto":
-        blocks = [min(int(cfg.checkpoint_blocks), L)]
+        counts = [min(int(cfg.checkpoint_blocks), L)]
     else:  # the fewest that fit (a CPU run that fits without any, the usual case, gets none)
-        blocks = list(range(L + 1))
-    return [(n, b, o) for o in off for b in ib if not (b and o) for n in blocks]
+        counts = list(range(L + 1))
+    if cfg.recompute != "selective":
+        return [(n, 0) for n in counts]
+    if len(counts) == 1:  # a fixed number of recomputed blocks: all selective
+        return [(0, counts[0])]
+    return [(0, n) for n in range(L + 1)] + [(n, L - n) for n in range(1, L + 1)]
 
 
 def _offload_choices(cfg: TrainConfig, world: int, device: torch.device) -> list[bool]:
@@ -319,12 +359,14 @@ def _offload_choices(cfg: TrainConfig, world: int, device: torch.device) -> list
 
 
 def relative_time(
-    n_ck: int, layers: int, micro_tokens: int, offload_s: float = 0.0, step_s: float = 1.0
+    n_ck: int, layers: int, micro_tokens: int, offload_s: float = 0.0, step_s: float = 1.0, n_sel: int = 0
 ) -> float:
-    """The speed model's time per token of a plan relative to one with nothing recomputed (module constants);
-    ``offload_s`` seconds of host-link traffic per optimizer step of ``step_s`` seconds of compute add theirs."""
+    """The speed model's time per token of a plan relative to one with nothing recomputed (module constants):
+    ``n_ck`` blocks recomputed whole, ``n_sel`` selectively; ``offload_s`` seconds of host-link traffic per
+    optimizer step of ``step_s`` seconds of compute add theirs."""
     small = max(0.0, math.log2(8192 / max(micro_tokens, 1)))
-    compute = (1 + RECOMPUTE_COST * n_ck / max(layers, 1)) * (1 + SMALL_MICRO_BATCH_COST * small)
+    recompute = RECOMPUTE_COST * n_ck + SELECTIVE_COST * n_sel
+    compute = (1 + recompute / max(layers, 1)) * (1 + SMALL_MICRO_BATCH_COST * small)
     return compute * (1 + offload_s / max(step_s, 1e-9))
 
 
@@ -359,10 +401,10 @@ def _best_for(model, cfg, device, autocast, world, attention, limit, L):
     for mb, ga in _splits(cfg, device):
         c = dataclasses.replace(cfg, micro_batch=mb, grad_accum=ga)
         work, tried = Workload.of(c), set()
-        for n_ck, ib, off in _candidates(c, L, world, device):
+        for n_ck, n_sel, ib, off in _candidates(c, L, world, device):
             if (ib, off) in tried:
-                continue  # more blocks checkpointed for this kind only costs more
-            est = estimate_memory(model, work, autocast, world, n_ck, ib, attention, off)
+                continue  # more blocks recomputed for this kind only costs more
+            est = estimate_memory(model, work, autocast, world, n_ck, ib, attention, off, n_sel)
             # the CPU as the GPU: over the available memory, the kernel's OOM killer ends the run (or, on a
             # shared machine, another process), so it is refused here, before the run folder exists
             if limit is not None and est["total"] > limit:
@@ -372,9 +414,13 @@ def _best_for(model, cfg, device, autocast, world, attention, limit, L):
                 continue
             tried.add((ib, off))
             off_s = offload_seconds(sum(p.numel() for p in model.parameters()), c.optimizer) if off else 0.0
-            t = relative_time(n_ck, L, mb * cfg.max_len, off_s, _step_seconds(model, c) if off else 1.0)
+            step_s = _step_seconds(model, c) if off else 1.0
+            t = relative_time(n_ck, L, mb * cfg.max_len, off_s, step_s, n_sel)
             if best is None or t < best[0] - 1e-9:
-                best = (t, MemoryPlan(n_ck, ib, est, limit, cfg.optimizer, mb, ga, offload=off))
+                plan = MemoryPlan(
+                    n_ck, ib, est, limit, cfg.optimizer, mb, ga, offload=off, selective_blocks=n_sel
+                )
+                best = (t, plan)
     return (best, None) if best else (None, est)
 
 
@@ -403,7 +449,7 @@ def plan_memory(
             break
         notes.append(
             f"{opt} needs its state on the host" if best[1].offload
-            else f"{opt} needs {best[1].checkpoint_blocks} blocks recomputed"
+            else f"{opt} needs {best[1].checkpoint_blocks + best[1].selective_blocks} blocks recomputed"
         )  # fmt: skip
     if found:
         full = _full_speed(found[-1][1])
@@ -411,8 +457,9 @@ def plan_memory(
         why = "; ".join(notes)
         plan = dataclasses.replace(plan, why=why)
         log.info(
-            "memory plan: %s, %d x %d rows, %d of %d blocks checkpointed%s%s; estimate %s%s%s",
+            "memory plan: %s, %d x %d rows, %d of %d blocks checkpointed%s%s%s; estimate %s%s%s",
             plan.optimizer, plan.grad_accum, plan.micro_batch, plan.checkpoint_blocks, L,
+            f" (+{plan.selective_blocks} selectively)" if plan.selective_blocks else "",
             ", optimizer step in backward" if plan.in_backward else "",
             f", optimizer state on the host ({plan.estimate['host'] / GIB:.1f} GiB)" if plan.offload else "",
             _fmt(plan.estimate),
@@ -449,7 +496,7 @@ def plan_memory(
 
 def _full_speed(plan: MemoryPlan) -> bool:
     """Nothing recomputed and the state on the GPU."""
-    return plan.checkpoint_blocks == 0 and not plan.offload
+    return plan.checkpoint_blocks == 0 and plan.selective_blocks == 0 and not plan.offload
 
 
 def _fixes(model, cfg, device, autocast, world, attention, limit, L) -> list[str]:
