@@ -138,28 +138,13 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
                 open_run(run_dir)
             # a warm-up longer than the run: refused when typed (or set in Python), said when a recipe's default
             warmup_given = given is None or "warmup_steps" in set(given)
-            return _train(cfg, info, device, resume_from, run_dir, t_start, open_run, warmup_given)
+            # the run in phases: set-up (inputs, model, plan, run folder), the loop of engine steps with what
+            # follows each step (log, eval, save, stop), and the finish (checkpoint, eval, samples, final/)
+            run = _setup(cfg, info, device, resume_from, run_dir, open_run, warmup_given)
+            return _finish(run, _loop(run), t_start)
     finally:
         if info.enabled:
             distributed.destroy()
-
-
-def _train(
-    cfg: TrainConfig,
-    info: DistInfo,
-    device,
-    resume_from,
-    run_dir,
-    t_start,
-    open_run,
-    warmup_given: bool = True,
-) -> Path:
-    """The run in four phases: set-up (inputs, model, plan, run folder), the loop of engine steps with what
-    follows each step (log, eval, save, stop), and the finish (checkpoint, eval, samples, final/).
-    ``open_run(run_dir)`` is called as soon as a new run folder exists (rank 0 locks it and logs into it)."""
-    run = _setup(cfg, info, device, resume_from, run_dir, open_run, warmup_given)
-    stopped_reason = _loop(run)
-    return _finish(run, stopped_reason, t_start)
 
 
 @dataclasses.dataclass
@@ -228,7 +213,8 @@ def _setup(
     cfg: TrainConfig, info: DistInfo, device, resume_from, run_dir, open_run, warmup_given: bool = True
 ) -> _Run:
     """Check every input, load and prepare, plan memory, set up the model and engine, make the run folder.
-    Every refusal happens before the run folder exists."""
+    Every refusal happens before the run folder exists; ``open_run(run_dir)`` is called as soon as a new
+    one exists (rank 0 locks it and logs into it)."""
     _refuse_early(cfg, info, resume_from, run_dir)
     model, tokenizer, prepared, train_rows, eval_batches, resolved = _load_inputs(
         cfg, info, device, resume_from, run_dir
