@@ -2,13 +2,15 @@
 
     python sft/train_llama_guanaco.py                                  # meta-llama/Llama-3.1-8B (gated on the hub)
     python sft/train_llama_guanaco.py --model=Qwen/Qwen2.5-7B          # any Llama-family id or local folder
+    python sft/train_llama_guanaco.py --model=Qwen/Qwen3-14B           # on an 80 GB card: 8-bit state kept in host memory
     python sft/train_llama_guanaco.py --memory_limit_gib=76            # the 80 GB profile (H100 / A100 80 GB)
     python sft/train_llama_guanaco.py --max_len=8192 --micro_batch=1 --grad_accum=16   # long rows
     python sft/train_llama_guanaco.py --smoke                          # tiny random Llama, bundled sample (CPU)
     torchrun --standalone --nproc_per_node 8 sft/train_llama_guanaco.py --grad_accum=1   # FSDP2 on 8 GPUs
 
 Defaults: bf16 weights with ``--optimizer=auto`` (the memory plan picks the most precise state that runs
-without recomputing blocks: Kahan-compensated, stochastic-rounding or 8-bit AdamW, sft/training/optim.py), packed rows of 2,048 tokens, the model's
+without recomputing blocks: Kahan-compensated, stochastic-rounding or 8-bit AdamW, sft/training/optim.py;
+where none fits on the GPU, the state in host memory, ``--offload_optimizer``), packed rows of 2,048 tokens, the model's
 own chat template (ChatML if it has none) with loss on the assistant replies and their end-of-turn token,
 every turn kept. The engine's defaults (sft/training/engine.py, sft/training/memory.py): FlexAttention with a causal +
 same-document BlockMask on CUDA (``--attention``), decoder layers compiled one by one (``--compile``), and
