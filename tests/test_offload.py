@@ -437,3 +437,27 @@ def test_offload_refused_in_one_line_before_the_run_folder(tmp_path):
     ):
         train(parse_args([*args, "--optimizer=adamw"]))
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_refused_page_lock_falls_back_to_pageable_memory(monkeypatch, caplog):
+    """Where cudaHostRegister fails (a sandbox that refuses page-locking), the state is kept in plain host
+    memory with one warning naming the CUDA error, instead of failing the run at its first step."""
+    import logging
+
+    from sft.training import offload
+
+    calls = []
+
+    class Refusing:
+        def cudaHostRegister(self, ptr, nbytes, flags):  # noqa: N802  (the CUDA runtime's name)
+            calls.append(nbytes)
+            return 1  # cudaErrorInvalidValue
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Refusing())
+    host = offload._HostMemory(pin=True)
+    with caplog.at_level(logging.WARNING, logger="sft"):
+        a = host.zeros((4, 8), torch.bfloat16)
+        b = host.zeros((16,), torch.float32)
+    assert calls == [64] and not host.pin and host.pinned == {}  # tried once, then pageable
+    assert a.shape == (4, 8) and b.device.type == "cpu" and not a.any()
+    assert "page-locking 64 bytes of host memory failed (CUDA error 1)" in caplog.text

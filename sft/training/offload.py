@@ -9,7 +9,8 @@ Contracts:
 - Every state tensor (moments, 8-bit scales, Kahan compensation) lives on the CPU: in page-locked memory
   when the parameters are on CUDA (registered with ``cudaHostRegister`` at its exact size: torch's pinned
   allocator would round each tensor up to a power of two, up to 2x the host memory), plain otherwise.
-  "step" stays a Python int, as in ``optim``.
+  Where page-locking is refused, the state stays in pageable memory (one warning; same results, slower
+  copies). "step" stays a Python int, as in ``optim``.
 - ``step()``, per parameter with a gradient, in param-group order: copy its state into a staging slot on
   the parameter's device, run the update kernel of the non-offloaded optimizer on it (``_apply``: same
   kernel, same seeds), copy it back. The update is bit-identical to the non-offloaded optimizer's. On CUDA
@@ -38,6 +39,7 @@ Contracts:
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -46,6 +48,8 @@ import torch
 
 from sft.config import ConfigError
 from sft.training import optim
+
+log = logging.getLogger("sft")
 
 OFFLOAD_OPTIMIZERS = ("adamw_kahan", "adamw_sr", "adamw_8bit")
 ALIGN = 16  # bytes: each staged tensor starts at a multiple (the kernels' vector loads)
@@ -143,10 +147,13 @@ class _HostMemory:
         t = torch.zeros(shape, dtype=dtype)
         if self.pin and t.numel():
             err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 1))
-            if err != 0:
-                raise RuntimeError(
-                    f"cudaHostRegister of {t.numel() * t.element_size()} bytes failed: error {err}"
-                )
+            if err != 0:  # e.g. a sandbox that refuses page-locking: correct, slower (synchronous) copies
+                self.pin = False
+                log.warning(
+                    "offloaded optimizer state: page-locking %d bytes of host memory failed (CUDA error %d); "
+                    "the state stays in pageable memory, its copies are slower", t.numel() * t.element_size(), err,
+                )  # fmt: skip
+                return t
             self.pinned[t.data_ptr()] = t
         return t
 
