@@ -259,8 +259,10 @@ class Engine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         ce_sums = []
-        for mb in micro:
-            mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+        # every micro-batch to the device before the first forward: a copy from pageable host memory waits
+        # for the stream to drain, so one inside the loop would stall the CPU behind each backward
+        on_device = [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in micro]
+        for mb in on_device:
             with self.autocast():
                 ce = ce_sum(self.root, mb, self.resolved.loss_chunk)
             # FSDP averages gradients over the W ranks: W * CE / N makes that average sum CE / N
