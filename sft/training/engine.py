@@ -268,11 +268,17 @@ class Engine:
             # FSDP averages gradients over the W ranks: W * CE / N makes that average sum CE / N
             step_loss(ce * W, n_sup).backward()
             ce_sums.append(ce.detach())  # read once after the loop: no device sync between micro-batches
-        ce_total = float(torch.stack(ce_sums).sum())
+        # the step's counts on the CPU while the GPU still runs the queued backward, and the clipping norm
+        # queued behind it, before the first read of a device value
         processed = sum(b["input_ids"].numel() for b in micro)
         nonpad = sum(int(b["attention_mask"].sum()) for b in micro)
         attn = sum(attention_flops_tokens(b["document_ids"]) for b in micro)
         attn_real = sum(attention_flops_tokens(b["document_ids"], b["attention_mask"]) for b in micro)
+        norm = None
+        if not self.in_backward:
+            clip = self.resolved.grad_clip if self.resolved.grad_clip > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        ce_total = float(torch.stack(ce_sums).sum())
         flags = list(flags or [])
         if info.enabled:  # one all-reduce for the step's sums
             ce_total, processed, nonpad, attn, attn_real, *flags = distributed.all_reduce_sum(
@@ -281,8 +287,7 @@ class Engine:
         loss = ce_total / max(n_sup, 1)
         grad_norm, skipped = None, False
         if not self.in_backward:
-            clip = self.resolved.grad_clip if self.resolved.grad_clip > 0 else float("inf")
-            grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip)))
+            grad_norm = float(distributed.full_tensor(norm))
             skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
             if not skipped:
                 self.optimizer.step()
