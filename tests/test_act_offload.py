@@ -1,0 +1,329 @@
+"""Activation offloading (sft/model/act_offload.py): offloading 0, 1 or all blocks (alone, with the other
+blocks recomputed, with compiled blocks) changes no number of a tiny Llama or our MPT on the CPU, the
+offloaded blocks' tensors really go through pack / unpack and no parameter does, bad requests are refused;
+on CUDA the peak memory falls by most of the offloaded blocks' activations."""
+
+import shutil
+
+import pytest
+import torch
+
+from sft.config import ConfigError
+from sft.data.packing import collate_rows, pack
+from sft.data.render import Sample
+from sft.model.act_offload import (
+    clear,
+    offload_blocks,
+    offload_seconds,
+    offloaded_blocks,
+    offloaded_bytes,
+    offloaded_elements,
+    reset_stats,
+    stats,
+)
+from sft.model.family import shape, transformer_blocks
+from sft.model.loss import chunked_cross_entropy_sum
+from sft.model.models import forward_hidden, tiny_model
+from sft.model.mpt import MPTConfig, MPTForCausalLM
+from sft.model.recompute import kept_elements, set_recompute
+
+V = 97
+
+
+def _batch(seed: int = 0) -> dict:
+    """Rows of 64 tokens packing several documents each (and a padding tail): three."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for n in (23, 17, 30, 9, 12, 40):
+        ids = torch.randint(4, V, (n,), generator=g).tolist()
+        samples.append(Sample(ids, ids))
+    return collate_rows(pack(samples, 64, 0))
+
+
+def _llama(dtype=torch.float32, layers=2):
+    model = tiny_model("tiny-llama", V, seed=0).to(dtype).train()
+    model.model.layers = model.model.layers[:layers]
+    return model
+
+
+def _mpt(dtype=torch.float32, layers=3):
+    torch.manual_seed(0)
+    model = MPTForCausalLM(MPTConfig(d_model=64, n_heads=4, n_layers=layers, vocab_size=V, max_seq_len=128))
+    model.init_weights()
+    model.attn_impl = "sdpa"
+    return model.to(dtype).train()
+
+
+MAKE = {"llama": _llama, "mpt": _mpt}
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    h, head = forward_hidden(model, batch)
+    loss = chunked_cross_entropy_sum(h, head, batch["targets"], 32)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_same(got, ref, what):
+    loss, grads = got
+    assert torch.equal(loss, ref[0]), what
+    for name, g in grads.items():
+        assert torch.equal(g, ref[1][name]), (what, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "mpt"])
+def test_offload_gives_the_same_loss_and_grads(family, dtype):
+    """0, 1 (first, last), all blocks offloaded (every tensor, min_bytes=0): bit-identical loss and grads,
+    and the offloaded blocks' tensors went through pack and unpack."""
+    batch = _batch()
+    model = MAKE[family](dtype)
+    n = len(transformer_blocks(model))
+    ref = _loss_and_grads(model, batch)
+    for blocks in (0, 1, [n - 1], n, [0, n - 1]):
+        got = offload_blocks(model, blocks, min_bytes=0)
+        reset_stats(model)
+        _assert_same(_loss_and_grads(model, batch), ref, (family, blocks))
+        want = list(range(blocks)) if isinstance(blocks, int) else sorted(blocks)
+        assert got == offloaded_blocks(model) == want
+        st = stats(model)
+        assert sorted(st.storages) == want
+        assert (st.packed > 0) == bool(want) and st.unpacked >= st.packed
+        assert st.missed == 0 and st.prefetched == 0  # CPU: no copies back
+    clear(model)
+    assert offloaded_blocks(model) == [] and stats(model).packed == 0
+    assert all(type(b).__name__.startswith(("Llama", "MPT")) for b in transformer_blocks(model))
+    _assert_same(_loss_and_grads(model, batch), ref, (family, "cleared"))
+
+
+@pytest.mark.parametrize("family", ["llama", "mpt"])
+def test_offload_composes_with_recompute(family):
+    """The other blocks recomputed (full, selective), and offloaded blocks recomputed too: the same numbers.
+    A block our MPT recomputes whole (its checkpoint is around the block) is not offloaded."""
+    batch = _batch()
+    model = MAKE[family](torch.bfloat16)
+    n = len(transformer_blocks(model))
+    ref = _loss_and_grads(model, batch)
+    for (full, sel), blocks in (
+        ((1, 0), [n - 1]),
+        ((0, 1), [n - 1]),
+        ((1, n - 1), [n - 1]),
+        ((1, 0), n),
+        ((n, 0), n),
+    ):
+        set_recompute(model, full, sel)
+        offload_blocks(model, blocks, min_bytes=0)
+        reset_stats(model)
+        _assert_same(_loss_and_grads(model, batch), ref, (family, full, sel, blocks))
+        st = stats(model)
+        if family == "mpt":
+            assert not any(i < full for i in st.storages), st.storages  # recomputed whole: not offloaded
+        if full == 0 and sel == 1:
+            assert st.storages.keys() == {n - 1}
+    set_recompute(model, 0, 0)
+    clear(model)
+
+
+def test_what_is_packed_is_the_block_activations_not_the_weights():
+    """With block 0 offloaded, the packed bytes are what the block saves less its weights (by
+    saved_tensors_hooks around the same block); no packed storage is a parameter's; a min_bytes floor above
+    every activation packs nothing."""
+    from sft.model.recompute import saved_bytes
+
+    model = _mpt(torch.bfloat16, layers=2)
+    batch = _batch()
+    offload_blocks(model, [0], min_bytes=0)
+    reset_stats(model)
+    _loss_and_grads(model, batch)
+    st = stats(model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert st.storages[0] and not st.storages[0] & params
+    assert st.skipped_params > 0
+
+    clear(model)
+    block = model.transformer.blocks[0]
+    x = model.transformer.wte(batch["input_ids"]).detach().requires_grad_()
+    from sft.model.mpt import alibi_document_bias, alibi_slopes
+
+    attn = {"impl": "sdpa", "bias": alibi_document_bias(alibi_slopes(4), batch["document_ids"], 64, 2)}
+    weights = sum(p.numel() * p.element_size() for p in block.parameters())
+    y, saved = saved_bytes(lambda: block(x * 1, attn))
+    y.float().sum().backward()
+    # the bf16 bias copy is made inside the block and saved by SDPA: offloaded too, as the storages counted
+    assert st.packed_bytes == pytest.approx(saved - weights, abs=64)
+
+    offload_blocks(model, 2, min_bytes=1 << 20)
+    reset_stats(model)
+    _loss_and_grads(model, batch)
+    assert stats(model).packed == 0 and stats(model).skipped_small > 0
+
+
+def test_reapplying_replaces_and_refusals_change_nothing():
+    model = _llama()
+    assert offload_blocks(model, [1], min_bytes=0) == [1]
+    assert offload_blocks(model, 1, min_bytes=0) == [0]  # replaced, not added
+    cls = type(model.model.layers[0])
+    assert offload_blocks(model, 2) == [0, 1] and type(model.model.layers[0]) is cls  # the class made once
+    for bad, msg in (
+        (3, "3 blocks; expected 0..2"),
+        (-1, "-1 blocks; expected 0..2"),
+        ([2], "block 2; expected an index in 0..1"),
+        ([0, 0], "names a block twice"),
+        ([True], "block True"),
+        (1.5, "1.5; expected a block count or a list of indices"),
+    ):
+        with pytest.raises(ConfigError, match=msg):
+            offload_blocks(model, bad)
+        assert offloaded_blocks(model) == [0, 1]
+    with pytest.raises(ConfigError, match="lead=-1"):
+        offload_blocks(model, 1, lead=-1)
+    with pytest.raises(ConfigError, match="min_bytes=0.5"):
+        offload_blocks(model, 1, min_bytes=0.5)
+    assert offload_blocks(model, []) == [] and offloaded_blocks(model) == []
+    assert type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"
+
+
+def test_no_grad_and_eval_are_untouched():
+    model = _mpt()
+    offload_blocks(model, 3, min_bytes=0)
+    batch = _batch()
+    with torch.no_grad():
+        h, _ = forward_hidden(model, batch)
+    assert stats(model).packed == 0 and h.shape == (3, 64, 64)
+
+
+def test_the_plan_figures():
+    """Per offloaded block the plan moves what the block keeps (kept_elements); Llama-3-8B's shape at
+    4 x 2,048 tokens: ~1.15 GB a block, ~25 ms out and ~21 ms back at the measured bandwidths."""
+    from sft.model.family import Shape
+
+    llama8b = Shape(32, 4096, 32, 8, 128, 14336, True, 128256)
+    assert offloaded_elements(llama8b) == kept_elements(llama8b, "none")
+    assert offloaded_elements(llama8b, "selective") == kept_elements(llama8b, "selective")
+    assert offloaded_elements(llama8b, "full") == 0
+    nbytes = offloaded_bytes(llama8b, 8192, 1)
+    assert nbytes == pytest.approx(8192 * 4096 * 2 * (5 + 1.5 + 3 * 3.5 + 2 * 32 / 4096), rel=1e-6)
+    t = offload_seconds(nbytes)
+    assert t.to_host == pytest.approx(nbytes / (42.8 * 2**30)) and t.to_gpu == pytest.approx(
+        nbytes / (49.9 * 2**30)
+    )
+    assert 0.020 < t.to_gpu < t.to_host < 0.030 and t.total == t.to_host + t.to_gpu
+    assert offloaded_bytes(shape(_llama()), 128, 2) == int(
+        2 * 128 * 64 * 2 * kept_elements(shape(_llama()), "none")
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="inductor needs a C++ compiler"
+)
+@pytest.mark.parametrize("family", ["llama", "mpt"])
+def test_offload_composes_with_compiled_blocks(family):
+    """Every block compiled (``block.compile(dynamic=False)``), all offloaded, and with block 0 recomputed:
+    the same loss and gradients as the same compiled model without offload, bit for bit, and the compiled
+    autograd function's saved tensors went through the hooks."""
+    torch._dynamo.reset()
+    batch = _batch()
+    model = MAKE[family](torch.float32)
+    n = len(transformer_blocks(model))
+    for block in transformer_blocks(model):
+        block.compile(dynamic=False)
+    for full in (0, 1):
+        set_recompute(model, full, 0)
+        clear(model)
+        _loss_and_grads(model, batch)  # compiles
+        ref = _loss_and_grads(model, batch)
+        offload_blocks(model, n, min_bytes=0)
+        _loss_and_grads(model, batch)
+        reset_stats(model)
+        _assert_same(_loss_and_grads(model, batch), ref, (family, full))
+        st = stats(model)
+        assert st.packed > 0 and set(range(full, n)) <= set(st.storages)
+    clear(model)
+    set_recompute(model, 0, 0)
+
+
+# ------------------------------------------------------------------------------------------------- CUDA
+def _cuda_llama(layers: int, d: int = 512):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=d,
+        intermediate_size=1408,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).train()
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def _cuda_step(model, ids):
+    h = model.model(input_ids=ids).last_hidden_state
+    loss = h.float().square().mean()
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.gpu
+def test_gradients_equal_on_cuda_with_pinned_memory():
+    """bf16 Llama, 4 blocks, 2 x 2,048 tokens: offloading blocks 0-2 (streams, pinned memory, prefetch)
+    gives the same loss and grads bit for bit, and the copies back were prefetched (no miss)."""
+    model = _cuda_llama(4)
+    ids = torch.randint(0, V, (2, 2048), device="cuda")
+    ref_loss = _cuda_step(model, ids)
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for lead in (0, 1, 2, 5):
+        model.zero_grad(set_to_none=True)
+        offload_blocks(model, 3, lead=lead)
+        reset_stats(model)
+        loss = _cuda_step(model, ids)
+        torch.cuda.synchronize()
+        st = stats(model)
+        assert torch.equal(loss, ref_loss)
+        for n, p in model.named_parameters():
+            assert torch.equal(p.grad, ref[n]), (lead, n)
+        assert st.packed > 0 and st.unpacked >= st.packed and sorted(st.storages) == [0, 1, 2]
+        if lead:
+            assert st.missed == 0, st
+        assert next(iter(model.parameters())).is_cuda
+    clear(model)
+
+
+@pytest.mark.gpu
+def test_peak_memory_falls_by_the_offloaded_activations():
+    """bf16 Llama, 8 blocks, 4 x 2,048 tokens: ``max_memory_allocated`` over forward + backward with the
+    first 4 blocks offloaded is lower than without by at least 3/4 of those blocks' activation bytes
+    (measured as what 4 blocks keep: the memory allocated after the forward, less the same with none)."""
+    model = _cuda_llama(8)
+    ids = torch.randint(0, V, (4, 2048), device="cuda")
+
+    def peak(blocks):
+        offload_blocks(model, blocks)
+        model.zero_grad(set_to_none=True)
+        _cuda_step(model, ids)  # warm-up: the allocator's and the host allocator's caches
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        h = model.model(input_ids=ids).last_hidden_state
+        torch.cuda.synchronize()
+        after_forward = torch.cuda.memory_allocated() - base
+        h.float().square().mean().backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, after_forward
+
+    peak_none, kept_none = peak(0)
+    peak_off, kept_off = peak(4)
+    offloaded = kept_none - kept_off
+    st_bytes = stats(model).packed_bytes
+    clear(model)
+    # 4 of 8 blocks' activations left the GPU (the plan's figure, to within an element of d per token)
+    per_block = st_bytes / 4 / (4 * 2048 * 512 * 2)
+    assert offloaded > 0.75 * st_bytes, (offloaded, st_bytes)
+    assert per_block == pytest.approx(offloaded_elements(shape(model), compiled=False), abs=2), per_block
+    assert peak_none - peak_off > 0.75 * st_bytes, (peak_none, peak_off, st_bytes)
