@@ -159,6 +159,18 @@ def test_what_is_packed_is_the_block_activations_not_the_weights():
     assert stats(model).packed == 0 and stats(model).skipped_small > 0
 
 
+def test_shared_inputs_stay():
+    """RoPE's cos / sin and the attention mask, inputs of every block that need no gradient, are not
+    offloaded (they stay alive on the GPU for the other blocks); the hidden state input is."""
+    model = _llama()
+    offload_blocks(model, 2, min_bytes=0)
+    reset_stats(model)
+    _loss_and_grads(model, _batch())
+    st = stats(model)
+    assert st.skipped_shared >= 2 * 2  # cos and sin, both blocks
+    clear(model)
+
+
 def test_reapplying_replaces_and_refusals_change_nothing():
     model = _llama()
     assert offload_blocks(model, [1], min_bytes=0) == [1]
@@ -220,26 +232,33 @@ def test_the_plan_figures():
 )
 @pytest.mark.parametrize("family", ["llama", "mpt"])
 def test_offload_composes_with_compiled_blocks(family):
-    """Every block compiled (``block.compile(dynamic=False)``), all offloaded, and with block 0 recomputed:
-    the same loss and gradients as the same compiled model without offload, bit for bit, and the compiled
-    autograd function's saved tensors went through the hooks."""
+    """Every block compiled (``block.compile(dynamic=False)``), all offloaded; also with block 0 recomputed
+    whole, and with every block selective: the same loss and gradients as the same compiled model without
+    offload, bit for bit; the compiled autograd function's saved tensors went through the hooks, for selective
+    blocks exactly the plan's figure."""
     torch._dynamo.reset()
     batch = _batch()
     model = MAKE[family](torch.float32)
     n = len(transformer_blocks(model))
     for block in transformer_blocks(model):
         block.compile(dynamic=False)
-    for full in (0, 1):
-        set_recompute(model, full, 0)
+    for full, sel in ((0, 0), (1, 0), (0, n)):
+        set_recompute(model, full, sel)
         clear(model)
         _loss_and_grads(model, batch)  # compiles
         ref = _loss_and_grads(model, batch)
         offload_blocks(model, n, min_bytes=0)
         _loss_and_grads(model, batch)
         reset_stats(model)
-        _assert_same(_loss_and_grads(model, batch), ref, (family, full))
+        _assert_same(_loss_and_grads(model, batch), ref, (family, full, sel))
         st = stats(model)
         assert st.packed > 0 and set(range(full, n)) <= set(st.storages)
+        if sel:  # the compiled selective blocks pack exactly what the plan's figure says
+            per_block = st.packed_bytes / n / (3 * 64 * 64 * 4)  # fp32 elements of d per token
+            s = shape(model)  # (in fp32 the log-sum-exp is 1 element per head, not 2 bf16 ones)
+            assert per_block == pytest.approx(
+                offloaded_elements(s, "selective") - s.heads / s.width, abs=1e-4
+            )
     clear(model)
     set_recompute(model, 0, 0)
 

@@ -23,16 +23,19 @@ Contracts:
   offloaded: the outer hooks stay in charge, so composing with ``torch.utils.checkpoint`` never changes a
   number.
 - What is offloaded: each saved tensor of an offloaded block that is a plain strided tensor of at least
-  ``min_bytes`` (default 1 MiB), not a parameter or buffer, nor a view of one (by storage data pointer, read
-  at the block's call, so FSDP2's unsharded parameters count), nor a leaf that requires grad. What is
-  copied is the tensor's whole *storage*, once per block call however many views of it are saved (transformers'
-  q/k/v projections each save a view of the same normed input; ``unbind`` saves q, k, v as views of one
-  buffer), so the views come back as views of one copy: nothing is duplicated on either side. (The storage is
-  known by its weakref, so one freed and reallocated at the same address within the call is a new one.)
-  Everything else is returned to autograd untouched.
+  ``min_bytes`` (default 1 MiB); not a parameter or buffer, nor a view of one (by storage data pointer, read
+  at the block's call, so FSDP2's unsharded parameters count), nor a leaf that requires grad, nor an input of
+  the block that needs no gradient (an attention mask, RoPE's cos / sin, MPT's ALiBi bias: every block's,
+  alive on the GPU for the others anyway; ``stats().skipped_shared``). Tensor subclasses (FP8 training
+  tensors, DTensors) stay on the GPU. What is copied is the tensor's whole *storage*, once per block call
+  however many views of it are saved (transformers' q/k/v projections each save a view of the same normed
+  input; ``unbind`` saves q, k, v as views of one buffer), so the views come back as views of one copy and
+  nothing is duplicated on either side (a storage is known by its weakref: one freed and reallocated at the
+  same address within the call is a new one). Everything else is returned to autograd untouched.
 - Pack (CUDA): the offload stream waits on the current stream, ``copy_(non_blocking=True)`` of the storage
-  into pinned ``torch.empty_like(..., pin_memory=True)`` bytes, records an event; ``record_stream(offload)``
-  on the storage, so the allocator reuses its memory only once the copy is done (no reference is kept).
+  into pinned ``torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)``, records an event;
+  ``record_stream(offload)`` on the storage, so the allocator reuses its memory only once the copy is done
+  (no reference is kept).
   Unpack: the storage prefetched: the current stream waits on its event, ``record_stream(current)``, the
   tensor is rebuilt over it (``set_``: dtype, size, stride, offset as saved); once every view saved of it was
   handed back the copy lives on in those views alone (the handle keeps the host copy, so ``retain_graph``
@@ -43,15 +46,21 @@ Contracts:
   blocks ahead costs no peak memory when the offloaded blocks are the first ones: by then backward has freed
   more than comes back.
   CPU tensors (the CPU tests): the "host" copy is a plain ``clone`` of the storage and unpack rebuilds the
-  tensor over it: no streams; gradients are bit-identical with and without offload (tests/test_act_offload.py).
+  tensor over it: no streams; gradients are bit-identical with and without offload
+  (tests/test_act_offload.py).
 - ``offloaded_blocks(model) -> list[int]``; ``clear(model)``: the blocks get their classes back.
-- ``stats(model) -> OffloadStats`` (counters since the last ``reset_stats(model)``: storages and bytes packed,
-  tensors unpacked, prefetched, missed, skipped small / parameter, storages packed per block); ``reset_stats``.
+- ``stats(model) -> OffloadStats``: counters since the last ``reset_stats(model)`` (storages and bytes
+  packed, tensors unpacked, storages prefetched, misses, tensors skipped as small / parameter / shared input,
+  the storages packed per block).
 - ``offloaded_elements(shape, mode="none", compiled=True) -> float``: elements of ``d`` per token (bf16)
   that leave the GPU per offloaded block: what the block keeps for backward
   (:func:`sft.model.recompute.kept_elements`; the 1 MiB floor drops only tensors too small to matter at a
-  GPU-sized micro-batch, e.g. a log-sum-exp under 1 MiB). ``full`` is 0: a block recomputed whole keeps
-  only its input, and our MPT's is not offloaded (the checkpoint is around the block).
+  GPU-sized micro-batch, e.g. a log-sum-exp under 1 MiB). ``full`` is 0: the plan should not offload a
+  block it recomputes whole (our MPT's is not offloaded at all: the checkpoint is around the block;
+  transformers' moves the block input its checkpoint saves, 1). On the CPU tests (tiny models, SDPA,
+  compiled) an offloaded block packs exactly :func:`kept_elements` in ``selective``; in ``none`` also the
+  per-block copies of the SDPA paths (the bf16 mask / ALiBi bias, GQA's repeated k and v), which
+  FlexAttention on the GPU does not make.
   ``offloaded_bytes(shape, tokens, n_blocks, mode="none", compiled=True)``: the bytes that go each way.
 - ``offload_seconds(nbytes) -> Transfer(to_host, to_gpu)``: seconds over the host link each way at the
   bandwidths measured on the H100 machine (42.8 GiB/s to the host, 49.9 GiB/s to the GPU, pinned): an
@@ -115,6 +124,7 @@ class OffloadStats:
     missed: int = 0  # unpacks that found their storage not on its way back (their block was fetched then)
     skipped_small: int = 0
     skipped_params: int = 0
+    skipped_shared: int = 0  # block inputs that need no gradient (masks, RoPE tables, a bias: every block's)
     storages: dict = dataclasses.field(default_factory=dict)  # block index -> set of storage pointers packed
 
 
@@ -148,10 +158,10 @@ class _Handle:
 class _Group:
     """What one call of one offloaded block copied out (weakly: autograd owns the handles)."""
 
-    __slots__ = ("index", "stored", "seen", "param_ptrs", "_block", "__weakref__")
+    __slots__ = ("index", "stored", "seen", "param_ptrs", "shared", "_block", "__weakref__")
 
-    def __init__(self, index: int, block: nn.Module):
-        self.index = index
+    def __init__(self, index: int, block: nn.Module, shared: set[int]):
+        self.index, self.shared = index, shared
         self.stored: list[weakref.ref] = []
         self.seen: dict[int, tuple[weakref.ref, _Stored]] = {}  # storage pointer -> (its weakref, copy)
         self.param_ptrs = None  # storages of the block's parameters and buffers, read at the first pack
@@ -193,6 +203,9 @@ class _Controller:
         if isinstance(t, nn.Parameter) or ptr in group.param_ptrs or (t.is_leaf and t.requires_grad):
             st.skipped_params += 1
             return t
+        if ptr in group.shared:
+            st.skipped_shared += 1
+            return t
         hit = group.seen.get(ptr)
         if hit is not None and hit[0]() is storage:  # another view of a storage already copied
             stored = hit[1]
@@ -204,7 +217,7 @@ class _Controller:
                 offload, _ = self.streams(t.device)
                 offload.wait_stream(torch.cuda.current_stream(t.device))
                 with torch.cuda.stream(offload):
-                    host = torch.empty_like(src, device="cpu", pin_memory=True)
+                    host = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=True)
                     host.copy_(src, non_blocking=True)
                     event = torch.cuda.Event()
                     event.record(offload)
@@ -273,7 +286,12 @@ class _Controller:
             and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
         )
         if free and index in self.offloaded:
-            group = _Group(index, block)
+            shared = {
+                t.untyped_storage().data_ptr()
+                for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                if type(t) is torch.Tensor and not t.requires_grad and t.layout == torch.strided
+            }
+            group = _Group(index, block, shared)
             self.current[index] = weakref.ref(group)
 
             def pack_hook(t, group=group):
