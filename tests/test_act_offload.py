@@ -159,6 +159,90 @@ def test_what_is_packed_is_the_block_activations_not_the_weights():
     assert stats(model).packed == 0 and stats(model).skipped_small > 0
 
 
+def _staged(model):
+    """Run the model's CPU tensors through the CUDA path's steps (copy out, prefetch, hand over) as plain
+    copies, and log the prefetches and the unpacks by block: ``[("P", 3), ("U", 3), ...]`` (repeats of
+    one step merged)."""
+    from sft.model import act_offload
+
+    ctl = act_offload._controller(model)
+    ctl.cpu_link = act_offload._StagedCpuLink()
+    log = []
+    prefetch, unpack = ctl.prefetch, ctl.unpack
+
+    def note(step, index):
+        if not log or log[-1] != (step, index):
+            log.append((step, index))
+
+    def logged_prefetch(group):
+        if group is not None and any(x.gpu is None for x in group.live()):
+            note("P", group.index)
+        prefetch(group)
+
+    def logged_unpack(h):
+        if isinstance(h, act_offload._Handle):
+            note("U", h.group.index)
+        return unpack(h)
+
+    ctl.prefetch, ctl.unpack = logged_prefetch, logged_unpack
+    return log
+
+
+@pytest.mark.parametrize(
+    "lead, order",
+    [
+        (0, "P3 U3 P2 U2 P1 U1 P0 U0"),
+        (1, "P3 P2 U3 P1 U2 P0 U1 U0"),
+        (2, "P3 P2 P1 U3 P0 U2 U1 U0"),
+        (9, "P3 P2 P1 P0 U3 U2 U1 U0"),
+    ],
+)
+def test_prefetch_runs_lead_blocks_ahead(lead, order):
+    """Our MPT, 4 blocks, all offloaded, the CUDA path's steps staged on the CPU: block j's copies back
+    start when backward reaches block j + lead (the last block's gradient starts those above L - 1 - lead),
+    no unpack misses its prefetch, each storage comes back once, and the numbers stay bit-identical."""
+    batch = _batch()
+    model = _mpt(torch.bfloat16, layers=4)
+    ref = _loss_and_grads(model, batch)
+    offload_blocks(model, 4, min_bytes=0, lead=lead)
+    log = _staged(model)
+    _assert_same(_loss_and_grads(model, batch), ref, lead)
+    st = stats(model)
+    assert " ".join(f"{s}{i}" for s, i in log) == order
+    assert st.missed == 0 and st.prefetched == st.packed > 0 and st.unpacked > st.packed
+    # a second step: the same again (the groups of the new forward)
+    reset_stats(model)
+    log.clear()
+    _assert_same(_loss_and_grads(model, batch), ref, lead)
+    assert " ".join(f"{s}{i}" for s, i in log) == order and stats(model).missed == 0
+    clear(model)
+
+
+def test_a_missed_prefetch_fetches_the_block_and_retain_graph_works():
+    """No prefetch ever starts (blocks 0 and 1 of 4 offloaded, the output hooks' targets emptied): each
+    block's first unpack finds nothing on its way back and fetches the whole block; a second backward through
+    a retained graph fetches everything again from the host copies; the gradients stay bit-identical."""
+    batch = _batch()
+    model = _mpt(torch.bfloat16, layers=4)
+    h, head = forward_hidden(model, batch)
+    ref_loss = chunked_cross_entropy_sum(h, head, batch["targets"], 32)
+    ref = torch.autograd.grad(ref_loss, list(model.parameters()))
+    offload_blocks(model, [0, 1], min_bytes=0, lead=0)
+    _staged(model)
+    from sft.model import act_offload
+
+    ctl = act_offload._controller(model)
+    ctl.targets = lambda index: []  # no prefetch ever: every block is a miss
+    h, head = forward_hidden(model, batch)
+    loss = chunked_cross_entropy_sum(h, head, batch["targets"], 32)
+    for _ in range(2):
+        grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+        assert all(torch.equal(g, r) for g, r in zip(grads, ref))
+    st = stats(model)
+    assert st.missed == 2 * 2 and st.prefetched == 2 * st.packed  # one miss per block per backward
+    clear(model)
+
+
 def test_shared_inputs_stay():
     """RoPE's cos / sin and the attention mask, inputs of every block that need no gradient, are not
     offloaded (they stay alive on the GPU for the other blocks); the hidden state input is."""

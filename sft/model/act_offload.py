@@ -130,15 +130,66 @@ class OffloadStats:
 
 # --------------------------------------------------------------------------------------------- the hooks
 class _Stored:
-    """One storage copied to the host: the copy (uint8), the event of the copy out, a prefetched GPU copy
-    and the number of its views not yet handed back in this backward."""
+    """One storage copied to the host: the copy (uint8), the link that copies it (None: a CPU clone), the
+    event of the copy out, a prefetched device copy and its event, the number of its views not yet handed
+    back in this backward."""
 
-    __slots__ = ("host", "device", "out_event", "gpu", "in_event", "views", "pending", "__weakref__")
+    __slots__ = ("host", "device", "link", "out_event", "gpu", "in_event", "views", "pending", "__weakref__")
 
-    def __init__(self, host, device, out_event):
-        self.host, self.device, self.out_event = host, device, out_event
+    def __init__(self, host, device, link, out_event):
+        self.host, self.device, self.link, self.out_event = host, device, link, out_event
         self.gpu = self.in_event = None
         self.views = self.pending = 0
+
+
+class _CudaLink:
+    """The copies over the host link of one CUDA device, on two side streams (out, back)."""
+
+    def __init__(self, device):
+        self.out, self.back = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        self.device = device
+
+    def copy_out(self, src: torch.Tensor):
+        """``src`` (uint8 over a whole storage) to pinned host memory, after the current stream's work;
+        ``src``'s memory is reused only once the copy is done. -> (host, event)."""
+        self.out.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.out):
+            host = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=True)
+            host.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.out)
+        src.record_stream(self.out)
+        return host, event
+
+    def copy_back(self, host: torch.Tensor, out_event):
+        """``host`` to the device on the back stream once its copy out is done. -> (device copy, event)."""
+        self.back.wait_event(out_event)
+        with torch.cuda.stream(self.back):
+            gpu = host.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.back)
+        return gpu, event
+
+    def hand_over(self, gpu: torch.Tensor, in_event) -> None:
+        """The current stream waits for the copy back, and the allocator for the current stream's use."""
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(in_event)
+        gpu.record_stream(current)
+
+
+class _StagedCpuLink:
+    """For CPU tests of the prefetch logic: the CUDA link's steps as plain copies (``copy_back`` makes a new
+    tensor, so a tensor handed back is never the host copy), events as strings."""
+
+    def copy_out(self, src):
+        return src.clone(), "out"
+
+    def copy_back(self, host, out_event):
+        assert out_event == "out"
+        return host.clone(), "back"
+
+    def hand_over(self, gpu, in_event) -> None:
+        assert in_event == "back"
 
 
 class _Handle:
@@ -178,13 +229,16 @@ class _Controller:
         self.n_blocks, self.offloaded, self.min_bytes, self.lead = n_blocks, offloaded, min_bytes, lead
         self.stats = OffloadStats()
         self.current: dict[int, weakref.ref] = {}  # block index -> its group of the latest forward
-        self._streams: dict = {}
+        self._links: dict = {}
+        self.cpu_link = None  # tests: a _StagedCpuLink runs CPU tensors through the staged path
 
-    def streams(self, device):
-        """(offload, prefetch) side streams of ``device``, made once."""
-        if device not in self._streams:
-            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
-        return self._streams[device]
+    def link(self, device):
+        """The link of ``device``: a :class:`_CudaLink` (made once), ``cpu_link`` for the CPU."""
+        if device.type == "cpu":
+            return self.cpu_link
+        if device not in self._links:
+            self._links[device] = _CudaLink(device)
+        return self._links[device]
 
     # ---- pack / unpack
     def pack(self, group: _Group, t: torch.Tensor):
@@ -211,18 +265,12 @@ class _Controller:
             stored = hit[1]
         else:
             src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
-            if t.device.type == "cpu":
-                stored = _Stored(src.clone(), t.device, None)
+            link = self.link(t.device)
+            if link is None:  # CPU: a plain copy
+                stored = _Stored(src.clone(), t.device, None, None)
             else:
-                offload, _ = self.streams(t.device)
-                offload.wait_stream(torch.cuda.current_stream(t.device))
-                with torch.cuda.stream(offload):
-                    host = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=True)
-                    host.copy_(src, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(offload)
-                src.record_stream(offload)  # its memory is reused only once the copy is done
-                stored = _Stored(host, t.device, event)
+                host, event = link.copy_out(src)
+                stored = _Stored(host, t.device, link, event)
             del src
             group.stored.append(weakref.ref(stored))
             group.seen[ptr] = (weakref.ref(storage), stored)
@@ -238,34 +286,27 @@ class _Controller:
             return h
         self.stats.unpacked += 1
         x = h.stored
-        if x.out_event is None:  # CPU
+        if x.link is None:  # CPU
             return h.view(x.host)
         if x.gpu is None:
             self.stats.missed += 1
             self.prefetch(h.group)
-        current = torch.cuda.current_stream(x.device)
-        current.wait_event(x.in_event)
         gpu = x.gpu
-        gpu.record_stream(current)
+        x.link.hand_over(gpu, x.in_event)
         x.pending -= 1
-        if x.pending <= 0:  # every view handed back: the GPU copy lives on in them alone
+        if x.pending <= 0:  # every view handed back: the device copy lives on in them alone
             x.gpu = x.in_event = None
             x.pending = x.views
         return h.view(gpu)
 
     def prefetch(self, group: _Group | None) -> None:
-        """Enqueue the copies back of ``group``'s storages not yet on the GPU (CPU copies need none)."""
+        """Enqueue the copies back of ``group``'s storages not yet on the device (CPU clones need none)."""
         if group is None:
             return
         for x in group.live():
-            if x.out_event is None or x.gpu is not None:
+            if x.link is None or x.gpu is not None:
                 continue
-            _, stream = self.streams(x.device)
-            stream.wait_event(x.out_event)
-            with torch.cuda.stream(stream):
-                x.gpu = x.host.to(x.device, non_blocking=True)
-                x.in_event = torch.cuda.Event()
-                x.in_event.record(stream)
+            x.gpu, x.in_event = x.link.copy_back(x.host, x.out_event)
             self.stats.prefetched += 1
 
     # ---- the block call
@@ -336,10 +377,11 @@ def _orphan(h):
     if not isinstance(h, _Handle):
         return h
     x = h.stored
-    if x.out_event is None:
+    if x.link is None:
         return h.view(x.host)
-    torch.cuda.current_stream(x.device).wait_event(x.out_event)
-    return h.view(x.host.to(x.device, non_blocking=True))
+    gpu, event = x.link.copy_back(x.host, x.out_event)
+    x.link.hand_over(gpu, event)
+    return h.view(gpu)
 
 
 class _OffloadingBlock:
