@@ -349,7 +349,10 @@ def test_offload_composes_with_compiled_blocks(family):
 
 # ------------------------------------------------------------------------------------------------- CUDA
 def _cuda_llama(layers: int, d: int = 512):
+    """A bf16 Llama on CUDA, SDPA (eager blocks) attention: d 512, 8 heads (4 KV heads), FFN 1,408."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sft.training import engine
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -361,7 +364,7 @@ def _cuda_llama(layers: int, d: int = 512):
         num_key_value_heads=4,
     )
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).train()
-    model.config._attn_implementation = "sdpa"
+    engine.set_attention(model, "sdpa")
     return model
 
 
@@ -373,11 +376,22 @@ def _cuda_step(model, ids):
 
 
 @pytest.mark.gpu
-def test_gradients_equal_on_cuda_with_pinned_memory():
-    """bf16 Llama, 4 blocks, 2 x 2,048 tokens: offloading blocks 0-2 (streams, pinned memory, prefetch)
-    gives the same loss and grads bit for bit, and the copies back were prefetched (no miss)."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gradients_equal_on_cuda_with_pinned_memory(compiled):
+    """bf16 Llama, 4 blocks, 2 x 2,048 tokens (eager, or every block compiled): offloading blocks 0-2
+    (side streams, pinned memory, prefetch) gives the same loss and grads bit for bit as without, at every
+    lead, no unpack misses its prefetch and each storage comes back exactly once."""
     model = _cuda_llama(4)
+    if compiled:
+        for block in transformer_blocks(model):
+            block.compile(dynamic=False)
+        offload_blocks(model, 3)  # compile both variants before the reference
+        _cuda_step(model, torch.randint(0, V, (2, 2048), device="cuda"))
+        clear(model)
+        model.zero_grad(set_to_none=True)
     ids = torch.randint(0, V, (2, 2048), device="cuda")
+    _cuda_step(model, ids)
+    model.zero_grad(set_to_none=True)
     ref_loss = _cuda_step(model, ids)
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     for lead in (0, 1, 2, 5):
@@ -387,46 +401,61 @@ def test_gradients_equal_on_cuda_with_pinned_memory():
         loss = _cuda_step(model, ids)
         torch.cuda.synchronize()
         st = stats(model)
-        assert torch.equal(loss, ref_loss)
+        assert torch.equal(loss, ref_loss), lead
         for n, p in model.named_parameters():
             assert torch.equal(p.grad, ref[n]), (lead, n)
-        assert st.packed > 0 and st.unpacked >= st.packed and sorted(st.storages) == [0, 1, 2]
-        if lead:
-            assert st.missed == 0, st
-        assert next(iter(model.parameters())).is_cuda
+        assert st.packed > 0 and sorted(st.storages) == [0, 1, 2], st
+        assert st.missed == 0 and st.prefetched == st.packed, st
     clear(model)
 
 
 @pytest.mark.gpu
 def test_peak_memory_falls_by_the_offloaded_activations():
-    """bf16 Llama, 8 blocks, 4 x 2,048 tokens: ``max_memory_allocated`` over forward + backward with the
-    first 4 blocks offloaded is lower than without by at least 3/4 of those blocks' activation bytes
-    (measured as what 4 blocks keep: the memory allocated after the forward, less the same with none)."""
+    """bf16 Llama, 8 blocks, 4 x 2,048 tokens, the first 4 blocks offloaded: the memory allocated after the
+    forward falls by at least 3/4 of the bytes packed; ``max_memory_allocated`` over forward + backward falls
+    by as much when the copies out keep up with the forward (here: a synchronize before block 4, as a model
+    whose blocks compute longer than their copies take), and is never higher than without offload."""
     model = _cuda_llama(8)
     ids = torch.randint(0, V, (4, 2048), device="cuda")
+    blocks = transformer_blocks(model)
 
-    def peak(blocks):
-        offload_blocks(model, blocks)
+    def wait_for_copies(module, args):
+        torch.cuda.synchronize()
+        torch.empty(1, device="cuda")  # lets the allocator take back what the finished copies held
+
+    def peak(n, sync):
+        offload_blocks(model, n)
+        hook = blocks[4].register_forward_pre_hook(wait_for_copies) if sync else None
         model.zero_grad(set_to_none=True)
         _cuda_step(model, ids)  # warm-up: the allocator's and the host allocator's caches
         model.zero_grad(set_to_none=True)
+        reset_stats(model)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         h = model.model(input_ids=ids).last_hidden_state
         torch.cuda.synchronize()
+        torch.empty(1, device="cuda")
         after_forward = torch.cuda.memory_allocated() - base
         h.float().square().mean().backward()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base, after_forward
+        if hook is not None:
+            hook.remove()
+        return torch.cuda.max_memory_allocated() - base, after_forward, stats(model)
 
-    peak_none, kept_none = peak(0)
-    peak_off, kept_off = peak(4)
-    offloaded = kept_none - kept_off
-    st_bytes = stats(model).packed_bytes
+    peak_none, kept_none, _ = peak(0, True)
+    peak_sync, kept_off, st = peak(4, True)
+    peak_async, _, _ = peak(4, False)
     clear(model)
-    # 4 of 8 blocks' activations left the GPU (the plan's figure, to within an element of d per token)
-    per_block = st_bytes / 4 / (4 * 2048 * 512 * 2)
-    assert offloaded > 0.75 * st_bytes, (offloaded, st_bytes)
-    assert per_block == pytest.approx(offloaded_elements(shape(model), compiled=False), abs=2), per_block
-    assert peak_none - peak_off > 0.75 * st_bytes, (peak_none, peak_off, st_bytes)
+    assert st.missed == 0 and sorted(st.storages) == [0, 1, 2, 3]
+    assert kept_none - kept_off > 0.75 * st.packed_bytes, (kept_none, kept_off, st.packed_bytes)
+    assert peak_none - peak_sync > 0.75 * st.packed_bytes, (peak_none, peak_sync, st.packed_bytes)
+    assert peak_async <= peak_none + 2**20, (peak_async, peak_none)
+    # what left the GPU per block, in elements of d per token: the eager figure of sft/model/recompute.py
+    # (SDPA with a materialised mask also copies its bf16 cast and GQA's repeated k, v: a few elements more)
+    per_block = st.packed_bytes / 4 / (4 * 2048 * 512 * 2)
+    assert (
+        offloaded_elements(shape(model), compiled=False) - 1
+        < per_block
+        < offloaded_elements(shape(model), compiled=False) + 8
+    ), per_block
