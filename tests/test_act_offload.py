@@ -310,6 +310,27 @@ def test_the_plan_figures():
     )
 
 
+def test_schedule():
+    """The link model: Llama-3-8B's shape at 4 x 2,048 tokens, 32 blocks, 6.5 ms forward and 13 ms backward a
+    block: 6 blocks offloaded leave none in flight and, with the default lead (6), never stall backward;
+    lead 2 stalls (the link back is slower than a block's backward); 12 blocks outrun the forward."""
+    from sft.model.act_offload import schedule
+    from sft.model.family import Shape
+
+    llama8b = Shape(32, 4096, 32, 8, 128, 14336, True, 128256)
+    b = offloaded_bytes(llama8b, 8192, 1)
+    assert schedule(0, 32, b, 0.0065, 0.013) == (0.0, 0, 0.0)
+    assert schedule(6, 32, b, 0.0065, 0.013) == (0.0, 0, 0.0)
+    lag, in_flight, stall = schedule(6, 32, b, 0.0065, 0.013, lead=2)
+    assert lag == 0 and in_flight == 0 and 0.030 < stall < 0.045
+    lag, in_flight, stall = schedule(12, 32, b, 0.0065, 0.013)
+    assert in_flight >= 2 and lag > 0.04
+    out, back = offload_seconds(b)
+    # every block offloaded, backward taking no time, lead 0: all the copies back are stall, after the last
+    # block's copy out (it starts as the forward ends)
+    assert schedule(32, 32, b, 1.0, 0.0, lead=0) == pytest.approx((out, 1, out + 32 * back))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="inductor needs a C++ compiler"

@@ -4,7 +4,7 @@ blocks ahead) during backward, so that larger micro-batches fit for the price of
 beside the compute.
 
 Contracts:
-- ``offload_blocks(model, blocks, min_bytes=MIN_BYTES, lead=LEAD) -> list[int]``: the blocks (indices into
+- ``offload_blocks(model, blocks, min_bytes=MIN_BYTES, lead=None) -> list[int]``: the blocks (indices into
   :func:`sft.model.family.transformer_blocks`) whose saved tensors are offloaded; ``blocks`` an int ``n``
   means the *first* ``n`` blocks (``0..n-1``), a list the given indices. The first blocks are the right
   ones: their forward comes first, so their copies out overlap the forward of every later block, and their
@@ -17,7 +17,9 @@ Contracts:
   ``__call__`` enters ``torch.autograd.graph.saved_tensors_hooks`` *outside* ``Module.__call__``: outside a
   compiled block (``block.compile()`` compiles ``_call_impl``; the compiled autograd function's saved tensors
   reach the hooks at run time) and outside transformers' checkpoint (it wraps ``forward``), so a
-  checkpointed (or selective) block offloads only what its checkpoint lets out to autograd.
+  checkpointed (or selective) block offloads only what its checkpoint lets out to autograd: compiled, what the
+  partitioner saves (a selective block: exactly :func:`kept_elements`); eager, a selective block's cached
+  matmul outputs live in its checkpoint's cache, outside autograd, and stay on the GPU (only its input goes).
   A block called while other saved-tensor hooks are active (a checkpoint *around* the block, as our MPT
   recomputes a block whole, in forward and in its recomputation; ``save_on_cpu``; a dynamo trace) is not
   offloaded: the outer hooks stay in charge, so composing with ``torch.utils.checkpoint`` never changes a
@@ -42,9 +44,12 @@ Contracts:
   works); not prefetched (``stats().missed``): its whole block is prefetched now and waited for.
   Prefetch: when the gradient of block ``k``'s output arrives (a tensor hook registered in forward), the
   copies back of offloaded block ``k - lead`` (the last block's hook also takes every offloaded block above
-  ``L - 1 - lead``) are enqueued on the prefetch stream, after the copies out (their events). ``lead`` (2)
-  blocks ahead costs no peak memory when the offloaded blocks are the first ones: by then backward has freed
-  more than comes back.
+  ``L - 1 - lead``) are enqueued on the prefetch stream, after the copies out (their events). ``lead``
+  None (the default) is the number of blocks offloaded: the link back is slower than a block's backward
+  (Llama-3-8B: ~21 ms a block back against ~13 ms of its backward), so the copies back must start about as
+  many blocks ahead as there are to fetch (:func:`schedule` models it). It costs no peak memory while the
+  offloaded blocks are the first ones and at most half the blocks: when block ``j`` comes back, backward
+  has freed more blocks above than have come back.
   CPU tensors (the CPU tests): the "host" copy is a plain ``clone`` of the storage and unpack rebuilds the
   tensor over it: no streams; gradients are bit-identical with and without offload
   (tests/test_act_offload.py).
@@ -67,6 +72,10 @@ Contracts:
   estimate, not a measurement of an offloaded step; how much of it hides behind compute depends on the
   blocks' forward and backward times (``to_host`` behind the forward of the blocks after the offloaded ones,
   ``to_gpu`` behind their backward).
+- ``schedule(n, n_blocks, block_bytes, forward_s, backward_s, lead=None) -> Schedule(forward_lag,
+  in_flight, backward_stall)``: for the speed model and the plan, the first ``n`` blocks offloaded on a
+  model of the two links (an estimate): the seconds backward waits for copies back, and how many offloaded
+  blocks are still on the GPU at the forward's end because their copies out lag.
 """
 
 from __future__ import annotations
@@ -79,7 +88,6 @@ import torch
 from torch import nn
 
 MIN_BYTES = 1 << 20  # smaller saved tensors stay on the GPU
-LEAD = 2  # a block's copies back start when backward reaches the block LEAD above it
 GIB = 2**30
 H2D_GIB_S = 49.9  # host -> H100, pinned, measured (sft/training/offload.py has the same numbers)
 D2H_GIB_S = 42.8  # H100 -> host, pinned, measured
@@ -109,9 +117,60 @@ class Transfer(NamedTuple):
 
 def offload_seconds(nbytes: float, d2h_gib_s: float = D2H_GIB_S, h2d_gib_s: float = H2D_GIB_S) -> Transfer:
     """Host-link seconds to move ``nbytes`` out (forward) and back (backward): an estimate from the measured
-    bandwidths. Llama-3-8B, 4 x 2,048 tokens, one block (17.1 elements of d per token, compiled): 1.15 GB,
+    bandwidths. Llama-3-8B, 4 x 2,048 tokens, one block (17.0 elements of d per token, compiled): 1.14 GB,
     25 ms out and 21 ms back."""
     return Transfer(nbytes / (d2h_gib_s * GIB), nbytes / (h2d_gib_s * GIB))
+
+
+class Schedule(NamedTuple):
+    forward_lag: float  # seconds the last copy out ends after the forward
+    in_flight: int  # offloaded blocks whose copy out is not done when the forward ends (still on the GPU)
+    backward_stall: float  # seconds backward waits for copies back
+
+
+def schedule(
+    n: int, n_blocks: int, block_bytes: float, forward_s: float, backward_s: float, lead: int | None = None
+) -> Schedule:
+    """What the first ``n`` of ``n_blocks`` blocks offloaded cost, by a model of one serial link each way:
+    each block's forward takes ``forward_s`` and its backward ``backward_s`` (per block, the speed model's),
+    each offloaded block moves ``block_bytes`` (:func:`offloaded_bytes` of one block) at the bandwidths of
+    :func:`offload_seconds`; a block's copy out starts when its forward ends (its tensors are packed during
+    it), its copy back when backward reaches the block ``lead`` above it (None: ``n``, as
+    :func:`offload_blocks`) and not before its copy out ended; its backward waits for it. ``in_flight``
+    blocks are still on the GPU at the forward's end: the memory plan should count them as kept. Backward is
+    taken to start as the forward ends (the head and loss time is slack the model does not count). An
+    estimate: it ignores the copies' drag on the compute (memory bandwidth, copy engines).
+
+    Llama-3-8B at 4 x 2,048 tokens (1.14 GB a block, 25 / 21 ms out / back; ~6.5 ms forward and ~13 ms
+    backward a block on an H100, assumed): up to 8 blocks leave nothing in flight, and with ``lead = n`` no
+    stall; with ``lead = 2`` the link back (slower than a block's backward) stalls ~8 ms per block."""
+    lead = max(n, 1) if lead is None else lead
+    t = offload_seconds(block_bytes)
+    end_forward = n_blocks * forward_s
+    link, out_end = 0.0, {}
+    for j in range(n):
+        link = max(link, (j + 1) * forward_s) + t.to_host
+        out_end[j] = link - end_forward  # on the backward's clock
+    lag = max(0.0, link - end_forward)
+    in_flight = sum(e > 0 for e in out_end.values())
+    ready: dict[int, float] = {}
+    clock = link_back = stall = 0.0
+
+    def fetch(j: int) -> None:
+        nonlocal link_back
+        link_back = max(link_back, clock, out_end[j]) + t.to_gpu
+        ready[j] = link_back
+
+    for j in sorted((j for j in range(n) if j + lead >= n_blocks - 1), reverse=True):
+        fetch(j)
+    for k in range(n_blocks - 1, -1, -1):
+        if 0 <= k - lead < n and k - lead not in ready:
+            fetch(k - lead)
+        if k in ready and ready[k] > clock:
+            stall += ready[k] - clock
+            clock = ready[k]
+        clock += backward_s
+    return Schedule(lag, in_flight, stall)
 
 
 # --------------------------------------------------------------------------------------------- the stats
@@ -435,7 +494,9 @@ def _indices(blocks, n: int) -> list[int]:
     return sorted(items)
 
 
-def offload_blocks(model: nn.Module, blocks, min_bytes: int = MIN_BYTES, lead: int = LEAD) -> list[int]:
+def offload_blocks(
+    model: nn.Module, blocks, min_bytes: int = MIN_BYTES, lead: int | None = None
+) -> list[int]:
     """Offload the saved tensors of ``blocks`` (an int n: the first n) to pinned host memory (module
     docstring); returns the sorted indices."""
     from sft.config import ConfigError
@@ -443,13 +504,13 @@ def offload_blocks(model: nn.Module, blocks, min_bytes: int = MIN_BYTES, lead: i
 
     mods = transformer_blocks(model)
     idx = _indices(blocks, len(mods))
-    for name, v in (("min_bytes", min_bytes), ("lead", lead)):
+    for name, v in (("min_bytes", min_bytes), ("lead", 0 if lead is None else lead)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ConfigError(f"offload_blocks: {name}={v!r}; expected a whole number >= 0")
     clear(model)
     if not idx:
         return []
-    ctl = _Controller(len(mods), set(idx), min_bytes, lead)
+    ctl = _Controller(len(mods), set(idx), min_bytes, max(len(idx), 1) if lead is None else lead)
     for i, block in enumerate(mods):
         block.__class__ = _offloading_class(type(block))
         block._act_offload = (ctl, i)
