@@ -28,7 +28,8 @@ Contracts:
   ``min_bytes`` (default 1 MiB); not a parameter or buffer, nor a view of one (by storage data pointer, read
   at the block's call, so FSDP2's unsharded parameters count), nor a leaf that requires grad, nor an input of
   the block that needs no gradient (an attention mask, RoPE's cos / sin, MPT's ALiBi bias: every block's,
-  alive on the GPU for the others anyway; ``stats().skipped_shared``). Tensor subclasses (FP8 training
+  alive on the GPU for the others anyway; ``stats().skipped_shared``; so is block 0's hidden-state input when
+  the embedding is frozen, as under LoRA: one element of d per token that stays). Tensor subclasses (FP8 training
   tensors, DTensors) stay on the GPU. What is copied is the tensor's whole *storage*, once per block call
   however many views of it are saved (transformers' q/k/v projections each save a view of the same normed
   input; ``unbind`` saves q, k, v as views of one buffer), so the views come back as views of one copy and
@@ -53,6 +54,9 @@ Contracts:
   CPU tensors (the CPU tests): the "host" copy is a plain ``clone`` of the storage and unpack rebuilds the
   tensor over it: no streams; gradients are bit-identical with and without offload
   (tests/test_act_offload.py).
+- Host memory: one micro-batch's offloaded storages at a time (a graph's copies die with it), from torch's
+  caching pinned allocator, which rounds each buffer up to a power of two (up to 2x, ~1.4x on average) and
+  keeps it for the next step.
 - ``offloaded_blocks(model) -> list[int]``; ``clear(model)``: the blocks get their classes back.
 - ``stats(model) -> OffloadStats``: counters since the last ``reset_stats(model)`` (storages and bytes
   packed, tensors unpacked, storages prefetched, misses, tensors skipped as small / parameter / shared input,
