@@ -28,10 +28,10 @@ Contracts:
   ``min_bytes`` (default 1 MiB); not a parameter or buffer, nor a view of one (by storage data pointer, read
   at the block's call, so FSDP2's unsharded parameters count), nor a leaf that requires grad, nor an input of
   the block that needs no gradient (an attention mask, RoPE's cos / sin, MPT's ALiBi bias: every block's,
-  alive on the GPU for the others anyway; ``stats().skipped_shared``; so is block 0's hidden-state input when
-  the embedding is frozen, as under LoRA: one element of d per token that stays). Tensor subclasses (FP8 training
-  tensors, DTensors) stay on the GPU. What is copied is the tensor's whole *storage*, once per block call
-  however many views of it are saved (transformers' q/k/v projections each save a view of the same normed
+  alive on the GPU for the others anyway; ``stats().skipped_shared``; so is block 0's hidden-state input
+  when the embedding is frozen, as under LoRA: one element of d per token that stays). Tensor subclasses
+  (FP8 training tensors, DTensors) stay on the GPU. What is copied is the tensor's whole *storage*, once
+  per block call however many views of it are saved (transformers' q/k/v projections each save a view of the same normed
   input; ``unbind`` saves q, k, v as views of one buffer), so the views come back as views of one copy and
   nothing is duplicated on either side (a storage is known by its weakref: one freed and reallocated at the
   same address within the call is a new one). Everything else is returned to autograd untouched.
@@ -46,11 +46,12 @@ Contracts:
   Prefetch: when the gradient of block ``k``'s output arrives (a tensor hook registered in forward), the
   copies back of offloaded block ``k - lead`` (the last block's hook also takes every offloaded block above
   ``L - 1 - lead``) are enqueued on the prefetch stream, after the copies out (their events). ``lead``
-  None (the default) is the number of blocks offloaded: the link back is slower than a block's backward
-  (Llama-3-8B: ~21 ms a block back against ~13 ms of its backward), so the copies back must start about as
-  many blocks ahead as there are to fetch (:func:`schedule` models it). It costs no peak memory while the
-  offloaded blocks are the first ones and at most half the blocks: when block ``j`` comes back, backward
-  has freed more blocks above than have come back.
+  None (the default, :func:`default_lead`) is ``min(n, L - 1 - n)`` for ``n`` blocks offloaded of ``L``:
+  the link back is slower than a block's backward (Llama-3-8B: ~21 ms a block back against ~13 ms of its
+  backward), so the copies back must start about as many blocks ahead as there are to fetch
+  (:func:`schedule` models it); and with the first blocks offloaded, a copy back started when backward
+  reaches block ``k`` adds no peak memory while ``n + lead <= L - 1``: the blocks back by then (at most
+  ``n + lead - k``) are never more than those backward has freed above ``k`` (``L - 1 - k``).
   CPU tensors (the CPU tests): the "host" copy is a plain ``clone`` of the storage and unpack rebuilds the
   tensor over it: no streams; gradients are bit-identical with and without offload
   (tests/test_act_offload.py).
@@ -76,9 +77,9 @@ Contracts:
   estimate, not a measurement of an offloaded step; how much of it hides behind compute depends on the
   blocks' forward and backward times (``to_host`` behind the forward of the blocks after the offloaded ones,
   ``to_gpu`` behind their backward).
-- ``schedule(n, n_blocks, block_bytes, forward_s, backward_s, lead=None) -> Schedule(forward_lag,
-  in_flight, backward_stall)``: for the speed model and the plan, the first ``n`` blocks offloaded on a
-  model of the two links (an estimate): the seconds backward waits for copies back, and how many offloaded
+- ``default_lead(n, n_blocks)``; ``schedule(n, n_blocks, block_bytes, forward_s, backward_s, lead=None)
+  -> Schedule(forward_lag, in_flight, backward_stall)``: for the speed model and the plan, the first ``n``
+  blocks offloaded on a model of the two links (an estimate): the seconds backward waits for copies back, and how many offloaded
   blocks are still on the GPU at the forward's end because their copies out lag.
 """
 
@@ -126,6 +127,12 @@ def offload_seconds(nbytes: float, d2h_gib_s: float = D2H_GIB_S, h2d_gib_s: floa
     return Transfer(nbytes / (d2h_gib_s * GIB), nbytes / (h2d_gib_s * GIB))
 
 
+def default_lead(n: int, n_blocks: int) -> int:
+    """How many blocks ahead the copies back start, ``n`` of ``n_blocks`` offloaded: ``min(n, L - 1 - n)``,
+    at least 0 (module docstring)."""
+    return max(0, min(n, n_blocks - 1 - n))
+
+
 class Schedule(NamedTuple):
     forward_lag: float  # seconds the last copy out ends after the forward
     in_flight: int  # offloaded blocks whose copy out is not done when the forward ends (still on the GPU)
@@ -139,16 +146,17 @@ def schedule(
     each block's forward takes ``forward_s`` and its backward ``backward_s`` (per block, the speed model's),
     each offloaded block moves ``block_bytes`` (:func:`offloaded_bytes` of one block) at the bandwidths of
     :func:`offload_seconds`; a block's copy out starts when its forward ends (its tensors are packed during
-    it), its copy back when backward reaches the block ``lead`` above it (None: ``n``, as
-    :func:`offload_blocks`) and not before its copy out ended; its backward waits for it. ``in_flight``
-    blocks are still on the GPU at the forward's end: the memory plan should count them as kept. Backward is
-    taken to start as the forward ends (the head and loss time is slack the model does not count). An
-    estimate: it ignores the copies' drag on the compute (memory bandwidth, copy engines).
+    it), its copy back when backward reaches the block ``lead`` above it (None: :func:`default_lead`) and not
+    before its copy out ended; its backward waits for it. ``in_flight`` blocks are still on the GPU at the
+    forward's end: the memory plan should count them as kept. Backward is taken to start as the forward ends
+    (the head and loss time is slack the model does not count). An estimate: it ignores the copies' drag on
+    the compute (memory bandwidth, copy engines).
 
     Llama-3-8B at 4 x 2,048 tokens (1.14 GB a block, 25 / 21 ms out / back; ~6.5 ms forward and ~13 ms
-    backward a block on an H100, assumed): up to 8 blocks leave nothing in flight, and with ``lead = n`` no
-    stall; with ``lead = 2`` the link back (slower than a block's backward) stalls ~8 ms per block."""
-    lead = max(n, 1) if lead is None else lead
+    backward a block on an H100, assumed): up to 8 blocks leave nothing in flight, and with the default
+    lead (``n``) no stall; with ``lead = 2`` the link back (slower than a block's backward) stalls ~8 ms a
+    block."""
+    lead = default_lead(n, n_blocks) if lead is None else lead
     t = offload_seconds(block_bytes)
     end_forward = n_blocks * forward_s
     link, out_end = 0.0, {}
@@ -514,7 +522,9 @@ def offload_blocks(
     clear(model)
     if not idx:
         return []
-    ctl = _Controller(len(mods), set(idx), min_bytes, max(len(idx), 1) if lead is None else lead)
+    ctl = _Controller(
+        len(mods), set(idx), min_bytes, default_lead(len(idx), len(mods)) if lead is None else lead
+    )
     for i, block in enumerate(mods):
         block.__class__ = _offloading_class(type(block))
         block._act_offload = (ctl, i)
