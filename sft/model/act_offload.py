@@ -26,15 +26,16 @@ Contracts:
   number.
 - What is offloaded: each saved tensor of an offloaded block that is a plain strided tensor of at least
   ``min_bytes`` (default 1 MiB); not a parameter or buffer, nor a view of one (by storage data pointer, read
-  at the block's call, so FSDP2's unsharded parameters count), nor a leaf that requires grad, nor an input of
-  the block that needs no gradient (an attention mask, RoPE's cos / sin, MPT's ALiBi bias: every block's,
+  at the block's call, so FSDP2's unsharded parameters count), nor a leaf that requires grad, nor an input
+  of the block that needs no gradient (an attention mask, RoPE's cos / sin, MPT's ALiBi bias: every block's,
   alive on the GPU for the others anyway; ``stats().skipped_shared``; so is block 0's hidden-state input
   when the embedding is frozen, as under LoRA: one element of d per token that stays). Tensor subclasses
-  (FP8 training tensors, DTensors) stay on the GPU. What is copied is the tensor's whole *storage*, once
-  per block call however many views of it are saved (transformers' q/k/v projections each save a view of the same normed
-  input; ``unbind`` saves q, k, v as views of one buffer), so the views come back as views of one copy and
-  nothing is duplicated on either side (a storage is known by its weakref: one freed and reallocated at the
-  same address within the call is a new one). Everything else is returned to autograd untouched.
+  (FP8 training tensors, DTensors) stay on the GPU. What is copied is the tensor's whole *storage*, once per
+  block call however many views of it are saved (transformers' q/k/v projections each save a view of the
+  same normed input; ``unbind`` saves q, k, v as views of one buffer), so the views come back as views of
+  one copy and nothing is duplicated on either side (a storage is known by its weakref: one freed and
+  reallocated at the same address within the call is a new one). Everything else is returned to autograd
+  untouched.
 - Pack (CUDA): the offload stream waits on the current stream, ``copy_(non_blocking=True)`` of the storage
   into pinned ``torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)``, records an event;
   ``record_stream(offload)`` on the storage, so the allocator reuses its memory only once the copy is done
@@ -77,10 +78,10 @@ Contracts:
   estimate, not a measurement of an offloaded step; how much of it hides behind compute depends on the
   blocks' forward and backward times (``to_host`` behind the forward of the blocks after the offloaded ones,
   ``to_gpu`` behind their backward).
-- ``default_lead(n, n_blocks)``; ``schedule(n, n_blocks, block_bytes, forward_s, backward_s, lead=None)
-  -> Schedule(forward_lag, in_flight, backward_stall)``: for the speed model and the plan, the first ``n``
-  blocks offloaded on a model of the two links (an estimate): the seconds backward waits for copies back, and how many offloaded
-  blocks are still on the GPU at the forward's end because their copies out lag.
+- ``default_lead(n, n_blocks)``; ``schedule(n, n_blocks, block_bytes, forward_s, backward_s, lead=None) ->
+  Schedule(forward_lag, in_flight, backward_stall)``: for the speed model and the plan, the first ``n``
+  blocks offloaded on a model of the two links (an estimate): the seconds backward waits for copies back,
+  and how many offloaded blocks are still on the GPU at the forward's end because their copies out lag.
 """
 
 from __future__ import annotations
