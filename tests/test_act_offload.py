@@ -471,7 +471,7 @@ def test_peak_memory_falls_by_the_offloaded_activations():
     assert st.missed == 0 and sorted(st.storages) == [0, 1, 2, 3]
     assert kept_none - kept_off > 0.75 * st.packed_bytes, (kept_none, kept_off, st.packed_bytes)
     assert peak_none - peak_sync > 0.75 * st.packed_bytes, (peak_none, peak_sync, st.packed_bytes)
-    assert peak_async <= peak_none + 2**20, (peak_async, peak_none)
+    assert peak_async <= 1.02 * peak_none, (peak_async, peak_none)  # allocator rounding aside
     # what left the GPU per block, in elements of d per token: the eager figure of sft/model/recompute.py
     # (SDPA with a materialised mask also copies its bf16 cast and GQA's repeated k, v: a few elements more)
     per_block = st.packed_bytes / 4 / (4 * 2048 * 512 * 2)
