@@ -185,6 +185,13 @@ class TrainConfig:
         "plan turns blocks selective first, then full), 'auto' (= full until selective is checked on a GPU)",
         choices=("auto", "full", "selective"),
     )
+    offload_blocks: int = _f(
+        0,
+        "keep the saved activations of N blocks (the first ones not recomputed whole) in pinned host memory: "
+        "copied out during forward, back ahead of backward (sft/model/act_offload.py); the plan counts them; "
+        "0 = none (not yet chosen by the plan: not measured on a GPU)",
+        minimum=0,
+    )
     optimizer_in_backward: str = _f(
         "auto",
         "step each parameter as soon as its gradient is ready (frees the gradients; needs --grad_accum=1, "

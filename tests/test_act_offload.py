@@ -480,3 +480,29 @@ def test_peak_memory_falls_by_the_offloaded_activations():
         < per_block
         < offloaded_elements(shape(model), compiled=False) + 8
     ), per_block
+
+
+def test_the_trainer_offloads_blocks_with_the_same_losses(tmp_path, monkeypatch):
+    """--offload_blocks=1 through the trainer (CPU, tiny Llama): config.json records it, and the per-step losses
+    equal the run without, bit for bit."""
+    import json
+
+    from sft.config import parse_args
+    from sft.training import runs
+    from sft.training.trainer import train
+
+    monkeypatch.setenv("SFT_CACHE", str(tmp_path / "cache"))
+    base = [
+        "--model=tiny-llama", "--data=bundled", "--limit=12", "--max_len=256", "--overlong=drop",
+        "--eval_size=2", "--max_steps=4", "--micro_batch=1", "--grad_accum=2", "--lr=1e-3", "--warmup_steps=1",
+        "--num_samples=0", "--no-save_final", "--no-progress", "--device=cpu", "--precision=fp32",
+        f"--out_dir={tmp_path}",
+    ]  # fmt: skip
+    plain = train(parse_args([*base, "--run_name=plain"]))
+    away = train(parse_args([*base, "--run_name=away", "--offload_blocks=1"]))
+    assert json.loads((away / "config.json").read_text())["config"]["resolved"]["offload_blocks"] == 1
+
+    def losses(run_dir):
+        return [(r["step"], r["loss"]) for r in runs.read_metrics(run_dir) if "loss" in r]
+
+    assert len(losses(away)) == 4 and losses(away) == losses(plain)

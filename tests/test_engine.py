@@ -300,6 +300,7 @@ def test_resolved_engine_settings_in_config_json(tmp_path):
         "compile": False,
         "checkpoint_blocks": 0,
         "selective_blocks": 0,
+        "offload_blocks": 0,
         "fp8": "none",
         "fp8_linears": 0,
         "optimizer_in_backward": False,

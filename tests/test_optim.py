@@ -429,7 +429,7 @@ def test_benchmark_drives_the_trainer_on_cpu(tmp_path, shared_data):
         tps = r["tokens_per_s"]
         assert tps["processed"] >= tps["non_pad"] >= tps["supervised"] > 0
         assert r["resolved"] == {
-            "attention": "sdpa", "compile": False, "checkpoint_blocks": 0, "selective_blocks": 0,
+            "attention": "sdpa", "compile": False, "checkpoint_blocks": 0, "selective_blocks": 0, "offload_blocks": 0,
             "optimizer_in_backward": False,
             "optimizer_offload": False, "fp8": "none", "fp8_linears": 0, "plan_why": "",
             "asked": {"optimizer": "auto", "micro_batch": 2, "grad_accum": 2},

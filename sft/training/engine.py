@@ -37,7 +37,7 @@ import time
 import torch
 
 from sft.config import ConfigError, TrainConfig
-from sft.model import fp8, recompute
+from sft.model import act_offload, fp8, recompute
 from sft.model.family import family, is_ours, transformer_blocks
 from sft.model.loss import chunked_cross_entropy_sum, count_supervised, step_loss
 from sft.model.models import forward_hidden
@@ -144,6 +144,7 @@ class Resolved:
     checkpoint_blocks: int = 0
     in_backward: bool = False
     selective_blocks: int = 0
+    offload_blocks: int = 0
 
     def planned(self, plan) -> Resolved:
         """This record with the memory plan's choices (a :class:`sft.training.memory.MemoryPlan`)."""
@@ -152,6 +153,7 @@ class Resolved:
             checkpoint_blocks=plan.checkpoint_blocks,
             in_backward=plan.in_backward,
             selective_blocks=plan.selective_blocks,
+            offload_blocks=plan.offload_blocks,
         )
 
 
@@ -170,11 +172,15 @@ def resolve(model, cfg: TrainConfig, device: torch.device) -> Resolved:
 
 def setup_model(model, resolved: Resolved, device: torch.device) -> dict:
     """FP8 block linears, attention backend, checkpointed blocks and per-block compile (module docstring),
-    as ``resolved`` says. Returns ``{"attention", "compile", "checkpoint_blocks", "selective_blocks", "fp8",
-    "fp8_linears"}``."""
+    as ``resolved`` says (``offload_blocks``: the saved activations of that many blocks after the ones recomputed
+    whole go to pinned host memory, sft/model/act_offload.py). Returns ``{"attention", "compile",
+    "checkpoint_blocks", "selective_blocks", "offload_blocks", "fp8", "fp8_linears"}``."""
     n_fp8 = fp8.convert_blocks(model, resolved.fp8)  # before the compile: the compiled block fuses the casts
     set_attention(model, resolved.attention)
     recompute.set_recompute(model, resolved.checkpoint_blocks, resolved.selective_blocks)
+    if resolved.offload_blocks:  # the first blocks that are not recomputed whole
+        first = resolved.checkpoint_blocks
+        act_offload.offload_blocks(model, list(range(first, first + resolved.offload_blocks)))
     if n_fp8 and not resolved.compile:
         log.warning(
             "--fp8=%s without --compile: the FP8 casts run unfused, likely slower than bf16", resolved.fp8
@@ -186,6 +192,7 @@ def setup_model(model, resolved: Resolved, device: torch.device) -> dict:
         "compile": resolved.compile,
         "checkpoint_blocks": resolved.checkpoint_blocks,
         "selective_blocks": resolved.selective_blocks,
+        "offload_blocks": resolved.offload_blocks,
         "fp8": resolved.fp8,
         "fp8_linears": n_fp8,
     }

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from sft.config import ConfigError, TrainConfig, parse_targets
-from sft.model.family import is_ours, shape
+from sft.model.family import is_ours, shape, transformer_blocks
 from sft.training.offload import offload_refusal, offload_seconds
 
 log = logging.getLogger("sft")
@@ -99,6 +99,7 @@ class MemoryPlan:
     why: str = ""
     offload: bool = False  # the optimizer state in host memory (sft/training/offload.py)
     selective_blocks: int = 0  # the next N blocks after the checkpointed ones recompute selectively
+    offload_blocks: int = 0  # saved activations of the next N blocks in pinned host memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,22 +134,44 @@ def activation_elements_per_layer(model, fp8: bool = False) -> float:
     return kept
 
 
-def _kept_elements(model, fp8: bool, L: int, full: int, selective: int) -> float:
+def _kept_elements(
+    model, fp8: bool, L: int, full: int, selective: int, offloaded: int = 0, in_flight: int = 0
+) -> float:
     """Elements of ``d`` per token alive at the activations' peak with the first ``full`` blocks recomputed
     whole and the next ``selective`` selectively: the largest of the end of forward, the recomputation of the
     last selective block (its own set back beside the kept ones) and that of the last full block (by then
-    backward has freed the sets of the blocks after it)."""
+    backward has freed the sets of the blocks after it). ``offloaded`` blocks after the full ones keep their
+    sets in host memory (sft/model/act_offload.py) except the last ``in_flight``, whose copies out have not
+    ended with the forward; the copies back start early enough that they never add to the peak."""
     none = activation_elements_per_layer(model, fp8)
     sel = max(none - selective_saved(model), 1.0)
     full = min(max(full, 0), L)
     selective = min(max(selective, 0), L - full)
+    sets = [sel] * selective + [none] * (L - full - selective)  # blocks full .. L-1
+    away = sets[: max(offloaded, 0)]
+    back = sum(away[len(away) - in_flight :]) if in_flight else 0.0
     kept = full + selective * sel
-    peaks = [kept + (L - full - selective) * none]
+    peaks = [kept + (L - full - selective) * none - sum(away) + back]
     if selective:
         peaks.append(kept + none - sel)
     if full:
         peaks.append(full + none)
     return max(peaks)
+
+
+def _offload_schedule(model, tokens: int, elem: int, full: int, n: int):
+    """:func:`sft.model.act_offload.schedule` of ``n`` blocks offloaded after the ``full`` recomputed ones, one
+    micro-batch of ``tokens``: each block's forward at :data:`NOMINAL_FLOPS` (2 FLOPs per parameter and token,
+    backward twice that), its set's bytes over the measured host link. None when ``n`` is 0."""
+    if n <= 0:
+        return None
+    from sft.model.act_offload import schedule
+
+    s = shape(model)
+    per_block = sum(p.numel() for p in transformer_blocks(model)[0].parameters())
+    forward_s = 2.0 * per_block * tokens / NOMINAL_FLOPS
+    block_bytes = tokens * s.width * elem * activation_elements_per_layer(model)
+    return schedule(n, max(s.layers - full, n), block_bytes, forward_s, 2 * forward_s)
 
 
 def selective_saved(model) -> float:
@@ -198,6 +221,7 @@ def estimate_memory(
     attention: str = "flex",
     offload: bool = False,
     selective_blocks: int = 0,
+    offload_blocks: int = 0,
 ) -> dict[str, int]:
     """Predicted peak bytes of one training process by part (module docstring) for the step ``cfg``
     (:class:`Workload`). ``model``: the loaded model in its training dtype, before LoRA. Under FSDP2 (``world`` > 1) weights, grads and optimizer
@@ -224,8 +248,12 @@ def estimate_memory(
     s = shape(model)
     L, d = s.layers, s.width
     elem = 2 if (autocast or base_elem == 2) else 4
-    kept = _kept_elements(model, cfg.fp8 != "none", L, checkpoint_blocks, selective_blocks)
     tokens = cfg.micro_batch * cfg.max_len
+    sched = _offload_schedule(model, tokens, elem, checkpoint_blocks, offload_blocks)
+    in_flight = max(1, sched.in_flight) if sched else 0
+    kept = _kept_elements(
+        model, cfg.fp8 != "none", L, checkpoint_blocks, selective_blocks, offload_blocks, in_flight
+    )
     vocab = getattr(model.config, "vocab_size", 0)
     activations = int(tokens * d * kept * elem) + 2 * min(cfg.loss_chunk, tokens) * vocab * 4
     # the head's gradient at the start of backward: the running sum of the loss chunks' contributions and the
@@ -377,6 +405,18 @@ def _step_seconds(model, cfg: TrainConfig) -> float:
     return 6.0 * n * cfg.micro_batch * cfg.grad_accum * cfg.max_len / NOMINAL_FLOPS
 
 
+def _act_offload_cost(model, cfg: TrainConfig, full: int, autocast: bool) -> float:
+    """Time factor of ``--offload_blocks``: the forward's lag and the backward's stall waiting for the host
+    link (:func:`_offload_schedule`) over one micro-batch's compute (``6 N`` FLOPs per token)."""
+    tokens = cfg.micro_batch * cfg.max_len
+    elem = 2 if (autocast or next(model.parameters()).element_size() == 2) else 4
+    sched = _offload_schedule(model, tokens, elem, full, cfg.offload_blocks)
+    if sched is None:
+        return 1.0
+    compute = 6.0 * sum(p.numel() for p in model.parameters()) * tokens / NOMINAL_FLOPS
+    return 1 + (sched.forward_lag + sched.backward_stall) / compute
+
+
 def host_memory_bytes() -> int | None:
     """Memory the OS has available for the host-resident optimizer state (None when unknown)."""
     return free_memory_bytes(torch.device("cpu"))
@@ -404,7 +444,11 @@ def _best_for(model, cfg, device, autocast, world, attention, limit, L):
         for n_ck, n_sel, ib, off in _candidates(c, L, world, device):
             if (ib, off) in tried:
                 continue  # more blocks recomputed for this kind only costs more
-            est = estimate_memory(model, work, autocast, world, n_ck, ib, attention, off, n_sel)
+            if n_ck + cfg.offload_blocks > L:
+                continue  # the offloaded blocks come after the ones recomputed whole
+            est = estimate_memory(
+                model, work, autocast, world, n_ck, ib, attention, off, n_sel, cfg.offload_blocks
+            )
             # the CPU as the GPU: over the available memory, the kernel's OOM killer ends the run (or, on a
             # shared machine, another process), so it is refused here, before the run folder exists
             if limit is not None and est["total"] > limit:
@@ -416,10 +460,12 @@ def _best_for(model, cfg, device, autocast, world, attention, limit, L):
             off_s = offload_seconds(sum(p.numel() for p in model.parameters()), c.optimizer) if off else 0.0
             step_s = _step_seconds(model, c) if off else 1.0
             t = relative_time(n_ck, L, mb * cfg.max_len, off_s, step_s, n_sel)
+            t *= _act_offload_cost(model, c, n_ck, autocast)
             if best is None or t < best[0] - 1e-9:
                 plan = MemoryPlan(
-                    n_ck, ib, est, limit, cfg.optimizer, mb, ga, offload=off, selective_blocks=n_sel
-                )
+                    n_ck, ib, est, limit, cfg.optimizer, mb, ga,
+                    offload=off, selective_blocks=n_sel, offload_blocks=cfg.offload_blocks,
+                )  # fmt: skip
                 best = (t, plan)
     return (best, None) if best else (None, est)
 
@@ -434,6 +480,12 @@ def plan_memory(
     the fastest plan of all (the more precise on a tie).
     CPU runs are planned and refused the same way, against the memory the OS has available."""
     L = shape(model).layers
+    if cfg.offload_blocks > L:
+        raise ConfigError(f"--offload_blocks={cfg.offload_blocks}: the model has {L} blocks")
+    if cfg.offload_blocks and world > 1:
+        raise ConfigError(
+            f"--offload_blocks={cfg.offload_blocks} with FSDP2 is not supported yet: use one process"
+        )
     limit = _limit(cfg, device, model)
     found, notes, est = [], [], None
     for opt in _optimizers(cfg):
