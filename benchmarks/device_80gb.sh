@@ -2,7 +2,8 @@
 # The measurements issue 25 still needs, one device call per part (each ends inside the 600 s limit):
 #
 #   bash benchmarks/device_80gb.sh h100a   # H100: --fp8 vs TRL bf16 (same call), MPT-7B defaults, optimizer step, new GPU tests
-#   bash benchmarks/device_80gb.sh h100b   # H100: Qwen3-14B defaults (8-bit state on the host), selective vs full recomputation
+#   bash benchmarks/device_80gb.sh h100b   # H100: Qwen3-14B defaults (8-bit state on the host); 4 x 4 kept at 80 GB, whole-block recompute
+#   bash benchmarks/device_80gb.sh h100d   # H100: 4 x 4 kept at 80 GB, selective recompute / 4 blocks' activations on the host
 #   bash benchmarks/device_80gb.sh h100c   # H100: pytest -m gpu (the whole GPU suite)
 #   bash benchmarks/device_80gb.sh h200    # H200 (needs_h200: the 14B plan needs more than 80 GB): Llama, MPT, Qwen3-14B rows
 #   bash benchmarks/device_80gb.sh smol1   # carry .smol/part0 .smol/sha256.txt .devdata: keeps the GGUF's first half there
@@ -18,20 +19,20 @@
 # Everything it writes goes under $OUT (the run folders as runs.tgz, without weights or checkpoints).
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-part=${1:?usage: device_80gb.sh h100a|h100b|h100c|h200|smol1|smol2}
+part=${1:?usage: device_80gb.sh h100a|h100b|h100c|h100d|h200|smol1|smol2}
 OUT=${OUT:?set OUT}
 log() { tee -a "$OUT/log"; }
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git log --oneline -1; date -u +%FT%T; } | log
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
-bench() {  # configs, per-config timeout, overall timeout
-    timeout -s KILL "$3" python3 benchmarks/train_throughput.py --data-dir .devdata --out-dir "$OUT/bench" \
+bench() {  # configs, per-config timeout, overall timeout, [sub-folder of $OUT/bench]
+    timeout -s KILL "$3" python3 benchmarks/train_throughput.py --data-dir .devdata --out-dir "$OUT/bench/${4:-a}" \
         --configs "$1" --steps 6 --timeout "$2" 2>&1 | tail -30 | log
 }
 trl() {  # the config to compare with
     timeout -s KILL 140 python3 benchmarks/peers.py --data=.devdata/guanaco-1k.jsonl \
         --tokenizer=.devdata/gpt-neox-20b-tokenizer.json --steps=6 --warmup_steps=0 --out="$OUT/peers_trl.json" \
-        --compare="$OUT/bench/train_throughput.json" --compare_config="$1" > "$OUT/peers.log" 2>&1
+        --compare="$OUT/bench/a/train_throughput.json" --compare_config="$1" > "$OUT/peers.log" 2>&1
     tail -5 "$OUT/peers.log" | log
 }
 case $part in
@@ -44,7 +45,11 @@ h100a)
         tests/test_optim.py 2>&1 | tail -8 | log
     ;;
 h100b)
-    bench qwen14b,llama76_full,llama76_sel 170 560
+    bench qwen14b 300 310
+    bench llama76_full 130 250 b
+    ;;
+h100d)
+    bench llama76_sel,llama76_off4 130 270
     ;;
 h100c)
     timeout -s KILL 560 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -15 | log

@@ -13,7 +13,7 @@ rendered and packed by the trainer; ``--max_steps`` steps, no samples, no final/
 | ``mpt_mb2`` | 2 rows x 8 micro-batches, the GPU's whole memory |
 | ``llama`` | ``sft/train_llama_guanaco.py`` defaults, Llama-3-8B shape (4 rows of 2,048 x 4 micro-batches) |
 | ``llama76`` | the Llama recipe in the 80 GB profile, ``--memory_limit_gib=76`` |
-| ``llama76_full`` / ``llama76_sel`` | 80 GB profile, 4 x 4 rows kept (``--plan_split=off``), ``adamw_sr``: blocks recomputed whole / selectively (``--recompute``) |
+| ``llama76_full`` / ``llama76_sel`` / ``llama76_off4`` | 80 GB profile, 4 x 4 rows kept (``--plan_split=off``), ``adamw_sr``: blocks recomputed whole / selectively (``--recompute``) / whole with 4 blocks' activations on the host (``--offload_blocks=4``) |
 | ``qwen14b`` / ``qwen14b76`` | the Llama recipe on the Qwen3-14B shape (``random:qwen3-14b``), whole card / 80 GB profile |
 | ``llama8k`` | 1 row of 8,192 x 4 micro-batches |
 | ``llama32k`` | 1 row of 32,768 x 1 (long context; the plan checkpoints what it must) |
@@ -83,6 +83,17 @@ CONFIGS = {
             "--plan_split=off",
             "--optimizer=adamw_sr",
             "--recompute=full",
+        ],
+    ),
+    "llama76_off4": (
+        "train_llama_guanaco.py",
+        [
+            "--model=random:llama-3-8b",
+            "--template=chatml",
+            "--memory_limit_gib=76",
+            "--plan_split=off",
+            "--optimizer=adamw_sr",
+            "--offload_blocks=4",
         ],
     ),
     "llama76_sel": (
