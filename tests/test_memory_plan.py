@@ -255,3 +255,13 @@ def test_offloaded_blocks_leave_the_gpu_except_those_still_in_flight(llama):
     assert (plan.checkpoint_blocks, plan.offload_blocks) == (19, 4)
     with pytest.raises(ConfigError, match=r"^--offload_blocks=40: the model has 32 blocks$"):
         _plan(llama, dataclasses.replace(base, offload_blocks=40), 76)
+
+
+def test_offload_blocks_beside_blocks_recomputed_whole_is_refused_in_one_line(llama):
+    base = dataclasses.replace(_recipe("train_llama_guanaco.py"), optimizer="adamw_sr", offload_blocks=4)
+    with pytest.raises(
+        ConfigError, match=r"^--offload_blocks=4: only 2 of the 32 blocks are not recomputed whole "
+    ):
+        _plan(llama, dataclasses.replace(base, checkpoint_blocks="30"), 133)
+    with pytest.raises(ConfigError, match=r"only 0 of the 32 blocks .* \(--grad_checkpointing\)$"):
+        _plan(llama, dataclasses.replace(base, grad_checkpointing=True), 133)

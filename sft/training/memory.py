@@ -482,6 +482,18 @@ def plan_memory(
     L = shape(model).layers
     if cfg.offload_blocks > L:
         raise ConfigError(f"--offload_blocks={cfg.offload_blocks}: the model has {L} blocks")
+    whole = (
+        L
+        if cfg.grad_checkpointing
+        else None
+        if cfg.checkpoint_blocks == "auto"
+        else int(cfg.checkpoint_blocks)
+    )
+    if cfg.offload_blocks and whole is not None and whole + cfg.offload_blocks > L:
+        raise ConfigError(
+            f"--offload_blocks={cfg.offload_blocks}: only {max(L - whole, 0)} of the {L} blocks are not recomputed "
+            f"whole ({'--grad_checkpointing' if cfg.grad_checkpointing else f'--checkpoint_blocks={whole}'})"
+        )
     if cfg.offload_blocks and world > 1:
         raise ConfigError(
             f"--offload_blocks={cfg.offload_blocks} with FSDP2 is not supported yet: use one process"
