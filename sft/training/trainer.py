@@ -331,10 +331,12 @@ def _prepare_model(
         before = answer_samples(model, tokenizer, convs, cfg, device, autocast_factory(resolved.autocast))
     setup = setup_model(model, resolved, device)  # before sharding
     log.info(
-        "engine: attention %s, %s, %d checkpointed blocks%s",
+        "engine: attention %s, %s, %d checkpointed blocks%s%s%s",
         setup["attention"],
         "blocks compiled one by one" if setup["compile"] else "not compiled",
         resolved.checkpoint_blocks,
+        f" (+{resolved.selective_blocks} selectively)" if resolved.selective_blocks else "",
+        f", {resolved.offload_blocks} blocks' activations on the host" if resolved.offload_blocks else "",
         ", optimizer step in backward" if resolved.in_backward else "",
     )
     return setup, before
