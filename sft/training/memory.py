@@ -531,6 +531,12 @@ def plan_memory(
             f" (why: {why})" if why else "",
         )  # fmt: skip
         return plan
+    raise _refusal(model, cfg, device, autocast, world, attention, limit, L, est)
+
+
+def _refusal(model, cfg, device, autocast, world, attention, limit, L, est) -> ConfigError:
+    """The one-line ConfigError of a run nothing fits: the last estimate, the limit, and the single changes
+    that would fit (:func:`_fixes`)."""
     where = (
         "--memory_limit_gib"
         if cfg.memory_limit_gib > 0
@@ -543,7 +549,7 @@ def plan_memory(
             f"host's {est['host_available'] / GIB:.1f} GiB available"
         )
     fixes = _fixes(model, cfg, device, autocast, world, attention, limit, L)
-    raise ConfigError(
+    return ConfigError(
         f"{what} {_fmt(est)} even with the most economical plan, {limit / GIB:.1f} GiB {where}: "
         + (
             f"try {' or '.join(fixes)}"
