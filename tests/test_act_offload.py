@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from sft.config import ConfigError
-from sft.data.packing import collate_rows, pack
-from sft.data.render import Sample
 from sft.model.act_offload import (
     clear,
     offload_blocks,
@@ -23,46 +21,19 @@ from sft.model.act_offload import (
 )
 from sft.model.family import shape, transformer_blocks
 from sft.model.loss import chunked_cross_entropy_sum
-from sft.model.models import forward_hidden, tiny_model
-from sft.model.mpt import MPTConfig, MPTForCausalLM
+from sft.model.models import forward_hidden
 from sft.model.recompute import kept_elements, set_recompute
+from tests.block_fixtures import (
+    V,
+    loss_and_grads,
+    our_mpt,
+    packed_batch,
+    run_losses,
+    tiny_llama,
+    tiny_run_args,
+)
 
-V = 97
-
-
-def _batch(seed: int = 0) -> dict:
-    """Rows of 64 tokens packing several documents each (and a padding tail): three."""
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    for n in (23, 17, 30, 9, 12, 40):
-        ids = torch.randint(4, V, (n,), generator=g).tolist()
-        samples.append(Sample(ids, ids))
-    return collate_rows(pack(samples, 64, 0))
-
-
-def _llama(dtype=torch.float32, layers=2):
-    model = tiny_model("tiny-llama", V, seed=0).to(dtype).train()
-    model.model.layers = model.model.layers[:layers]
-    return model
-
-
-def _mpt(dtype=torch.float32, layers=3):
-    torch.manual_seed(0)
-    model = MPTForCausalLM(MPTConfig(d_model=64, n_heads=4, n_layers=layers, vocab_size=V, max_seq_len=128))
-    model.init_weights()
-    model.attn_impl = "sdpa"
-    return model.to(dtype).train()
-
-
-MAKE = {"llama": _llama, "mpt": _mpt}
-
-
-def _loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    h, head = forward_hidden(model, batch)
-    loss = chunked_cross_entropy_sum(h, head, batch["targets"], 32)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+MAKE = {"llama": tiny_llama, "mpt": our_mpt}
 
 
 def _assert_same(got, ref, what):
@@ -77,14 +48,14 @@ def _assert_same(got, ref, what):
 def test_offload_gives_the_same_loss_and_grads(family, dtype):
     """0, 1 (first, last), all blocks offloaded (every tensor, min_bytes=0): bit-identical loss and grads,
     and the offloaded blocks' tensors went through pack and unpack."""
-    batch = _batch()
+    batch = packed_batch()
     model = MAKE[family](dtype)
     n = len(transformer_blocks(model))
-    ref = _loss_and_grads(model, batch)
+    ref = loss_and_grads(model, batch)
     for blocks in (0, 1, [n - 1], n, [0, n - 1]):
         got = offload_blocks(model, blocks, min_bytes=0)
         reset_stats(model)
-        _assert_same(_loss_and_grads(model, batch), ref, (family, blocks))
+        _assert_same(loss_and_grads(model, batch), ref, (family, blocks))
         want = list(range(blocks)) if isinstance(blocks, int) else sorted(blocks)
         assert got == offloaded_blocks(model) == want
         st = stats(model)
@@ -94,17 +65,17 @@ def test_offload_gives_the_same_loss_and_grads(family, dtype):
     clear(model)
     assert offloaded_blocks(model) == [] and stats(model).packed == 0
     assert all(type(b).__name__.startswith(("Llama", "MPT")) for b in transformer_blocks(model))
-    _assert_same(_loss_and_grads(model, batch), ref, (family, "cleared"))
+    _assert_same(loss_and_grads(model, batch), ref, (family, "cleared"))
 
 
 @pytest.mark.parametrize("family", ["llama", "mpt"])
 def test_offload_composes_with_recompute(family):
     """The other blocks recomputed (full, selective), and offloaded blocks recomputed too: the same numbers.
     A block our MPT recomputes whole (its checkpoint is around the block) is not offloaded."""
-    batch = _batch()
+    batch = packed_batch()
     model = MAKE[family](torch.bfloat16)
     n = len(transformer_blocks(model))
-    ref = _loss_and_grads(model, batch)
+    ref = loss_and_grads(model, batch)
     for (full, sel), blocks in (
         ((1, 0), [n - 1]),
         ((0, 1), [n - 1]),
@@ -115,7 +86,7 @@ def test_offload_composes_with_recompute(family):
         set_recompute(model, full, sel)
         offload_blocks(model, blocks, min_bytes=0)
         reset_stats(model)
-        _assert_same(_loss_and_grads(model, batch), ref, (family, full, sel, blocks))
+        _assert_same(loss_and_grads(model, batch), ref, (family, full, sel, blocks))
         st = stats(model)
         if family == "mpt":
             assert not any(i < full for i in st.storages), st.storages  # recomputed whole: not offloaded
@@ -131,11 +102,11 @@ def test_what_is_packed_is_the_block_activations_not_the_weights():
     every activation packs nothing."""
     from sft.model.recompute import saved_bytes
 
-    model = _mpt(torch.bfloat16, layers=2)
-    batch = _batch()
+    model = our_mpt(torch.bfloat16, layers=2)
+    batch = packed_batch()
     offload_blocks(model, [0], min_bytes=0)
     reset_stats(model)
-    _loss_and_grads(model, batch)
+    loss_and_grads(model, batch)
     st = stats(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert st.storages[0] and not st.storages[0] & params
@@ -155,7 +126,7 @@ def test_what_is_packed_is_the_block_activations_not_the_weights():
 
     offload_blocks(model, 2, min_bytes=1 << 20)
     reset_stats(model)
-    _loss_and_grads(model, batch)
+    loss_and_grads(model, batch)
     assert stats(model).packed == 0 and stats(model).skipped_small > 0
 
 
@@ -201,19 +172,19 @@ def test_prefetch_runs_lead_blocks_ahead(lead, order):
     """Our MPT, 4 blocks, all offloaded, the CUDA path's steps staged on the CPU: block j's copies back
     start when backward reaches block j + lead (the last block's gradient starts those above L - 1 - lead),
     no unpack misses its prefetch, each storage comes back once, and the numbers stay bit-identical."""
-    batch = _batch()
-    model = _mpt(torch.bfloat16, layers=4)
-    ref = _loss_and_grads(model, batch)
+    batch = packed_batch()
+    model = our_mpt(torch.bfloat16, layers=4)
+    ref = loss_and_grads(model, batch)
     offload_blocks(model, 4, min_bytes=0, lead=lead)
     log = _staged(model)
-    _assert_same(_loss_and_grads(model, batch), ref, lead)
+    _assert_same(loss_and_grads(model, batch), ref, lead)
     st = stats(model)
     assert " ".join(f"{s}{i}" for s, i in log) == order
     assert st.missed == 0 and st.prefetched == st.packed > 0 and st.unpacked > st.packed
     # a second step: the same again (the groups of the new forward)
     reset_stats(model)
     log.clear()
-    _assert_same(_loss_and_grads(model, batch), ref, lead)
+    _assert_same(loss_and_grads(model, batch), ref, lead)
     assert " ".join(f"{s}{i}" for s, i in log) == order and stats(model).missed == 0
     clear(model)
 
@@ -222,8 +193,8 @@ def test_a_missed_prefetch_fetches_the_block_and_retain_graph_works():
     """No prefetch ever starts (blocks 0 and 1 of 4 offloaded, the output hooks' targets emptied): each
     block's first unpack finds nothing on its way back and fetches the whole block; a second backward through
     a retained graph fetches everything again from the host copies; the gradients stay bit-identical."""
-    batch = _batch()
-    model = _mpt(torch.bfloat16, layers=4)
+    batch = packed_batch()
+    model = our_mpt(torch.bfloat16, layers=4)
     h, head = forward_hidden(model, batch)
     ref_loss = chunked_cross_entropy_sum(h, head, batch["targets"], 32)
     ref = torch.autograd.grad(ref_loss, list(model.parameters()))
@@ -246,17 +217,17 @@ def test_a_missed_prefetch_fetches_the_block_and_retain_graph_works():
 def test_shared_inputs_stay():
     """RoPE's cos / sin and the attention mask, inputs of every block that need no gradient, are not
     offloaded (they stay alive on the GPU for the other blocks); the hidden state input is."""
-    model = _llama()
+    model = tiny_llama()
     offload_blocks(model, 2, min_bytes=0)
     reset_stats(model)
-    _loss_and_grads(model, _batch())
+    loss_and_grads(model, packed_batch())
     st = stats(model)
     assert st.skipped_shared >= 2 * 2  # cos and sin, both blocks
     clear(model)
 
 
 def test_reapplying_replaces_and_refusals_change_nothing():
-    model = _llama()
+    model = tiny_llama()
     assert offload_blocks(model, [1], min_bytes=0) == [1]
     assert offload_blocks(model, 1, min_bytes=0) == [0]  # replaced, not added
     cls = type(model.model.layers[0])
@@ -281,9 +252,9 @@ def test_reapplying_replaces_and_refusals_change_nothing():
 
 
 def test_no_grad_and_eval_are_untouched():
-    model = _mpt()
+    model = our_mpt()
     offload_blocks(model, 3, min_bytes=0)
-    batch = _batch()
+    batch = packed_batch()
     with torch.no_grad():
         h, _ = forward_hidden(model, batch)
     assert stats(model).packed == 0 and h.shape == (3, 64, 64)
@@ -305,8 +276,8 @@ def test_the_plan_figures():
         nbytes / (49.9 * 2**30)
     )
     assert 0.020 < t.to_gpu < t.to_host < 0.030 and t.total == t.to_host + t.to_gpu
-    assert offloaded_bytes(shape(_llama()), 128, 2) == int(
-        2 * 128 * 64 * 2 * kept_elements(shape(_llama()), "none")
+    assert offloaded_bytes(shape(tiny_llama()), 128, 2) == int(
+        2 * 128 * 64 * 2 * kept_elements(shape(tiny_llama()), "none")
     )
 
 
@@ -342,7 +313,7 @@ def test_offload_composes_with_compiled_blocks(family):
     offload, bit for bit; the compiled autograd function's saved tensors went through the hooks, for selective
     blocks exactly the plan's figure."""
     torch._dynamo.reset()
-    batch = _batch()
+    batch = packed_batch()
     model = MAKE[family](torch.float32)
     n = len(transformer_blocks(model))
     for block in transformer_blocks(model):
@@ -350,12 +321,12 @@ def test_offload_composes_with_compiled_blocks(family):
     for full, sel in ((0, 0), (1, 0), (0, n)):
         set_recompute(model, full, sel)
         clear(model)
-        _loss_and_grads(model, batch)  # compiles
-        ref = _loss_and_grads(model, batch)
+        loss_and_grads(model, batch)  # compiles
+        ref = loss_and_grads(model, batch)
         offload_blocks(model, n, min_bytes=0)
-        _loss_and_grads(model, batch)
+        loss_and_grads(model, batch)
         reset_stats(model)
-        _assert_same(_loss_and_grads(model, batch), ref, (family, full, sel))
+        _assert_same(loss_and_grads(model, batch), ref, (family, full, sel))
         st = stats(model)
         assert st.packed > 0 and set(range(full, n)) <= set(st.storages)
         if sel:  # the compiled selective blocks pack exactly what the plan's figure says
@@ -482,27 +453,18 @@ def test_peak_memory_falls_by_the_offloaded_activations():
     ), per_block
 
 
-def test_the_trainer_offloads_blocks_with_the_same_losses(tmp_path, monkeypatch):
+def test_the_trainer_offloads_blocks_with_the_same_run_losses(tmp_path, monkeypatch):
     """--offload_blocks=1 through the trainer (CPU, tiny Llama): config.json records it, and the per-step losses
     equal the run without, bit for bit."""
     import json
 
     from sft.config import parse_args
-    from sft.training import runs
     from sft.training.trainer import train
 
     monkeypatch.setenv("SFT_CACHE", str(tmp_path / "cache"))
-    base = [
-        "--model=tiny-llama", "--data=bundled", "--limit=12", "--max_len=256", "--overlong=drop",
-        "--eval_size=2", "--max_steps=4", "--micro_batch=1", "--grad_accum=2", "--lr=1e-3", "--warmup_steps=1",
-        "--num_samples=0", "--no-save_final", "--no-progress", "--device=cpu", "--precision=fp32",
-        f"--out_dir={tmp_path}",
-    ]  # fmt: skip
+    base = tiny_run_args(tmp_path)
     plain = train(parse_args([*base, "--run_name=plain"]))
     away = train(parse_args([*base, "--run_name=away", "--offload_blocks=1"]))
     assert json.loads((away / "config.json").read_text())["config"]["resolved"]["offload_blocks"] == 1
 
-    def losses(run_dir):
-        return [(r["step"], r["loss"]) for r in runs.read_metrics(run_dir) if "loss" in r]
-
-    assert len(losses(away)) == 4 and losses(away) == losses(plain)
+    assert len(run_losses(away)) == 4 and run_losses(away) == run_losses(plain)

@@ -404,25 +404,22 @@ def test_the_trainer_with_the_state_on_the_host_gives_the_same_losses_and_resume
     import json
 
     from sft.config import parse_args
-    from sft.training import runs
     from sft.training.trainer import train
+    from tests.block_fixtures import run_losses
 
     monkeypatch.setenv("SFT_CACHE", str(tmp_path / "cache"))
-
-    def losses(run_dir):
-        return [(r["step"], r["loss"]) for r in runs.read_metrics(run_dir) if "loss" in r]
 
     plain = train(parse_args(_trainer_args(tmp_path, "--run_name=plain", "--offload_optimizer=false")))
     host = train(parse_args(_trainer_args(tmp_path, "--run_name=host", "--offload_optimizer=true")))
     resolved = json.loads((host / "config.json").read_text())["config"]["resolved"]
     assert resolved["optimizer_offload"] is True
     assert json.loads((plain / "config.json").read_text())["config"]["resolved"]["optimizer_offload"] is False
-    assert len(losses(host)) == 6 and losses(host) == losses(plain)
+    assert len(run_losses(host)) == 6 and run_losses(host) == run_losses(plain)
     args = _trainer_args(tmp_path, "--run_name=cut", "--offload_optimizer=true", "--stop_after=3")
     cut = train(parse_args(args))
-    assert len(losses(cut)) == 3
+    assert len(run_losses(cut)) == 3
     train(parse_args([f"--out_dir={tmp_path}", f"--resume={cut}", "--no-progress"]))
-    assert losses(cut) == losses(host)
+    assert run_losses(cut) == run_losses(host)
 
 
 def test_offload_refused_in_one_line_before_the_run_folder(tmp_path):

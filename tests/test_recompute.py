@@ -9,11 +9,8 @@ import pytest
 import torch
 
 from sft.config import ConfigError
-from sft.data.packing import collate_rows, pack
-from sft.data.render import Sample
 from sft.model.family import shape
-from sft.model.loss import chunked_cross_entropy_sum
-from sft.model.models import forward_hidden, tiny_model
+from sft.model.models import tiny_model
 from sft.model.mpt import MPTConfig, MPTForCausalLM, alibi_document_bias, alibi_slopes
 from sft.model.recompute import (
     SAVE_OPS,
@@ -24,38 +21,15 @@ from sft.model.recompute import (
     saved_bytes,
     set_recompute,
 )
-
-V = 97
-
-
-def _batch(seed: int = 0) -> dict:
-    """Two rows of 64 tokens packing several documents each (and a padding tail)."""
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    for n in (23, 17, 30, 9, 12, 40):
-        ids = torch.randint(4, V, (n,), generator=g).tolist()
-        samples.append(Sample(ids, ids))
-    return collate_rows(pack(samples, 64, 0))
-
-
-def _llama(dtype=torch.float32):
-    """tiny-llama: 2 blocks, d 64, GQA (4 query heads, 2 KV heads), RoPE, SiLU-gated FFN of 128, SDPA."""
-    return tiny_model("tiny-llama", V, seed=0).to(dtype).train()
-
-
-def _mpt(dtype=torch.float32, layers=3):
-    torch.manual_seed(0)
-    model = MPTForCausalLM(MPTConfig(d_model=64, n_heads=4, n_layers=layers, vocab_size=V, max_seq_len=128))
-    model.init_weights()
-    model.attn_impl = "sdpa"
-    return model.to(dtype).train()
-
-
-def _loss_and_grads(model, batch):
-    h, head = forward_hidden(model, batch)
-    loss = chunked_cross_entropy_sum(h, head, batch["targets"], 32)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+from tests.block_fixtures import (
+    V,
+    loss_and_grads,
+    our_mpt,
+    packed_batch,
+    run_losses,
+    tiny_llama,
+    tiny_run_args,
+)
 
 
 def _hf_mpt(dtype=torch.float32):
@@ -76,23 +50,23 @@ def test_recompute_gives_the_same_loss_and_grads(family, splits, dtype):
     """Every mix of full / selective / none blocks gives bit-identical loss and gradients on the CPU: the
     selective blocks' saved ops hand back their cached outputs, and the recomputed ops run the same kernels
     on the same inputs (eager, one thread order), so not even bf16 rounding differs."""
-    make = {"llama": _llama, "mpt": _mpt, "hf-mpt": _hf_mpt}[family]
-    batch = _batch()
+    make = {"llama": tiny_llama, "mpt": our_mpt, "hf-mpt": _hf_mpt}[family]
+    batch = packed_batch()
     model = make(dtype)
-    ref_loss, ref = _loss_and_grads(model, batch)
+    ref_loss, ref = loss_and_grads(model, batch)
     for full, sel in splits:
         model.zero_grad(set_to_none=True)
         set_recompute(model, full, sel)
         n = len(recompute_modes(model))
         assert recompute_modes(model) == ["full"] * full + ["selective"] * sel + ["none"] * (n - full - sel)
-        loss, grads = _loss_and_grads(model, batch)
+        loss, grads = loss_and_grads(model, batch)
         assert torch.equal(loss, ref_loss)
         for name, g in grads.items():
             assert torch.equal(g, ref[name]), (family, full, sel, name)
 
 
 def test_set_recompute_refuses_bad_counts():
-    llama, mpt = _llama(), _mpt()
+    llama, mpt = tiny_llama(), our_mpt()
     for model, n in ((llama, 2), (mpt, 3)):
         with pytest.raises(ConfigError, match=f"full=2 \\+ selective={n - 1} blocks, but the model has {n}"):
             set_recompute(model, 2, n - 1)
@@ -132,11 +106,11 @@ def test_checkpoint_blocks_is_full_recompute():
     the modes."""
     from sft.training import engine
 
-    model = _mpt()
+    model = our_mpt()
     set_recompute(model, 1, 2)
     engine.set_checkpoint_blocks(model, 2)
     assert recompute_modes(model) == ["full", "full", "none"]
-    llama = _llama()
+    llama = tiny_llama()
     engine.set_checkpoint_blocks(llama, 1)
     assert recompute_modes(llama) == ["full", "none"]
     assert [b.gradient_checkpointing for b in llama.model.layers] == [True, False]
@@ -173,7 +147,7 @@ def _block_runner(family: str):
     """``(run(mode) -> block output, model)`` for block 0 of a one-block bf16 model; the block's input is
     made inside ``run`` (a copy of a leaf), so its bytes count exactly when the mode keeps it."""
     if family == "llama":
-        model = _llama(torch.bfloat16)
+        model = tiny_llama(torch.bfloat16)
         block = model.model.layers[0]
         x0 = torch.randn(B, T, 64, dtype=torch.bfloat16, requires_grad=True)
         pos = torch.arange(T)[None].expand(B, T)
@@ -184,7 +158,7 @@ def _block_runner(family: str):
             return block(x0 * 1, attention_mask=None, position_ids=pos, position_embeddings=rope)
 
         return run, model
-    model = _mpt(torch.bfloat16, layers=1)
+    model = our_mpt(torch.bfloat16, layers=1)
     block = model.transformer.blocks[0]
     x0 = torch.randn(B, T, 64, dtype=torch.bfloat16, requires_grad=True)
     attn = {"impl": "sdpa", "bias": alibi_document_bias(alibi_slopes(4), None, T, B)}
@@ -312,16 +286,16 @@ def test_compiled_selective_blocks_give_the_same_grads_on_cuda(family):
     fp32 kernel noise (compiled kernels sum in another order)."""
     from sft.model.family import transformer_blocks
 
-    batch = {k: v.cuda() for k, v in _batch().items()}
+    batch = {k: v.cuda() for k, v in packed_batch().items()}
     model = _cuda_model(family, torch.float32)
-    ref_loss, ref = _loss_and_grads(model, batch)
+    ref_loss, ref = loss_and_grads(model, batch)
     model.zero_grad(set_to_none=True)
     for block in transformer_blocks(model):
         block.compile(dynamic=False)
     set_recompute(model, 1, 1)
     for _ in range(2):  # the first call compiles
         model.zero_grad(set_to_none=True)
-        loss, grads = _loss_and_grads(model, batch)
+        loss, grads = loss_and_grads(model, batch)
     torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-5)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref[name], atol=1e-5, rtol=1e-3, msg=name)
@@ -386,29 +360,20 @@ def test_compiled_selective_keeps_what_the_formula_says_on_cuda(family):
     assert got["full"] < got["selective"] < 0.8 * got["none"], got
 
 
-def test_the_trainer_recomputes_selectively_with_the_same_losses(tmp_path, monkeypatch):
+def test_the_trainer_recomputes_selectively_with_the_same_run_losses(tmp_path, monkeypatch):
     """--recompute=selective --checkpoint_blocks=2 through the trainer (CPU, tiny Llama): config.json records
     2 selective blocks and none recomputed whole, and the per-step losses equal the run that recomputes
     nothing, bit for bit."""
     import json
 
     from sft.config import parse_args
-    from sft.training import runs
     from sft.training.trainer import train
 
     monkeypatch.setenv("SFT_CACHE", str(tmp_path / "cache"))
-    base = [
-        "--model=tiny-llama", "--data=bundled", "--limit=12", "--max_len=256", "--overlong=drop",
-        "--eval_size=2", "--max_steps=4", "--micro_batch=1", "--grad_accum=2", "--lr=1e-3", "--warmup_steps=1",
-        "--num_samples=0", "--no-save_final", "--no-progress", "--device=cpu", "--precision=fp32",
-        f"--out_dir={tmp_path}",
-    ]  # fmt: skip
+    base = tiny_run_args(tmp_path)
     plain = train(parse_args([*base, "--run_name=plain", "--checkpoint_blocks=0"]))
     sel = train(parse_args([*base, "--run_name=sel", "--checkpoint_blocks=2", "--recompute=selective"]))
     resolved = json.loads((sel / "config.json").read_text())["config"]["resolved"]
     assert (resolved["checkpoint_blocks"], resolved["selective_blocks"]) == (0, 2)
 
-    def losses(run_dir):
-        return [(r["step"], r["loss"]) for r in runs.read_metrics(run_dir) if "loss" in r]
-
-    assert len(losses(sel)) == 4 and losses(sel) == losses(plain)
+    assert len(run_losses(sel)) == 4 and run_losses(sel) == run_losses(plain)
