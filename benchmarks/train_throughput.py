@@ -57,6 +57,13 @@ COMMON = [
     # does not change, and the trainer refuses a warm-up longer than the run
     "--warmup_steps=0",
 ]
+LLAMA76_KEPT = [
+    "--model=random:llama-3-8b",
+    "--template=chatml",
+    "--memory_limit_gib=76",
+    "--plan_split=off",
+    "--optimizer=adamw_sr",
+]
 CONFIGS = {
     "mpt": ("train_mpt_guanaco.py", ["--model=random:mpt-7b"]),
     "mpt76": ("train_mpt_guanaco.py", ["--model=random:mpt-7b", "--memory_limit_gib=76"]),
@@ -73,40 +80,16 @@ CONFIGS = {
         "train_llama_guanaco.py",
         ["--model=random:llama-3-8b", "--template=chatml", "--memory_limit_gib=76"],
     ),
-    # 4 x 4 rows kept at 80 GB: whole-block recomputation against selective (the plan picks the blocks)
-    "llama76_full": (
-        "train_llama_guanaco.py",
-        [
-            "--model=random:llama-3-8b",
-            "--template=chatml",
-            "--memory_limit_gib=76",
-            "--plan_split=off",
-            "--optimizer=adamw_sr",
-            "--recompute=full",
-        ],
-    ),
-    "llama76_off4": (
-        "train_llama_guanaco.py",
-        [
-            "--model=random:llama-3-8b",
-            "--template=chatml",
-            "--memory_limit_gib=76",
-            "--plan_split=off",
-            "--optimizer=adamw_sr",
-            "--offload_blocks=4",
-        ],
-    ),
-    "llama76_sel": (
-        "train_llama_guanaco.py",
-        [
-            "--model=random:llama-3-8b",
-            "--template=chatml",
-            "--memory_limit_gib=76",
-            "--plan_split=off",
-            "--optimizer=adamw_sr",
-            "--recompute=selective",
-        ],
-    ),
+    # 4 x 4 rows kept at 80 GB (adamw_sr): blocks recomputed whole, selectively, or whole with 4 blocks'
+    # activations on the host (the plan picks the counts)
+    **{
+        f"llama76_{key}": ("train_llama_guanaco.py", [*LLAMA76_KEPT, flag])
+        for key, flag in (
+            ("full", "--recompute=full"),
+            ("sel", "--recompute=selective"),
+            ("off4", "--offload_blocks=4"),
+        )
+    },
     "qwen14b": ("train_llama_guanaco.py", ["--model=random:qwen3-14b", "--template=chatml"]),
     "qwen14b76": (
         "train_llama_guanaco.py",

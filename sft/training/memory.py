@@ -41,6 +41,7 @@ and 1 GiB of kernel workspaces for GPU-sized steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from pathlib import Path
@@ -132,6 +133,19 @@ def activation_elements_per_layer(model, fp8: bool = False) -> float:
     if fp8:  # inputs of q/k/v (one, shared), the output projection, up (and gate, shared) and down
         kept -= FP8_SAVED_FRACTION * (3 + s.ffn / s.width)
     return kept
+
+
+def _staging_bytes(model, optimizer: str) -> int:
+    """:func:`sft.training.offload.offload_gpu_bytes` of the model's parameters, computed once per shape set and
+    optimizer (the plan asks for every candidate)."""
+    return _staging_of(tuple((tuple(p.shape), p.dtype) for p in model.parameters()), optimizer)
+
+
+@functools.lru_cache(maxsize=8)
+def _staging_of(shapes: tuple, optimizer: str) -> int:
+    from sft.training.offload import offload_gpu_bytes
+
+    return offload_gpu_bytes([torch.empty(s, dtype=d, device="meta") for s, d in shapes], optimizer)
 
 
 def _kept_elements(
@@ -241,9 +255,7 @@ def estimate_memory(
     optimizer = int(n_train * state_bytes_per_param(cfg.optimizer, train_elem)) // W
     host = 0
     if offload:  # the state lives on the host; the GPU holds the staging slots (sft/training/offload.py)
-        from sft.training.offload import offload_gpu_bytes
-
-        host, optimizer = optimizer, offload_gpu_bytes(list(model.parameters()), cfg.optimizer)
+        host, optimizer = optimizer, _staging_bytes(model, cfg.optimizer)
     weights //= W
     s = shape(model)
     L, d = s.layers, s.width
