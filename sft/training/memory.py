@@ -449,7 +449,7 @@ def _best_for(model, cfg, device, autocast, world, attention, limit, L):
     """The fastest fitting ``(relative time, MemoryPlan)`` for ``cfg``'s optimizer over splits, blocks, the
     step in backward and host-resident state, or ``(None, last estimate)`` when nothing fits."""
     best, est = None, None
-    host = host_memory_bytes()
+    host, n_params = host_memory_bytes(), sum(p.numel() for p in model.parameters())
     for mb, ga in _splits(cfg, device):
         c = dataclasses.replace(cfg, micro_batch=mb, grad_accum=ga)
         work, tried = Workload.of(c), set()
@@ -469,7 +469,7 @@ def _best_for(model, cfg, device, autocast, world, attention, limit, L):
                 est = {**est, "host_available": host}  # fits the GPU, not the host: said in the refusal
                 continue
             tried.add((ib, off))
-            off_s = offload_seconds(sum(p.numel() for p in model.parameters()), c.optimizer) if off else 0.0
+            off_s = offload_seconds(n_params, c.optimizer) if off else 0.0
             step_s = _step_seconds(model, c) if off else 1.0
             t = relative_time(n_ck, L, mb * cfg.max_len, off_s, step_s, n_sel)
             t *= _act_offload_cost(model, c, n_ck, autocast)
