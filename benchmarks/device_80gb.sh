@@ -1,8 +1,10 @@
 #!/bin/bash
 # The measurements issue 25 still needs, one device call per part (each ends inside the 600 s limit):
 #
-#   bash benchmarks/device_80gb.sh h100a   # H100: --fp8 vs TRL bf16 (same call), MPT-7B defaults, optimizer step, new GPU tests
-#   bash benchmarks/device_80gb.sh h100b   # H100: Qwen3-14B defaults (8-bit state on the host); 4 x 4 kept at 80 GB, whole-block recompute
+#   bash benchmarks/device_80gb.sh h100a   # H100: Llama defaults and --fp8 vs TRL bf16 (same call), MPT-7B defaults, optimizer step
+#   bash benchmarks/device_80gb.sh h100b   # H100: Qwen3-14B defaults (8-bit state on the host); the new modes' GPU tests
+#   bash benchmarks/device_80gb.sh h100e   # H100: the new modes' GPU tests with tracebacks, Qwen3-14B defaults
+#   QWEN=qwen14b76,qwen14b QWEN_S=280 bash benchmarks/device_80gb.sh h100e   # the same on an H200: 80 GB profile and whole card
 #   bash benchmarks/device_80gb.sh h100d   # H100: 4 x 4 kept at 80 GB, selective recompute / 4 blocks' activations on the host
 #   bash benchmarks/device_80gb.sh h100c   # H100: pytest -m gpu (the whole GPU suite)
 #   bash benchmarks/device_80gb.sh h200    # H200 (needs_h200: the 14B plan needs more than 80 GB): Llama, MPT, Qwen3-14B rows
@@ -19,7 +21,7 @@
 # Everything it writes goes under $OUT (the run folders as runs.tgz, without weights or checkpoints).
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-part=${1:?usage: device_80gb.sh h100a|h100b|h100c|h100d|h200|smol1|smol2}
+part=${1:?usage: device_80gb.sh h100a|h100b|h100c|h100d|h100e|h200|smol1|smol2}
 OUT=${OUT:?set OUT}
 log() { tee -a "$OUT/log"; }
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git log --oneline -1; date -u +%FT%T; } | log
@@ -37,16 +39,22 @@ trl() {  # the config to compare with
 }
 case $part in
 h100a)
-    bench llama_fp8,mpt 118 250
-    trl llama_fp8
-    timeout -s KILL 80 python3 benchmarks/optim_step.py --modes torch_fused_adamw,adamw_8bit,adamw_sr,adamw_kahan \
+    bench llama,llama_fp8,mpt 118 345
+    trl llama  # one TRL bf16 run: the ratio of both llama rows
+    timeout -s KILL 75 python3 benchmarks/optim_step.py --modes torch_fused_adamw,adamw_8bit,adamw_sr,adamw_kahan \
         --json "$OUT/optim_step.json" 2>&1 | tail -12 | log
-    timeout -s KILL 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_offload.py tests/test_recompute.py \
-        tests/test_optim.py 2>&1 | tail -8 | log
     ;;
 h100b)
+    timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_offload.py tests/test_recompute.py \
+        tests/test_act_offload.py tests/test_optim.py 2>&1 | tail -8 | log
     bench qwen14b 300 310
-    bench llama76_full 130 250 b
+    bench llama76_full 130 130 b
+    ;;
+h100e)  # the new modes' GPU tests with their tracebacks (gpu_tests.log), then Qwen3-14B defaults again
+    timeout -s KILL 250 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rf tests/test_offload.py \
+        tests/test_recompute.py tests/test_act_offload.py tests/test_optim.py > "$OUT/gpu_tests.log" 2>&1
+    tail -12 "$OUT/gpu_tests.log" | log
+    bench "${QWEN:-qwen14b}" 200 "${QWEN_S:-200}"
     ;;
 h100d)
     bench llama76_sel,llama76_off4 130 270

@@ -118,6 +118,7 @@ def test_offloaded_steps_are_bit_identical_to_the_optimizer_beside_the_params(na
     assert len({st["step"] for st in off.state.values()}) > 1
     assert all(t.device.type == "cpu" for t in _state_tensors(off))
     assert off.gpu_bytes() == offload_gpu_bytes(off_params, name, slots=slots)
+    assert off._staging.buffers == []  # given back after the step: the next backward reuses that memory
 
 
 def test_fp32_moments_are_staged_as_fp32():
@@ -254,6 +255,7 @@ def test_each_staged_tensor_starts_on_a_16_byte_boundary():
     assert offload_gpu_bytes([p], "adamw_kahan", slots=1) == 3 * 32
     assert offload_gpu_bytes([p], "adamw_8bit", slots=1) == 2 * 256 + 2 * 16
     staging = offload._Staging(torch.device("cpu"), 96, 1)
+    staging.allocate()
     views = staging.views(0, {k: torch.zeros(3, 5, dtype=torch.bfloat16) for k in "abc"})
     base = staging.buffers[0].data_ptr()
     assert [v.data_ptr() - base for v in views.values()] == [0, 32, 64]

@@ -20,12 +20,17 @@ Contract:
   ``dcp/`` (``torch.distributed.checkpoint``: model + optimizer, each rank writes its own shards),
   ``rng_rank{r}.pt``, ``config.json`` and ``state.json`` (written last, with ``world_size``), renamed
   into place by rank 0 after every rank has finished. Resumable at the same world size only.
+- Ending: :func:`leave_together` (after a run that ended without an error) holds every rank until rank 0 has
+  written what only it writes (samples, ``final/``, GGUF), on a gloo group made at :func:`init` with a day's
+  timeout; then :func:`destroy`. A rank that tore its group down and exited while rank 0 was still working
+  aborted under torchrun ("terminate called without an active exception", seen in CI on CPU).
 - :func:`consolidated_model`: the full state dict gathered to rank 0 on CPU, loaded into a fresh,
   unsharded copy of the model there (``None`` on other ranks): used for the samples and ``final/``.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -86,10 +91,23 @@ def init(device_type: str) -> DistInfo:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    global _ENDING
+    _ENDING = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
     return DistInfo(True, rank, world, local_rank)
 
 
+_ENDING = None  # the gloo group of leave_together (made by init)
+
+
+def leave_together(info: DistInfo) -> None:
+    """Wait here until every rank is here (rank 0 comes last: it writes the run's end alone)."""
+    if info.enabled and _ENDING is not None:
+        dist.barrier(group=_ENDING)
+
+
 def destroy() -> None:
+    global _ENDING
+    _ENDING = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

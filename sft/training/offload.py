@@ -20,8 +20,9 @@ Contracts:
   download. ``step()`` returns once every download is complete (the host state is then final). On CPU the
   same path runs with plain copies and no streams. Gradients are read as they are when ``step()`` is called
   (clip them first; accumulation needs nothing).
-- Staging: ``slots`` byte buffers on the parameters' device, allocated at the first step and reused, each
-  the largest parameter's state bytes (every tensor of it rounded up to 16 bytes, ``ALIGN``: no rounding
+- Staging: ``slots`` byte buffers on the parameters' device, allocated at the start of each step and given
+  back to torch's caching allocator at its end (so the next step's activations reuse that memory: the GPU
+  peak is the larger of backward's and the step's, not their sum), each the largest parameter's state bytes (every tensor of it rounded up to 16 bytes, ``ALIGN``: no rounding
   for a multiple of 8 elements, or of 1,024 in ``adamw_8bit``). ``offload_gpu_bytes(params, name)`` is that
   total: the GPU memory the optimizer needs beyond weights and gradients (Qwen3-14B, embedding 151,936 x
   5,120: 2 x 4.35 GiB kahan, 2 x 2.90 sr, 2 x 1.47 8bit). The host holds the whole state instead
@@ -172,13 +173,22 @@ class _Staging:
 
     def __init__(self, device: torch.device, nbytes: int, slots: int) -> None:
         self.device, self.nbytes, self.slots = device, nbytes, slots
-        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(slots)]
+        self.buffers: list[torch.Tensor] = []
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.h2d, self.d2h = torch.cuda.Stream(device), torch.cuda.Stream(device)
             self.uploaded, self.computed, self.downloaded = (
                 [torch.cuda.Event() for _ in range(slots)] for _ in range(3)
             )
+
+    def allocate(self) -> None:
+        """The slots' buffers, for one step (:meth:`release` gives them back at its end)."""
+        if not self.buffers:
+            self.buffers = [torch.empty(self.nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
+
+    def release(self) -> None:
+        """Give the buffers back to the allocator; only after :meth:`finish` (no copy or kernel still reads them)."""
+        self.buffers = []
 
     def views(self, slot: int, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Slot ``slot`` carved into tensors shaped as ``host``'s, in order, each at a multiple of ALIGN."""
@@ -265,10 +275,11 @@ class _HostResident:
         if self._staging is None or self._staging.nbytes < nbytes:
             self._staging = None  # free the old slots first
             self._staging = _Staging(self.device, nbytes, self.slots)
+        self._staging.allocate()
         return self._staging
 
     def gpu_bytes(self) -> int:
-        """Bytes of the staging slots now allocated on the parameters' device (0 before the first step)."""
+        """Bytes of the staging slots a step allocates on the parameters' device (0 before the first step)."""
         return 0 if self._staging is None else self._staging.nbytes * self._staging.slots
 
     def _host_tensors(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -300,6 +311,7 @@ class _HostResident:
                 staging.download(i % staging.slots, views, self._host_tensors(p))
         finally:
             staging.finish()
+            staging.release()
         return loss
 
     def step_parameter(self, p: torch.Tensor) -> None:

@@ -141,7 +141,9 @@ def train(cfg: TrainConfig, given: Iterable[str] | None = None) -> Path:
             # the run in phases: set-up (inputs, model, plan, run folder), the loop of engine steps with what
             # follows each step (log, eval, save, stop), and the finish (checkpoint, eval, samples, final/)
             run = _setup(cfg, info, device, resume_from, run_dir, open_run, warmup_given)
-            return _finish(run, _loop(run), t_start)
+            run_dir = _finish(run, _loop(run), t_start)
+        distributed.leave_together(info)  # the other ranks wait for rank 0's samples and final/
+        return run_dir
     finally:
         if info.enabled:
             distributed.destroy()
