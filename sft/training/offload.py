@@ -184,7 +184,9 @@ class _Staging:
     def allocate(self) -> None:
         """The slots' buffers, for one step (:meth:`release` gives them back at its end)."""
         if not self.buffers:
-            self.buffers = [torch.empty(self.nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
+            self.buffers = [
+                torch.empty(self.nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)
+            ]
 
     def release(self) -> None:
         """Give the buffers back to the allocator; only after :meth:`finish` (no copy or kernel still reads them)."""
