@@ -172,10 +172,14 @@ COMMITTED = _committed_peaks()
 
 def test_the_committed_gpu_runs_are_all_here():
     """The parametrization below sees every committed H100 / H200 run with two logged steps (a run that
-    stopped after its first step, runs/2026-12-02_h200_engine_2/runs/llama32k, has no steady peak)."""
+    stopped after its first step, runs/2026-12-02_h200_engine_2/runs/llama32k or the Qwen3-14B run that ran
+    out of memory at step 2, runs/2026-12-07_h100_80gb_defaults/runs/qwen14b_oom, has no steady peak)."""
     ids = [p.id for p in COMMITTED]
-    assert len(ids) == 16 and "2026-12-07_h100_llama_vs_trl/runs/llama" in ids
-    assert not any("engine_2/runs/llama32k" in i for i in ids)
+    assert len(ids) == 20 and "2026-12-07_h100_llama_vs_trl/runs/llama" in ids
+    assert {
+        f"2026-12-07_h100_80gb_defaults/runs/{r}" for r in ("llama", "llama_fp8", "mpt", "llama76_full")
+    } <= set(ids)
+    assert not any("engine_2/runs/llama32k" in i or "qwen14b_oom" in i for i in ids)
 
 
 @pytest.mark.parametrize("cfg, measured", COMMITTED)
