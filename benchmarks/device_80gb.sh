@@ -4,7 +4,7 @@
 #   bash benchmarks/device_80gb.sh h100a   # H100: Llama defaults and --fp8 vs TRL bf16 (same call), MPT-7B defaults, optimizer step
 #   bash benchmarks/device_80gb.sh h100b   # H100: Qwen3-14B defaults (8-bit state on the host); the new modes' GPU tests
 #   bash benchmarks/device_80gb.sh h100e   # H100: the new modes' GPU tests with tracebacks, Qwen3-14B defaults
-#   QWEN=qwen14b76,qwen14b QWEN_S=280 bash benchmarks/device_80gb.sh h100e   # the same on an H200: 80 GB profile and whole card
+#   TESTS_S=200 QWEN=qwen14b76,qwen14b QWEN_S=270 bash benchmarks/device_80gb.sh h100e   # the same on an H200: 80 GB profile and whole card
 #   bash benchmarks/device_80gb.sh h100d   # H100: 4 x 4 kept at 80 GB, selective recompute / 4 blocks' activations on the host
 #   bash benchmarks/device_80gb.sh h100c   # H100: pytest -m gpu (the whole GPU suite)
 #   bash benchmarks/device_80gb.sh h200    # H200 (needs_h200: the 14B plan needs more than 80 GB): Llama, MPT, Qwen3-14B rows
@@ -51,7 +51,7 @@ h100b)
     bench llama76_full 130 130 b
     ;;
 h100e)  # the new modes' GPU tests with their tracebacks (gpu_tests.log), then Qwen3-14B defaults again
-    timeout -s KILL 250 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rf tests/test_offload.py \
+    timeout -s KILL "${TESTS_S:-250}" python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rf --durations=8 tests/test_offload.py \
         tests/test_recompute.py tests/test_act_offload.py tests/test_optim.py > "$OUT/gpu_tests.log" 2>&1
     tail -12 "$OUT/gpu_tests.log" | log
     bench "${QWEN:-qwen14b}" 200 "${QWEN_S:-200}"
