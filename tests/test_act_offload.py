@@ -361,7 +361,7 @@ def _cuda_llama(layers: int, d: int = 512):
 
 
 def _cuda_step(model, ids):
-    h = model.model(input_ids=ids).last_hidden_state
+    h = model.model(input_ids=ids, use_cache=False).last_hidden_state
     loss = h.float().square().mean()
     loss.backward()
     return loss.detach()
@@ -385,7 +385,9 @@ def test_gradients_equal_on_cuda_with_pinned_memory(compiled):
     _cuda_step(model, ids)
     model.zero_grad(set_to_none=True)
     ref_loss = _cuda_step(model, ids)
-    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    # the head takes no part (the loss is on the last hidden state): its weight has no gradient
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(ref) == len(list(model.model.parameters()))
     for lead in (0, 1, 2, 5):
         model.zero_grad(set_to_none=True)
         offload_blocks(model, 3, lead=lead)
@@ -395,7 +397,7 @@ def test_gradients_equal_on_cuda_with_pinned_memory(compiled):
         st = stats(model)
         assert torch.equal(loss, ref_loss), lead
         for n, p in model.named_parameters():
-            assert torch.equal(p.grad, ref[n]), (lead, n)
+            assert (p.grad is None) if n not in ref else torch.equal(p.grad, ref[n]), (lead, n)
         assert st.packed > 0 and sorted(st.storages) == [0, 1, 2], st
         assert st.missed == 0 and st.prefetched == st.packed, st
     clear(model)
@@ -425,7 +427,7 @@ def test_peak_memory_falls_by_the_offloaded_activations():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        h = model.model(input_ids=ids).last_hidden_state
+        h = model.model(input_ids=ids, use_cache=False).last_hidden_state
         torch.cuda.synchronize()
         torch.empty(1, device="cuda")
         after_forward = torch.cuda.memory_allocated() - base

@@ -388,7 +388,10 @@ def test_compiled_kahan_step_matches_eager_on_cuda(moment_dtype):
 
 @pytest.mark.gpu
 def test_compiled_step_in_backward_equals_compiled_step_on_cuda():
-    """Hooks run in the autograd thread: the compiled update there is the same kernel, same result."""
+    """Hooks run in the autograd thread: the compiled update there is the same kernel, same result. (Dynamo
+    is reset first: the other tests' compilations of the update count towards its recompile limit, and the
+    autograd thread's own thread count is one more guard.)"""
+    torch._dynamo.reset()
     x, y = (t.cuda() for t in _data())
     runs = []
     for hooks in (False, True):

@@ -113,7 +113,11 @@ def test_checkpoint_blocks_is_full_recompute():
     llama = tiny_llama()
     engine.set_checkpoint_blocks(llama, 1)
     assert recompute_modes(llama) == ["full", "none"]
-    assert [b.gradient_checkpointing for b in llama.model.layers] == [True, False]
+    assert ["forward" in vars(b) for b in llama.model.layers] == [True, False]
+    engine.set_checkpoint_blocks(llama, 0)  # back to the class's forward
+    assert recompute_modes(llama) == ["none", "none"] and not any(
+        "forward" in vars(b) for b in llama.model.layers
+    )
 
 
 def test_policy_saves_matmuls_and_attention_only():

@@ -14,10 +14,13 @@ Contracts:
   ``fn(function, *args, **kwargs)`` is non-reentrant ``torch.utils.checkpoint.checkpoint`` (``selective``:
   with :func:`policy` as its ``context_fn``): what a transformers block's ``_gradient_checkpointing_func``
   takes.
-  transformers 5's ``GradientCheckpointingLayer`` checkpoints inside ``forward`` and our MPT checkpoints a
-  selective block inside ``MPTBlock.forward``, so a compiled block (``block.compile()``) traces the checkpoint
-  with its policy and the partitioner keeps only the saved ops' outputs that backward reads. (A selective
-  checkpoint *around* a compiled region would see none of its ops: the region would recompute whole.)
+  A transformers block gets the checkpoint inside its own ``forward`` (an instance attribute, set by
+  :func:`set_recompute`; transformers' flag stays off) and our MPT checkpoints a selective block inside
+  ``MPTBlock.forward``, so a compiled block (``block.compile()``) traces the checkpoint with its policy and the
+  partitioner keeps only the saved ops' outputs that backward reads. (A selective checkpoint *around* a
+  compiled region sees none of its ops and recomputes it whole: transformers 5.17 checkpoints in
+  ``__call__``, and there a compiled Llama block's "selective" kept no more than "full", measured on an H100
+  on 2026-12-07.)
 - ``set_recompute(model, full, selective=0)``: blocks ``0..full-1`` recompute whole, the next ``selective``
   selectively, the rest save everything; transformers ``GradientCheckpointingLayer`` blocks and our MPT,
   LoRA-injected or not. ConfigError (one line) for a count that is not a whole number >= 0, ``full +
@@ -140,8 +143,30 @@ def set_recompute(model, full: int, selective: int = 0) -> None:
         raise ConfigError(f"{family(model).name}: its blocks cannot be checkpointed one by one")
     for i, block in enumerate(blocks):
         mode = "full" if i < full else "selective" if i < full + selective else "none"
-        block.gradient_checkpointing = mode != "none"
-        block._gradient_checkpointing_func = _CHECKPOINT["selective" if mode == "selective" else "full"]
+        _checkpoint_forward(block, mode)
+
+
+def _checkpoint_forward(block, mode: str) -> None:
+    """A transformers block recomputes in ``mode`` through its own ``forward`` (an instance attribute that
+    ``block.compile()`` traces: the checkpoint and its policy are inside the compiled region on every
+    transformers version; transformers' own flag stays off, since 5.17 checkpoints in ``__call__``, outside
+    a compiled ``_call_impl``, where a selective policy sees one opaque region and recomputes it whole)."""
+    block.gradient_checkpointing = False
+    block.__dict__.pop("forward", None)
+    block._sft_recompute = mode
+    if mode == "none":
+        return
+    inner, ckpt = block.forward, _CHECKPOINT[mode]
+
+    def forward(*args, **kwargs):
+        if not (block.training and torch.is_grad_enabled()):
+            return inner(*args, **kwargs)
+        if kwargs.get("use_cache"):  # a recomputation would write the cache twice
+            kwargs["use_cache"] = False
+        kwargs.pop("past_key_values", None)
+        return ckpt(functools.partial(inner, **kwargs), *args)
+
+    block.forward = forward
 
 
 def recompute_modes(model) -> list[str]:
@@ -154,12 +179,7 @@ def recompute_modes(model) -> list[str]:
             return ["full"] * len(blocks)
         full, sel = model.checkpoint_blocks, getattr(model, "selective_blocks", 0)
         return ["full" if i < full else "selective" if i < full + sel else "none" for i in range(len(blocks))]
-    sel = _CHECKPOINT["selective"]
-    return [
-        "none" if not getattr(b, "gradient_checkpointing", False)
-        else "selective" if getattr(b, "_gradient_checkpointing_func", None) is sel else "full"
-        for b in blocks
-    ]  # fmt: skip
+    return [getattr(b, "_sft_recompute", "none") for b in blocks]
 
 
 def _storage_bytes(tree) -> int:
