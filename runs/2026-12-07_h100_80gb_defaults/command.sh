@@ -4,3 +4,5 @@
 bash benchmarks/device_80gb.sh h100a   # log_h100a.txt: llama, llama_fp8, mpt (train_throughput.json), TRL (peers_trl.json), optim_step.json
 # 22:59-23:03 UTC, same warm machine:
 bash benchmarks/device_80gb.sh h100b   # log_h100b.txt: the new GPU tests (5 failed, killed at 150 s), qwen14b (out of memory at step 2: runs/qwen14b_oom), llama76_full
+# 23:33-23:38 UTC, a fresh H100 (asked for nvidia-h200, given nvidia-h100-x1), the tree of 7010870 (staging slots given back after each step):
+TESTS_S=180 QWEN=qwen14b76 QWEN_S=150 bash benchmarks/device_80gb.sh h100e   # log_h100e.txt, gpu_tests_h100e.txt (4 failed, 14 passed), runs/qwen14b76
