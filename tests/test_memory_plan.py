@@ -9,6 +9,7 @@ The models are built on the meta device (shapes, no memory); the plan reads para
 import dataclasses
 import importlib.util
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,46 @@ def test_offload_blocks_beside_blocks_recomputed_whole_is_refused_in_one_line(ll
         _plan(llama, dataclasses.replace(base, checkpoint_blocks="30"), 133)
     with pytest.raises(ConfigError, match=r"only 0 of the 32 blocks .* \(--grad_checkpointing\)$"):
         _plan(llama, dataclasses.replace(base, grad_checkpointing=True), 133)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="inductor needs a C++ compiler"
+)
+def test_qwen3_q_k_norms_keep_what_the_activation_model_adds():
+    """A compiled Qwen3 block keeps, beside a Llama block of the same shape, the outputs and fp32 statistics of
+    its per-head q / k norms: (heads + kv_heads) x (head_dim + 2) / d elements of d per token, the term
+    ``activation_elements_per_layer`` adds for Qwen3 (1.6875 here: 4 + 2 heads of 16 on d 64)."""
+    from sft.model.recompute import kept_bytes
+    from sft.training.memory import activation_elements_per_layer
+
+    B, T, d = 2, 128, 64
+    kept, models = {}, {}
+    for kind in ("Llama", "Qwen3"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        config = getattr(transformers, f"{kind}Config")(
+            vocab_size=256, hidden_size=d, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16,
+        )  # fmt: skip
+        config._attn_implementation = "sdpa"
+        model = getattr(transformers, f"{kind}ForCausalLM")(config).to(torch.bfloat16).train()
+        block = model.model.layers[0]
+        block.compile(dynamic=False)
+        x0 = torch.randn(B, T, d, dtype=torch.bfloat16, requires_grad=True)
+        pos = torch.arange(T)[None].expand(B, T)
+        rope = model.model.rotary_emb(x0, pos)
+
+        def run(block=block, x0=x0, pos=pos, rope=rope):
+            return block(x0 * 1, attention_mask=None, position_ids=pos, position_embeddings=rope)
+
+        run().float().sum().backward()  # compiles
+        y, kept[kind] = kept_bytes(run)
+        y.float().sum().backward()
+        models[kind] = model
+    extra = (kept["Qwen3"] - kept["Llama"]) / (B * T * d * 2)
+    added = activation_elements_per_layer(models["Qwen3"]) - activation_elements_per_layer(models["Llama"])
+    assert extra == pytest.approx(1.6875, abs=1e-3) and added == pytest.approx(extra, abs=1e-3), (
+        extra,
+        added,
+    )

@@ -55,6 +55,7 @@ class Shape:
     ffn: int
     gated: bool
     vocab: int
+    qk_norm: bool = False  # an RMSNorm over each head of q and of k (Qwen3)
 
     @property
     def qkv_width(self) -> int:
@@ -96,9 +97,11 @@ def shape(model) -> Shape:
     kv = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or d // heads
     ffn = getattr(c, "intermediate_size", None) or int(getattr(c, "expansion_ratio", 4) * d)
-    gated = any(name.endswith("gate_proj") for name, _ in model.named_modules())
+    names = [name for name, _ in model.named_modules()]
+    gated = any(name.endswith("gate_proj") for name in names)
+    qk_norm = any(name.endswith("self_attn.q_norm") for name in names)
     vocab = getattr(c, "vocab_size", 0)
-    return Shape(int(L), int(d), int(heads), int(kv), int(head_dim), int(ffn), gated, int(vocab))
+    return Shape(int(L), int(d), int(heads), int(kv), int(head_dim), int(ffn), gated, int(vocab), qk_norm)
 
 
 def _get(module: nn.Module, path: str):
