@@ -5,7 +5,7 @@
 #   bash benchmarks/device_80gb.sh h100b   # H100: Qwen3-14B defaults (8-bit state on the host); the new modes' GPU tests
 #   bash benchmarks/device_80gb.sh h100e   # H100: the new modes' GPU tests with tracebacks, Qwen3-14B defaults
 #   TESTS_S=200 QWEN=qwen14b76,qwen14b QWEN_S=270 bash benchmarks/device_80gb.sh h100e   # the same on an H200: 80 GB profile and whole card
-#   bash benchmarks/device_80gb.sh h100d   # H100: 4 x 4 kept at 80 GB, selective recompute / 4 blocks' activations on the host
+#   bash benchmarks/device_80gb.sh h100d   # H100: Llama defaults vs --optimizer=adamw_8bit (2 x 8); 4 x 4 kept: selective / 4 blocks' activations on the host
 #   bash benchmarks/device_80gb.sh h100c   # H100: pytest -m gpu (the whole GPU suite)
 #   bash benchmarks/device_80gb.sh h200    # H200 (needs_h200: the 14B plan needs more than 80 GB): Llama, MPT, Qwen3-14B rows
 #   bash benchmarks/device_80gb.sh smol1   # carry .smol/part0 .smol/sha256.txt .devdata: keeps the GGUF's first half there
@@ -56,8 +56,9 @@ h100e)  # the new modes' GPU tests with their tracebacks (gpu_tests.log), then Q
     tail -12 "$OUT/gpu_tests.log" | log
     bench "${QWEN:-qwen14b}" 200 "${QWEN_S:-200}"
     ;;
-h100d)
-    bench llama76_sel,llama76_off4 130 270
+h100d)  # does a larger micro-batch (8-bit state: 2 rows x 8) beat adamw_sr's 1 x 16? then selective / offload
+    bench llama,llama_8bit 118 240
+    bench llama76_sel,llama76_off4 130 270 b
     ;;
 h100c)
     timeout -s KILL 560 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -15 | log

@@ -13,6 +13,7 @@ rendered and packed by the trainer; ``--max_steps`` steps, no samples, no final/
 | ``mpt_mb2`` | 2 rows x 8 micro-batches, the GPU's whole memory |
 | ``llama`` | ``sft/train_llama_guanaco.py`` defaults, Llama-3-8B shape (4 rows of 2,048 x 4 micro-batches) |
 | ``llama76`` | the Llama recipe in the 80 GB profile, ``--memory_limit_gib=76`` |
+| ``llama_8bit`` | ``llama`` with ``--optimizer=adamw_8bit`` (on an 80 GB card: 2 rows x 8 instead of ``adamw_sr``'s 1 x 16) |
 | ``llama76_full`` / ``llama76_sel`` / ``llama76_off4`` | 80 GB profile, 4 x 4 rows kept (``--plan_split=off``), ``adamw_sr``: blocks recomputed whole / selectively (``--recompute``) / whole with 4 blocks' activations on the host (``--offload_blocks=4``) |
 | ``qwen14b`` / ``qwen14b76`` | the Llama recipe on the Qwen3-14B shape (``random:qwen3-14b``), whole card / 80 GB profile |
 | ``llama8k`` | 1 row of 8,192 x 4 micro-batches |
@@ -79,6 +80,10 @@ CONFIGS = {
     "llama76": (
         "train_llama_guanaco.py",
         ["--model=random:llama-3-8b", "--template=chatml", "--memory_limit_gib=76"],
+    ),
+    "llama_8bit": (
+        "train_llama_guanaco.py",
+        ["--model=random:llama-3-8b", "--template=chatml", "--optimizer=adamw_8bit"],
     ),
     # 4 x 4 rows kept at 80 GB (adamw_sr): blocks recomputed whole, selectively, or whole with 4 blocks'
     # activations on the host (the plan picks the counts)
