@@ -12,8 +12,7 @@ Contracts:
   every other op.
 - ``checkpoint_fn(mode) -> callable``: ``mode`` ``"full"`` or ``"selective"`` (ValueError otherwise);
   ``fn(function, *args, **kwargs)`` is non-reentrant ``torch.utils.checkpoint.checkpoint`` (``selective``:
-  with :func:`policy` as its ``context_fn``): what a transformers block's ``_gradient_checkpointing_func``
-  takes.
+  with :func:`policy` as its ``context_fn``).
   A transformers block gets the checkpoint inside its own ``forward`` (an instance attribute, set by
   :func:`set_recompute`; transformers' flag stays off) and our MPT checkpoints a selective block inside
   ``MPTBlock.forward``, so a compiled block (``block.compile()``) traces the checkpoint with its policy and the

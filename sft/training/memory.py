@@ -29,8 +29,8 @@ recomputed; sft/model/recompute.py, measured on the CPU), and the plan turns blo
 them full. A model with per-head norms of q and k (Qwen3) keeps ``(heads + kv_heads) * (head_dim + 2) / d`` more
 (their bf16 outputs and fp32 statistics; measured on a compiled block on the CPU: 14.88 against Llama's 13.19).
 The peak is ``weights + optimizer state + dynamic`` (with the optimizer state on the host: ``weights +
-max(dynamic, grads + staging slots)``, the slots living only through the optimizer step) where ``dynamic`` is, at the start of backward,
-the activations; during backward the activations are freed as the gradients appear, so
+max(dynamic, grads + staging slots)``, the slots living only through the optimizer step) where ``dynamic``
+is, at the start of backward, the activations; during backward the activations are freed as the gradients appear, so
 ``max(activations, grads)`` with one micro-batch per step, ``grads + activations`` with accumulation (the
 gradients of the earlier micro-batches are alive during the next forward), and ``activations`` alone with
 the step in backward (each gradient is freed as soon as it is used). Plus one loss chunk of fp32 logits
