@@ -25,8 +25,8 @@ Contracts:
   peak is the larger of backward's and the step's, not their sum), each the largest parameter's state
   bytes (every tensor of it rounded up to 16 bytes, ``ALIGN``: no rounding for a multiple of 8 elements,
   or of 1,024 in ``adamw_8bit``). ``offload_gpu_bytes(params, name)`` is that total: the GPU memory the
-  optimizer needs beyond weights and gradients (Qwen3-14B, embedding 151,936 x 5,120: 2 x 4.35 GiB kahan, 2 x 2.90 sr, 2 x 1.47 8bit). The host holds the whole state instead
-  (``optim.state_bytes_per_param``; Qwen3-14B: 82.7 GiB kahan, 55.1 sr, 28.0 8bit). A loaded state of
+  optimizer needs beyond weights and gradients (Qwen3-14B, embedding 151,936 x 5,120: 2 x 4.35 GiB kahan,
+  2 x 2.90 sr, 2 x 1.47 8bit). The host holds the whole state instead (``optim.state_bytes_per_param``; Qwen3-14B: 82.7 GiB kahan, 55.1 sr, 28.0 8bit). A loaded state of
   other dtypes (fp32 moments saved, bf16 configured: kept as saved, as ``optim`` does) resizes the slots.
 - ``state_dict()`` is the host state (the format of the non-offloaded optimizer, on the CPU);
   ``load_state_dict()`` copies into host tensors (never onto the GPU: torch's loader would put the whole
