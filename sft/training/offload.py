@@ -21,13 +21,14 @@ Contracts:
   same path runs with plain copies and no streams. Gradients are read as they are when ``step()`` is called
   (clip them first; accumulation needs nothing).
 - Staging: ``slots`` byte buffers on the parameters' device, allocated at the start of each step and given
-  back to torch's caching allocator at its end (so the next step's activations reuse that memory: the GPU
-  peak is the larger of backward's and the step's, not their sum), each the largest parameter's state
-  bytes (every tensor of it rounded up to 16 bytes, ``ALIGN``: no rounding for a multiple of 8 elements,
-  or of 1,024 in ``adamw_8bit``). ``offload_gpu_bytes(params, name)`` is that total: the GPU memory the
-  optimizer needs beyond weights and gradients (Qwen3-14B, embedding 151,936 x 5,120: 2 x 4.35 GiB kahan,
-  2 x 2.90 sr, 2 x 1.47 8bit). The host holds the whole state instead (``optim.state_bytes_per_param``; Qwen3-14B: 82.7 GiB kahan, 55.1 sr, 28.0 8bit). A loaded state of
-  other dtypes (fp32 moments saved, bf16 configured: kept as saved, as ``optim`` does) resizes the slots.
+  back to torch's caching allocator at its end (so the next step's activations reuse that memory: the GPU peak
+  is the larger of backward's and the step's, not their sum), each the largest parameter's state bytes (every
+  tensor of it rounded up to 16 bytes, ``ALIGN``: no rounding for a multiple of 8 elements, or of 1,024 in
+  ``adamw_8bit``). ``offload_gpu_bytes(params, name)`` is that total: the GPU memory the optimizer needs
+  beyond weights and gradients (Qwen3-14B, embedding 151,936 x 5,120: 2 x 4.35 GiB kahan, 2 x 2.90 sr, 2 x
+  1.47 8bit). The host holds the whole state instead (``optim.state_bytes_per_param``; Qwen3-14B: 82.7 GiB
+  kahan, 55.1 sr, 28.0 8bit). A loaded state of other dtypes (fp32 moments saved, bf16 configured: kept as
+  saved, as ``optim`` does) resizes the slots.
 - ``state_dict()`` is the host state (the format of the non-offloaded optimizer, on the CPU);
   ``load_state_dict()`` copies into host tensors (never onto the GPU: torch's loader would put the whole
   state there) and resumes bit-exactly; state of either optimizer loads into the other.
