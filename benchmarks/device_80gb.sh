@@ -6,6 +6,8 @@
 #   bash benchmarks/device_80gb.sh h100e   # H100: the new modes' GPU tests with tracebacks, Qwen3-14B defaults
 #   TESTS_S=200 QWEN=qwen14b76,qwen14b QWEN_S=270 bash benchmarks/device_80gb.sh h100e   # the same on an H200: 80 GB profile and whole card
 #   bash benchmarks/device_80gb.sh h100d   # H100: Llama defaults vs --optimizer=adamw_8bit (2 x 8); 4 x 4 kept: selective / 4 blocks' activations on the host
+#   bash benchmarks/device_80gb.sh h100f   # H100: Llama / MPT defaults vs --optimizer=adamw_8bit (bigger micro-batches), TRL bf16
+#   bash benchmarks/device_80gb.sh h100g   # H100: pytest -m gpu (tracebacks in gpu_tests.log), Qwen3-14B plain defaults
 #   bash benchmarks/device_80gb.sh h100c   # H100: pytest -m gpu (the whole GPU suite)
 #   bash benchmarks/device_80gb.sh h200    # H200 (needs_h200: the 14B plan needs more than 80 GB): Llama, MPT, Qwen3-14B rows
 #   bash benchmarks/device_80gb.sh smol1   # carry .smol/part0 .smol/sha256.txt .devdata: keeps the GGUF's first half there
@@ -21,7 +23,7 @@
 # Everything it writes goes under $OUT (the run folders as runs.tgz, without weights or checkpoints).
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-part=${1:?usage: device_80gb.sh h100a|h100b|h100c|h100d|h100e|h200|smol1|smol2}
+part=${1:?usage: device_80gb.sh h100a|h100b|h100c|h100d|h100e|h100f|h100g|h200|smol1|smol2}
 OUT=${OUT:?set OUT}
 log() { tee -a "$OUT/log"; }
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git log --oneline -1; date -u +%FT%T; } | log
@@ -59,6 +61,16 @@ h100e)  # the new modes' GPU tests with their tracebacks (gpu_tests.log), then Q
 h100d)  # does a larger micro-batch (8-bit state: 2 rows x 8) beat adamw_sr's 1 x 16? then selective / offload
     bench llama,llama_8bit 118 240
     bench llama76_sel,llama76_off4 130 270 b
+    ;;
+h100f)  # the micro-batch question in one call: Llama and MPT defaults beside 8-bit state (bigger micro-batches), TRL
+    bench llama,llama_8bit,mpt,mpt_8bit 110 400
+    trl llama_8bit  # TRL bf16 on the same tokens: its ratio to both llama rows (peers_trl.json)
+    ;;
+h100g)  # the whole GPU suite (tracebacks in gpu_tests.log), then Qwen3-14B with the plain defaults
+    timeout -s KILL "${TESTS_S:-330}" python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rf --durations=8 \
+        > "$OUT/gpu_tests.log" 2>&1
+    tail -12 "$OUT/gpu_tests.log" | log
+    bench qwen14b 220 230
     ;;
 h100c)
     timeout -s KILL 560 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -15 | log

@@ -13,6 +13,7 @@ rendered and packed by the trainer; ``--max_steps`` steps, no samples, no final/
 | ``mpt_mb2`` | 2 rows x 8 micro-batches, the GPU's whole memory |
 | ``llama`` | ``sft/train_llama_guanaco.py`` defaults, Llama-3-8B shape (4 rows of 2,048 x 4 micro-batches) |
 | ``llama76`` | the Llama recipe in the 80 GB profile, ``--memory_limit_gib=76`` |
+| ``mpt_8bit`` | ``mpt`` with ``--optimizer=adamw_8bit`` (on an 80 GB card: 4 rows x 4, nothing recomputed, instead of ``adamw_kahan``'s 1 x 16) |
 | ``llama_8bit`` | ``llama`` with ``--optimizer=adamw_8bit`` (on an 80 GB card: 2 rows x 8 instead of ``adamw_sr``'s 1 x 16) |
 | ``llama76_full`` / ``llama76_sel`` / ``llama76_off4`` | 80 GB profile, 4 x 4 rows kept (``--plan_split=off``), ``adamw_sr``: blocks recomputed whole / selectively (``--recompute``) / whole with 4 blocks' activations on the host (``--offload_blocks=4``) |
 | ``qwen14b`` / ``qwen14b76`` | the Llama recipe on the Qwen3-14B shape (``random:qwen3-14b``), whole card / 80 GB profile |
@@ -73,6 +74,7 @@ CONFIGS = {
         ["--model=random:mpt-7b", "--memory_limit_gib=76", "--micro_batch=2", "--grad_accum=8"],
     ),
     "mpt_mb2": ("train_mpt_guanaco.py", ["--model=random:mpt-7b", "--micro_batch=2", "--grad_accum=8"]),
+    "mpt_8bit": ("train_mpt_guanaco.py", ["--model=random:mpt-7b", "--optimizer=adamw_8bit"]),
     "mpt_hf": ("train_mpt_guanaco.py", ["--model=random:mpt-7b", "--mpt_impl=hf"]),
     "mpt_fp8": ("train_mpt_guanaco.py", ["--model=random:mpt-7b", "--fp8=tensorwise"]),
     "mpt_fp8row": ("train_mpt_guanaco.py", ["--model=random:mpt-7b", "--fp8=rowwise"]),
