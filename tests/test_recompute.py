@@ -360,6 +360,11 @@ def test_compiled_selective_keeps_what_the_formula_says_on_cuda(family):
         got[mode] = (torch.cuda.memory_allocated() - before - y.numel() * 2) / (B * Tg * d * 2)
         y.float().sum().backward()
         want = kept_elements(shape(model), mode)
+        if (
+            family == "llama" and mode == "selective"
+        ):  # FlexAttention: RoPE's q and k recomputed too (memory.py)
+            s = shape(model)
+            want -= (s.heads + s.kv_heads) * s.head_dim / s.width
         assert got[mode] == pytest.approx(want, abs=1.0), (mode, got, want)
     assert got["full"] < got["selective"] < 0.8 * got["none"], got
 
