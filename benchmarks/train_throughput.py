@@ -15,7 +15,7 @@ rendered and packed by the trainer; ``--max_steps`` steps, no samples, no final/
 | ``llama76`` | the Llama recipe in the 80 GB profile, ``--memory_limit_gib=76`` |
 | ``mpt_8bit`` | ``mpt`` with ``--optimizer=adamw_8bit`` (on an 80 GB card: 4 rows x 4, nothing recomputed, instead of ``adamw_kahan``'s 1 x 16) |
 | ``llama_8bit`` | ``llama`` with ``--optimizer=adamw_8bit`` (on an 80 GB card: 2 rows x 8 instead of ``adamw_sr``'s 1 x 16) |
-| ``llama76_full`` / ``llama76_sel`` / ``llama76_off4`` | 80 GB profile, 4 x 4 rows kept (``--plan_split=off``), ``adamw_sr``: blocks recomputed whole / selectively (``--recompute``) / whole with 4 blocks' activations on the host (``--offload_blocks=4``) |
+| ``llama76_full`` / ``llama76_sel`` / ``llama76_off4`` | 80 GB profile, 4 x 4 rows kept (``--plan_split=off``), ``adamw_sr``: blocks recomputed whole / selectively (``--recompute``) / whole with 4 blocks' activations on the host (``--offload_blocks=4``: refused on CUDA since 2026-12-08, see sft/training/memory.py) |
 | ``qwen14b`` / ``qwen14b76`` | the Llama recipe on the Qwen3-14B shape (``random:qwen3-14b``), whole card / 80 GB profile |
 | ``llama8k`` | 1 row of 8,192 x 4 micro-batches |
 | ``llama32k`` | 1 row of 32,768 x 1 (long context; the plan checkpoints what it must) |

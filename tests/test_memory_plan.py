@@ -278,11 +278,12 @@ def test_recompute_selective_turns_blocks_selective_before_full(llama):
 # ----------------------------------------------------------------------------- saved activations on the host
 
 
-def test_offloaded_blocks_leave_the_gpu_except_those_still_in_flight(llama):
+def test_offloaded_blocks_leave_the_gpu_except_those_still_in_flight(llama, monkeypatch):
     """--offload_blocks=4, Llama-3-8B at 4 rows of 2,048: the speed model's link schedule (act_offload.schedule at
     the measured bandwidths, 1.07 GiB a block) leaves none in flight at the forward's end, so 3 of the 4 blocks'
     sets leave the GPU at the peak (one is counted back, to be safe); with the 4 x 4 rows kept at 76 GiB
     the plan then recomputes 19 blocks whole instead of 22."""
+    from sft.training import memory
     from sft.training.memory import (
         Workload,
         _offload_schedule,
@@ -290,6 +291,7 @@ def test_offloaded_blocks_leave_the_gpu_except_those_still_in_flight(llama):
         estimate_memory,
     )
 
+    monkeypatch.setattr(memory, "OFFLOAD_BLOCKS_ON_CUDA", True)  # the plan's arithmetic, as it will be
     cfg = dataclasses.replace(_recipe("train_llama_guanaco.py"), optimizer="adamw_sr")
     none = estimate_memory(llama, Workload.of(cfg), False)["activations"]
     away = estimate_memory(llama, Workload.of(cfg), False, offload_blocks=4)["activations"]
@@ -302,6 +304,20 @@ def test_offloaded_blocks_leave_the_gpu_except_those_still_in_flight(llama):
     assert (plan.checkpoint_blocks, plan.offload_blocks) == (19, 4)
     with pytest.raises(ConfigError, match=r"^--offload_blocks=40: the model has 32 blocks$"):
         _plan(llama, dataclasses.replace(base, offload_blocks=40), 76)
+
+
+def test_offload_blocks_on_cuda_is_refused_until_its_gradients_are_bit_identical_there(llama):
+    """The GPU test of the copies (tests/test_act_offload.py) found a different gradient on an H100: the plan
+    refuses the option on CUDA in one line naming it and what to use instead; the CPU keeps it."""
+    cfg = dataclasses.replace(_recipe("train_llama_guanaco.py"), optimizer="adamw_sr", offload_blocks=4)
+    with pytest.raises(
+        ConfigError, match=r"^--offload_blocks=4 is off on CUDA .*: use --recompute=selective"
+    ):
+        _plan(llama, cfg, 76)
+    cpu = plan_memory(
+        llama, dataclasses.replace(cfg, memory_limit_gib=400), torch.device("cpu"), False, 1, "sdpa"
+    )
+    assert cpu.offload_blocks == 4
 
 
 def test_offload_blocks_beside_blocks_recomputed_whole_is_refused_in_one_line(llama):
