@@ -82,6 +82,14 @@ def test_auto_picks_the_most_precise_state_of_the_fastest_plan(preset, recipe, g
         ), plan.why
 
 
+def test_full_speed_is_the_asked_micro_batch_with_nothing_recomputed(llama):
+    """A run that asks for 1 row x 16 is at full speed with it: the most precise state that fits wins with no
+    note, though every optimizer's plan is 'slower' than 4 rows would be (the CPU tests' small micro-batches)."""
+    cfg = dataclasses.replace(_recipe("train_llama_guanaco.py"), micro_batch=1, grad_accum=16)
+    plan = _plan(llama, cfg, 133)
+    assert (plan.optimizer, plan.micro_batch, plan.checkpoint_blocks, plan.why) == ("adamw_kahan", 1, 0, "")
+
+
 def test_an_explicit_optimizer_is_kept_and_the_plan_recomputes_instead(llama):
     cfg = dataclasses.replace(_recipe("train_llama_guanaco.py"), optimizer="adamw_8bit", plan_split="off")
     plan = _plan(llama, cfg, 76)

@@ -540,21 +540,25 @@ def plan_memory(
         )
     limit = _limit(cfg, device, model)
     found, notes, est = [], [], None
+    full_t = relative_time(0, L, cfg.micro_batch * cfg.max_len)  # the asked split, nothing recomputed
     for opt in _optimizers(cfg):
         best, est_o = _best_for(
             model, dataclasses.replace(cfg, optimizer=opt), device, autocast, world, attention, limit, L
         )
         est = est_o or est
         if best is None:
-            notes.append(f"{opt} does not fit")
+            notes.append((opt, f"{opt} does not fit"))
             continue
         found.append(best)
-        if _full_speed(*best):  # the most precise such optimizer wins
+        if _full_speed(*best, full_t):  # the most precise such optimizer wins
             break
-        notes.append(_slower(*best))
+        notes.append((opt, _slower(*best, full_t)))
     if found:
         t, plan = _pick(found)
-        why = "; ".join(n for n in notes if not n.startswith(plan.optimizer + " "))
+        # why the more precise states lost (they come before the chosen one)
+        order = [o for o, _ in notes]
+        lost = order[: order.index(plan.optimizer)] if plan.optimizer in order else order
+        why = "; ".join(n for o, n in notes if o in lost)
         plan = dataclasses.replace(plan, why=why)
         log.info(
             "memory plan: %s, %d x %d rows, %d of %d blocks checkpointed%s%s%s; estimate %s%s%s",
@@ -600,22 +604,20 @@ def _refusal(model, cfg, device, autocast, world, attention, limit, L, est) -> C
     )
 
 
-def _full_speed(t: float, plan: MemoryPlan) -> bool:
-    """Within :data:`FULL_SPEED_TOLERANCE` of the speed model's time with nothing recomputed, the state on the
-    GPU and the asked micro-batch (a smaller micro-batch costs its measured share)."""
-    return t <= 1 + FULL_SPEED_TOLERANCE and not plan.offload
+def _full_speed(t: float, plan: MemoryPlan, full_t: float) -> bool:
+    """The state on the GPU and within :data:`FULL_SPEED_TOLERANCE` of ``full_t``, the speed model's time of
+    the asked micro-batch with nothing recomputed (a smaller micro-batch costs its measured share)."""
+    return t <= full_t * (1 + FULL_SPEED_TOLERANCE) and not plan.offload
 
 
-def _slower(t: float, plan: MemoryPlan) -> str:
+def _slower(t: float, plan: MemoryPlan, full_t: float) -> str:
     """Why an optimizer's best plan is not at full speed, for the plan's line."""
     if plan.offload:
         return f"{plan.optimizer} needs its state on the host"
     blocks = plan.checkpoint_blocks + plan.selective_blocks
     if blocks:
         return f"{plan.optimizer} needs {blocks} blocks recomputed"
-    return (
-        f"{plan.optimizer} needs {plan.micro_batch} x {plan.grad_accum} rows (~{100 * (t - 1):.1f}% slower)"
-    )
+    return f"{plan.optimizer} needs {plan.micro_batch} x {plan.grad_accum} rows (~{100 * (t / full_t - 1):.1f}% slower)"
 
 
 def _pick(found: list[tuple[float, MemoryPlan]]) -> tuple[float, MemoryPlan]:
