@@ -555,10 +555,10 @@ def plan_memory(
         notes.append((opt, _slower(*best, full_t)))
     if found:
         t, plan = _pick(found)
-        # why the more precise states lost (they come before the chosen one)
-        order = [o for o, _ in notes]
-        lost = order[: order.index(plan.optimizer)] if plan.optimizer in order else order
-        why = "; ".join(n for o, n in notes if o in lost)
+        # why the more precise states lost: the notes before the chosen optimizer's own
+        names = [o for o, _ in notes]
+        cut = names.index(plan.optimizer) if plan.optimizer in names else len(notes)
+        why = "; ".join(n for _, n in notes[:cut])
         plan = dataclasses.replace(plan, why=why)
         log.info(
             "memory plan: %s, %d x %d rows, %d of %d blocks checkpointed%s%s%s; estimate %s%s%s",
