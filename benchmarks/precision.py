@@ -223,6 +223,12 @@ def command(mode: str, args, runs_dir: Path) -> list[str]:
     ]
 
 
+def model_label(extra: list[str], quick: bool) -> str:
+    """The model the runs train: the last ``--model=`` among the overrides, else the recipe's (or --quick's)."""
+    given = [e.split("=", 1)[1] for e in extra if e.startswith("--model=")]
+    return given[-1] if given else "tiny-llama" if quick else "SmolLM2-135M-Instruct"
+
+
 def _shown(cmd: list[str]) -> str:
     return " ".join(
         "python" if c == sys.executable else os.path.relpath(c, REPO) if c == str(RECIPE) else c for c in cmd
@@ -525,7 +531,7 @@ def main(argv=None) -> int:
         )
         print(f"{mode}: {brief}", flush=True)
     fails = compare(results, args.reference, args.tolerance)
-    model = "tiny-llama" if args.quick else "SmolLM2-135M-Instruct"
+    model = model_label(args.extra, args.quick)
     data = "bundled sample (--quick)" if args.quick else args.data.name
     device = _device_name()
     out = {

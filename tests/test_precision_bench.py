@@ -38,6 +38,7 @@ def test_quick_run_reports_each_mode_against_the_fp32_reference(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads((out_dir / "precision.json").read_text())
     assert res["reference"] == "adamw" and res["ok"] and res["failures"] == []
+    assert res["model"] == "tiny-llama"
     assert res["command"].startswith("python benchmarks/precision.py --quick")
     assert res["device"] and res["date"] and res["git"]["commit"]
     rows = {r["mode"]: r for r in res["modes"]}
@@ -68,6 +69,14 @@ def test_quick_run_reports_each_mode_against_the_fp32_reference(tmp_path):
     assert (out_dir / "precision.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = proc.stdout.split("mode ", 1)[1]
     assert "adamw_kahan" in table and "ref" in table and "%" in table
+
+
+def test_the_model_named_is_the_one_trained():
+    bench = _bench()
+    assert bench.model_label([], quick=False) == "SmolLM2-135M-Instruct"
+    assert bench.model_label(["--lr=1e-4"], quick=True) == "tiny-llama"
+    extra = ["--model=random:tiny-llama", "--max_steps=300", "--model=random:llama-400m"]
+    assert bench.model_label(extra, quick=True) == "random:llama-400m"
 
 
 def test_compare_fails_a_mode_outside_the_tolerance():
