@@ -14,6 +14,8 @@
 #   bash benchmarks/device_80gb.sh h100i   # H100: Llama / --fp8 / MPT recipes with today's auto plan, TRL bf16 (same call)
 #   bash benchmarks/device_80gb.sh p412a   # H100: the 412M Llama 300-step precision pair: fp32 AdamW, adamw_kahan
 #   bash benchmarks/device_80gb.sh p412b   # same warm machine: adamw_sr, adamw_8bit (the reference read back)
+#   bash benchmarks/device_80gb.sh uns1    # H100, carry .whl_bnb: keeps bitsandbytes' 43 MB wheel in /tmp/uns_keep
+#   bash benchmarks/device_80gb.sh uns2    # same warm machine, carry .whl .whl_uns .devdata: ours, TRL, Unsloth (one call)
 #   bash benchmarks/device_80gb.sh smol1   # carry .smol/part0 .smol/sha256.txt .devdata: keeps the GGUF's first half there
 #   bash benchmarks/device_80gb.sh smol2   # carry .smol/part1 .whl, same warm machine: joins it, runs benchmarks/precision.py
 #
@@ -24,10 +26,13 @@
 # Needs, in the checkout (both git-ignored, named in the call's carry): .devdata/ with guanaco-1k.jsonl and
 # gpt-neox-20b-tokenizer.json copied from ../shared/data, and .whl/ with the wheels of torchao 0.18.0, trl 1.16.0,
 # liger-kernel 0.8.5, datasets 5.2.0, dill 0.4.1, multiprocess 0.70.19 (the device README's pip download line).
+# uns1/uns2 (Unsloth, its own environment: it pins trl<=1.15 and datasets<5) need .whl_bnb/ with bitsandbytes 0.50.2
+# and .whl_uns/ with unsloth 2026.10.9, unsloth_zoo 2026.10.9, trl 1.15.0, datasets 4.8.5, cut_cross_entropy
+# 25.1.1 and copies of the dill, multiprocess and torchao wheels (xformers is optional to Unsloth and left out).
 # Everything it writes goes under $OUT (the run folders as runs.tgz, without weights or checkpoints).
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-part=${1:?usage: device_80gb.sh h100a|h100b|h100c|h100d|h100e|h100f|h100g|h100h|h100i|h200|p412a|p412b|smol1|smol2}
+part=${1:?usage: device_80gb.sh h100a|h100b|h100c|h100d|h100e|h100f|h100g|h100h|h100i|h200|p412a|p412b|uns1|uns2|smol1|smol2}
 OUT=${OUT:?set OUT}
 log() { tee -a "$OUT/log"; }
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git log --oneline -1; date -u +%FT%T; } | log
@@ -99,6 +104,21 @@ h100c)
     ;;
 h200)
     bench llama,mpt,qwen14b 160 560
+    ;;
+uns1)  # Unsloth's wheels are over one call's 64 MiB: bitsandbytes waits on the warm machine
+    mkdir -p /tmp/uns_keep && cp .whl_bnb/*.whl /tmp/uns_keep/ && ls -la /tmp/uns_keep | log
+    exit 0
+    ;;
+uns2)  # Llama-3-8B shape: our recipe's defaults, TRL 1.16 and Unsloth 2026.10 (its own site: trl 1.15, datasets 4.8)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_u \
+        /tmp/uns_keep/*.whl .whl_uns/*.whl 2>&1 | tail -3 | log
+    bench llama 110 130
+    trl llama
+    UNSLOTH_DISABLE_STATISTICS=1 PYTHONPATH=/tmp/site_u timeout -s KILL 290 python3 benchmarks/peers.py \
+        --system=unsloth --data=.devdata/guanaco-1k.jsonl --tokenizer=.devdata/gpt-neox-20b-tokenizer.json \
+        --steps=6 --warmup_steps=0 --model_dir=/tmp --out="$OUT/peers_unsloth.json" \
+        --compare="$OUT/bench/a/train_throughput.json" --compare_config=llama > "$OUT/unsloth.log" 2>&1
+    tail -8 "$OUT/unsloth.log" | log
     ;;
 smol1)
     mkdir -p /tmp/smol_keep && cp .smol/part0 .smol/sha256.txt /tmp/smol_keep/ && ls -la /tmp/smol_keep | log

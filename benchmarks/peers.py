@@ -1,4 +1,5 @@
-"""Hugging Face TRL ``SFTTrainer`` on exactly the tokens our recipe trains on: the peer our speed is measured against.
+"""Hugging Face TRL ``SFTTrainer`` (or Unsloth) on exactly the tokens our recipe trains on: the peers our speed
+is measured against.
 
 The rows are the recipe's own (``sft.data.batches.prepare`` with the recipe's defaults and the same flags:
 rendered, held-out split, cut to ``--max_len``), handed to TRL pre-tokenized (``input_ids`` + ``labels``,
@@ -30,6 +31,11 @@ call and prints our/TRL ratios.
         --out=bench/peers_trl.json --compare=bench/train_throughput.json          # GPU, Llama-3-8B shape
     python benchmarks/peers.py --model=random:tiny-llama --max_len=256 --micro_batch=2 --grad_accum=2 \\
         --steps=4 --limit=120                                                      # CPU: tests the script
+
+``--system=unsloth``: Unsloth (2026.10) full fine-tuning of the same model on the same samples with the same
+``SFTTrainer`` settings (its patched trainer, its own attention and kernels instead of FlexAttention and
+Liger, its host-offloaded gradient checkpointing where TRL's would be on): :func:`run_unsloth`. It needs its
+own environment (:data:`UNSLOTH_NEEDS`); without it the option is refused in one line (exit 2).
 
 Any other ``--field=value`` is a recipe flag (sft/config.py), applied to the recipe's defaults before the
 data are prepared (e.g. ``--limit=200``, ``--seed=1``).
@@ -276,19 +282,57 @@ def summarize(timer, counter: CountingCollator, warmup: int, n_params: int, L: i
 
 # ----------------------------------------------------------------------------- run
 def run_trl(args, cfg, device) -> dict:
+    """TRL's ``SFTTrainer`` on the project's random-init model (module docstring)."""
+    attn = attention_backend(args.attn, device)
+    model, tokenizer = build_model(cfg, attn, device)
+    liger = device.type == "cuda" and liger_available() if args.liger == "auto" else args.liger == "true"
+    return train_peer("trl", args, cfg, device, model, tokenizer, attn=attn, liger=liger)
+
+
+def run_unsloth(args, cfg, device) -> dict:
+    """Unsloth's full fine-tuning (``FastLanguageModel.from_pretrained(..., full_finetuning=True)``, bf16
+    weights) of the same random-init model, then the same ``SFTTrainer`` settings as TRL's, which Unsloth
+    patches on import (``unsloth`` is imported by :func:`main` before transformers). Unsloth loads from a
+    folder: the model is built as for TRL, written to a temporary folder (safetensors, in ``--model_dir``),
+    freed, and loaded back by Unsloth. Its own attention and kernels replace FlexAttention and Liger; its
+    gradient checkpointing (``"unsloth"``: saved activations in host memory) is on where TRL's would be."""
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = build_model(cfg, "sdpa", device)
+    n_params = sum(p.numel() for p in model.parameters())
+    gc_on, _ = wants_checkpointing(args.gradient_checkpointing, n_params, device)
+    with tempfile.TemporaryDirectory(prefix="peers-unsloth-model-", dir=args.model_dir) as folder:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=folder,
+            max_seq_length=cfg.max_len,
+            dtype=torch.bfloat16,
+            load_in_4bit=False,
+            full_finetuning=True,
+            use_gradient_checkpointing="unsloth" if gc_on else False,
+            random_state=cfg.seed,
+        )
+    attn = getattr(model.config, "_attn_implementation", None) or "unsloth"
+    return train_peer("unsloth", args, cfg, device, model, tokenizer, attn=attn, liger=False)
+
+
+def train_peer(system: str, args, cfg, device, model, tokenizer, *, attn: str, liger: bool) -> dict:
+    """``SFTTrainer`` with the documented speed settings (module docstring) on the recipe's samples, timed
+    per optimizer step; the result dict of ``system``."""
     import transformers
     import trl
     from trl import SFTConfig, SFTTrainer
 
-    attn = attention_backend(args.attn, device)
-    model, tokenizer = build_model(cfg, attn, device)
     n_params = sum(p.numel() for p in model.parameters())
     c = model.config
     L = int(getattr(c, "num_hidden_layers", None) or getattr(c, "n_layers", 0))
     d = int(getattr(c, "hidden_size", None) or getattr(c, "d_model", 0))
     dataset, data_stats = trl_dataset(cfg, tokenizer)
     gc_on, gc_why = wants_checkpointing(args.gradient_checkpointing, n_params, device)
-    liger = device.type == "cuda" and liger_available() if args.liger == "auto" else args.liger == "true"
     optim = args.optim or ("adamw_torch_fused" if device.type == "cuda" else "adamw_torch")
     settings = {
         "attn_implementation": attn,
@@ -305,8 +349,8 @@ def run_trl(args, cfg, device) -> dict:
         "gradient_accumulation_steps": cfg.grad_accum,
         "max_length": cfg.max_len,
     }
-    log.info("trl settings: %s", json.dumps(settings))
-    with tempfile.TemporaryDirectory(prefix="peers-trl-") as tmp:
+    log.info("%s settings: %s", system, json.dumps(settings))
+    with tempfile.TemporaryDirectory(prefix=f"peers-{system}-") as tmp:
         sft_args = SFTConfig(
             output_dir=tmp,
             max_length=cfg.max_len,
@@ -340,13 +384,16 @@ def run_trl(args, cfg, device) -> dict:
             trainer = SFTTrainer(
                 model=model, args=sft_args, train_dataset=dataset, processing_class=tokenizer
             )
-        # what TRL's BFD packing made of the samples: every token kept (none is longer than max_length)
+        # what the BFD packing made of the samples: every token kept (none is longer than max_length)
         packed = trainer.train_dataset
         data_stats["trl_packed_rows"] = len(packed)
         data_stats["trl_packed_tokens"] = sum(len(x) for x in packed["input_ids"])
         if data_stats["trl_packed_tokens"] != data_stats["tokens"]:
             log.warning(
-                "TRL's packing kept %d of %d tokens", data_stats["trl_packed_tokens"], data_stats["tokens"]
+                "%s's packing kept %d of %d tokens",
+                system,
+                data_stats["trl_packed_tokens"],
+                data_stats["tokens"],
             )
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
@@ -359,7 +406,7 @@ def run_trl(args, cfg, device) -> dict:
         wall = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    res = {"system": "trl", "model": cfg.model, "n_params": n_params, "n_layers": L, "d_model": d}
+    res = {"system": system, "model": cfg.model, "n_params": n_params, "n_layers": L, "d_model": d}
     res.update(summarize(timer, counter, args.warmup, n_params, L, d, peak_flops(device)))
     res.update(
         {
@@ -375,6 +422,7 @@ def run_trl(args, cfg, device) -> dict:
                 "trl": trl.__version__,
                 "liger_kernel": _version("liger_kernel") if liger else None,
                 "datasets": _version("datasets"),
+                **({"unsloth": _version("unsloth")} if system == "unsloth" else {}),
             },
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         }
@@ -403,7 +451,8 @@ def warnings_quiet():
 
 
 def compare(res: dict, path: Path, key: str) -> dict | None:
-    """Our recipe's row ``key`` of a ``train_throughput.json`` against this TRL result: ratios ours / TRL."""
+    """Our recipe's row ``key`` of a ``train_throughput.json`` against this peer's result: ratios ours / peer
+    (the keys keep the ``trl_`` names whatever the peer; ``res["system"]`` says which it was)."""
     try:
         ours = next(c for c in json.loads(path.read_text())["configs"] if c.get("name") == key)
     except (OSError, ValueError, StopIteration, KeyError) as e:
@@ -441,7 +490,7 @@ def print_table(res: dict) -> None:
     print(head)
     print("-" * len(head))
     print(
-        f"{'trl':<13} {s['attn_implementation']:>14} {str(s['use_liger_kernel'])[0]:>5} "
+        f"{res['system']:<13} {s['attn_implementation']:>14} {str(s['use_liger_kernel'])[0]:>5} "
         f"{str(s['gradient_checkpointing'])[0]:>4} {res['tokens_per_step_median'] or 0:>8.0f} "
         f"{res['first_step_s']:>6.1f} {res['step_time_median_s']:>7.3f} {t['non_pad']:>8.0f} "
         f"{t['supervised']:>8.0f} {pct(res['mfu']['non_pad']):>6} {gib(res['peak_mem_gib']):>8}"
@@ -455,7 +504,23 @@ def print_table(res: dict) -> None:
             f"{cmp['ours_non_pad_tokens_per_s']:>8.0f} {'':>8} {pct(cmp['ours_mfu_non_pad']):>6} "
             f"{gib(cmp['ours_peak_gib']):>8}"
         )
-        print(f"ours / TRL (non-pad tokens/s, same device call): {cmp['speedup_non_pad']:.2f}x")
+        print(f"ours / {res['system']} (non-pad tokens/s, same device call): {cmp['speedup_non_pad']:.2f}x")
+
+
+UNSLOTH_NEEDS = (
+    "unsloth==2026.10.9 with unsloth_zoo, bitsandbytes, trl<=1.15 and datasets<5 (a separate environment "
+    "from the TRL 1.16 peer's; benchmarks/device_80gb.sh uns1 / uns2 carry them to the GPU machine)"
+)
+
+
+def import_unsloth(ap) -> None:
+    """``import unsloth`` first, before transformers and trl (it patches them on import); one line and exit 2
+    when it cannot be imported (not installed, or no GPU: Unsloth needs one)."""
+    try:
+        import unsloth  # noqa: F401
+    except Exception as e:  # ImportError, or Unsloth's own refusal without a GPU
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        ap.error(f"--system=unsloth: unsloth cannot be imported ({first}); it needs {UNSLOTH_NEEDS}")
 
 
 def main(argv=None) -> int:
@@ -467,6 +532,9 @@ def main(argv=None) -> int:
     ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--recipe", choices=sorted(RECIPES), default="llama", help="whose defaults prepare the data"
+    )
+    ap.add_argument(
+        "--system", choices=("trl", "unsloth"), default="trl", help="the peer (unsloth: module docstring)"
     )
     ap.add_argument("--model", default="random:llama-3-8b")
     ap.add_argument("--data", default=str(data_dir / "guanaco-1k.jsonl"))
@@ -484,12 +552,19 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--liger", choices=("auto", "true", "false"), default="auto")
     ap.add_argument("--optim", default=None, help="default adamw_torch_fused on CUDA, adamw_torch on CPU")
+    ap.add_argument(
+        "--model_dir",
+        default=None,
+        help="unsloth: where the model's temporary folder goes (default: the temp dir)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
     ap.add_argument(
         "--compare", type=Path, default=None, help="a train_throughput.json of the same device call"
     )
     ap.add_argument("--compare_config", default="llama", help="its config to compare with")
     args, extra = ap.parse_known_args(argv)
+    if args.system == "unsloth":
+        import_unsloth(ap)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from sft.config import ConfigError
@@ -499,7 +574,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    res = run_trl(args, cfg, device)
+    res = (run_unsloth if args.system == "unsloth" else run_trl)(args, cfg, device)
     res["command"] = " ".join(["python", *(sys.argv if argv is None else [sys.argv[0], *argv])])
     res["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     if args.compare:
