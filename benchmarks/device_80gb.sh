@@ -28,7 +28,8 @@
 # liger-kernel 0.8.5, datasets 5.2.0, dill 0.4.1, multiprocess 0.70.19 (the device README's pip download line).
 # uns1/uns2 (Unsloth, its own environment: it pins trl<=1.15 and datasets<5) need .whl_bnb/ with bitsandbytes 0.50.2
 # and .whl_uns/ with unsloth 2026.10.9, unsloth_zoo 2026.10.9, trl 1.15.0, datasets 4.8.5, cut_cross_entropy
-# 25.1.1 and copies of the dill, multiprocess and torchao wheels (xformers is optional to Unsloth and left out).
+# 25.1.1, xformers 0.0.35 (optional to Unsloth: where it cannot load, Unsloth uses PyTorch's attention) and copies
+# of the dill, multiprocess and torchao wheels. Carried: uns1 48 MB, uns2 55 MB with the tree.
 # Everything it writes goes under $OUT (the run folders as runs.tgz, without weights or checkpoints).
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

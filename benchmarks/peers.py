@@ -384,6 +384,10 @@ def train_peer(system: str, args, cfg, device, model, tokenizer, *, attn: str, l
             trainer = SFTTrainer(
                 model=model, args=sft_args, train_dataset=dataset, processing_class=tokenizer
             )
+        # what the trainer kept of the settings asked (Unsloth turns packing off where it cannot keep the
+        # packed documents apart, e.g. on the CPU without FlashAttention)
+        settings["packing_effective"] = bool(getattr(trainer.args, "packing", False))
+        settings["padding_free_effective"] = bool(getattr(trainer.args, "padding_free", False))
         # what the BFD packing made of the samples: every token kept (none is longer than max_length)
         packed = trainer.train_dataset
         data_stats["trl_packed_rows"] = len(packed)
@@ -484,14 +488,15 @@ def print_table(res: dict) -> None:
 
     s, t = res["settings"], res["tokens_per_s"]
     head = (
-        f"{'system':<13} {'attn':>14} {'liger':>5} {'ckpt':>4} {'tok/step':>8} {'1st s':>6} {'step s':>7} "
+        f"{'system':<13} {'attn':>14} {'liger':>5} {'ckpt':>4} {'pack':>4} {'tok/step':>8} {'1st s':>6} {'step s':>7} "
         f"{'tok/s':>8} {'superv':>8} {'MFU':>6} {'peak GiB':>8}"
     )
     print(head)
     print("-" * len(head))
     print(
         f"{res['system']:<13} {s['attn_implementation']:>14} {str(s['use_liger_kernel'])[0]:>5} "
-        f"{str(s['gradient_checkpointing'])[0]:>4} {res['tokens_per_step_median'] or 0:>8.0f} "
+        f"{str(s['gradient_checkpointing'])[0]:>4} {str(s.get('packing_effective', True))[0]:>4} "
+        f"{res['tokens_per_step_median'] or 0:>8.0f} "
         f"{res['first_step_s']:>6.1f} {res['step_time_median_s']:>7.3f} {t['non_pad']:>8.0f} "
         f"{t['supervised']:>8.0f} {pct(res['mfu']['non_pad']):>6} {gib(res['peak_mem_gib']):>8}"
     )
@@ -500,7 +505,7 @@ def print_table(res: dict) -> None:
         print(f"ours ({cmp['config']}): {cmp['error'][:150]}")
     elif cmp:
         print(
-            f"{'ours ' + cmp['config']:<13} {'':>14} {'':>5} {'':>4} {'':>8} {'':>6} {'':>7} "
+            f"{'ours ' + cmp['config']:<13} {'':>14} {'':>5} {'':>4} {'':>4} {'':>8} {'':>6} {'':>7} "
             f"{cmp['ours_non_pad_tokens_per_s']:>8.0f} {'':>8} {pct(cmp['ours_mfu_non_pad']):>6} "
             f"{gib(cmp['ours_peak_gib']):>8}"
         )

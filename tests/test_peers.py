@@ -50,6 +50,7 @@ def test_trl_trains_on_the_recipes_tokens_and_is_compared(tmp_path):
         "sdpa",
     )
     assert (s["per_device_train_batch_size"], s["gradient_accumulation_steps"]) == (2, 2)
+    assert s["packing_effective"] and s["padding_free_effective"]
     steps = res["per_step"]
     assert [r["micro"] for r in steps] == [2, 2, 2, 2]
     # padding-free rows of at most 2 x 256 tokens per micro-batch, all of them real
