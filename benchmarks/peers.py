@@ -320,27 +320,16 @@ def run_unsloth(args, cfg, device) -> dict:
     return train_peer("unsloth", args, cfg, device, model, tokenizer, attn=attn, liger=False)
 
 
-def train_peer(system: str, args, cfg, device, model, tokenizer, *, attn: str, liger: bool) -> dict:
-    """``SFTTrainer`` with the documented speed settings (module docstring) on the recipe's samples, timed
-    per optimizer step; the result dict of ``system``."""
-    import transformers
-    import trl
-    from trl import SFTConfig, SFTTrainer
-
-    n_params = sum(p.numel() for p in model.parameters())
-    c = model.config
-    L = int(getattr(c, "num_hidden_layers", None) or getattr(c, "n_layers", 0))
-    d = int(getattr(c, "hidden_size", None) or getattr(c, "d_model", 0))
-    dataset, data_stats = trl_dataset(cfg, tokenizer)
+def peer_settings(args, cfg, device, n_params: int, attn: str, liger: bool) -> dict:
+    """What a peer run is asked to do (module docstring), as the result records it."""
     gc_on, gc_why = wants_checkpointing(args.gradient_checkpointing, n_params, device)
-    optim = args.optim or ("adamw_torch_fused" if device.type == "cuda" else "adamw_torch")
-    settings = {
+    return {
         "attn_implementation": attn,
         "packing": True,
         "packing_strategy": "bfd",
         "padding_free": True,
         "use_liger_kernel": liger,
-        "optim": optim,
+        "optim": args.optim or ("adamw_torch_fused" if device.type == "cuda" else "adamw_torch"),
         "bf16": True,
         "weights": "bf16",
         "gradient_checkpointing": gc_on,
@@ -349,37 +338,60 @@ def train_peer(system: str, args, cfg, device, model, tokenizer, *, attn: str, l
         "gradient_accumulation_steps": cfg.grad_accum,
         "max_length": cfg.max_len,
     }
+
+
+def sft_config(args, cfg, output_dir: str, settings: dict, device):
+    """The ``SFTConfig`` of a peer run: ``settings`` (packing, optimizer, checkpointing, Liger) and the recipe's
+    schedule and regularisation; logging every step, no eval, no saving."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=output_dir,
+        max_length=cfg.max_len,
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        per_device_train_batch_size=cfg.micro_batch,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_steps=args.steps,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.betas[0],
+        adam_beta2=cfg.betas[1],
+        max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else 0.0,
+        optim=settings["optim"],
+        bf16=True,
+        gradient_checkpointing=settings["gradient_checkpointing"],
+        use_liger_kernel=settings["use_liger_kernel"],
+        logging_steps=1,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=cfg.seed,
+        use_cpu=device.type != "cuda",
+    )
+
+
+def train_peer(system: str, args, cfg, device, model, tokenizer, *, attn: str, liger: bool) -> dict:
+    """``SFTTrainer`` with the documented speed settings (module docstring) on the recipe's samples, timed
+    per optimizer step; the result dict of ``system``."""
+    import transformers
+    import trl
+    from trl import SFTTrainer
+
+    n_params = sum(p.numel() for p in model.parameters())
+    c = model.config
+    L = int(getattr(c, "num_hidden_layers", None) or getattr(c, "n_layers", 0))
+    d = int(getattr(c, "hidden_size", None) or getattr(c, "d_model", 0))
+    dataset, data_stats = trl_dataset(cfg, tokenizer)
+    settings = peer_settings(args, cfg, device, n_params, attn, liger)
     log.info("%s settings: %s", system, json.dumps(settings))
     with tempfile.TemporaryDirectory(prefix=f"peers-{system}-") as tmp:
-        sft_args = SFTConfig(
-            output_dir=tmp,
-            max_length=cfg.max_len,
-            packing=True,
-            packing_strategy="bfd",
-            padding_free=True,
-            per_device_train_batch_size=cfg.micro_batch,
-            gradient_accumulation_steps=cfg.grad_accum,
-            max_steps=args.steps,
-            learning_rate=cfg.lr,
-            lr_scheduler_type="cosine",
-            warmup_steps=cfg.warmup_steps,
-            weight_decay=cfg.weight_decay,
-            adam_beta1=cfg.betas[0],
-            adam_beta2=cfg.betas[1],
-            max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else 0.0,
-            optim=optim,
-            bf16=True,
-            gradient_checkpointing=gc_on,
-            use_liger_kernel=liger,
-            logging_steps=1,
-            eval_strategy="no",
-            save_strategy="no",
-            report_to="none",
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            seed=cfg.seed,
-            use_cpu=device.type != "cuda",
-        )
+        sft_args = sft_config(args, cfg, tmp, settings, device)
         with warnings_quiet():
             trainer = SFTTrainer(
                 model=model, args=sft_args, train_dataset=dataset, processing_class=tokenizer
