@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from sft.config import ConfigError
 from sft.model.family import shape
@@ -261,6 +262,46 @@ def test_compiled_block_keeps_what_the_formula_says(family):
 
 
 # ---------------------------------------------------------------------- CUDA (compiled blocks, FlexAttention)
+def test_compiled_flex_llama_recomputes_like_sdpa_through_aot_autograd(monkeypatch):
+    """CPU, fp32, tiny Llama, FlexAttention with the document BlockMask, every block compiled with
+    ``backend="aot_eager"`` (dynamo, AOTAutograd's joint graph and its partition, torch's own flex
+    implementation instead of inductor's kernels): with no / whole / selective recompute the loss equals the
+    uncompiled SDPA model's to 1e-6 relative (dropping the document mask moves it 2.0e-4) and the gradients to
+    1e-5. So the gap the H100 found between the compiled, recomputed Llama and the uncompiled one (4.6e-5) is
+    not in the tracing, the checkpoints or the partition; what is left is inductor's CUDA code
+    (``test_compiled_selective_blocks_give_the_same_grads_on_cuda`` tells compiling from recomputing there).
+    torch refuses FlexAttention with gradients on the CPU only because inductor has no CPU backward kernel;
+    the check is lifted for this test."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    from sft.model.family import transformer_blocks
+    from sft.training import engine
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *a: None)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, num_key_value_heads=2, **cfg)).train()
+    batch = packed_batch()
+    engine.set_attention(model, "sdpa")
+    want_loss, want = loss_and_grads(model, batch)
+    unmasked, _ = loss_and_grads(model, {**batch, "document_ids": torch.zeros_like(batch["document_ids"])})
+    assert abs(unmasked / want_loss - 1) > 1e-4
+    engine.set_attention(model, "flex")
+    for block in transformer_blocks(model):
+        block.compile(backend="aot_eager", dynamic=False)
+    for full, selective in ((0, 0), (1, 1), (0, 2), (2, 0)):
+        set_recompute(model, full, selective)
+        loss, grads = loss_and_grads(model, batch)
+        torch.testing.assert_close(
+            loss, want_loss, rtol=1e-6, atol=0, msg=f"full={full} selective={selective}"
+        )
+        for name, g in grads.items():
+            torch.testing.assert_close(
+                g, want[name], atol=1e-5, rtol=1e-4, msg=f"{name}, {full} / {selective}"
+            )
+
+
 def _cuda_model(family: str, dtype, **sizes):
     """A seeded model on CUDA with FlexAttention: tiny-llama's shape (or ``sizes``) / our MPT (3 blocks)."""
     from transformers import LlamaConfig, LlamaForCausalLM
