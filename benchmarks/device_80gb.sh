@@ -13,7 +13,7 @@
 #   bash benchmarks/device_80gb.sh h100h   # H100: the whole GPU suite, tracebacks in gpu_tests.log (~6-9 min)
 #   bash benchmarks/device_80gb.sh h100i   # H100: Llama / --fp8 / MPT recipes with today's auto plan, TRL bf16 (same call)
 #   bash benchmarks/device_80gb.sh p412a   # H100: the 412M Llama 300-step precision pair: fp32 AdamW, adamw_kahan
-#   bash benchmarks/device_80gb.sh p412b   # same warm machine: adamw_sr, adamw_8bit (the reference read back)
+#   bash benchmarks/device_80gb.sh p412b   # same warm machine: adamw_sr, adamw_8bit (the first two read back: one table)
 #   bash benchmarks/device_80gb.sh uns1    # H100, carry .whl_bnb: keeps bitsandbytes' 43 MB wheel in /tmp/uns_keep
 #   bash benchmarks/device_80gb.sh uns2    # same warm machine, carry .whl .whl_uns .devdata: ours, TRL, Unsloth (one call)
 #   bash benchmarks/device_80gb.sh smol1   # carry .smol/part0 .smol/sha256.txt .devdata: keeps the GGUF's first half there
@@ -92,7 +92,7 @@ h100i)  # the recipes as a user runs them today (auto plan), and TRL bf16 on the
     trl llama  # its ratio to both llama rows (peers_trl.json)
     ;;
 p412a|p412b)  # random:llama-400m (411.6 M), 300 steps of 2 x 1,024, each mode against fp32 AdamW (issue 17's shape)
-    modes=adamw,adamw_kahan && [ "$part" = p412b ] && modes=adamw_sr,adamw_8bit
+    modes=adamw,adamw_kahan && [ "$part" = p412b ] && modes=adamw,adamw_kahan,adamw_sr,adamw_8bit  # a read back
     timeout -s KILL 570 python3 benchmarks/precision.py --modes "$modes" --out-dir /tmp/p412 --reuse --timeout 260 \
         --eval-every 50 -- --model=random:llama-400m --tokenizer=.devdata/gpt-neox-20b-tokenizer.json \
         --template=chatml --max_len=1024 --micro_batch=2 --grad_accum=1 --epochs=3 --max_steps=300 --lr=3e-4 \
