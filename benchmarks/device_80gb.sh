@@ -92,7 +92,7 @@ h100i)  # the recipes as a user runs them today (auto plan), and TRL bf16 on the
     trl llama  # its ratio to both llama rows (peers_trl.json)
     ;;
 p412a|p412b)  # random:llama-400m (411.6 M), 300 steps of 2 x 1,024, each mode against fp32 AdamW (issue 17's shape)
-    modes=adamw,adamw_kahan && [ "$part" = p412b ] && modes=adamw,adamw_kahan,adamw_sr,adamw_8bit  # a read back
+    modes=adamw,adamw_kahan && [ "$part" = p412b ] && modes=adamw,adamw_kahan,adamw_sr,adamw_8bit  # p412a's two read back
     timeout -s KILL 570 python3 benchmarks/precision.py --modes "$modes" --out-dir /tmp/p412 --reuse --timeout 260 \
         --eval-every 50 -- --model=random:llama-400m --tokenizer=.devdata/gpt-neox-20b-tokenizer.json \
         --template=chatml --max_len=1024 --micro_batch=2 --grad_accum=1 --epochs=3 --max_steps=300 --lr=3e-4 \
