@@ -379,3 +379,60 @@ def test_qwen3_q_k_norms_keep_what_the_activation_model_adds():
         extra,
         added,
     )
+
+
+@pytest.mark.slow
+def test_flex_keeps_the_k_v_copies_that_repeated_kv_counts(monkeypatch):
+    """transformers' FlexAttention path copies k and v to every query head when the head count is not a power
+    of two; through inductor's partition (``aot_eager_decomp_partition``: its decompositions and min-cut
+    partitioner, torch's own FlexAttention kernel, which runs on the CPU) a compiled Qwen3 block keeps those
+    copies beside what the SDPA path keeps: ``memory.repeated_kv`` elements of d per token (4/3 at 6 heads, 2
+    KV heads of 16 on d 96; at Qwen3-14B's shape 1.6, measured the same way). 8 heads (a power of two): none;
+    a selective block recomputes them (``selective_saved`` counts them)."""
+    import torch.nn.attention.flex_attention as flex_module
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from sft.model.recompute import kept_bytes, set_recompute
+    from sft.training.memory import repeated_kv, selective_saved
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *a: None)  # torch's CPU refusal of gradients
+    B, T = 2, 256
+
+    def kept(heads: int, attention: str, selective: bool) -> tuple[float, object]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        d = 16 * heads
+        config = transformers.Qwen3Config(
+            vocab_size=256, hidden_size=d, intermediate_size=128, num_hidden_layers=1, num_attention_heads=heads,
+            num_key_value_heads=2, head_dim=16,
+        )  # fmt: skip
+        config._attn_implementation = attention
+        model = transformers.Qwen3ForCausalLM(config).to(torch.bfloat16).train()
+        set_recompute(model, 0, int(selective))
+        block = model.model.layers[0]
+        block.compile(backend="aot_eager_decomp_partition", dynamic=False)
+        x0 = torch.randn(B, T, d, dtype=torch.bfloat16, requires_grad=True)
+        pos = torch.arange(T)[None].expand(B, T)
+        rope = model.model.rotary_emb(x0, pos)
+        mask = None
+        if attention == "flex_attention":
+            mask = create_block_mask(lambda b, h, q, k: q >= k, B, None, T, T, device="cpu")
+
+        def run():
+            return block(x0 * 1, attention_mask=mask, position_ids=pos, position_embeddings=rope)
+
+        run().float().sum().backward()  # compiles
+        y, n = kept_bytes(run)
+        y.float().sum().backward()
+        return n / (B * T * d * 2), model
+
+    for heads, want in ((6, 4 / 3), (8, 0.0)):
+        flex, model = kept(heads, "flex_attention", False)
+        sdpa, _ = kept(heads, "sdpa", False)
+        assert flex - sdpa == pytest.approx(want, abs=1e-3), (heads, flex, sdpa)
+        assert repeated_kv(model, "flex") == pytest.approx(want) and repeated_kv(model, "sdpa") == 0
+    flex_sel, model = kept(6, "flex_attention", True)
+    sdpa_sel, _ = kept(6, "sdpa", True)
+    assert flex_sel == pytest.approx(sdpa_sel, abs=1e-3)
+    rope = (6 + 2) * 16 / 96  # RoPE's q and k, recomputed under FlexAttention on the GPU
+    assert selective_saved(model, "flex") - selective_saved(model, "sdpa") == pytest.approx(4 / 3 + rope)

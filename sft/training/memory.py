@@ -29,6 +29,8 @@ recomputed; sft/model/recompute.py, measured on the CPU; with FlexAttention a Ll
 RoPE's q and k, ``(heads + kv_heads) * head_dim / d`` more, measured on an H100), and the plan turns blocks
 selective before it turns them full. A model with per-head norms of q and k (Qwen3) keeps ``(heads + kv_heads) * (head_dim + 2) / d`` more
 (their bf16 outputs and fp32 statistics; measured on a compiled block on the CPU: 14.88 against Llama's 13.19).
+Under transformers' FlexAttention path a model whose query head count is not a power of two keeps copies of k
+and v for every query head, ``2 * (heads - kv_heads) * head_dim / d`` more (:func:`repeated_kv`; Qwen3-14B 1.6).
 The peak is ``weights + optimizer state + dynamic`` (with the optimizer state on the host: ``weights +
 max(dynamic, grads + staging slots)``, the slots living only through the optimizer step) where ``dynamic``
 is, at the start of backward, the activations; during backward the activations are freed as the gradients appear, so
@@ -137,11 +139,13 @@ class Workload:
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
-def activation_elements_per_layer(model, fp8: bool = False) -> float:
+def activation_elements_per_layer(model, fp8: bool = False, attention: str = "flex") -> float:
     """Elements of ``d`` per token an un-checkpointed block keeps for backward (module docstring); with FP8
-    block linears (``--fp8``) :data:`FP8_SAVED_FRACTION` less per element of ``d`` entering a linear."""
+    block linears (``--fp8``) :data:`FP8_SAVED_FRACTION` less per element of ``d`` entering a linear; with
+    ``attention`` flex, :func:`repeated_kv` more."""
     s = shape(model)
     kept = ACT_BASE + s.qkv_width / s.width + (3 if s.gated else 2) * s.ffn / s.width
+    kept += repeated_kv(model, attention)
     if s.qk_norm:  # Qwen3's per-head norms of q and k: their bf16 outputs and fp32 statistics, per head
         kept += (s.heads + s.kv_heads) * (s.head_dim + 2) / s.width  # measured: compiled block, CPU
     if fp8:  # inputs of q/k/v (one, shared), the output projection, up (and gate, shared) and down
@@ -172,7 +176,7 @@ def _kept_elements(
     backward has freed the sets of the blocks after it). ``offloaded`` blocks after the full ones keep their
     sets in host memory (sft/model/act_offload.py) except the last ``in_flight``, whose copies out have not
     ended with the forward; the copies back start early enough that they never add to the peak."""
-    none = activation_elements_per_layer(model, fp8)
+    none = activation_elements_per_layer(model, fp8, attention)
     sel = max(none - selective_saved(model, attention), 1.0)
     full = min(max(full, 0), L)
     selective = min(max(selective, 0), L - full)
@@ -208,10 +212,26 @@ def selective_saved(model, attention: str = "flex") -> float:
     and the FFN activation, ``2 + ffn/d`` (sft/model/recompute.py, measured on the CPU); with FlexAttention a
     rotary block (the Llama family) also recomputes RoPE's q and k from the kept projections,
     ``(heads + kv_heads) * head_dim / d`` more (measured on an H100, 2026-12-08: a compiled block of d 512, 8
-    heads, 2 KV heads kept 8.78 elements of d per token, 10.03 without this term)."""
+    heads, 2 KV heads kept 8.78 elements of d per token, 10.03 without this term), and the copies of
+    :func:`repeated_kv` (measured on the CPU)."""
     s = shape(model)
     rope = (s.heads + s.kv_heads) * s.head_dim / s.width if (s.gated and attention == "flex") else 0.0
-    return 2 + s.ffn / s.width + rope
+    return 2 + s.ffn / s.width + rope + repeated_kv(model, attention)
+
+
+def repeated_kv(model, attention: str = "flex") -> float:
+    """Elements of ``d`` per token an un-recomputed block keeps for transformers' FlexAttention path beyond
+    the k and v it computed: where the query head count is not a power of two, that path copies k and v to
+    every query head (``repeat_kv``, transformers 5.17 to 5.24, ``integrations/flex_attention.py``) instead of
+    passing ``enable_gqa``, and the compiled block's partition keeps the copies for the FlexAttention
+    backward: ``2 * (heads - kv_heads) * head_dim / d`` (1.6 for Qwen3-14B: 40 heads, 8 KV heads). One KV head
+    repeats as a view (nothing kept); a selective block recomputes the copies. Measured on the CPU through
+    inductor's partition (tests/test_memory_plan.py); our MPT and the SDPA path keep none."""
+    s = shape(model)
+    powers_of_two = s.heads & (s.heads - 1) == 0
+    if attention != "flex" or is_ours(model) or powers_of_two or not 1 < s.kv_heads < s.heads:
+        return 0.0
+    return 2 * (s.heads - s.kv_heads) * s.head_dim / s.width
 
 
 def _lora_params(model, cfg: Workload) -> tuple[int, int]:
