@@ -192,7 +192,7 @@ def _kept_elements(
     return max(peaks)
 
 
-def _offload_schedule(model, tokens: int, elem: int, full: int, n: int):
+def _offload_schedule(model, tokens: int, elem: int, full: int, n: int, attention: str = "flex"):
     """:func:`sft.model.act_offload.schedule` of ``n`` blocks offloaded after the ``full`` recomputed ones, one
     micro-batch of ``tokens``: each block's forward at :data:`NOMINAL_FLOPS` (2 FLOPs per parameter and token,
     backward twice that), its set's bytes over the measured host link. None when ``n`` is 0."""
@@ -203,7 +203,7 @@ def _offload_schedule(model, tokens: int, elem: int, full: int, n: int):
     s = shape(model)
     per_block = sum(p.numel() for p in transformer_blocks(model)[0].parameters())
     forward_s = 2.0 * per_block * tokens / NOMINAL_FLOPS
-    block_bytes = tokens * s.width * elem * activation_elements_per_layer(model)
+    block_bytes = tokens * s.width * elem * activation_elements_per_layer(model, attention=attention)
     return schedule(n, max(s.layers - full, n), block_bytes, forward_s, 2 * forward_s)
 
 
@@ -228,8 +228,8 @@ def repeated_kv(model, attention: str = "flex") -> float:
     repeats as a view (nothing kept); a selective block recomputes the copies. Measured on the CPU through
     inductor's partition (tests/test_memory_plan.py); our MPT and the SDPA path keep none."""
     s = shape(model)
-    powers_of_two = s.heads & (s.heads - 1) == 0
-    if attention != "flex" or is_ours(model) or powers_of_two or not 1 < s.kv_heads < s.heads:
+    power_of_two = s.heads & (s.heads - 1) == 0
+    if attention != "flex" or is_ours(model) or power_of_two or not 1 < s.kv_heads < s.heads:
         return 0.0
     return 2 * (s.heads - s.kv_heads) * s.head_dim / s.width
 
@@ -300,7 +300,7 @@ def estimate_memory(
     L, d = s.layers, s.width
     elem = 2 if (autocast or base_elem == 2) else 4
     tokens = cfg.micro_batch * cfg.max_len
-    sched = _offload_schedule(model, tokens, elem, checkpoint_blocks, offload_blocks)
+    sched = _offload_schedule(model, tokens, elem, checkpoint_blocks, offload_blocks, attention)
     in_flight = max(1, sched.in_flight) if sched else 0
     kept = _kept_elements(
         model, cfg.fp8 != "none", L, checkpoint_blocks, selective_blocks, offload_blocks, in_flight, attention
@@ -458,12 +458,12 @@ def _step_seconds(model, cfg: TrainConfig) -> float:
     return 6.0 * n * cfg.micro_batch * cfg.grad_accum * cfg.max_len / NOMINAL_FLOPS
 
 
-def _act_offload_cost(model, cfg: TrainConfig, full: int, autocast: bool) -> float:
+def _act_offload_cost(model, cfg: TrainConfig, full: int, autocast: bool, attention: str) -> float:
     """Time factor of ``--offload_blocks``: the forward's lag and the backward's stall waiting for the host
     link (:func:`_offload_schedule`) over one micro-batch's compute (``6 N`` FLOPs per token)."""
     tokens = cfg.micro_batch * cfg.max_len
     elem = 2 if (autocast or next(model.parameters()).element_size() == 2) else 4
-    sched = _offload_schedule(model, tokens, elem, full, cfg.offload_blocks)
+    sched = _offload_schedule(model, tokens, elem, full, cfg.offload_blocks, attention)
     if sched is None:
         return 1.0
     compute = 6.0 * sum(p.numel() for p in model.parameters()) * tokens / NOMINAL_FLOPS
@@ -513,7 +513,7 @@ def _best_for(model, cfg, device, autocast, world, attention, limit, L):
             off_s = offload_seconds(n_params, c.optimizer) if off else 0.0
             step_s = _step_seconds(model, c) if off else 1.0
             t = relative_time(n_ck, L, mb * cfg.max_len, off_s, step_s, n_sel)
-            t *= _act_offload_cost(model, c, n_ck, autocast)
+            t *= _act_offload_cost(model, c, n_ck, autocast, attention)
             if best is None or t < best[0] - 1e-9:
                 plan = MemoryPlan(
                     n_ck, ib, est, limit, cfg.optimizer, mb, ga,
