@@ -280,12 +280,7 @@ def prepare_data(
     one sample per conversation) or only the ``"last"`` of each conversation (``sft.data.render.SUPERVISE``).
     Returns ``Prepared``; ``stats`` has ``drops`` (reason -> count), ``cut``, lengths, ``prep_seconds``.
     """
-    if overlong not in ("cut", "drop"):
-        raise ValueError(f"overlong must be 'cut' or 'drop', got {overlong!r}")
-    if bad_rows not in ("error", "drop"):
-        raise ValueError(f"bad_rows must be 'error' or 'drop', got {bad_rows!r}")
-    if supervise not in SUPERVISE:
-        raise ValueError(f"supervise must be one of {SUPERVISE}, got {supervise!r}")
+    _check_choices(overlong, bad_rows, supervise)
     t0 = time.perf_counter()
     source = str(source)
     tmpl = resolve_template(tokenizer, template)
@@ -297,33 +292,98 @@ def prepare_data(
         settings["supervise"] = supervise
     fingerprint, inputs = _fingerprint(source, split, tokenizer, tmpl, settings)
     cache_file = Path(cache_dir or default_cache_dir()) / f"prepared-{fingerprint}.npz"
-    if use_cache and cache_file.is_file():
-        try:
-            prepared = _load_cache(cache_file, fingerprint)
-        except Exception as e:  # truncated or corrupt (a kill mid-write, a full disk), not ours: rebuild it
-            log.warning(
-                "ignoring unreadable data cache %s (%s: %s); preparing again", cache_file, type(e).__name__, e
-            )
-        else:
-            prepared.inputs = inputs
-            prepared.stats["cached"] = True
-            prepared.stats["load_seconds"] = round(time.perf_counter() - t0, 3)
-            log.info("prepared data from cache %s", cache_file)
-            return prepared
+    if use_cache and (hit := _read_cache(cache_file, fingerprint, inputs, t0)) is not None:
+        return hit
 
-    convs, row_ids, fmt, n_rows, drops, bad_examples = load_conversations(
+    convs, row_ids, fmt, n_rows, drops, bad_examples = load_conversations(  # step 1
         source, fmt=fmt, fields=fields, limit=limit, split=split, bad_rows=bad_rows
     )
+    eval_idx, train_idx = _split(len(convs), eval_size, seed)  # step 2
+    rendered, alive = _render_rows(  # step 3
+        convs, row_ids, n_rows, tokenizer, tmpl, max_len, supervise, source, bad_rows, drops, bad_examples
+    )
+    check = _sample_check(tokenizer, tmpl, source)  # step 5's settings: refuses a template with no marker
+    kept, n_cut = _fit_rows(  # steps 4 and 5
+        rendered, alive, convs, row_ids, tokenizer, tmpl, max_len, overlong, supervise, drops, check, source
+    )
+    train = [s for k in train_idx for s in kept.get(k, [])]
+    evals = [s for k in eval_idx for s in kept.get(k, [])]
+    if not train:
+        raise DataError(f"no training sample left after filtering (drops: {drops})", source=source)
 
-    # held-out split on conversations, before rendering: deterministic in seed
-    n_eval = _n_eval(eval_size, len(convs))
-    order = list(range(len(convs)))
+    stats = {  # step 6
+        "source": source,
+        "format": fmt,
+        "rows": n_rows,
+        "conversations": len(convs),
+        "train": len(train),
+        "eval": len(evals),
+        "drops": drops,
+        "bad_row_examples": bad_examples,
+        "cut": n_cut,
+        **_length_stats(train, max_len),
+        "per_turn": _per_turn(rendered, alive, convs),
+        "chat_fields": chat_field_counts([convs[k] for k in alive]),
+        "cached": False,
+    }
+    stats["prep_seconds"] = round(time.perf_counter() - t0, 3)
+    alive_set = set(alive)
+    prepared = Prepared(
+        train, evals, [convs[k] for k in eval_idx if k in alive_set], stats, fingerprint, inputs
+    )
+    if use_cache:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            _save_cache(prepared, cache_file)
+        except OSError as e:  # a read-only home must not stop training
+            log.warning("could not write the data cache %s: %s", cache_file, e)
+    return prepared
+
+
+def _check_choices(overlong: str, bad_rows: str, supervise: str) -> None:
+    if overlong not in ("cut", "drop"):
+        raise ValueError(f"overlong must be 'cut' or 'drop', got {overlong!r}")
+    if bad_rows not in ("error", "drop"):
+        raise ValueError(f"bad_rows must be 'error' or 'drop', got {bad_rows!r}")
+    if supervise not in SUPERVISE:
+        raise ValueError(f"supervise must be one of {SUPERVISE}, got {supervise!r}")
+
+
+def _read_cache(cache_file: Path, fingerprint: str, inputs: dict, t0: float) -> Prepared | None:
+    """The cached preparation of ``fingerprint``, or ``None`` when there is none or it cannot be read."""
+    if not cache_file.is_file():
+        return None
+    try:
+        prepared = _load_cache(cache_file, fingerprint)
+    except Exception as e:  # truncated or corrupt (a kill mid-write, a full disk), not ours: rebuild it
+        log.warning(
+            "ignoring unreadable data cache %s (%s: %s); preparing again", cache_file, type(e).__name__, e
+        )
+        return None
+    prepared.inputs = inputs
+    prepared.stats["cached"] = True
+    prepared.stats["load_seconds"] = round(time.perf_counter() - t0, 3)
+    log.info("prepared data from cache %s", cache_file)
+    return prepared
+
+
+def _split(n: int, eval_size: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """Step 2: ``(eval_idx, train_idx)``, ascending indices of the conversations, deterministic in ``seed``."""
+    n_eval = _n_eval(eval_size, n)
+    order = list(range(n))
     random.Random(seed).shuffle(order)
     eval_idx = sorted(order[:n_eval])
     eval_set = set(eval_idx)
-    train_idx = [k for k in range(len(convs)) if k not in eval_set]
+    return eval_idx, [k for k in range(n) if k not in eval_set]
 
-    # max_len: a row that cannot fit is not tokenized whole (one huge row costs what a normal row costs)
+
+def _render_rows(
+    convs, row_ids, n_rows, tokenizer, tmpl, max_len, supervise, source, bad_rows, drops, bad_examples
+):
+    """Step 3: ``(rendered, alive)``: the rendered samples and the indices of the conversations they render
+    (``rendered[j].conversation`` indexes ``alive``). A row the template ignores or refuses raises, or with
+    ``bad_rows="drop"`` is dropped, counted in ``drops`` and ``bad_examples``, and the rest rendered again.
+    ``max_len`` lets the renderer skip tokenizing a row whole when it cannot fit."""
     alive = list(range(len(convs)))
     while True:
         try:
@@ -347,10 +407,13 @@ def prepare_data(
                     f"no usable conversation in {n_rows} rows (drops: {drops})", source=source
                 ) from None
             continue
-        break
+        return rendered, alive
 
-    bos_id = tokenizer.bos_token_id
-    stops = stop_token_ids(tokenizer, tmpl)
+
+def _sample_check(tokenizer, tmpl: str, source: str) -> dict:
+    """Step 5's settings for :func:`validate_sample`; refuses a template that closes a reply with no
+    end-of-turn marker."""
+    stop_ids = stop_token_ids(tokenizer, tmpl)
     marker = end_of_turn_text(tokenizer, tmpl)
     if not marker:
         raise DataError(
@@ -358,10 +421,16 @@ def prepare_data(
             "(the model would never learn to stop)",
             source=source,
         )
-    marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
-    marker_id = marker_ids[0] if len(marker_ids) == 1 else None
+    marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    return {
+        "bos_id": tokenizer.bos_token_id,
+        "stop_ids": stop_ids,
+        "marker_id": marker_ids[0] if len(marker_ids) == 1 else None,
+    }
 
-    # per-turn samples (a template that rewrites history): what they cost over rendering each row once
+
+def _per_turn(rendered, alive: list[int], convs: list[Conversation]) -> dict[str, int]:
+    """What per-turn samples (a template that rewrites history) cost over rendering each row once."""
     n_pieces: dict[int, int] = {}
     extra_tokens = 0
     for r in rendered:
@@ -369,61 +438,60 @@ def prepare_data(
         n_pieces[k] = n_pieces.get(k, 0) + 1
         if r.n_messages < len(convs[k]):
             extra_tokens += len(r.sample)
-    per_turn = {
+    return {
         "conversations": sum(v > 1 for v in n_pieces.values()),
         "extra_samples": sum(v - 1 for v in n_pieces.values()),
         "extra_tokens": extra_tokens,
     }
 
+
+def _fit_rows(
+    rendered, alive, convs, row_ids, tokenizer, tmpl, max_len, overlong, supervise, drops, check, source
+):
+    """Steps 4 and 5: ``(kept, n_cut)``, the samples kept by conversation index and how many were cut to fit.
+    Drops are counted by reason in ``drops``; a sample that fails :func:`validate_sample` raises, naming its row."""
     n_cut = 0
     kept: dict[int, list[Sample]] = {}
     for r in rendered:
         k, s = alive[r.conversation], r.sample
         if len(s.input_ids) > max_len:
-            fitting = [j for j, c in enumerate(r.cuts) if c <= max_len]
-            if overlong == "drop" or not fitting or supervise == "last":
-                reason = "overlong" if overlong == "drop" or supervise == "last" else "overlong_first_reply"
-                drops[reason] = drops.get(reason, 0) + 1
-                continue
-            # cut after the last reply that fits; re-render that prefix so its tokens are exact
-            for j in reversed(fitting):
-                turn = r.turns[j]
-                (rr,) = render_samples(
-                    [convs[k][: turn + 1]], tokenizer, tmpl, supervise=supervise, only=[r.turns[: j + 1]]
-                )
-                s = rr.sample
-                if len(s.input_ids) <= max_len:
-                    break
-            else:
-                drops["overlong_first_reply"] = drops.get("overlong_first_reply", 0) + 1
+            s, why = _cut_to_fit(r, convs[k], tokenizer, tmpl, max_len, overlong, supervise)
+            if s is None:
+                drops[why] = drops.get(why, 0) + 1
                 continue
             n_cut += 1
         if all(x == IGNORE_INDEX for x in s.labels):
             drops["no_supervised_tokens"] = drops.get("no_supervised_tokens", 0) + 1
             continue
-        why = validate_sample(s, bos_id=bos_id, stop_ids=stops, marker_id=marker_id)
+        why = validate_sample(s, **check)
         if why is not None:
             raise DataError(f"refusing to train: {why}", source=source, row=row_ids[k])
         kept.setdefault(k, []).append(s)
+    return kept, n_cut
 
-    train = [s for k in train_idx for s in kept.get(k, [])]
-    evals = [s for k in eval_idx for s in kept.get(k, [])]
-    if not train:
-        raise DataError(f"no training sample left after filtering (drops: {drops})", source=source)
 
+def _cut_to_fit(r, conv, tokenizer, tmpl, max_len, overlong, supervise) -> tuple[Sample | None, str | None]:
+    """An over-long rendered sample ``r`` cut after its last reply that fits, re-rendered so its tokens are
+    exact: ``(sample, None)``, or ``(None, drop reason)`` where it is dropped instead (step 4)."""
+    fitting = [j for j, c in enumerate(r.cuts) if c <= max_len]
+    if overlong == "drop" or not fitting or supervise == "last":
+        return None, "overlong" if overlong == "drop" or supervise == "last" else "overlong_first_reply"
+    for j in reversed(fitting):
+        turn = r.turns[j]
+        (rr,) = render_samples(
+            [conv[: turn + 1]], tokenizer, tmpl, supervise=supervise, only=[r.turns[: j + 1]]
+        )
+        if len(rr.sample.input_ids) <= max_len:
+            return rr.sample, None
+    return None, "overlong_first_reply"
+
+
+def _length_stats(train: list[Sample], max_len: int) -> dict:
+    """Step 6: token counts, length percentiles and best-fit packing efficiency of the training samples."""
     lengths = np.array([len(s.input_ids) for s in train])
     n_sup = int(sum(s.n_supervised for s in train))
     bins = best_fit_decreasing(lengths.tolist(), max_len)
-    stats = {
-        "source": source,
-        "format": fmt,
-        "rows": n_rows,
-        "conversations": len(convs),
-        "train": len(train),
-        "eval": len(evals),
-        "drops": drops,
-        "bad_row_examples": bad_examples,
-        "cut": n_cut,
+    return {
         "tokens": int(lengths.sum()),
         "supervised_tokens": n_sup,
         "supervised_fraction": n_sup / int(lengths.sum()),
@@ -432,19 +500,4 @@ def prepare_data(
         "max_len": max_len,
         "packed_rows": len(bins),
         "packing_efficiency": float(lengths.sum() / (len(bins) * max_len)),
-        "per_turn": per_turn,
-        "chat_fields": chat_field_counts([convs[k] for k in alive]),
-        "cached": False,
     }
-    stats["prep_seconds"] = round(time.perf_counter() - t0, 3)
-    alive_set = set(alive)
-    prepared = Prepared(
-        train, evals, [convs[k] for k in eval_idx if k in alive_set], stats, fingerprint, inputs
-    )
-    if use_cache:
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            _save_cache(prepared, cache_file)
-        except OSError as e:  # a read-only home must not stop training
-            log.warning("could not write the data cache %s: %s", cache_file, e)
-    return prepared
