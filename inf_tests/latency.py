@@ -262,6 +262,7 @@ def prefill_attn(dec, prompt_len: int, device: torch.device) -> str:
 
 
 def run_suite(args) -> dict:
+    """Every measurement ``args`` asks for (module docstring): the results dict, written after each row."""
     device = torch.device(
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -285,20 +286,7 @@ def run_suite(args) -> dict:
     hf, _tok = load(args.model, dtype, device)
     load_s = time.perf_counter() - t
     facts = shape_facts(hf)
-    limit = next(
-        (
-            v
-            for k in ("max_position_embeddings", "max_seq_len")
-            if isinstance(v := getattr(hf.config, k, None), int)
-        ),
-        None,
-    )
-    longest = max(max(args.prompt_lens) + 1, args.decode_prompt_len + args.new_tokens + args.warmup + 1)
-    if limit and longest > limit:
-        raise LatencyError(
-            f"{args.model} has {limit} positions; these options need {longest} (the longest --prompt_lens "
-            "+ 1, or --decode_prompt_len + --new_tokens + --warmup + 1)"
-        )
+    _check_positions(hf, args)
     log.info(
         "loaded %s in %.1fs: %.1f M params, %.2f GB",
         args.model,
@@ -313,9 +301,73 @@ def run_suite(args) -> dict:
         return torch.randint(10, min(vocab, 50000), (b, n), generator=g).to(device)
 
     dec = cached_decoder(hf) if "fast" in args.paths else None
+    res = _header(args, device_name, dtype, bw, load_s, facts)
+    budget = _Budget(res, args.time_budget_s)
+    for path in args.paths:
+        for L in args.prompt_lens:
+            what = f"{path} ttft {L}"
+            if budget.over(what):
+                continue
+            reset_peak(device)
+            try:
+                row = _ttft_row(path, rand_ids(1, L), hf, dec, args, device)
+            except Exception as e:  # one failed measurement must not lose the others (one-shot GPU calls)
+                budget.failed(what, e)
+                continue
+            res["ttft"].append(row)
+            log.info("%s TTFT prompt %d: %.1f ms", path, L, row["ttft_s"] * 1e3)
+            checkpoint(res)
+    # Batch-major, so a run cut short by the budget still compares both paths at batch 1.
+    for B in args.batches:
+        for path in args.paths:
+            what = f"{path} decode batch {B}"
+            if budget.over(what):
+                continue
+            reset_peak(device)
+            try:
+                row = _decode_row(path, rand_ids(B, args.decode_prompt_len), hf, dec, args, facts, bw, device)
+            except Exception as e:
+                budget.failed(what, e)
+                continue
+            res["decode"].append(row)
+            log.info(
+                "%s decode batch %d: %.1f tok/s (%.2f ms/step, %.0f%% of copy bw, %.0fs incl. warm-up)",
+                path,
+                B,
+                row["tokens_per_s"],
+                row["step_s"] * 1e3,
+                100 * row["fraction_of_copy_bw"],
+                row["wall_s_incl_warmup_compile"],
+            )
+            checkpoint(res)
+    res["suite_s"] = time.perf_counter() - budget.t_start
+    res["load_avg_1min_end"] = os.getloadavg()[0]
+    return res
+
+
+def _check_positions(hf, args) -> None:
+    """Refuse (``LatencyError``) options that need more positions than the model has."""
+    limit = next(
+        (
+            v
+            for k in ("max_position_embeddings", "max_seq_len")
+            if isinstance(v := getattr(hf.config, k, None), int)
+        ),
+        None,
+    )
+    longest = max(max(args.prompt_lens) + 1, args.decode_prompt_len + args.new_tokens + args.warmup + 1)
+    if limit and longest > limit:
+        raise LatencyError(
+            f"{args.model} has {limit} positions; these options need {longest} (the longest --prompt_lens "
+            "+ 1, or --decode_prompt_len + --new_tokens + --warmup + 1)"
+        )
+
+
+def _header(args, device_name: str, dtype: torch.dtype, bw: float, load_s: float, facts: dict) -> dict:
+    """The results dict before any measurement: what ran, where, and with what."""
     import transformers
 
-    res = {
+    return {
         "model": args.model,
         "device": device_name,
         "dtype": str(dtype).removeprefix("torch."),
@@ -335,104 +387,74 @@ def run_suite(args) -> dict:
         "skipped": [],
         "errors": [],
     }
-    t_start = time.perf_counter()
 
-    def over_budget(what: str) -> bool:
-        # Past the budget, record what was not measured instead of being killed mid-way.
-        if args.time_budget_s and time.perf_counter() - t_start > args.time_budget_s:
-            res["skipped"].append(what)
+
+class _Budget:
+    """The suite's time budget (``--time_budget_s``, 0 for none) and its record of what was skipped or failed."""
+
+    def __init__(self, res: dict, budget_s: float):
+        self.res, self.budget_s, self.t_start = res, budget_s, time.perf_counter()
+
+    def over(self, what: str) -> bool:
+        """Past the budget: record ``what`` as not measured (instead of being killed mid-way) and say so."""
+        if self.budget_s and time.perf_counter() - self.t_start > self.budget_s:
+            self.res["skipped"].append(what)
             log.warning("time budget spent: skipping %s", what)
             return True
         return False
 
-    def failed(what: str, e: Exception) -> None:
+    def failed(self, what: str, e: Exception) -> None:
         log.exception("%s failed", what)
-        res["errors"].append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        checkpoint(res)
-
-    for path in args.paths:
-        for L in args.prompt_lens:
-            if over_budget(f"{path} ttft {L}"):
-                continue
-            ids = rand_ids(1, L)
-            reset_peak(device)
-            try:
-                if path == "hf":
-                    hf_ttft_once(hf, ids)  # warm-up
-                    ttft = median_time(lambda ids=ids: hf_ttft_once(hf, ids), device, args.repeats)
-                else:
-                    # Cache sized as generate() sizes it: prompt + new tokens.
-                    gen = Generator(
-                        dec,
-                        max_seq_len=L + args.new_tokens,
-                        compile=False,
-                        compile_prefill=args.compile_prefill,
-                    )
-                    ttft = fast_ttft(gen, ids, args.repeats)
-            except Exception as e:  # one failed measurement must not lose the others (one-shot GPU calls)
-                failed(f"{path} ttft {L}", e)
-                continue
-            row = {"path": path, "prompt_len": L, "ttft_s": ttft, "peak_bytes": peak_bytes(device)}
-            if path == "fast":
-                row["prefill_attn"] = prefill_attn(dec, L, device)
-            res["ttft"].append(row)
-            log.info("%s TTFT prompt %d: %.1f ms", path, L, ttft * 1e3)
-            checkpoint(res)
-    # Batch-major, so a run cut short by the budget still compares both paths at batch 1.
-    for B in args.batches:
-        for path in args.paths:
-            if over_budget(f"{path} decode batch {B}"):
-                continue
-            ids = rand_ids(B, args.decode_prompt_len)
-            reset_peak(device)
-            t = time.perf_counter()
-            try:
-                if path == "hf":
-                    r = hf_generate_baseline(hf, ids, args.new_tokens, repeats=args.repeats, warmup=1)
-                    per_step, extra = r["per_token_s"], {}
-                else:
-                    seq_len = args.decode_prompt_len + args.new_tokens + args.warmup + 1
-                    gen = Generator(
-                        dec, max_seq_len=seq_len, compile=args.compile, compile_mode=args.compile_mode
-                    )
-                    per_step, times = fast_decode(gen, ids, args.new_tokens, args.warmup)
-                    # compiled: False if the compiled step failed and the Generator fell back to eager
-                    extra = {"step_s_min": min(times), "step_s_max": max(times), "compiled": gen.compiled}
-            except Exception as e:
-                failed(f"{path} decode batch {B}", e)
-                continue
-            wall = time.perf_counter() - t
-            ctx = args.decode_prompt_len + args.new_tokens / 2
-            nbytes = step_bytes(facts, B, ctx)
-            row = {
-                "path": path,
-                "batch": B,
-                "step_s": per_step,
-                "tokens_per_s": B / per_step,
-                "bytes_per_step": nbytes,
-                "achieved_bytes_per_s": nbytes / per_step,
-                "fraction_of_copy_bw": nbytes / per_step / bw,
-                "peak_bytes": peak_bytes(device),
-                "wall_s_incl_warmup_compile": wall,
-                **extra,
-            }
-            res["decode"].append(row)
-            log.info(
-                "%s decode batch %d: %.1f tok/s (%.2f ms/step, %.0f%% of copy bw, %.0fs incl. warm-up)",
-                path,
-                B,
-                row["tokens_per_s"],
-                per_step * 1e3,
-                100 * row["fraction_of_copy_bw"],
-                wall,
-            )
-            checkpoint(res)
-    res["suite_s"] = time.perf_counter() - t_start
-    res["load_avg_1min_end"] = os.getloadavg()[0]
-    return res
+        self.res["errors"].append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        checkpoint(self.res)
 
 
-# ------------------------------------------------------------------------------ output
+def _ttft_row(path: str, ids: torch.Tensor, hf, dec, args, device: torch.device) -> dict:
+    """Time to first token of one prompt ``ids`` (batch 1) on ``path``, median of ``--repeats``."""
+    L = ids.shape[1]
+    if path == "hf":
+        hf_ttft_once(hf, ids)  # warm-up
+        ttft = median_time(lambda: hf_ttft_once(hf, ids), device, args.repeats)
+    else:
+        # Cache sized as generate() sizes it: prompt + new tokens.
+        gen = Generator(
+            dec, max_seq_len=L + args.new_tokens, compile=False, compile_prefill=args.compile_prefill
+        )
+        ttft = fast_ttft(gen, ids, args.repeats)
+    row = {"path": path, "prompt_len": L, "ttft_s": ttft, "peak_bytes": peak_bytes(device)}
+    if path == "fast":
+        row["prefill_attn"] = prefill_attn(dec, L, device)
+    return row
+
+
+def _decode_row(path: str, ids: torch.Tensor, hf, dec, args, facts: dict, bw: float, device) -> dict:
+    """Decode speed of the batch of prompts ``ids`` on ``path`` for ``--new_tokens`` steps, with the bytes
+    each step reads and the share of the copy bandwidth ``bw`` that is."""
+    B = ids.shape[0]
+    t = time.perf_counter()
+    if path == "hf":
+        r = hf_generate_baseline(hf, ids, args.new_tokens, repeats=args.repeats, warmup=1)
+        per_step, extra = r["per_token_s"], {}
+    else:
+        seq_len = args.decode_prompt_len + args.new_tokens + args.warmup + 1
+        gen = Generator(dec, max_seq_len=seq_len, compile=args.compile, compile_mode=args.compile_mode)
+        per_step, times = fast_decode(gen, ids, args.new_tokens, args.warmup)
+        # compiled: False if the compiled step failed and the Generator fell back to eager
+        extra = {"step_s_min": min(times), "step_s_max": max(times), "compiled": gen.compiled}
+    wall = time.perf_counter() - t
+    nbytes = step_bytes(facts, B, args.decode_prompt_len + args.new_tokens / 2)
+    return {
+        "path": path,
+        "batch": B,
+        "step_s": per_step,
+        "tokens_per_s": B / per_step,
+        "bytes_per_step": nbytes,
+        "achieved_bytes_per_s": nbytes / per_step,
+        "fraction_of_copy_bw": nbytes / per_step / bw,
+        "peak_bytes": peak_bytes(device),
+        "wall_s_incl_warmup_compile": wall,
+        **extra,
+    }
 
 
 def table(res: dict) -> str:
