@@ -10,6 +10,7 @@
 #   bash benchmarks/device_80gb.sh h100g   # H100: pytest -m gpu (tracebacks in gpu_tests.log), Qwen3-14B plain defaults
 #   bash benchmarks/device_80gb.sh h100c   # H100: pytest -m gpu (the whole GPU suite)
 #   bash benchmarks/device_80gb.sh h200    # H200 (needs_h200: the 14B plan needs more than 80 GB): Llama, MPT, Qwen3-14B rows
+#   bash benchmarks/device_80gb.sh h100t   # H100: only the GPU tests that failed or are new since the last GPU run (~3-4 min)
 #   bash benchmarks/device_80gb.sh h100h   # H100: the whole GPU suite, tracebacks in gpu_tests.log (~6-9 min)
 #   bash benchmarks/device_80gb.sh h100i   # H100: Llama / --fp8 / MPT recipes with today's auto plan, TRL bf16 (same call)
 #   bash benchmarks/device_80gb.sh p412a   # H100: the 412M Llama 300-step precision pair: fp32 AdamW, adamw_kahan
@@ -33,7 +34,7 @@
 # Everything it writes goes under $OUT (the run folders as runs.tgz, without weights or checkpoints).
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-part=${1:?usage: device_80gb.sh h100a|h100b|h100c|h100d|h100e|h100f|h100g|h100h|h100i|h200|p412a|p412b|uns1|uns2|smol1|smol2}
+part=${1:?usage: device_80gb.sh h100a|h100b|h100c|h100d|h100e|h100f|h100g|h100h|h100i|h100t|h200|p412a|p412b|uns1|uns2|smol1|smol2}
 OUT=${OUT:?set OUT}
 log() { tee -a "$OUT/log"; }
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git log --oneline -1; date -u +%FT%T; } | log
@@ -103,8 +104,13 @@ p412a|p412b)  # random:llama-400m (411.6 M), 300 steps of 2 x 1,024, each mode a
 h100c)
     timeout -s KILL 560 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -15 | log
     ;;
-h200)
-    bench llama,mpt,qwen14b 160 560
+h200)  # H200_CONFIGS=llama,qwen14b H200_S=330 for a shorter call
+    bench "${H200_CONFIGS:-llama,mpt,qwen14b}" 160 "${H200_S:-560}"
+    ;;
+h100t)  # the GPU tests that failed or are new since the last GPU run, tracebacks in gpu_tests.log (~3-4 min)
+    timeout -s KILL "${TESTS_S:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfs --durations=8 \
+        tests/test_recompute.py tests/test_act_offload.py tests/test_memory_plan.py > "$OUT/gpu_tests.log" 2>&1
+    tail -25 "$OUT/gpu_tests.log" | log
     ;;
 uns1)  # Unsloth's wheels are over one call's 64 MiB: bitsandbytes waits on the warm machine
     mkdir -p /tmp/uns_keep && cp .whl_bnb/*.whl /tmp/uns_keep/ && ls -la /tmp/uns_keep | log
