@@ -435,9 +435,8 @@ def _git_commit() -> dict:
     }
 
 
-def main(argv=None) -> int:
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+def _parser():
+    """The command line (module docstring)."""
     from sft.argcheck import OneLineParser, float_in, int_in
 
     ap = OneLineParser(description=__doc__.split("\n")[0])
@@ -484,20 +483,11 @@ def main(argv=None) -> int:
         "--quick", action="store_true", help=f"tiny model on the CPU, modes {QUICK_MODES}: tests the script"
     )
     ap.add_argument("extra", nargs="*", help="more --field=value overrides for every run (after --)")
-    args = ap.parse_args(argv)
-    if args.split_gguf:
-        split_gguf(args.split_gguf)
-        return 0
-    if args.join_gguf:
-        join_gguf(args.join_gguf)
-        return 0
+    return ap
 
-    from sft.config import ConfigError, parse_updates
 
-    try:
-        parse_updates(args.extra)  # a bad override is refused now, not after the reference's run
-    except ConfigError as e:
-        ap.error(str(e))
+def _modes(args, ap) -> list[str]:
+    """The modes asked for, the reference first, each once; an unknown one is a usage error."""
     modes = [
         m.strip()
         for m in (args.modes or (QUICK_MODES if args.quick else DEFAULT_MODES)).split(",")
@@ -506,30 +496,11 @@ def main(argv=None) -> int:
     for m in modes:
         if m not in MODES:
             ap.error(f"unknown mode {m!r} (have: {', '.join(MODES)})")
-    modes = [args.reference] + [m for m in dict.fromkeys(modes) if m != args.reference]
-    if args.quick:
-        args.eval_every = min(args.eval_every, 2)
-        args.smooth = min(args.smooth, 2)
-    args.data = (args.data or default_data()).resolve()
-    if not args.quick and not args.data.is_file():
-        ap.error(f"--data: {args.data} does not exist")
-    if args.gguf:
-        if not args.gguf.is_file():
-            ap.error(f"--gguf: {args.gguf} does not exist")
-        os.environ["SFT_SMOLLM2_GGUF"] = str(args.gguf.resolve())
-    out_dir = args.out_dir.resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    return [args.reference] + [m for m in dict.fromkeys(modes) if m != args.reference]
 
-    results = []
-    for mode in modes:
-        results.append(run_mode(mode, args, out_dir))
-        r = results[-1]
-        brief = (
-            r.get("error")
-            or f"held-out {r['held_out_loss']:.4f} after {r['steps']} steps, {r['wall_s']:.0f} s"
-        )
-        print(f"{mode}: {brief}", flush=True)
+
+def _report(results: list[dict], args, out_dir: Path, argv) -> list[str]:
+    """Write precision.json and precision.png, print the table; the failures against the reference."""
     fails = compare(results, args.reference, args.tolerance)
     model = model_label(args.extra, args.quick)
     data = "bundled sample (--quick)" if args.quick else args.data.name
@@ -561,6 +532,52 @@ def main(argv=None) -> int:
     print(f"\n{out_dir / 'precision.json'}, {out_dir / 'precision.png'}")
     for f in fails:
         print(f"FAIL {f}")
+    return fails
+
+
+def main(argv=None) -> int:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.split_gguf:
+        split_gguf(args.split_gguf)
+        return 0
+    if args.join_gguf:
+        join_gguf(args.join_gguf)
+        return 0
+
+    from sft.config import ConfigError, parse_updates
+
+    try:
+        parse_updates(args.extra)  # a bad override is refused now, not after the reference's run
+    except ConfigError as e:
+        ap.error(str(e))
+    modes = _modes(args, ap)
+    if args.quick:
+        args.eval_every = min(args.eval_every, 2)
+        args.smooth = min(args.smooth, 2)
+    args.data = (args.data or default_data()).resolve()
+    if not args.quick and not args.data.is_file():
+        ap.error(f"--data: {args.data} does not exist")
+    if args.gguf:
+        if not args.gguf.is_file():
+            ap.error(f"--gguf: {args.gguf} does not exist")
+        os.environ["SFT_SMOLLM2_GGUF"] = str(args.gguf.resolve())
+    out_dir = args.out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+    results = []
+    for mode in modes:
+        results.append(run_mode(mode, args, out_dir))
+        r = results[-1]
+        brief = (
+            r.get("error")
+            or f"held-out {r['held_out_loss']:.4f} after {r['steps']} steps, {r['wall_s']:.0f} s"
+        )
+        print(f"{mode}: {brief}", flush=True)
+    fails = _report(results, args, out_dir, argv)
     return 1 if fails else 0
 
 
