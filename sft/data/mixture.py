@@ -335,8 +335,6 @@ def prepare_mixture(
     """Prepare every source on its own (``sft.data.prepare.prepare_data``, cached per source), remove the eval
     sources' samples from training, and mix (see the module docstring). ``prepare_kw``: ``template``,
     ``max_len``, ``overlong``, ``cache_dir``, ``use_cache``, passed to every ``prepare_data`` call."""
-    from sft.data.prepare import load_conversations
-
     eval_specs = list(eval_specs or [])
     kw = dict(prepare_kw, seed=seed)
     train_p = [_prepare_one(s, tokenizer, 0 if eval_specs else eval_size, **kw) for s in specs]
@@ -348,42 +346,11 @@ def prepare_mixture(
         )
 
     trains = [list(p.train) for p in train_p]
-    eval_by_source: dict[str, list[Sample]] = {}
-    eval_p = []
     if eval_specs:
-        in_train = {tuple(s.input_ids) for t in trains for s in t}
-        for spec in eval_specs:
-            p = _prepare_one(spec, tokenizer, 0, **kw)
-            if all(tuple(s.input_ids) in in_train for s in p.train):
-                raise ConfigError(
-                    f"--eval_data: source '{spec.name}': every one of its {len(p.train)} samples is also in "
-                    "the training data; name a held-out file that training does not contain"
-                )
-            eval_p.append(p)
-            eval_by_source[spec.name] = list(p.train)
-        held = {tuple(s.input_ids) for v in eval_by_source.values() for s in v}
-        for k, p in enumerate(train_p):
-            kept = [s for s in trains[k] if tuple(s.input_ids) not in held]
-            if len(kept) < len(trains[k]):
-                log.warning(
-                    "%s: %d samples also in --eval_data removed", specs[k].name, len(trains[k]) - len(kept)
-                )
-                p.stats = dict(
-                    p.stats, drops={**p.stats["drops"], "in_eval_data": len(trains[k]) - len(kept)}
-                )
-            if not kept:
-                raise DataError("every training sample is also in --eval_data", source=specs[k].name)
-            trains[k] = kept
-        convs = [
-            load_conversations(
-                s.source, fmt=s.fmt, fields=s.fields, limit=s.limit, split=s.split, bad_rows=s.bad_rows
-            )[0]
-            for s in eval_specs
-        ]
+        eval_p, eval_by_source, convs = _held_out_sources(specs, eval_specs, train_p, trains, tokenizer, kw)
     else:
-        for spec, p in zip(specs, train_p):
-            eval_by_source[spec.name] = list(p.eval)
-        convs = [p.eval_conversations for p in train_p]
+        eval_p, convs = [], [p.eval_conversations for p in train_p]
+        eval_by_source = {spec.name: list(p.eval) for spec, p in zip(specs, train_p)}
 
     samples, drawn = mix(trains, [s.weight for s in specs], seed)
     total_w = sum(s.weight for s in specs)
@@ -412,3 +379,41 @@ def prepare_mixture(
         "seed": seed,
     }
     return Mixture(samples, evals, _round_robin(convs), stats, fingerprint, eval_by_source, inputs)
+
+
+def _held_out_sources(specs, eval_specs, train_p, trains, tokenizer, kw):
+    """``--eval_data``: prepare each eval source whole, refuse one that training contains entirely, and remove
+    its samples from ``trains`` (in place; counted as ``in_eval_data`` drops of that training source).
+    Returns ``(eval_prepared, eval_by_source, held_out_conversations)``."""
+    from sft.data.prepare import load_conversations
+
+    eval_by_source: dict[str, list[Sample]] = {}
+    eval_p = []
+    in_train = {tuple(s.input_ids) for t in trains for s in t}
+    for spec in eval_specs:
+        p = _prepare_one(spec, tokenizer, 0, **kw)
+        if all(tuple(s.input_ids) in in_train for s in p.train):
+            raise ConfigError(
+                f"--eval_data: source '{spec.name}': every one of its {len(p.train)} samples is also in "
+                "the training data; name a held-out file that training does not contain"
+            )
+        eval_p.append(p)
+        eval_by_source[spec.name] = list(p.train)
+    held = {tuple(s.input_ids) for v in eval_by_source.values() for s in v}
+    for k, p in enumerate(train_p):
+        kept = [s for s in trains[k] if tuple(s.input_ids) not in held]
+        if len(kept) < len(trains[k]):
+            log.warning(
+                "%s: %d samples also in --eval_data removed", specs[k].name, len(trains[k]) - len(kept)
+            )
+            p.stats = dict(p.stats, drops={**p.stats["drops"], "in_eval_data": len(trains[k]) - len(kept)})
+        if not kept:
+            raise DataError("every training sample is also in --eval_data", source=specs[k].name)
+        trains[k] = kept
+    convs = [
+        load_conversations(
+            s.source, fmt=s.fmt, fields=s.fields, limit=s.limit, split=s.split, bad_rows=s.bad_rows
+        )[0]
+        for s in eval_specs
+    ]
+    return eval_p, eval_by_source, convs
