@@ -305,14 +305,12 @@ def run_suite(args) -> dict:
     budget = _Budget(res, args.time_budget_s)
     for path in args.paths:
         for L in args.prompt_lens:
-            what = f"{path} ttft {L}"
-            if budget.over(what):
-                continue
-            reset_peak(device)
-            try:
-                row = _ttft_row(path, rand_ids(1, L), hf, dec, args, device)
-            except Exception as e:  # one failed measurement must not lose the others (one-shot GPU calls)
-                budget.failed(what, e)
+            row = budget.measure(  # the prompt is drawn only when measured (defaults bind this iteration)
+                f"{path} ttft {L}",
+                device,
+                lambda p=path, n=L: _ttft_row(p, rand_ids(1, n), hf, dec, args, device),
+            )
+            if row is None:
                 continue
             res["ttft"].append(row)
             log.info("%s TTFT prompt %d: %.1f ms", path, L, row["ttft_s"] * 1e3)
@@ -320,14 +318,14 @@ def run_suite(args) -> dict:
     # Batch-major, so a run cut short by the budget still compares both paths at batch 1.
     for B in args.batches:
         for path in args.paths:
-            what = f"{path} decode batch {B}"
-            if budget.over(what):
-                continue
-            reset_peak(device)
-            try:
-                row = _decode_row(path, rand_ids(B, args.decode_prompt_len), hf, dec, args, facts, bw, device)
-            except Exception as e:
-                budget.failed(what, e)
+            row = budget.measure(
+                f"{path} decode batch {B}",
+                device,
+                lambda p=path, b=B: _decode_row(
+                    p, rand_ids(b, args.decode_prompt_len), hf, dec, args, facts, bw, device
+                ),
+            )
+            if row is None:
                 continue
             res["decode"].append(row)
             log.info(
@@ -403,10 +401,21 @@ class _Budget:
             return True
         return False
 
-    def failed(self, what: str, e: Exception) -> None:
-        log.exception("%s failed", what)
-        self.res["errors"].append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        checkpoint(self.res)
+    def measure(self, what: str, device: torch.device, fn) -> dict | None:
+        """``fn()``'s row, measured from a reset memory peak; ``None`` past the budget or when it raised (the
+        error recorded: one failed measurement must not lose the others in a one-shot GPU call)."""
+        if self.over(what):
+            return None
+        reset_peak(device)
+        try:
+            return fn()
+        except Exception as e:
+            log.exception("%s failed", what)
+            self.res["errors"].append(
+                f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            )
+            checkpoint(self.res)
+            return None
 
 
 def _ttft_row(path: str, ids: torch.Tensor, hf, dec, args, device: torch.device) -> dict:
